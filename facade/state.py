@@ -1,0 +1,10 @@
+"""Typed application state."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from protos import router_pb2_grpc
+
+ROUTER = web.AppKey("router", router_pb2_grpc.RouterStub)
+STARTED_AT = web.AppKey("started_at", int)

@@ -1,0 +1,154 @@
+"""``python -m launcher`` (``make serve``): shards, router and facade on this machine.
+
+Starts one shard per rank, the router and the facade as separate processes
+talking over Unix sockets, waits until ``/health`` answers, prints the URL, and
+stops every process on Ctrl-C, on SIGTERM, or as soon as any one of them dies.
+Configuration is the services' own: TGI's environment variables (MODEL_ID,
+MAX_TOTAL_TOKENS, ...) reach every child.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from types import FrameType
+
+from common.settings import env_int, env_str, process_env
+from launcher.supervisor import Supervisor
+
+READY_TIMEOUT_S = 900.0
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    env = process_env()
+    p = argparse.ArgumentParser(prog="python -m launcher", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument(
+        "--model-id",
+        default=env_str(env, "MODEL_ID"),
+        help="[MODEL_ID]; default: SmolLM2-135M-Instruct",
+    )
+    p.add_argument("--hostname", default=env_str(env, "HOSTNAME", default="0.0.0.0"))
+    p.add_argument("--port", type=int, default=env_int(env, "PORT", default=8080))
+    p.add_argument("--num-shard", type=int, default=env_int(env, "NUM_SHARD", default=1))
+    p.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S)
+    return p.parse_args(argv)
+
+
+def start_services(args: argparse.Namespace, supervisor: Supervisor, sockets: str) -> None:
+    model = ["--model-id", args.model_id] if args.model_id else []
+    shard_prefix = os.path.join(sockets, "shard")
+    router_socket = f"unix://{os.path.join(sockets, 'router.sock')}"
+    for rank in range(args.num_shard):
+        supervisor.start(
+            f"shard-{rank}",
+            [
+                "-m",
+                "shard",
+                *model,
+                "--uds-path",
+                shard_prefix,
+                "--rank",
+                str(rank),
+                "--world-size",
+                str(args.num_shard),
+            ],
+        )
+    supervisor.start(
+        "router",
+        ["-m", "router", *model, "--listen", router_socket, "--shard-uds-path", shard_prefix],
+    )
+    supervisor.start(
+        "facade",
+        [
+            "-m",
+            "facade",
+            "--hostname",
+            args.hostname,
+            "--port",
+            str(args.port),
+            "--router",
+            router_socket,
+        ],
+    )
+
+
+def wait_ready(url: str, supervisor: Supervisor, timeout_s: float) -> None:
+    started = time.monotonic()
+    last_note = 0.0
+    while True:
+        dead = supervisor.dead()
+        if dead:
+            raise SystemExit(f"switchyard: {dead[0]} exited with code {dead[1]} while starting")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        waited = time.monotonic() - started
+        if waited > timeout_s:
+            raise SystemExit(f"switchyard: not healthy after {timeout_s:.0f}s")
+        if waited - last_note >= 10:
+            print(
+                f"switchyard: loading and warming up the model ({waited:.0f}s)...",
+                file=sys.stderr,
+                flush=True,
+            )
+            last_note = waited
+        time.sleep(0.5)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    supervisor = Supervisor()
+    host = "127.0.0.1" if args.hostname in ("0.0.0.0", "::") else args.hostname
+    url = f"http://{host}:{args.port}"
+    code = 0
+    with tempfile.TemporaryDirectory(prefix="switchyard-") as sockets:
+        try:
+            start_services(args, supervisor, sockets)
+            wait_ready(url, supervisor, args.ready_timeout)
+            print(
+                f"switchyard: ready. OpenAI API at {url}/v1/ (Ctrl-C stops)",
+                file=sys.stderr,
+                flush=True,
+            )
+            while (dead := supervisor.dead()) is None:
+                time.sleep(0.5)
+            print(
+                f"switchyard: {dead[0]} exited with code {dead[1]}; stopping",
+                file=sys.stderr,
+                flush=True,
+            )
+            code = 1
+        except Interrupted as why:
+            print(f"switchyard: {why}, stopping", file=sys.stderr, flush=True)
+        except SystemExit as exc:
+            print(exc, file=sys.stderr, flush=True)
+            code = 1
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            supervisor.stop()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""``python -m router``: connect to the shards, warm them up, serve the public API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from common.model_source import ModelNotFound, resolve_model
+from common.settings import process_env
+from router.blocks import BlockAllocator
+from router.config import Limits, RouterConfig, parse_config
+from router.scheduler import Scheduler
+from router.server import RouterServicer, ServedModel, create_server
+from router.shard_client import ShardClient
+from router.tokenization import Tokenizer
+from router.validation import Validator
+
+log = logging.getLogger("router")
+
+SHARD_CONNECT_TIMEOUT_S = 600.0
+
+
+async def serve(config: RouterConfig) -> None:
+    try:
+        source = resolve_model(config.model_id)
+    except ModelNotFound as exc:
+        raise SystemExit(str(exc)) from exc
+    tokenizer = Tokenizer.load(source)
+    log.info("connecting to shards at %s", config.shard_entry)
+    shards = await ShardClient.connect(config.shard_entry, SHARD_CONNECT_TIMEOUT_S)
+    info = await shards.info()
+    limits = Limits.resolve(config, info.max_position_embeddings)
+    warm = await shards.warmup(
+        limits.max_batch_prefill_tokens, limits.max_batch_size, config.max_batch_total_tokens or 0
+    )
+    limits = _fit_to_cache(config, limits, warm.max_supported_total_tokens)
+    log.info(
+        "shards warm: %d KV blocks of %d tokens; limits %s",
+        warm.num_blocks,
+        warm.block_size,
+        limits,
+    )
+    allocator = BlockAllocator(warm.num_blocks, warm.block_size)
+    scheduler = Scheduler(shards, allocator, limits, tokenizer)
+    validator = Validator(tokenizer, limits, config.max_stop_sequences)
+    model = ServedModel(
+        source.display_name,
+        info.dtype,
+        info.device,
+        shards.world_size,
+        warm.max_supported_total_tokens,
+    )
+    servicer = RouterServicer(scheduler, validator, model, config.max_concurrent_requests)
+    server = create_server(servicer, config.listen)
+    await server.start()
+    loop_task = asyncio.create_task(scheduler.run())
+    log.info("router serving on %s", config.listen)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=5)
+    loop_task.cancel()
+    await shards.close()
+
+
+def _fit_to_cache(config: RouterConfig, limits: Limits, capacity: int) -> Limits:
+    """One request must always fit the KV cache alone, or preemption could not make progress."""
+    if limits.max_total_tokens <= capacity:
+        return limits
+    if config.max_total_tokens:
+        raise SystemExit(f"MAX_TOTAL_TOKENS={config.max_total_tokens} exceeds the {capacity} KV tokens allocated")
+    log.warning("max_total_tokens lowered to the KV cache's %d tokens", capacity)
+    return Limits(
+        min(limits.max_input_tokens, capacity - 1),
+        capacity,
+        limits.max_batch_prefill_tokens,
+        limits.max_batch_size,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s", stream=sys.stderr)
+    asyncio.run(serve(parse_config(argv, process_env())))
+
+
+if __name__ == "__main__":
+    main()

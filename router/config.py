@@ -1,0 +1,108 @@
+"""Router configuration: flags, with TGI's environment names as fallback.
+
+Limits left unset here are derived from what the shards report (the model's
+context length, the KV blocks allocated at Warmup) by ``Limits.resolve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from common.settings import env_float, env_int, env_str
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    model_id: str | None
+    listen: str
+    shard_uds_path: str
+    shard_address: str | None
+    max_input_tokens: int | None
+    max_total_tokens: int | None
+    max_batch_prefill_tokens: int | None
+    max_batch_total_tokens: int | None
+    max_batch_size: int
+    max_concurrent_requests: int
+    max_stop_sequences: int
+    waiting_served_ratio: float
+    max_waiting_tokens: int
+
+    @property
+    def shard_entry(self) -> str:
+        """Address of rank 0, which lists the others."""
+        return self.shard_address or f"unix://{self.shard_uds_path}-0"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Token limits in force, after defaults are filled from the shards."""
+
+    max_input_tokens: int
+    max_total_tokens: int
+    max_batch_prefill_tokens: int
+    max_batch_size: int
+
+    @classmethod
+    def resolve(cls, config: RouterConfig, max_positions: int) -> Limits:
+        total = config.max_total_tokens or max_positions
+        if total > max_positions:
+            raise SystemExit(f"MAX_TOTAL_TOKENS={total} exceeds the model's {max_positions} positions")
+        inputs = config.max_input_tokens or total - 1
+        if inputs >= total:
+            raise SystemExit(f"MAX_INPUT_TOKENS={inputs} must be below MAX_TOTAL_TOKENS={total}")
+        prefill = config.max_batch_prefill_tokens or max(inputs, 4096)
+        return cls(inputs, total, prefill, config.max_batch_size)
+
+
+def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> RouterConfig:
+    p = argparse.ArgumentParser(prog="python -m router", description="Batch requests onto the model shards.")
+    p.add_argument(
+        "--model-id",
+        default=env_str(env, "MODEL_ID"),
+        help="tokenizer source, as the shards [MODEL_ID]",
+    )
+    p.add_argument(
+        "--listen",
+        default=env_str(env, "ROUTER_LISTEN", default="0.0.0.0:50051"),
+        help="public gRPC address, host:port or unix:///path [ROUTER_LISTEN]",
+    )
+    p.add_argument("--shard-uds-path", default=env_str(env, "SHARD_UDS_PATH", default="/tmp/switchyard-shard"))
+    p.add_argument("--shard-address", default=env_str(env, "SHARD_ADDRESS"), help="rank 0 over TCP, host:port")
+    p.add_argument("--max-input-tokens", type=int, default=env_int(env, "MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"))
+    p.add_argument("--max-total-tokens", type=int, default=env_int(env, "MAX_TOTAL_TOKENS"))
+    p.add_argument("--max-batch-prefill-tokens", type=int, default=env_int(env, "MAX_BATCH_PREFILL_TOKENS"))
+    p.add_argument("--max-batch-total-tokens", type=int, default=env_int(env, "MAX_BATCH_TOTAL_TOKENS"))
+    p.add_argument("--max-batch-size", type=int, default=env_int(env, "MAX_BATCH_SIZE", default=128))
+    p.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        default=env_int(env, "MAX_CONCURRENT_REQUESTS", default=128),
+    )
+    p.add_argument("--max-stop-sequences", type=int, default=env_int(env, "MAX_STOP_SEQUENCES", default=4))
+    p.add_argument(
+        "--waiting-served-ratio",
+        type=float,
+        default=env_float(env, "WAITING_SERVED_RATIO", default=1.2),
+    )
+    p.add_argument("--max-waiting-tokens", type=int, default=env_int(env, "MAX_WAITING_TOKENS", default=20))
+    a = p.parse_args(argv)
+    for name in ("max_batch_size", "max_concurrent_requests"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return RouterConfig(
+        model_id=a.model_id,
+        listen=a.listen,
+        shard_uds_path=a.shard_uds_path,
+        shard_address=a.shard_address,
+        max_input_tokens=a.max_input_tokens,
+        max_total_tokens=a.max_total_tokens,
+        max_batch_prefill_tokens=a.max_batch_prefill_tokens,
+        max_batch_total_tokens=a.max_batch_total_tokens,
+        max_batch_size=a.max_batch_size,
+        max_concurrent_requests=a.max_concurrent_requests,
+        max_stop_sequences=a.max_stop_sequences,
+        waiting_served_ratio=a.waiting_served_ratio,
+        max_waiting_tokens=a.max_waiting_tokens,
+    )

@@ -1,0 +1,71 @@
+"""A request as the router tracks it from arrival to its last event."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass, field
+
+from router.stopping import TextStream
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    id: int
+    logprob: float
+    special: bool
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """What a caller receives: text and tokens, and on the last event the finish details."""
+
+    text: str
+    tokens: tuple[TokenInfo, ...]
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    #: Set when the request failed; no further events follow.
+    error: Exception | None = None
+
+
+class Phase(enum.Enum):
+    #: In the queue; holds no blocks.
+    WAITING = "waiting"
+    #: In the shard batch, its prompt (or recomputed sequence) partly computed.
+    PREFILLING = "prefilling"
+    #: In the shard batch with a sampled token awaiting its KV: Decode advances it.
+    DECODING = "decoding"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    id: int
+    prompt_ids: list[int]
+    sampling: Sampling
+    stream: TextStream
+    events: asyncio.Queue[StreamEvent] = field(default_factory=asyncio.Queue)
+    generated: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    #: Leading tokens of ``token_ids`` whose KV the shards hold.
+    computed: int = 0
+    phase: Phase = Phase.WAITING
+    cancelled: bool = False
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Every token of the sequence: what the shards must hold KV for (but the last)."""
+        return self.prompt_ids + self.generated
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.stream.condition.max_new_tokens

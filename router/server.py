@@ -1,0 +1,133 @@
+"""The router's public gRPC API (router.proto)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from common.grpc_errors import ErrorInterceptor, ServiceError
+from protos import router_pb2 as pb
+from protos import router_pb2_grpc as pb_grpc
+from router.request import Request, StreamEvent
+from router.scheduler import Scheduler
+from router.validation import Validator
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
+
+class Overloaded(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    model_id: str
+    dtype: str
+    device: str
+    num_shard: int
+    max_batch_total_tokens: int
+
+
+class RouterServicer(pb_grpc.RouterServicer):
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        validator: Validator,
+        model: ServedModel,
+        max_concurrent_requests: int,
+    ):
+        self.scheduler = scheduler
+        self.validator = validator
+        self.model = model
+        self.max_concurrent = max_concurrent_requests
+        self.in_flight = 0
+        self._ids = itertools.count(1)
+
+    async def _events(self, message: pb.GenerateRequest) -> AsyncIterator[StreamEvent]:
+        """Admits a request and yields its events; a caller that goes away cancels it."""
+        if self.in_flight >= self.max_concurrent:
+            raise Overloaded(f"the server is overloaded: {self.max_concurrent} requests are in flight; retry later")
+        request: Request = self.validator.request(next(self._ids), message)
+        self.in_flight += 1
+        finished = False
+        try:
+            self.scheduler.submit(request)
+            while True:
+                event = await request.events.get()
+                if event.error is not None:
+                    finished = True
+                    raise event.error
+                finished = event.finish_reason is not None
+                yield event
+                if finished:
+                    return
+        finally:
+            self.in_flight -= 1
+            if not finished:
+                self.scheduler.cancel(request)
+
+    async def Generate(self, request, context):
+        text, tokens = [], []
+        async for event in self._events(request):
+            text.append(event.text)
+            tokens.extend(_token_pb(t) for t in event.tokens)
+            if event.finish_reason:
+                return pb.GenerateResponse(
+                    text="".join(text),
+                    finish_reason=FINISH_REASONS[event.finish_reason],
+                    usage=pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
+                    tokens=tokens,
+                )
+        raise ServiceError("generation ended without a finish event")
+
+    async def GenerateStream(self, request, context):
+        async for event in self._events(request):
+            message = pb.GenerateStreamResponse(text=event.text, tokens=[_token_pb(t) for t in event.tokens])
+            if event.finish_reason:
+                message.finish_reason = FINISH_REASONS[event.finish_reason]
+                message.usage.prompt_tokens = event.prompt_tokens
+                message.usage.completion_tokens = event.completion_tokens
+            yield message
+
+    async def Tokenize(self, request, context):
+        ids, text = self.validator.prompt_ids(request)
+        return pb.TokenizeResponse(ids=ids, text=text)
+
+    async def Info(self, request, context):
+        limits = self.validator.limits
+        return pb.InfoResponse(
+            model_id=self.model.model_id,
+            dtype=self.model.dtype,
+            device=self.model.device,
+            num_shard=self.model.num_shard,
+            max_input_tokens=limits.max_input_tokens,
+            max_total_tokens=limits.max_total_tokens,
+            max_concurrent_requests=self.max_concurrent,
+            max_batch_size=limits.max_batch_size,
+            max_batch_total_tokens=self.model.max_batch_total_tokens,
+            has_chat_template=self.validator.tokenizer.has_chat_template,
+            version=VERSION,
+        )
+
+    async def Health(self, request, context):
+        await self.scheduler.shards.health()
+        return pb.HealthResponse()
+
+
+def _token_pb(t) -> pb.Token:  # type: ignore[no-untyped-def]
+    return pb.Token(id=t.id, logprob=t.logprob, special=t.special)
+
+
+def create_server(servicer: RouterServicer, address: str) -> grpc.aio.Server:
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+    pb_grpc.add_RouterServicer_to_server(servicer, server)
+    server.add_insecure_port(address)
+    return server

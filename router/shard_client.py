@@ -1,0 +1,122 @@
+"""The router's side of shard.proto: dataclasses in, every rank called, rank 0's answer out."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import grpc
+
+from protos import shard_pb2 as pb
+from protos import shard_pb2_grpc as pb_grpc
+from router.request import Request
+
+
+@dataclass(frozen=True)
+class ShardGeneration:
+    request_id: int
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class StepAnswer:
+    generations: list[ShardGeneration]
+    request_ids: list[int]
+    forward_ns: int
+
+
+@dataclass(frozen=True)
+class PrefillItem:
+    """One request's share of a Prefill: compute ``chunk_len`` tokens after ``cache_len``."""
+
+    request: Request
+    cache_len: int
+    chunk_len: int
+
+
+class ShardClient:
+    def __init__(self, channels: list[grpc.aio.Channel]):
+        self._channels = channels
+        self._stubs = [pb_grpc.ShardServiceStub(c) for c in channels]
+
+    @classmethod
+    async def connect(cls, entry: str, timeout: float) -> ShardClient:
+        """Connects to rank 0, then to every rank it lists."""
+        first = grpc.aio.insecure_channel(entry, options=_CHANNEL_OPTIONS)
+        await asyncio.wait_for(first.channel_ready(), timeout)
+        urls = (await pb_grpc.ShardServiceStub(first).ServiceDiscovery(pb.ServiceDiscoveryRequest())).urls
+        channels = [first] + [grpc.aio.insecure_channel(u, options=_CHANNEL_OPTIONS) for u in urls[1:]]
+        return cls(channels)
+
+    @property
+    def world_size(self) -> int:
+        return len(self._stubs)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._channels))
+
+    async def _all(self, method: str, message):  # type: ignore[no-untyped-def]
+        # Every rank runs the same step; their answers agree, rank 0's is used.
+        answers = await asyncio.gather(*(getattr(stub, method)(message) for stub in self._stubs))
+        return answers[0]
+
+    async def info(self) -> pb.InfoResponse:
+        return await self._stubs[0].Info(pb.InfoRequest())
+
+    async def health(self) -> None:
+        await self._all("Health", pb.HealthRequest())
+
+    async def warmup(self, prefill_tokens: int, batch_size: int, total_tokens: int) -> pb.WarmupResponse:
+        message = pb.WarmupRequest(
+            max_batch_prefill_tokens=prefill_tokens,
+            max_batch_size=batch_size,
+            max_batch_total_tokens=total_tokens,
+        )
+        # Ranks may differ in free memory: the smallest cache bounds the replica.
+        answers = await asyncio.gather(*(stub.Warmup(message) for stub in self._stubs))
+        return min(answers, key=lambda a: a.num_blocks)
+
+    async def prefill(self, batch_id: int, items: list[PrefillItem]) -> StepAnswer:
+        batch = pb.Batch(id=batch_id, requests=[_request_pb(i) for i in items])
+        answer = await self._all("Prefill", pb.PrefillRequest(batch=batch))
+        return _step_answer(answer)
+
+    async def decode(self, batch_ids: list[int], extensions: dict[int, list[int]]) -> StepAnswer:
+        message = pb.DecodeRequest(
+            batches=[pb.CachedBatch(id=i) for i in batch_ids],
+            extensions=[pb.BlockExtension(request_id=r, blocks=b) for r, b in extensions.items()],
+        )
+        return _step_answer(await self._all("Decode", message))
+
+    async def filter(self, batch_id: int, keep: list[int]) -> None:
+        await self._all("FilterBatch", pb.FilterBatchRequest(batch_id=batch_id, request_ids=keep))
+
+    async def clear(self, batch_id: int | None = None) -> None:
+        message = pb.ClearCacheRequest() if batch_id is None else pb.ClearCacheRequest(id=batch_id)
+        await self._all("ClearCache", message)
+
+
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+]
+
+
+def _request_pb(item: PrefillItem) -> pb.Request:
+    r = item.request
+    s = r.sampling
+    return pb.Request(
+        id=r.id,
+        input_ids=r.token_ids,
+        cache_len=item.cache_len,
+        chunk_len=item.chunk_len,
+        blocks=r.blocks,
+        parameters=pb.SamplingParameters(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed),
+        sampled_before=len(r.generated),
+    )
+
+
+def _step_answer(answer) -> StepAnswer:  # type: ignore[no-untyped-def]
+    generations = [ShardGeneration(g.request_id, g.token_id, g.logprob) for g in answer.generations]
+    return StepAnswer(generations, list(answer.batch.request_ids), answer.forward_ns)

@@ -1,0 +1,64 @@
+"""When a request is finished, and which text it may emit so far."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from router.tokenization import Detokenizer
+
+
+@dataclass
+class StopCondition:
+    eos_token_ids: frozenset[int]
+    max_new_tokens: int
+    stop_sequences: tuple[str, ...]
+    ignore_eos: bool
+
+
+@dataclass
+class TextStream:
+    """Detokenized output with stop sequences applied.
+
+    Text that could still turn out to be the start of a stop sequence is held
+    back, so a stop string is never emitted, even when it straddles tokens.
+    """
+
+    detokenizer: Detokenizer
+    condition: StopCondition
+    text: str = ""
+    emitted: int = 0
+    generated: int = 0
+    finish: str | None = field(default=None)
+
+    def push(self, token_id: int) -> str:
+        """Adds a token; returns the text it releases. Sets ``finish`` when done."""
+        self.generated += 1
+        is_eos = token_id in self.condition.eos_token_ids and not self.condition.ignore_eos
+        if not is_eos:
+            self.text += self.detokenizer.push(token_id)
+        stop_at = self._find_stop()
+        if stop_at is not None:
+            self.text, self.finish = self.text[:stop_at], "stop"
+        elif is_eos:
+            self.finish = "stop"
+        elif self.generated >= self.condition.max_new_tokens:
+            self.finish = "length"
+        end = len(self.text) if self.finish else len(self.text) - self._held_back()
+        delta, self.emitted = self.text[self.emitted : end], max(self.emitted, end)
+        return delta
+
+    def _find_stop(self) -> int | None:
+        # Only the unreleased tail can hold a new match: released text held none.
+        window_start = max(0, self.emitted - max((len(s) for s in self.condition.stop_sequences), default=0))
+        hits = [i for s in self.condition.stop_sequences if (i := self.text.find(s, window_start)) >= 0]
+        return min(hits) if hits else None
+
+    def _held_back(self) -> int:
+        """Length of the longest text suffix that is a proper prefix of a stop sequence."""
+        longest = 0
+        for stop in self.condition.stop_sequences:
+            for n in range(min(len(stop) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest

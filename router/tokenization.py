@@ -1,0 +1,92 @@
+"""The model's tokenizer and chat template, and incremental detokenization."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+
+from common.model_source import ModelSource
+
+log = logging.getLogger(__name__)
+
+#: Prompt tokens kept as context when detokenizing, so that tokenizers which
+#: mark word starts (SentencePiece's "▁") decode the first new token's space.
+_DETOKENIZE_CONTEXT = 5
+
+
+class NoChatTemplate(ValueError):
+    pass
+
+
+@dataclass
+class Tokenizer:
+    hf: PreTrainedTokenizerBase
+    eos_token_ids: frozenset[int]
+
+    @classmethod
+    def load(cls, source: ModelSource) -> Tokenizer:
+        hf = AutoTokenizer.from_pretrained(source.path_or_id, **source.pretrained_kwargs())
+        return cls(hf, _eos_ids(source, hf))
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.hf, "chat_template", None))
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        if not self.has_chat_template:
+            raise NoChatTemplate(
+                "this model has no chat template; send a raw prompt (/v1/completions or /generate) instead"
+            )
+        return str(self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self.hf.all_special_ids
+
+    def detokenizer(self, prompt_ids: list[int]) -> Detokenizer:
+        return Detokenizer(self.hf, list(prompt_ids[-_DETOKENIZE_CONTEXT:]))
+
+
+def _eos_ids(source: ModelSource, hf: PreTrainedTokenizerBase) -> frozenset[int]:
+    ids: set[int] = set()
+    if hf.eos_token_id is not None:
+        ids.add(int(hf.eos_token_id))
+    try:
+        config = AutoConfig.from_pretrained(source.path_or_id, **source.pretrained_kwargs())
+        eos = getattr(config, "eos_token_id", None)
+        ids.update([eos] if isinstance(eos, int) else list(eos or []))
+    except (OSError, ValueError) as exc:  # a tokenizer-only folder has no model config
+        log.warning("no model config for end-of-sequence ids: %s", exc)
+    return frozenset(ids)
+
+
+@dataclass
+class Detokenizer:
+    """Turns a growing list of token ids into text deltas.
+
+    Decodes a window of ids twice (before and after the new token) and emits
+    the difference, holding it back while it ends in an incomplete UTF-8
+    sequence (U+FFFD), as TGI does.
+    """
+
+    hf: PreTrainedTokenizerBase
+    ids: list[int]
+    prefix_offset: int = 0
+    read_offset: int = field(default=-1)
+
+    def __post_init__(self) -> None:
+        if self.read_offset < 0:
+            self.read_offset = len(self.ids)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.hf.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        after = self.hf.decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return after[len(before) :]
+        return ""

@@ -1,0 +1,104 @@
+"""Turning a public GenerateRequest into a router Request, or a clear error."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import grpc
+
+from common.grpc_errors import ServiceError
+from protos import router_pb2 as pb
+from router.config import Limits
+from router.request import Request, Sampling
+from router.stopping import StopCondition, TextStream
+from router.tokenization import NoChatTemplate, Tokenizer
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+class ValidationError(ServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@dataclass(frozen=True)
+class Validator:
+    tokenizer: Tokenizer
+    limits: Limits
+    max_stop_sequences: int
+
+    def prompt_ids(self, request: pb.GenerateRequest | pb.TokenizeRequest) -> tuple[list[int], str]:
+        """Token ids and text of the prompt (a rendered chat or raw text)."""
+        kind = request.WhichOneof("input")
+        if kind == "chat":
+            text = self._render(request.chat)
+            return self.tokenizer.encode(text, add_special_tokens=False), text
+        if kind == "prompt" and request.prompt:
+            return self.tokenizer.encode(request.prompt, add_special_tokens=True), request.prompt
+        raise ValidationError("a request needs a non-empty chat or prompt", param="messages")
+
+    def _render(self, chat: pb.Chat) -> str:
+        if not chat.messages:
+            raise ValidationError("messages must hold at least one message", param="messages")
+        messages = []
+        for i, m in enumerate(chat.messages):
+            if m.role not in ROLES:
+                raise ValidationError(
+                    f"messages[{i}].role must be one of {sorted(ROLES)}, got {m.role!r}",
+                    param=f"messages[{i}].role",
+                )
+            message = {"role": m.role, "content": m.content}
+            if m.name:
+                message["name"] = m.name
+            messages.append(message)
+        try:
+            return self.tokenizer.render_chat(messages)
+        except NoChatTemplate as exc:
+            raise ValidationError(str(exc), param="messages") from exc
+        except Exception as exc:  # templates raise their own errors (e.g. role order)
+            raise ValidationError(f"the chat template rejected these messages: {exc}", param="messages") from exc
+
+    def request(self, request_id: int, message: pb.GenerateRequest) -> Request:
+        ids, _text = self.prompt_ids(message)
+        p = message.parameters
+        sampling = self._sampling(p)
+        max_new = self._max_new_tokens(p, len(ids))
+        stops = list(p.stop)
+        if len(stops) > self.max_stop_sequences:
+            raise ValidationError(f"at most {self.max_stop_sequences} stop sequences are allowed", param="stop")
+        if any(not s for s in stops):
+            raise ValidationError("stop sequences must not be empty", param="stop")
+        condition = StopCondition(self.tokenizer.eos_token_ids, max_new, tuple(stops), p.ignore_eos)
+        stream = TextStream(self.tokenizer.detokenizer(ids), condition)
+        return Request(id=request_id, prompt_ids=ids, sampling=sampling, stream=stream)
+
+    def _sampling(self, p: pb.GenerationParameters) -> Sampling:
+        if not 0.0 <= p.temperature <= 2.0:
+            raise ValidationError(f"temperature must be in [0, 2], got {p.temperature}", param="temperature")
+        top_p = p.top_p if p.HasField("top_p") else 1.0
+        if not 0.0 < top_p <= 1.0:
+            raise ValidationError(f"top_p must be in (0, 1], got {top_p}", param="top_p")
+        seed = p.seed if p.HasField("seed") else random.getrandbits(63)
+        return Sampling(p.temperature, top_p, p.top_k, seed)
+
+    def _max_new_tokens(self, p: pb.GenerationParameters, prompt_len: int) -> int:
+        limits = self.limits
+        if prompt_len > limits.max_input_tokens:
+            raise ValidationError(
+                f"This model's maximum input length is {limits.max_input_tokens} tokens. "
+                f"However, your messages resulted in {prompt_len} tokens. Please reduce the length of the messages.",
+                param="messages",
+            )
+        room = limits.max_total_tokens - prompt_len
+        if not p.HasField("max_new_tokens"):
+            return room
+        if p.max_new_tokens < 1:
+            raise ValidationError("max_new_tokens must be at least 1", param="max_new_tokens")
+        if p.max_new_tokens > room:
+            raise ValidationError(
+                f"This model's maximum context length is {limits.max_total_tokens} tokens. However, you requested "
+                f"{prompt_len + p.max_new_tokens} tokens ({prompt_len} in the messages, {p.max_new_tokens} in the "
+                "completion). Please reduce the length of the messages or completion.",
+                param="messages",
+            )
+        return p.max_new_tokens

@@ -1,0 +1,75 @@
+"""``python -m shard``: load the model and serve the shard API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from common.model_source import ModelNotFound, resolve_model
+from common.settings import process_env
+from shard.config import ShardConfig, parse_config
+from shard.engine import Engine
+from shard.model_loader import choose_dtype, load_model
+from shard.server import ShardServicer, create_server
+
+log = logging.getLogger("shard")
+
+
+def pick_device(config: ShardConfig) -> torch.device:
+    if config.device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", config.rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    device = torch.device(config.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", config.rank)
+    return device
+
+
+async def serve(config: ShardConfig) -> None:
+    try:
+        source = resolve_model(config.model_id)
+    except ModelNotFound as exc:
+        raise SystemExit(str(exc)) from exc
+    device = pick_device(config)
+    dtype = choose_dtype(config.dtype, device)
+    model = load_model(source, dtype, device)
+    engine = Engine(model, device, config.block_size, config.kv_cache_fraction)
+    architecture = (model.config.architectures or [type(model).__name__])[0]
+    servicer = ShardServicer(engine, config, source.display_name, architecture)
+    if not config.listen:
+        # A stale socket from a crashed run would make the bind fail.
+        path = config.address.removeprefix("unix://")
+        if os.path.exists(path):
+            os.unlink(path)
+    server = create_server(servicer, config.address)
+    await server.start()
+    log.info(
+        "shard %d/%d serving %s on %s",
+        config.rank,
+        config.world_size,
+        source.display_name,
+        config.address,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=5)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s shard %(levelname)s %(message)s", stream=sys.stderr)
+    config = parse_config(argv, process_env())
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Shard configuration: flags, with TGI's environment names as fallback."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from common.settings import env_float, env_int, env_str
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    model_id: str | None
+    dtype: str | None
+    device: str
+    rank: int
+    world_size: int
+    #: Unix socket prefix; rank r listens on f"{uds_path}-{r}" unless ``listen`` is set.
+    uds_path: str
+    #: TCP "host:port" to listen on instead of a Unix socket.
+    listen: str | None
+    block_size: int
+    #: Fraction of free memory (after the weights) the KV cache may take.
+    kv_cache_fraction: float
+
+    @property
+    def address(self) -> str:
+        return self.listen or f"unix://{self.uds_path}-{self.rank}"
+
+    def address_of(self, rank: int) -> str:
+        if self.listen:
+            host, port = self.listen.rsplit(":", 1)
+            return f"{host}:{int(port) + rank - self.rank}"
+        return f"unix://{self.uds_path}-{rank}"
+
+
+def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardConfig:
+    p = argparse.ArgumentParser(prog="python -m shard", description="Serve one model shard over gRPC.")
+    p.add_argument(
+        "--model-id",
+        default=env_str(env, "MODEL_ID"),
+        help="folder, .gguf file or hub id [MODEL_ID]",
+    )
+    p.add_argument("--dtype", default=env_str(env, "DTYPE"), help="float32, bfloat16 or float16 [DTYPE]")
+    p.add_argument(
+        "--device",
+        default=env_str(env, "DEVICE", default="auto"),
+        help="cpu, cuda or auto [DEVICE]",
+    )
+    p.add_argument("--rank", type=int, default=env_int(env, "RANK", default=0))
+    p.add_argument("--world-size", type=int, default=env_int(env, "WORLD_SIZE", "NUM_SHARD", default=1))
+    p.add_argument(
+        "--uds-path",
+        default=env_str(env, "SHARD_UDS_PATH", default="/tmp/switchyard-shard"),
+        help="[SHARD_UDS_PATH]",
+    )
+    p.add_argument("--listen", default=env_str(env, "SHARD_LISTEN"), help="TCP host:port instead of a socket")
+    p.add_argument("--block-size", type=int, default=env_int(env, "BLOCK_SIZE", default=16))
+    p.add_argument(
+        "--kv-cache-fraction",
+        type=float,
+        default=env_float(env, "KV_CACHE_FRACTION", default=0.25),
+        help="share of free memory for the KV cache when the router does not fix its size",
+    )
+    a = p.parse_args(argv)
+    if a.block_size < 1 or not 0 < a.kv_cache_fraction <= 1:
+        p.error("--block-size must be >= 1 and --kv-cache-fraction in (0, 1]")
+    return ShardConfig(
+        model_id=a.model_id,
+        dtype=a.dtype,
+        device=a.device,
+        rank=a.rank,
+        world_size=a.world_size,
+        uds_path=a.uds_path,
+        listen=a.listen,
+        block_size=a.block_size,
+        kv_cache_fraction=a.kv_cache_fraction,
+    )

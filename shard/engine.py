@@ -1,0 +1,228 @@
+"""The model runner: one forward over a packed batch, then sampling.
+
+``Engine`` turns the router's Prefill/Decode/Filter/Clear calls into steps over
+``BatchStore`` sequences. Each step packs every token it computes into one row,
+runs the model once with our paged attention, computes logits only at the
+positions that sample, and samples the whole batch at once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from shard.attention import SequenceSpan, build_step
+from shard.batch_state import BatchStore, Sequence
+from shard.errors import CapacityError, InvalidRequest
+from shard.kv_cache import PagedKVCache, kv_layout_of
+from shard.memory import kv_budget_bytes
+from shard.sampling import SamplingBatch, SamplingParams, sample
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    """A Prefill request, as the shard sees it (protobuf stays in the servicer)."""
+
+    request_id: int
+    input_ids: list[int]
+    cache_len: int
+    chunk_len: int
+    blocks: list[int]
+    params: SamplingParams
+    sampled_before: int
+
+
+@dataclass(frozen=True)
+class Generation:
+    request_id: int
+    token_id: int
+    logprob: float
+
+
+@dataclass
+class StepResult:
+    generations: list[Generation]
+    batch_id: int
+    request_ids: list[int]
+    current_tokens: int
+    forward_ns: int = 0
+    decode_ns: int = 0
+
+
+class Engine:
+    def __init__(self, model: PreTrainedModel, device: torch.device, block_size: int, kv_fraction: float):
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        self.kv_fraction = kv_fraction
+        self.dtype = next(model.parameters()).dtype
+        text_config = model.config.get_text_config()
+        self.max_positions = int(getattr(text_config, "max_position_embeddings", 0) or 1 << 20)
+        self.store = BatchStore()
+        self.cache: PagedKVCache | None = None
+
+    # --- warmup -----------------------------------------------------------------
+
+    def warmup(self, max_prefill_tokens: int, max_batch_size: int, max_total_tokens: int) -> int:
+        """Allocates the KV cache and runs one step through it; returns the number of blocks."""
+        layout = kv_layout_of(self.model.config, self.dtype)
+        budget = kv_budget_bytes(self.device, self.kv_fraction)
+        per_block = layout.bytes_per_token() * self.block_size
+        affordable = budget // per_block
+        wanted = -(-max_total_tokens // self.block_size) if max_total_tokens else affordable
+        if wanted > affordable:
+            raise CapacityError(
+                f"MAX_BATCH_TOTAL_TOKENS={max_total_tokens} needs {wanted * per_block / 2**30:.2f} GiB "
+                f"of KV cache but the budget is {budget / 2**30:.2f} GiB "
+                f"({self.kv_fraction:.0%} of free memory); lower it or raise --kv-cache-fraction"
+            )
+        if wanted < 2:
+            raise CapacityError(f"KV budget of {budget} bytes holds fewer than 2 blocks")
+        self.store.clear(None)
+        self.cache = PagedKVCache(layout, int(wanted), self.block_size, self.device)
+        self._warmup_step(min(max_prefill_tokens, self.cache.num_slots, self.max_positions))
+        return int(wanted)
+
+    def _warmup_step(self, tokens: int) -> None:
+        # On CUDA the worst-case prefill reveals an out-of-memory now rather than
+        # under load; on CPU memory is not pre-reserved, so a short step suffices
+        # to initialise kernels.
+        if self.device.type != "cuda":
+            tokens = min(tokens, 32)
+        tokens = max(1, tokens)
+        blocks = list(range(-(-tokens // self.block_size)))
+        probe = Sequence(-1, [0] * tokens, blocks, 0, SamplingParams(temperature=1.0), 0)
+        self._run([(probe, tokens)])
+
+    # --- the four batch operations ----------------------------------------------
+
+    def prefill(self, batch_id: int, requests: list[NewRequest]) -> StepResult:
+        work = [(self._admit(batch_id, r), r.chunk_len) for r in requests]
+        return self._result(batch_id, *self._timed_run(work))
+
+    def decode(self, batch_ids: list[int], extensions: dict[int, list[int]]) -> StepResult:
+        batch_id = self.store.merge(batch_ids)
+        members = self.store.members(batch_id)
+        for seq in members:
+            seq.blocks.extend(extensions.get(seq.request_id, []))
+        self._check_blocks([b for seq in members for b in extensions.get(seq.request_id, [])])
+        # Sequences still mid-prompt (chunked prefill) advance through Prefill only.
+        work = [(seq, 1) for seq in members if seq.pending == 1]
+        return self._result(batch_id, *self._timed_run(work))
+
+    def filter(self, batch_id: int, keep: list[int]) -> StepResult:
+        self.store.filter(batch_id, keep)
+        return self._result(batch_id, [], 0, 0)
+
+    def clear(self, batch_id: int | None) -> None:
+        self.store.clear(batch_id)
+
+    # --- internals ----------------------------------------------------------------
+
+    def _admit(self, batch_id: int, request: NewRequest) -> Sequence:
+        cache = self._require_cache()
+        end = request.cache_len + request.chunk_len
+        if request.chunk_len < 1 or end > len(request.input_ids):
+            raise InvalidRequest(
+                f"request {request.request_id}: cache_len {request.cache_len} + chunk_len "
+                f"{request.chunk_len} must be within its {len(request.input_ids)} input ids"
+            )
+        if len(request.input_ids) > self.max_positions:
+            raise CapacityError(
+                f"request {request.request_id}: {len(request.input_ids)} tokens exceed the model's "
+                f"{self.max_positions} positions"
+            )
+        self._check_blocks(request.blocks)
+        if len(request.blocks) * cache.block_size < end:
+            raise InvalidRequest(f"request {request.request_id}: {len(request.blocks)} blocks cannot hold {end} tokens")
+        existing = self.store.sequences.get(request.request_id)
+        if existing is not None and existing.computed != request.cache_len:
+            raise InvalidRequest(
+                f"request {request.request_id}: next chunk starts at {request.cache_len} "
+                f"but {existing.computed} tokens are computed"
+            )
+        seq = Sequence(
+            request.request_id,
+            list(request.input_ids),
+            list(request.blocks),
+            request.cache_len,
+            request.params,
+            request.sampled_before,
+        )
+        self.store.add(batch_id, seq)
+        return seq
+
+    def _check_blocks(self, blocks: list[int]) -> None:
+        cache = self._require_cache()
+        bad = [b for b in blocks if b >= cache.num_blocks]
+        if bad:
+            raise InvalidRequest(f"block ids {bad[:5]} out of range (the cache has {cache.num_blocks} blocks)")
+
+    def _require_cache(self) -> PagedKVCache:
+        if self.cache is None:
+            raise CapacityError("the shard is not warmed up: call Warmup first")
+        return self.cache
+
+    def _timed_run(self, work: list[tuple[Sequence, int]]) -> tuple[list[Generation], int, int]:
+        if not work:
+            return [], 0, 0
+        return self._run(work)
+
+    @torch.inference_mode()
+    def _run(self, work: list[tuple[Sequence, int]]) -> tuple[list[Generation], int, int]:
+        """Computes ``n`` tokens of each (sequence, n); samples where a sequence's known tokens run out."""
+        cache = self._require_cache()
+        started = time.perf_counter_ns()
+        spans, ids, positions, sample_rows, samplers = [], [], [], [], []
+        for seq, n in work:
+            start, end = seq.computed, seq.computed + n
+            if len(seq.blocks) * cache.block_size < end:
+                raise CapacityError(f"request {seq.request_id}: block table too short for {end} tokens")
+            spans.append(SequenceSpan(n, start, seq.blocks))
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            if end == len(seq.token_ids):
+                sample_rows.append(len(ids) - 1)
+                samplers.append(seq)
+        step = build_step(cache, spans, self.device)
+        logits = self._forward(ids, positions, step, sample_rows)
+        forward_done = time.perf_counter_ns()
+        generations = self._sample(samplers, logits)
+        for seq, n in work:
+            seq.computed += n
+        return generations, forward_done - started, time.perf_counter_ns() - forward_done
+
+    def _forward(self, ids: list[int], positions: list[int], step, sample_rows: list[int]) -> torch.Tensor:
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
+        keep = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        if not sample_rows:
+            keep = torch.tensor([len(ids) - 1], dtype=torch.long, device=self.device)
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            use_cache=False,
+            paged_step=step,
+            logits_to_keep=keep,
+        )
+        return out.logits[0].float()  # [len(keep), vocab]
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Generation]:
+        if not seqs:
+            return []
+        batch = SamplingBatch.from_params([s.params for s in seqs], [s.sampled for s in seqs], self.device)
+        tokens, logprobs = sample(logits[: len(seqs)], batch)
+        result = []
+        for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist(), strict=True):
+            seq.token_ids.append(token)
+            seq.sampled += 1
+            result.append(Generation(seq.request_id, token, logprob))
+        return result
+
+    def _result(self, batch_id: int, generations: list[Generation], forward_ns: int, decode_ns: int) -> StepResult:
+        members = self.store.batches.get(batch_id, [])
+        tokens = sum(self.store.sequences[r].computed for r in members)
+        return StepResult(generations, batch_id, list(members), tokens, forward_ns, decode_ns)

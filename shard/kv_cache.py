@@ -1,0 +1,60 @@
+"""The paged KV cache: per layer, K and V tensors of ``num_blocks * block_size`` slots.
+
+The router owns block allocation; the shard only writes the slots a request's
+block table maps its positions to (``slot_of``), and reads them back in attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape of one token's KV in one layer."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    def bytes_per_token(self) -> int:
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
+
+
+class PagedKVCache:
+    def __init__(self, layout: KVLayout, num_blocks: int, block_size: int, device: torch.device):
+        self.layout = layout
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        num_slots = num_blocks * block_size
+        shape = (num_slots, layout.num_kv_heads, layout.head_dim)
+        # keys[layer], values[layer]: [num_slots, kv_heads, head_dim]
+        self.keys = [torch.zeros(shape, dtype=layout.dtype, device=device) for _ in range(layout.num_layers)]
+        self.values = [torch.zeros(shape, dtype=layout.dtype, device=device) for _ in range(layout.num_layers)]
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def slots_of(self, blocks: list[int], start: int, end: int) -> list[int]:
+        """Slots of positions ``start..end-1`` of a sequence with block table ``blocks``."""
+        size = self.block_size
+        return [blocks[p // size] * size + p % size for p in range(start, end)]
+
+    def write(self, layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        # key/value: [tokens, kv_heads, head_dim]
+        self.keys[layer].index_copy_(0, slots, key.to(self.layout.dtype))
+        self.values[layer].index_copy_(0, slots, value.to(self.layout.dtype))
+
+
+def kv_layout_of(config, dtype: torch.dtype, world_size: int = 1) -> KVLayout:
+    """KV shape of a transformers decoder config, per rank under tensor parallelism."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return KVLayout(text.num_hidden_layers, max(1, kv_heads // world_size), head_dim, dtype)

@@ -1,0 +1,140 @@
+"""The shard's gRPC servicer: protobuf in, engine call on the model thread, protobuf out."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+
+from common.grpc_errors import ErrorInterceptor
+from protos import shard_pb2 as pb
+from protos import shard_pb2_grpc as pb_grpc
+from shard.config import ShardConfig
+from shard.engine import Engine, NewRequest, StepResult
+from shard.sampling import SamplingParams
+
+T = TypeVar("T")
+
+
+def request_from_pb(r: pb.Request) -> NewRequest:
+    p = r.parameters
+    params = SamplingParams(temperature=p.temperature, top_p=p.top_p or 1.0, top_k=p.top_k, seed=p.seed)
+    return NewRequest(
+        request_id=r.id,
+        input_ids=list(r.input_ids),
+        cache_len=r.cache_len,
+        chunk_len=r.chunk_len,
+        blocks=list(r.blocks),
+        params=params,
+        sampled_before=r.sampled_before,
+    )
+
+
+def cached_batch_pb(result: StepResult) -> pb.CachedBatch:
+    return pb.CachedBatch(
+        id=result.batch_id,
+        request_ids=result.request_ids,
+        size=len(result.request_ids),
+        current_tokens=result.current_tokens,
+    )
+
+
+def generations_pb(result: StepResult) -> list[pb.Generation]:
+    return [pb.Generation(request_id=g.request_id, token_id=g.token_id, logprob=g.logprob) for g in result.generations]
+
+
+class ShardServicer(pb_grpc.ShardServiceServicer):
+    def __init__(self, engine: Engine, config: ShardConfig, model_name: str, architecture: str):
+        self.engine = engine
+        self.config = config
+        self.model_name = model_name
+        self.architecture = architecture
+        # torch work runs on one thread so the event loop keeps answering Health;
+        # one thread also serialises steps, which share the batch store.
+        self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
+
+    async def _on_model_thread(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn)
+
+    async def Info(self, request, context):
+        e = self.engine
+        return pb.InfoResponse(
+            model_id=self.model_name,
+            dtype=str(e.dtype).removeprefix("torch."),
+            device=str(e.device),
+            vocab_size=e.model.config.get_text_config().vocab_size,
+            max_position_embeddings=e.max_positions,
+            block_size=e.block_size,
+            world_size=self.config.world_size,
+            architecture=self.architecture,
+        )
+
+    async def Health(self, request, context):
+        return pb.HealthResponse()
+
+    async def ServiceDiscovery(self, request, context):
+        urls = [self.config.address_of(r) for r in range(self.config.world_size)]
+        return pb.ServiceDiscoveryResponse(urls=urls)
+
+    async def Warmup(self, request, context):
+        num_blocks = await self._on_model_thread(
+            lambda: self.engine.warmup(
+                request.max_batch_prefill_tokens,
+                request.max_batch_size,
+                request.max_batch_total_tokens,
+            )
+        )
+        bs = self.engine.block_size
+        return pb.WarmupResponse(num_blocks=num_blocks, block_size=bs, max_supported_total_tokens=num_blocks * bs)
+
+    async def Prefill(self, request, context):
+        started = time.perf_counter_ns()
+        requests = [request_from_pb(r) for r in request.batch.requests]
+        result = await self._on_model_thread(lambda: self.engine.prefill(request.batch.id, requests))
+        return pb.PrefillResponse(
+            generations=generations_pb(result),
+            batch=cached_batch_pb(result),
+            forward_ns=result.forward_ns,
+            decode_ns=result.decode_ns,
+            total_ns=time.perf_counter_ns() - started,
+        )
+
+    async def Decode(self, request, context):
+        started = time.perf_counter_ns()
+        batch_ids = [b.id for b in request.batches]
+        extensions = {x.request_id: list(x.blocks) for x in request.extensions}
+        result = await self._on_model_thread(lambda: self.engine.decode(batch_ids, extensions))
+        return pb.DecodeResponse(
+            generations=generations_pb(result),
+            batch=cached_batch_pb(result),
+            forward_ns=result.forward_ns,
+            decode_ns=result.decode_ns,
+            total_ns=time.perf_counter_ns() - started,
+        )
+
+    async def FilterBatch(self, request, context):
+        keep = list(request.request_ids)
+        result = await self._on_model_thread(lambda: self.engine.filter(request.batch_id, keep))
+        return pb.FilterBatchResponse(batch=cached_batch_pb(result))
+
+    async def ClearCache(self, request, context):
+        batch_id = request.id if request.HasField("id") else None
+        await self._on_model_thread(lambda: self.engine.clear(batch_id))
+        return pb.ClearCacheResponse()
+
+
+def create_server(servicer: ShardServicer, address: str) -> grpc.aio.Server:
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.max_send_message_length", 64 << 20),
+        ],
+    )
+    pb_grpc.add_ShardServiceServicer_to_server(servicer, server)
+    server.add_insecure_port(address)
+    return server
