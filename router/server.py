@@ -75,7 +75,8 @@ class RouterServicer(pb_grpc.RouterServicer):
                 self.scheduler.cancel(request)
 
     async def Generate(self, request, context):
-        text, tokens = [], []
+        text: list[str] = []
+        tokens: list[pb.Token] = []
         async for event in self._events(request):
             text.append(event.text)
             tokens.extend(_token_pb(t) for t in event.tokens)

@@ -84,8 +84,8 @@ class Detokenizer:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        before = self.hf.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        after = self.hf.decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        before = str(self.hf.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True))
+        after = str(self.hf.decode(self.ids[self.prefix_offset :], skip_special_tokens=True))
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return after[len(before) :]

@@ -148,7 +148,7 @@ def paged_attention_forward(
     """
     if paged_step is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention needs the paged_step forward kwarg")
-    cache, layer = paged_step.cache, module.layer_idx
+    cache, layer = paged_step.cache, int(module.layer_idx)  # type: ignore[arg-type]
     cache.write(layer, paged_step.slots, key[0].transpose(0, 1), value[0].transpose(0, 1))
     q = query[0].transpose(0, 1)  # [tokens, heads, head_dim]
     out = torch.empty_like(q)

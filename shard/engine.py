@@ -61,6 +61,7 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         text_config = model.config.get_text_config()
         self.max_positions = int(getattr(text_config, "max_position_embeddings", 0) or 1 << 20)
+        self.vocab_size = int(text_config.vocab_size)
         self.store = BatchStore()
         self.cache: PagedKVCache | None = None
 
@@ -135,6 +136,8 @@ class Engine:
                 f"request {request.request_id}: {len(request.input_ids)} tokens exceed the model's "
                 f"{self.max_positions} positions"
             )
+        if any(not 0 <= t < self.vocab_size for t in request.input_ids):
+            raise InvalidRequest(f"request {request.request_id}: token ids must be in [0, {self.vocab_size})")
         self._check_blocks(request.blocks)
         if len(request.blocks) * cache.block_size < end:
             raise InvalidRequest(f"request {request.request_id}: {len(request.blocks)} blocks cannot hold {end} tokens")
@@ -176,7 +179,11 @@ class Engine:
         """Computes ``n`` tokens of each (sequence, n); samples where a sequence's known tokens run out."""
         cache = self._require_cache()
         started = time.perf_counter_ns()
-        spans, ids, positions, sample_rows, samplers = [], [], [], [], []
+        spans: list[SequenceSpan] = []
+        ids: list[int] = []
+        positions: list[int] = []
+        sample_rows: list[int] = []
+        samplers: list[Sequence] = []
         for seq, n in work:
             start, end = seq.computed, seq.computed + n
             if len(seq.blocks) * cache.block_size < end:

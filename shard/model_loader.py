@@ -50,6 +50,6 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device) ->
         dtype=dtype,
         attn_implementation=attention.register(),
     )
-    model.to(device).eval()
+    model.to(device).eval()  # type: ignore[arg-type,call-arg]
     model.requires_grad_(False)
     return model

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.models import build_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> callable:
+    built: dict[str, Path] = {}
+
+    def build(kind: str) -> Path:
+        if kind not in built:
+            built[kind] = build_tiny_model(kind, tmp_path_factory.mktemp(f"tiny-{kind}"))
+        return built[kind]
+
+    return build
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_stack(env_overrides: dict[str, str], timeout_s: float = 240.0) -> Iterator[str]:
+    """Runs ``python -m launcher`` (shard, router, facade processes); yields the base URL."""
+    port = free_port()
+    env = {**os.environ, "DTYPE": "float32", "MAX_BATCH_TOTAL_TOKENS": "16384", **env_overrides}
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"switchyard-stack-{port}.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "--port", str(port), "--hostname", "127.0.0.1"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc, log, timeout_s)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        log.close()
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"the stack exited with {proc.returncode}:\n{log.read()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    log.seek(0)
+    raise RuntimeError(f"the stack did not become healthy:\n{log.read()[-4000:]}")

@@ -1,0 +1,102 @@
+"""Drives an Engine the way the router does, for shard tests without gRPC."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from shard.engine import Engine, NewRequest
+from shard.model_loader import load_model
+from shard.sampling import SamplingParams
+from common.model_source import ModelSource
+
+
+@dataclass
+class Tracked:
+    request_id: int
+    prompt: list[int]
+    params: SamplingParams
+    blocks: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    computed: int = 0
+
+
+class Driver:
+    BATCH = 7
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.next_block = 0
+        self.live: dict[int, Tracked] = {}
+
+    def _blocks(self, t: Tracked, tokens: int) -> list[int]:
+        size = self.engine.block_size
+        new = []
+        while len(t.blocks) * size < tokens:
+            t.blocks.append(self.next_block)
+            new.append(self.next_block)
+            self.next_block += 1
+        return new
+
+    def prefill(self, items: list[tuple[Tracked, int]]) -> None:
+        """Prefills ``chunk`` prompt tokens of each tracked request."""
+        requests = []
+        for t, chunk in items:
+            self.live[t.request_id] = t
+            self._blocks(t, t.computed + chunk)
+            requests.append(
+                NewRequest(t.request_id, t.prompt, t.computed, chunk, list(t.blocks), t.params, len(t.tokens))
+            )
+        result = self.engine.prefill(self.BATCH, requests)
+        for t, chunk in items:
+            t.computed += chunk
+        self._record(result.generations)
+
+    def decode(self) -> None:
+        extensions = {}
+        for t in self.live.values():
+            if t.tokens and t.computed == len(t.prompt) + len(t.tokens) - 1:
+                extensions[t.request_id] = self._blocks(t, t.computed + 1)
+        result = self.engine.decode([self.BATCH], extensions)
+        for g in result.generations:
+            self.live[g.request_id].computed += 1
+        self._record(result.generations)
+
+    def finish(self, t: Tracked) -> None:
+        del self.live[t.request_id]
+        self.engine.filter(self.BATCH, list(self.live))
+
+    def _record(self, generations) -> None:
+        for g in generations:
+            t = self.live[g.request_id]
+            t.tokens.append(g.token_id)
+            t.logprobs.append(g.logprob)
+
+
+def make_engine(source: ModelSource, num_blocks_tokens: int = 8192, block_size: int = 4) -> Engine:
+    model = load_model(source, torch.float32, torch.device("cpu"))
+    engine = Engine(model, torch.device("cpu"), block_size, kv_fraction=0.5)
+    engine.warmup(256, 32, num_blocks_tokens)
+    return engine
+
+
+def reference(source: ModelSource, prompt: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
+    """transformers' own greedy generate, with its own attention: the oracle."""
+    model = AutoModelForCausalLM.from_pretrained(
+        source.path_or_id, **source.pretrained_kwargs(), dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
+    out = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    tokens = out.sequences[0, len(prompt) :].tolist()
+    logprobs = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, tokens, strict=True)]
+    return tokens, logprobs
