@@ -155,3 +155,13 @@ class HealthRequest(_message.Message):
 class HealthResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class MetricsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MetricsResponse(_message.Message):
+    __slots__ = ("text",)
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    def __init__(self, text: _Optional[str] = ...) -> None: ...

@@ -59,6 +59,11 @@ class RouterStub:
                 request_serializer=protos_dot_router__pb2.HealthRequest.SerializeToString,
                 response_deserializer=protos_dot_router__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.Metrics = channel.unary_unary(
+                '/switchyard.router.v1.Router/Metrics',
+                request_serializer=protos_dot_router__pb2.MetricsRequest.SerializeToString,
+                response_deserializer=protos_dot_router__pb2.MetricsResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -99,6 +104,13 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Metrics(self, request, context):
+        """/ The router's metrics in Prometheus' text exposition format.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +138,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=protos_dot_router__pb2.HealthRequest.FromString,
                     response_serializer=protos_dot_router__pb2.HealthResponse.SerializeToString,
+            ),
+            'Metrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.Metrics,
+                    request_deserializer=protos_dot_router__pb2.MetricsRequest.FromString,
+                    response_serializer=protos_dot_router__pb2.MetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +280,33 @@ class Router:
             '/switchyard.router.v1.Router/Health',
             protos_dot_router__pb2.HealthRequest.SerializeToString,
             protos_dot_router__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Metrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.router.v1.Router/Metrics',
+            protos_dot_router__pb2.MetricsRequest.SerializeToString,
+            protos_dot_router__pb2.MetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,6 +12,7 @@ from common.model_source import ModelNotFound, resolve_model
 from common.settings import process_env
 from router.blocks import BlockAllocator
 from router.config import Limits, RouterConfig, parse_config
+from router.metrics import RouterMetrics
 from router.scheduler import Scheduler
 from router.server import RouterServicer, ServedModel, create_server
 from router.shard_client import ShardClient
@@ -44,7 +45,7 @@ async def serve(config: RouterConfig) -> None:
         limits,
     )
     allocator = BlockAllocator(warm.num_blocks, warm.block_size)
-    scheduler = Scheduler(shards, allocator, limits, tokenizer)
+    scheduler = Scheduler(shards, allocator, limits, tokenizer, RouterMetrics())
     validator = Validator(tokenizer, limits, config.max_stop_sequences)
     model = ServedModel(
         source.display_name,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from dataclasses import dataclass, field
 
+from router.blocks import NEW_CHAIN, Chain
 from router.stopping import TextStream
 
 
@@ -60,6 +62,12 @@ class Request:
     computed: int = 0
     phase: Phase = Phase.WAITING
     cancelled: bool = False
+    #: Prefix-cache registration progress of ``blocks``.
+    chain: Chain = NEW_CHAIN
+    #: Off for requests that need every prompt position computed (prompt logprobs).
+    use_prefix_cache: bool = True
+    arrived_at: float = field(default_factory=time.monotonic)
+    last_token_at: float | None = None
 
     @property
     def token_ids(self) -> list[int]:

@@ -1,24 +1,26 @@
 """The continuous-batching loop.
 
 One shard batch (``batch_id``) holds every admitted request. Each iteration:
-drop cancelled requests, prefill what the budgets admit (new arrivals, next
-chunks of long prompts, preempted requests being recomputed), then advance
-every decoding request by one token. Requests are served first come, first
-served; when KV blocks run out mid-generation the youngest request is
-preempted: it returns to the head of the queue keeping its tokens, and is
-recomputed when blocks free up.
+drop cancelled requests, prefill what the budgets admit (next chunks of long
+prompts first, then arrivals in order, then preempted requests being
+recomputed), then advance every decoding request by one token. Requests are
+served first come, first served: nobody overtakes the head of the queue. When
+KV blocks run out mid-generation the youngest running request is preempted: it
+returns to the head of the queue keeping its tokens, and is recomputed (mostly
+from the prefix cache) when blocks free up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
-from dataclasses import dataclass, field
 
 from common.grpc_errors import ServiceError
-from router.blocks import BlockAllocator, OutOfBlocks
+from router.blocks import NEW_CHAIN, BlockAllocator, OutOfBlocks
 from router.config import Limits
+from router.metrics import RouterMetrics
 from router.request import Phase, Request, StreamEvent, TokenInfo
 from router.shard_client import PrefillItem, ShardClient, ShardGeneration, StepAnswer
 from router.tokenization import Tokenizer
@@ -30,30 +32,31 @@ class ShardFailure(ServiceError):
     """A shard call failed; the requests it carried end with this error."""
 
 
-@dataclass
-class SchedulerStats:
-    prefill_steps: int = 0
-    decode_steps: int = 0
-    preemptions: int = 0
-    max_batch_size_seen: int = 0
-    outcomes: dict[str, int] = field(default_factory=dict)
-
-
 class Scheduler:
-    def __init__(self, shards: ShardClient, allocator: BlockAllocator, limits: Limits, tokenizer: Tokenizer):
+    def __init__(
+        self,
+        shards: ShardClient,
+        allocator: BlockAllocator,
+        limits: Limits,
+        tokenizer: Tokenizer,
+        metrics: RouterMetrics | None = None,
+    ):
         self.shards = shards
         self.allocator = allocator
         self.limits = limits
         self.tokenizer = tokenizer
+        self.metrics = metrics or RouterMetrics()
         self.waiting: deque[Request] = deque()
-        self.active: list[Request] = []  # in the shard batch, oldest first
+        self.active: list[Request] = []  # in the shard batch, in admission order
         self.batch_id = 1
-        self.stats = SchedulerStats()
+        self._shard_members: list[int] = []
         self._wake = asyncio.Event()
 
     # --- called by the API ------------------------------------------------------
 
     def submit(self, request: Request) -> None:
+        self.metrics.requests.inc()
+        self.metrics.input_length.observe(len(request.prompt_ids))
         self.waiting.append(request)
         self._wake.set()
 
@@ -78,103 +81,120 @@ class Scheduler:
                 await self._fail_active(exc)
 
     async def step(self) -> None:
-        await self._drop_cancelled()
+        self._drop_cancelled()
         items = self._plan_prefill()
         if items:
-            answer = await self.shards.prefill(self.batch_id, items)
-            self._shard_members = answer.request_ids
-            self.stats.prefill_steps += 1
-            self._account(items, answer)
+            await self._prefill(items)
         decoding = [r for r in self.active if r.phase is Phase.DECODING]
         if decoding:
             extensions = self._grow_blocks(decoding)
-            if self._preempted:
-                await self._sync_batch()
+            await self._sync_batch()  # drops whoever was preempted
             if any(r.phase is Phase.DECODING for r in self.active):
-                answer = await self.shards.decode([self.batch_id], extensions)
-                self._shard_members = answer.request_ids
-                self.stats.decode_steps += 1
-                self._postprocess(answer.generations)
-        self.stats.max_batch_size_seen = max(self.stats.max_batch_size_seen, len(self.active))
+                await self._decode(extensions)
         await self._sync_batch()
+        self._update_gauges()
+
+    async def _prefill(self, items: list[PrefillItem]) -> None:
+        started = time.perf_counter()
+        answer = await self.shards.prefill(self.batch_id, items)
+        self._observe_step("prefill", started, answer)
+        self._shard_members = answer.request_ids
+        for item in items:
+            r = item.request
+            r.computed += item.chunk_len
+            self.metrics.prefill_tokens.inc(item.chunk_len)
+            if r.use_prefix_cache:
+                r.chain = self.allocator.register(r.blocks, r.token_ids, r.computed, r.chain)
+        self._postprocess(answer.generations)
+
+    async def _decode(self, extensions: dict[int, list[int]]) -> None:
+        started = time.perf_counter()
+        answer = await self.shards.decode([self.batch_id], extensions)
+        self._observe_step("decode", started, answer)
+        self._shard_members = answer.request_ids
+        self._postprocess(answer.generations)
 
     # --- prefill planning -------------------------------------------------------
 
     def _plan_prefill(self) -> list[PrefillItem]:
         budget = self.limits.max_batch_prefill_tokens
         items: list[PrefillItem] = []
-        # Prompts already part-way through chunked prefill go first: they are older.
+        # Prompts part-way through chunked prefill go first: they are older.
         for r in self.active:
             if r.phase is Phase.PREFILLING and budget > 0:
-                item = self._chunk(r, budget)
+                item = self._next_chunk(r, budget)
                 if item is None:
                     return items
                 items.append(item)
                 budget -= item.chunk_len
         while self.waiting and budget > 0 and len(self.active) < self.limits.max_batch_size:
-            item = self._chunk(self.waiting[0], budget)
+            item = self._admit(self.waiting[0], budget)
             if item is None:
                 break  # first come, first served: nobody overtakes the head of the queue
             r = self.waiting.popleft()
             r.phase = Phase.PREFILLING
             self.active.append(r)
+            self.metrics.queue_duration.observe(time.monotonic() - r.arrived_at)
             items.append(item)
             budget -= item.chunk_len
         return items
 
-    def _chunk(self, r: Request, budget: int) -> PrefillItem | None:
-        """The next chunk of ``r`` within ``budget``, with its blocks allocated; None if blocks are short."""
-        remaining = len(r.token_ids) - r.computed
-        chunk = min(remaining, budget)
+    def _admit(self, r: Request, budget: int) -> PrefillItem | None:
+        """The first chunk of a queued request, after taking what the prefix cache holds."""
+        if r.use_prefix_cache:
+            r.blocks, r.chain = self.allocator.match_prefix(r.token_ids)
+            r.computed = len(r.blocks) * self.allocator.block_size
+        item = self._next_chunk(r, budget)
+        if item is None:  # all or nothing: give the cache hits back
+            self.allocator.release(r.blocks)
+            r.blocks, r.chain, r.computed = [], NEW_CHAIN, 0
+            return None
+        self.metrics.prefix_hit_tokens.inc(r.computed)
+        return item
+
+    def _next_chunk(self, r: Request, budget: int) -> PrefillItem | None:
+        """The next chunk of ``r`` within ``budget``, its blocks allocated; None if blocks are short."""
+        chunk = min(len(r.token_ids) - r.computed, budget)
         needed = self.allocator.blocks_for(r.computed + chunk) - len(r.blocks)
         try:
-            r.blocks += self.allocator.allocate(r.id, max(0, needed))
+            r.blocks += self.allocator.allocate(max(0, needed))
         except OutOfBlocks:
             return None
         return PrefillItem(r, r.computed, chunk)
 
-    def _account(self, items: list[PrefillItem], answer: StepAnswer) -> None:
-        for item in items:
-            item.request.computed += item.chunk_len
-        self._postprocess(answer.generations)
-
     # --- decode -----------------------------------------------------------------
 
     def _grow_blocks(self, decoding: list[Request]) -> dict[int, list[int]]:
-        """Blocks so every decoding request can hold one more token, preempting the youngest if short."""
-        self._preempted = False
+        """A block for every decoding request whose next token starts one, preempting the youngest if short."""
         extensions: dict[int, list[int]] = {}
         for r in decoding:
             if r.phase is not Phase.DECODING:
                 continue  # preempted earlier in this loop
             needed = self.allocator.blocks_for(r.computed + 1) - len(r.blocks)
-            while needed > 0:
+            while needed > 0 and r.phase is Phase.DECODING:
                 try:
-                    new = self.allocator.allocate(r.id, needed)
+                    new = self.allocator.allocate(needed)
                 except OutOfBlocks:
-                    victim = max(self.active, key=lambda x: x.id)  # ids grow with arrival
-                    self._preempt(victim)
-                    if victim is r:
-                        break
+                    self._preempt(max(self.active, key=lambda x: x.id))  # ids grow with arrival
                     continue
                 r.blocks += new
                 extensions[r.id] = new
                 needed = 0
-        return {rid: b for rid, b in extensions.items() if any(x.id == rid for x in self.active)}
+        return {rid: blocks for rid, blocks in extensions.items() if rid in {x.id for x in self.active}}
 
     def _preempt(self, r: Request) -> None:
         log.info("preempting request %d (%d tokens) for lack of KV blocks", r.id, len(r.token_ids))
-        self.stats.preemptions += 1
-        self._preempted = True
+        self.metrics.preemptions.inc()
         self.active.remove(r)
-        self.allocator.free(r.id, r.blocks)
-        r.blocks, r.computed, r.phase = [], 0, Phase.WAITING
+        self.allocator.release(r.blocks)
+        r.blocks, r.computed, r.chain, r.phase = [], 0, NEW_CHAIN, Phase.WAITING
         self.waiting.appendleft(r)
 
     # --- results ----------------------------------------------------------------
 
     def _postprocess(self, generations: list[ShardGeneration]) -> None:
         by_id = {r.id: r for r in self.active}
+        now = time.monotonic()
         for g in generations:
             r = by_id.get(g.request_id)
             if r is None or r.phase is Phase.FINISHED:
@@ -182,6 +202,7 @@ class Scheduler:
             r.computed = len(r.token_ids)
             r.generated.append(g.token_id)
             r.phase = Phase.DECODING
+            self._observe_token(r, now)
             text = r.stream.push(g.token_id)
             token = TokenInfo(g.token_id, g.logprob, self.tokenizer.is_special(g.token_id))
             finish = r.stream.finish
@@ -198,11 +219,12 @@ class Scheduler:
         if r in self.active:
             self.active.remove(r)
         if r.blocks:
-            self.allocator.free(r.id, r.blocks)
+            self.allocator.release(r.blocks)
             r.blocks = []
-        self.stats.outcomes[outcome] = self.stats.outcomes.get(outcome, 0) + 1
+        self.metrics.outcomes.labels(outcome).inc()
+        self.metrics.generated_tokens.observe(len(r.generated))
 
-    async def _drop_cancelled(self) -> None:
+    def _drop_cancelled(self) -> None:
         for r in [r for r in self.active if r.cancelled]:
             self._finish(r, "cancelled")
 
@@ -228,6 +250,26 @@ class Scheduler:
             await self.shards.clear()
         except Exception as clear_exc:
             log.error("could not clear the shards after a failure: %s", clear_exc)
+        self._update_gauges()
 
-    _shard_members: list[int] = []
-    _preempted: bool = False
+    # --- metrics ----------------------------------------------------------------
+
+    def _observe_step(self, method: str, started: float, answer: StepAnswer) -> None:
+        self.metrics.step_duration.labels(method).observe(time.perf_counter() - started)
+        self.metrics.forward_duration.labels(method).observe(answer.forward_ns / 1e9)
+
+    def _observe_token(self, r: Request, now: float) -> None:
+        if r.last_token_at is None:
+            self.metrics.ttft.observe(now - r.arrived_at)
+        else:
+            self.metrics.inter_token.observe(now - r.last_token_at)
+        r.last_token_at = now
+
+    def _update_gauges(self) -> None:
+        m, a = self.metrics, self.allocator
+        m.queue_size.set(len(self.waiting))
+        m.batch_size.set(len(self.active))
+        m.batch_tokens.set(sum(r.computed for r in self.active))
+        m.blocks_used.set(a.used_blocks)
+        m.blocks_free.set(a.free_blocks)
+        m.blocks_cached.set(a.cached_blocks)

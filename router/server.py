@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from collections.abc import AsyncIterator
@@ -61,7 +62,7 @@ class RouterServicer(pb_grpc.RouterServicer):
         try:
             self.scheduler.submit(request)
             while True:
-                event = await request.events.get()
+                event = _coalesce(await request.events.get(), request.events)
                 if event.error is not None:
                     finished = True
                     raise event.error
@@ -121,6 +122,30 @@ class RouterServicer(pb_grpc.RouterServicer):
     async def Health(self, request, context):
         await self.scheduler.shards.health()
         return pb.HealthResponse()
+
+    async def Metrics(self, request, context):
+        return pb.MetricsResponse(text=self.scheduler.metrics.exposition().decode())
+
+
+def _coalesce(first: StreamEvent, queue: asyncio.Queue[StreamEvent]) -> StreamEvent:
+    """Merges events already queued behind ``first`` into one.
+
+    A caller that reads slower than tokens arrive gets fewer, larger messages,
+    so per-message cost never limits throughput. An error is never merged.
+    """
+    if first.error is not None or first.finish_reason is not None or queue.empty():
+        return first
+    text, tokens, last = [first.text], list(first.tokens), first
+    while not queue.empty():
+        nxt = queue._queue[0]  # type: ignore[attr-defined]  # peek: errors must stay separate
+        if nxt.error is not None:
+            break
+        last = queue.get_nowait()
+        text.append(last.text)
+        tokens.extend(last.tokens)
+        if last.finish_reason is not None:
+            break
+    return StreamEvent("".join(text), tuple(tokens), last.finish_reason, last.prompt_tokens, last.completion_tokens)
 
 
 def _token_pb(t) -> pb.Token:  # type: ignore[no-untyped-def]

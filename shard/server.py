@@ -66,7 +66,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
             model_id=self.model_name,
             dtype=str(e.dtype).removeprefix("torch."),
             device=str(e.device),
-            vocab_size=e.model.config.get_text_config().vocab_size,
+            vocab_size=e.vocab_size,
             max_position_embeddings=e.max_positions,
             block_size=e.block_size,
             world_size=self.config.world_size,

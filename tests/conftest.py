@@ -40,26 +40,26 @@ def running_stack(env_overrides: dict[str, str], timeout_s: float = 240.0) -> It
     """Runs ``python -m launcher`` (shard, router, facade processes); yields the base URL."""
     port = free_port()
     env = {**os.environ, "DTYPE": "float32", "MAX_BATCH_TOTAL_TOKENS": "16384", **env_overrides}
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"switchyard-stack-{port}.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "launcher", "--port", str(port), "--hostname", "127.0.0.1"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, proc, log, timeout_s)
-        yield url
-    finally:
-        proc.terminate()
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"switchyard-stack-{port}.log"
+    with open(log_path, "w+") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "launcher", "--port", str(port), "--hostname", "127.0.0.1"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-        log.close()
+            _wait_healthy(url, proc, log, timeout_s)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log, timeout_s: float) -> None:

@@ -40,7 +40,9 @@ def test_greedy_matches_transformers_on_smollm2(stack):
     model = AutoModelForCausalLM.from_pretrained(
         SMOLLM.path_or_id, **SMOLLM.pretrained_kwargs(), dtype=torch.float32
     ).eval()
-    ids = tok.encode(tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+    ids = tok.encode(
+        tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+    )
     out = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
     new = out[0, len(ids) :].tolist()
     want = tok.decode(new[: new.index(2)] if 2 in new else new, skip_special_tokens=True)

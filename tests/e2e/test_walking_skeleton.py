@@ -68,9 +68,7 @@ def client(url: str) -> openai.OpenAI:
 
 def test_greedy_matches_transformers(stack, tiny_llama):
     messages = chat("Why is open-source software important?")
-    answer = client(stack).chat.completions.create(
-        model="tgi", messages=messages, max_tokens=MAX_TOKENS, temperature=0
-    )
+    answer = client(stack).chat.completions.create(model="tgi", messages=messages, max_tokens=MAX_TOKENS, temperature=0)
     assert answer.choices[0].message.content == oracle_text(tiny_llama, messages, MAX_TOKENS)
     assert answer.model == "tgi"
     assert answer.id.startswith("chatcmpl-")
@@ -138,7 +136,9 @@ def test_two_concurrent_streams_share_a_batch(stack, tiny_llama):
 def oracle_text_ignore_eos(model_dir, messages, max_new_tokens: int) -> str:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = tok.encode(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+    ids = tok.encode(
+        tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+    )
     out = model.generate(
         torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
     )
@@ -174,7 +174,9 @@ def test_stop_sequence_is_not_returned(stack):
     text = free.choices[0].message.content
     assert len(text) > 6
     stop = text[3:6]
-    cut = c.chat.completions.create(model="tgi", messages=chat("Count."), max_tokens=MAX_TOKENS, temperature=0, stop=[stop])
+    cut = c.chat.completions.create(
+        model="tgi", messages=chat("Count."), max_tokens=MAX_TOKENS, temperature=0, stop=[stop]
+    )
     assert cut.choices[0].message.content == text[: text.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForCausalLM
 
+from common.model_source import ModelSource
 from shard.engine import Engine, NewRequest
 from shard.model_loader import load_model
 from shard.sampling import SamplingParams
-from common.model_source import ModelSource
 
 
 @dataclass

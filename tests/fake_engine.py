@@ -1,0 +1,105 @@
+"""A model-free stand-in for ``shard.engine.Engine`` that checks what the router tells it.
+
+It keeps, per KV slot, which (position, token) was written there, and before
+every step verifies that the context a request claims to have cached
+(prefix-cache hits, earlier chunks, earlier decode steps) is really in its
+blocks. The next token is a pure function of the sequence so far and the
+request's seed, so a preempted and recomputed request must produce exactly the
+tokens of an uninterrupted run. Used by the router tests and by the router
+benchmark, where it makes the shard cost nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shard.batch_state import BatchStore, Sequence
+from shard.engine import Generation, NewRequest, StepResult
+from shard.errors import CapacityError, InvalidRequest
+
+#: Tokens the fake emits: plain word pieces of SmolLM2's vocabulary, never special tokens.
+FIRST_TOKEN, TOKEN_RANGE = 1000, 5000
+
+
+def next_token(tokens: list[int], seed: int) -> int:
+    return FIRST_TOKEN + (hash((tuple(tokens[-4:]), len(tokens), seed)) % TOKEN_RANGE)
+
+
+class FakeEngine:
+    def __init__(self, num_blocks: int, block_size: int = 4, max_positions: int = 4096, verify: bool = True):
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.max_positions = max_positions
+        self.vocab_size = 49152
+        self.verify = verify
+        self.dtype = torch.float32
+        self.device = torch.device("cpu")
+        self.store = BatchStore()
+        self.kv: dict[int, tuple[int, int]] = {}
+        self.steps: list[tuple[str, int, int]] = []  # (kind, tokens computed, sequences)
+        #: Makes the next step raise, as a crashing model would.
+        self.fail_next_step = False
+
+    def warmup(self, max_prefill_tokens: int, max_batch_size: int, max_total_tokens: int) -> int:
+        return self.num_blocks
+
+    def prefill(self, batch_id: int, requests: list[NewRequest]) -> StepResult:
+        work = []
+        for r in requests:
+            if r.cache_len + r.chunk_len > len(r.input_ids) or r.chunk_len < 1:
+                raise InvalidRequest("bad chunk")
+            seq = Sequence(r.request_id, list(r.input_ids), list(r.blocks), r.cache_len, r.params, r.sampled_before)
+            self.store.add(batch_id, seq)
+            work.append((seq, r.chunk_len))
+        self.steps.append(("prefill", sum(n for _, n in work), len(work)))
+        return self._result(batch_id, self._run(work))
+
+    def decode(self, batch_ids: list[int], extensions: dict[int, list[int]]) -> StepResult:
+        batch_id = self.store.merge(batch_ids)
+        members = self.store.members(batch_id)
+        for seq in members:
+            seq.blocks.extend(extensions.get(seq.request_id, []))
+        work = [(seq, 1) for seq in members if seq.pending == 1]
+        self.steps.append(("decode", len(work), len(work)))
+        return self._result(batch_id, self._run(work))
+
+    def filter(self, batch_id: int, keep: list[int]) -> StepResult:
+        self.store.filter(batch_id, keep)
+        return self._result(batch_id, [])
+
+    def clear(self, batch_id: int | None) -> None:
+        self.store.clear(batch_id)
+
+    def _slot(self, seq: Sequence, position: int) -> int:
+        index = position // self.block_size
+        if index >= len(seq.blocks):
+            raise CapacityError(f"request {seq.request_id}: no block for position {position}")
+        block = seq.blocks[index]
+        if not 0 <= block < self.num_blocks:
+            raise InvalidRequest(f"block {block} out of range")
+        return block * self.block_size + position % self.block_size
+
+    def _run(self, work: list[tuple[Sequence, int]]) -> list[Generation]:
+        if self.fail_next_step:
+            self.fail_next_step = False
+            raise RuntimeError("injected fault")
+        generations = []
+        for seq, n in work:
+            if self.verify:
+                for p in range(seq.computed):
+                    if self.kv.get(self._slot(seq, p)) != (p, seq.token_ids[p]):
+                        raise InvalidRequest(f"request {seq.request_id}: KV of position {p} is not in its blocks")
+            for p in range(seq.computed, seq.computed + n):
+                self.kv[self._slot(seq, p)] = (p, seq.token_ids[p])
+            seq.computed += n
+            if seq.computed == len(seq.token_ids):
+                token = next_token(seq.token_ids, seq.params.seed)
+                seq.token_ids.append(token)
+                seq.sampled += 1
+                generations.append(Generation(seq.request_id, token, -1.0))
+        return generations
+
+    def _result(self, batch_id: int, generations: list[Generation]) -> StepResult:
+        members = self.store.batches.get(batch_id, [])
+        tokens = sum(self.store.sequences[r].computed for r in members)
+        return StepResult(generations, batch_id, list(members), tokens)

@@ -1,0 +1,80 @@
+"""A real router (scheduler, validator, gRPC shard client) over a FakeEngine shard server."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from protos import router_pb2 as pb
+from router.blocks import BlockAllocator
+from router.config import Limits
+from router.request import Request
+from router.scheduler import Scheduler
+from router.shard_client import ShardClient
+from router.tokenization import Tokenizer
+from router.validation import Validator
+from shard.config import ShardConfig
+from shard.server import ShardServicer, create_server
+from tests.fake_engine import FakeEngine, next_token
+
+
+@dataclass
+class Harness:
+    scheduler: Scheduler
+    validator: Validator
+    engine: FakeEngine
+    ids: itertools.count
+
+    def request(self, prompt: str, max_new_tokens: int = 8, seed: int = 0) -> Request:
+        params = pb.GenerationParameters(max_new_tokens=max_new_tokens, seed=seed, ignore_eos=True)
+        return self.validator.request(next(self.ids), pb.GenerateRequest(prompt=prompt, parameters=params))
+
+    def check(self) -> None:
+        """Invariants that hold between any two steps."""
+        s = self.scheduler
+        s.allocator.check({r.id: r.blocks for r in s.active})
+        waiting, active = {r.id for r in s.waiting}, {r.id for r in s.active}
+        assert not waiting & active, "a request is both queued and running"
+        assert all(not r.blocks for r in s.waiting), "a queued request holds blocks"
+        assert len(s.active) <= s.limits.max_batch_size
+        for kind, tokens, _ in self.engine.steps:
+            if kind == "prefill":
+                assert tokens <= s.limits.max_batch_prefill_tokens
+
+
+def expected_tokens(r: Request) -> list[int]:
+    """What an uninterrupted run gives: the fake's tokens depend only on the sequence and seed."""
+    tokens = list(r.prompt_ids)
+    for _ in range(r.max_new_tokens):
+        tokens.append(next_token(tokens, r.sampling.seed))
+    return tokens[len(r.prompt_ids) :]
+
+
+@asynccontextmanager
+async def fake_router(
+    tokenizer: Tokenizer,
+    sockets: Path,
+    num_blocks: int = 64,
+    block_size: int = 4,
+    max_batch_prefill_tokens: int = 64,
+    max_batch_size: int = 8,
+    max_total_tokens: int = 200,
+    verify: bool = True,
+) -> AsyncIterator[Harness]:
+    engine = FakeEngine(num_blocks, block_size, verify=verify)
+    config = ShardConfig(None, None, "cpu", 0, 1, str(sockets / "shard"), None, block_size, 0.1)
+    server = create_server(ShardServicer(engine, config, "fake", "FakeForCausalLM"), config.address)  # type: ignore[arg-type]
+    await server.start()
+    shards = await ShardClient.connect(config.address, timeout=10)
+    try:
+        limits = Limits(max_total_tokens - 1, max_total_tokens, max_batch_prefill_tokens, max_batch_size)
+        allocator = BlockAllocator(num_blocks, block_size)
+        scheduler = Scheduler(shards, allocator, limits, tokenizer)
+        validator = Validator(tokenizer, limits, max_stop_sequences=4)
+        yield Harness(scheduler, validator, engine, itertools.count(1))
+    finally:
+        await shards.close()
+        await server.stop(None)

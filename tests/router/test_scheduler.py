@@ -1,0 +1,183 @@
+"""The batching loop over a fake shard: budgets, chunked prefill, prefix cache, preemption, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from router.request import Phase
+from tests.router.harness import expected_tokens, fake_router
+
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
+
+
+def prompt(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+async def drain(harness, steps: int = 2000) -> None:
+    s = harness.scheduler
+    for _ in range(steps):
+        if not s.waiting and not s.active:
+            return
+        await s.step()
+        harness.check()
+    raise AssertionError("requests did not finish")
+
+
+async def test_chunked_prefill_respects_the_budget_and_finishes(tokenizer, tmp_path):
+    async with fake_router(tokenizer, tmp_path, max_batch_prefill_tokens=8) as h:
+        long = h.request(prompt(random.Random(1), 30), max_new_tokens=5)
+        short = h.request("hello there", max_new_tokens=5)
+        h.scheduler.submit(long)
+        h.scheduler.submit(short)
+        await drain(h)
+        assert long.generated == expected_tokens(long)
+        assert short.generated == expected_tokens(short)
+        prefills = [t for kind, t, _ in h.engine.steps if kind == "prefill"]
+        assert max(prefills) <= 8 and sum(prefills) >= len(long.prompt_ids) + len(short.prompt_ids)
+        # The long prompt took several chunks, and decode steps ran in between.
+        assert len(prefills) >= 4
+        assert h.scheduler.allocator.used_blocks == 0
+
+
+async def test_prefix_cache_reuses_blocks_of_a_shared_prompt(tokenizer, tmp_path):
+    async with fake_router(tokenizer, tmp_path) as h:
+        system = prompt(random.Random(2), 40)
+        first = h.request(system + " first question", max_new_tokens=3)
+        h.scheduler.submit(first)
+        await drain(h)
+        computed_before = sum(t for kind, t, _ in h.engine.steps if kind == "prefill")
+        second = h.request(system + " second question", max_new_tokens=3)
+        h.scheduler.submit(second)
+        await drain(h)
+        computed_second = sum(t for kind, t, _ in h.engine.steps if kind == "prefill") - computed_before
+        hits = h.scheduler.metrics.prefix_hit_tokens._value.get()
+        assert hits >= len(first.prompt_ids) // 2
+        assert computed_second == len(second.prompt_ids) - hits
+        assert second.generated == expected_tokens(second)
+
+
+async def test_preemption_resumes_with_the_same_tokens(tokenizer, tmp_path):
+    # 12 blocks of 4 tokens: three requests of ~30 tokens cannot all fit.
+    async with fake_router(tokenizer, tmp_path, num_blocks=12, max_total_tokens=48) as h:
+        rng = random.Random(3)
+        requests = [h.request(prompt(rng, 5), max_new_tokens=24, seed=i) for i in range(3)]
+        for r in requests:
+            h.scheduler.submit(r)
+        await drain(h)
+        assert h.scheduler.metrics.preemptions._value.get() > 0
+        for r in requests:
+            assert r.generated == expected_tokens(r)
+        assert h.scheduler.allocator.used_blocks == 0
+
+
+async def test_cancel_frees_blocks_at_the_next_step(tokenizer, tmp_path):
+    async with fake_router(tokenizer, tmp_path) as h:
+        r = h.request("a long story", max_new_tokens=100)
+        h.scheduler.submit(r)
+        for _ in range(3):
+            await h.scheduler.step()
+        assert h.scheduler.allocator.used_blocks > 0
+        h.scheduler.cancel(r)
+        await h.scheduler.step()
+        h.check()
+        assert r.phase is Phase.FINISHED and h.scheduler.allocator.used_blocks == 0
+        assert not h.engine.store.sequences  # the shard forgot it too
+
+
+async def test_shard_failure_fails_requests_and_keeps_serving(tokenizer, tmp_path):
+    async with fake_router(tokenizer, tmp_path) as h:
+        loop = asyncio.create_task(h.scheduler.run())
+        try:
+            h.engine.fail_next_step = True
+            doomed = h.request("first", max_new_tokens=50)
+            h.scheduler.submit(doomed)
+            events = []
+            while not events or (events[-1].error is None and events[-1].finish_reason is None):
+                events.append(await asyncio.wait_for(doomed.events.get(), 5))
+            assert events[-1].error is not None and "shard failed" in str(events[-1].error)
+            assert h.scheduler.allocator.used_blocks == 0
+            fine = h.request("second", max_new_tokens=4)
+            h.scheduler.submit(fine)
+            while (event := await asyncio.wait_for(fine.events.get(), 5)).finish_reason is None:
+                assert event.error is None
+            assert fine.generated == expected_tokens(fine)
+        finally:
+            loop.cancel()
+
+
+_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("arrive"), st.integers(1, 40), st.integers(1, 30)),
+        st.tuples(st.just("step"), st.integers(1, 4), st.just(0)),
+        st.tuples(st.just("cancel"), st.integers(0, 50), st.just(0)),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=_ops, num_blocks=st.integers(12, 40), prefill_budget=st.integers(4, 64), seed=st.integers(0, 1000))
+def test_random_traffic_keeps_invariants(tokenizer, ops, num_blocks, prefill_budget, seed):
+    """Random arrive / step / cancel sequences: invariants after every operation, nothing leaked at the end."""
+
+    async def scenario(sockets: Path) -> None:
+        rng = random.Random(seed)
+        async with fake_router(
+            tokenizer, sockets, num_blocks=num_blocks, max_total_tokens=48, max_batch_prefill_tokens=prefill_budget
+        ) as h:
+            submitted = []
+            shared = prompt(rng, 8)  # some prompts share a prefix, to exercise the cache
+            for op, a, b in ops:
+                if op == "arrive":
+                    text = (shared + " " if a % 2 else "") + prompt(rng, min(a % 9 + 1, 10))
+                    room = 48 - len(tokenizer.encode(text, add_special_tokens=True))
+                    if room < 1:
+                        continue
+                    r = h.request(text, max_new_tokens=min(b, room))
+                    submitted.append(r)
+                    h.scheduler.submit(r)
+                elif op == "step":
+                    for _ in range(a):
+                        await h.scheduler.step()
+                        h.check()
+                elif submitted:
+                    h.scheduler.cancel(submitted[a % len(submitted)])
+                h.check()
+            await drain(h)
+            assert h.scheduler.allocator.used_blocks == 0
+            assert not h.engine.store.sequences
+            for r in submitted:
+                if not r.cancelled:
+                    assert r.generated == expected_tokens(r)
+
+    with tempfile.TemporaryDirectory() as sockets:
+        asyncio.run(scenario(Path(sockets)))
+
+
+@pytest.mark.parametrize("concurrency", [256])
+async def test_many_concurrent_streams_finish_with_no_blocks_in_use(tokenizer, tmp_path, concurrency):
+    async with fake_router(
+        tokenizer, tmp_path, num_blocks=512, max_batch_size=64, max_batch_prefill_tokens=256, verify=False
+    ) as h:
+        loop = asyncio.create_task(h.scheduler.run())
+        requests = [h.request(f"request number {i}", max_new_tokens=20, seed=i) for i in range(concurrency)]
+        for r in requests:
+            h.scheduler.submit(r)
+
+        async def finish(r):
+            while (event := await r.events.get()).finish_reason is None:
+                assert event.error is None
+
+        await asyncio.wait_for(asyncio.gather(*(finish(r) for r in requests)), 60)
+        loop.cancel()
+        assert all(r.generated == expected_tokens(r) for r in requests)
+        assert h.scheduler.allocator.used_blocks == 0
