@@ -12,8 +12,9 @@ from aiohttp import web
 
 from facade.config import FacadeConfig
 from facade.errors import ApiError
+from facade.metrics import FacadeMetrics
 from facade.routes import ROUTES
-from facade.state import ROUTER, STARTED_AT
+from facade.state import METRICS, ROUTER, STARTED_AT
 from protos import router_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,11 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
 
 
 def create_app(config: FacadeConfig) -> web.Application:
-    app = web.Application(middlewares=[openai_errors], client_max_size=config.payload_limit)
+    metrics = FacadeMetrics()
+    # Outermost first: metrics see the status the error middleware settled on.
+    app = web.Application(middlewares=[metrics.middleware(), openai_errors], client_max_size=config.payload_limit)
     app[STARTED_AT] = int(time.time())
+    app[METRICS] = metrics
 
     async def router_channel(app: web.Application) -> AsyncIterator[None]:
         async with grpc.aio.insecure_channel(config.router) as channel:

@@ -11,7 +11,7 @@ from aiohttp import web
 from facade import sse
 from facade.errors import ApiError, from_grpc, invalid
 from facade.openai_chat import FINISH_REASON, ChatResponder, parse_chat
-from facade.state import ROUTER, STARTED_AT
+from facade.state import METRICS, ROUTER, STARTED_AT
 from protos import router_pb2 as pb
 
 
@@ -89,6 +89,16 @@ async def health(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """The facade's metrics followed by the router's (queue, batch, KV blocks, latencies)."""
+    try:
+        router_text = (await request.app[ROUTER].Metrics(pb.MetricsRequest(), timeout=10)).text.encode()
+    except grpc.aio.AioRpcError as exc:
+        raise from_grpc(exc) from exc
+    body = request.app[METRICS].exposition() + router_text
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
 async def _router_info(request: web.Request) -> pb.InfoResponse:
     try:
         return await request.app[ROUTER].Info(pb.InfoRequest(), timeout=10)
@@ -100,4 +110,5 @@ ROUTES = [
     web.post("/v1/chat/completions", chat_completions),
     web.get("/v1/models", models),
     web.get("/health", health),
+    web.get("/metrics", metrics),
 ]
