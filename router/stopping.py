@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from router.tokenization import Detokenizer
+from router.tokenization import Detokenizer, StreamingDetokenizer
 
 
 @dataclass
@@ -23,7 +23,7 @@ class TextStream:
     back, so a stop string is never emitted, even when it straddles tokens.
     """
 
-    detokenizer: Detokenizer
+    detokenizer: Detokenizer | StreamingDetokenizer
     condition: StopCondition
     text: str = ""
     emitted: int = 0

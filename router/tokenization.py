@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from tokenizers.decoders import DecodeStream
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from common.model_source import ModelSource
@@ -24,6 +25,11 @@ class NoChatTemplate(ValueError):
 class Tokenizer:
     hf: PreTrainedTokenizerBase
     eos_token_ids: frozenset[int]
+    special_ids: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        # all_special_ids is recomputed on every access: look it up once.
+        self.special_ids = frozenset(self.hf.all_special_ids)
 
     @classmethod
     def load(cls, source: ModelSource) -> Tokenizer:
@@ -45,10 +51,14 @@ class Tokenizer:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def is_special(self, token_id: int) -> bool:
-        return token_id in self.hf.all_special_ids
+        return token_id in self.special_ids
 
-    def detokenizer(self, prompt_ids: list[int]) -> Detokenizer:
-        return Detokenizer(self.hf, list(prompt_ids[-_DETOKENIZE_CONTEXT:]))
+    def detokenizer(self, prompt_ids: list[int]) -> Detokenizer | StreamingDetokenizer:
+        context = list(prompt_ids[-_DETOKENIZE_CONTEXT:])
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        if backend is not None:
+            return StreamingDetokenizer(backend, DecodeStream(ids=context, skip_special_tokens=True))
+        return Detokenizer(self.hf, context)
 
 
 def _eos_ids(source: ModelSource, hf: PreTrainedTokenizerBase) -> frozenset[int]:
@@ -62,6 +72,17 @@ def _eos_ids(source: ModelSource, hf: PreTrainedTokenizerBase) -> frozenset[int]
     except (OSError, ValueError) as exc:  # a tokenizer-only folder has no model config
         log.warning("no model config for end-of-sequence ids: %s", exc)
     return frozenset(ids)
+
+
+@dataclass
+class StreamingDetokenizer:
+    """Incremental decoding in the Rust tokenizer (fast tokenizers): one call per token."""
+
+    backend: object
+    stream: DecodeStream
+
+    def push(self, token_id: int) -> str:
+        return self.stream.step(self.backend, token_id) or ""
 
 
 @dataclass

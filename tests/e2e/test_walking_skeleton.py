@@ -101,18 +101,20 @@ def test_stream_and_non_stream_agree(stack):
 def test_two_concurrent_streams_share_a_batch(stack, tiny_llama):
     """The second stream starts before the first ends, and both are correct."""
     questions = ["What is a shard?", "Name three colours."]
-    long_tokens = 96
+    lengths = [400, 64]
     events: dict[int, list[float]] = {0: [], 1: []}
     texts: dict[int, str] = {}
+    first_started = asyncio.Event()
 
-    async def consume(i: int, delay: float) -> None:
-        await asyncio.sleep(delay)
+    async def consume(i: int) -> None:
+        if i == 1:
+            await first_started.wait()  # the first stream is generating
         c = openai.AsyncOpenAI(base_url=f"{stack}/v1/", api_key="-")
         parts = []
         stream = await c.chat.completions.create(
             model="tgi",
             messages=chat(questions[i]),
-            max_tokens=long_tokens,
+            max_tokens=lengths[i],
             temperature=0,
             stream=True,
             extra_body={"ignore_eos": True},
@@ -120,17 +122,18 @@ def test_two_concurrent_streams_share_a_batch(stack, tiny_llama):
         async for chunk in stream:
             events[i].append(time.monotonic())
             parts.append(chunk.choices[0].delta.content or "")
+            if len(parts) == 3:
+                first_started.set()
         texts[i] = "".join(parts)
 
     async def both() -> None:
-        await asyncio.gather(consume(0, 0.0), consume(1, 0.3))
+        await asyncio.gather(consume(0), consume(1))
 
     asyncio.run(both())
-    # Interleaved: the second stream's first token came before the first stream's last.
-    assert events[1][0] < events[0][-1]
-    assert events[0][0] < events[1][-1]
+    # Interleaved: the second stream started and finished while the first was still streaming.
+    assert events[0][0] < events[1][0] < events[1][-1] < events[0][-1]
     for i, q in enumerate(questions):
-        assert texts[i] == oracle_text_ignore_eos(tiny_llama, chat(q), long_tokens)
+        assert texts[i] == oracle_text_ignore_eos(tiny_llama, chat(q), lengths[i])
 
 
 def oracle_text_ignore_eos(model_dir, messages, max_new_tokens: int) -> str:
