@@ -113,13 +113,13 @@ def run(rounds: int = 3, streams: int = 64, prompt_len: int = 200, new_tokens: i
 
 
 def report(m: dict[str, float]) -> str:
-    g = m["generate_1"]
+    g, one, many = m["generate_1"], m["engine_1"], m["engine_64"]
     return "\n".join(
         [
             f"engine benchmark (SmolLM2-135M, {m['dtype']}, medians of 3 rounds, same run):",
             f"  transformers generate, 1 request:  {g:8.1f} tok/s",
-            f"  engine decode, 1 sequence:          {m['engine_1']:8.1f} tok/s  ({m['engine_1'] / g:.1f}x; target 3x)",
-            f"  engine decode, 64 sequences:        {m['engine_64']:8.1f} tok/s  ({m['engine_64'] / g:.1f}x; target 25x)",
+            f"  engine decode, 1 sequence:          {one:8.1f} tok/s  ({one / g:.1f}x; target 3x)",
+            f"  engine decode, 64 sequences:        {many:8.1f} tok/s  ({many / g:.1f}x; target 25x)",
             f"  engine prefill, 512-token prompt:   {m['prefill_512']:8.1f} tok/s  (target 2000)",
         ]
     )

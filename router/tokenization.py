@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from tokenizers import Tokenizer as RustTokenizer
 from tokenizers.decoders import DecodeStream
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -78,7 +79,7 @@ def _eos_ids(source: ModelSource, hf: PreTrainedTokenizerBase) -> frozenset[int]
 class StreamingDetokenizer:
     """Incremental decoding in the Rust tokenizer (fast tokenizers): one call per token."""
 
-    backend: object
+    backend: RustTokenizer
     stream: DecodeStream
 
     def push(self, token_id: int) -> str:
