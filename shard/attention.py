@@ -47,7 +47,7 @@ class AttentionGroup:
     packed_rows: torch.Tensor  # [group_tokens] rows of the packed batch, in group order
     query_index: torch.Tensor  # [B, Qmax] packed row of each query (0 for padding)
     valid_rows: torch.Tensor  # [group_tokens] flat indices into [B * Qmax] of real queries
-    context_slots: torch.Tensor  # [B, Lmax] KV slot of each context position (0 for padding)
+    block_table: torch.Tensor  # [B * n_blocks] KV block of each block of context (0 for padding)
     query_pos: torch.Tensor  # [B, Qmax] position of each query
     context_len: torch.Tensor  # [B]
     mask: torch.Tensor  # [B, 1, Qmax, Lmax] True where attention is allowed
@@ -57,7 +57,7 @@ class AttentionGroup:
         if not sliding_window:
             return self.mask
         if sliding_window not in self.windowed:
-            key_pos = torch.arange(self.context_slots.shape[1], device=self.mask.device)
+            key_pos = torch.arange(self.mask.shape[-1], device=self.mask.device)
             near = (self.query_pos[:, :, None] - key_pos[None, None, :]) < sliding_window
             self.windowed[sliding_window] = self.mask & near[:, None]
         return self.windowed[sliding_window]
@@ -93,8 +93,8 @@ def build_step(cache: PagedKVCache, spans: list[SequenceSpan], device: torch.dev
 
 def _build_group(spans: list[SequenceSpan], starts: list[int], block_size: int, device: torch.device) -> AttentionGroup:
     q_max = max(s.query_len for s in spans)
-    l_max = max(s.cached_len + s.query_len for s in spans)
-    n_blocks = -(-l_max // block_size)
+    n_blocks = -(-max(s.cached_len + s.query_len for s in spans) // block_size)
+    l_max = n_blocks * block_size  # context is gathered whole blocks at a time
     batch = len(spans)
     query_index = torch.zeros(batch, q_max, dtype=torch.long)
     query_pos = torch.zeros(batch, q_max, dtype=torch.long)
@@ -109,10 +109,6 @@ def _build_group(spans: list[SequenceSpan], starts: list[int], block_size: int, 
         used = span.blocks[: -(-total // block_size)]
         block_table[b, : len(used)] = torch.tensor(used, dtype=torch.long)
         context_len[b] = total
-    # context_slots: [B, Lmax] slot of every context position (block 0 beyond a
-    # sequence's end; masked out below).
-    offsets = torch.arange(block_size)
-    context_slots = (block_table[:, :, None] * block_size + offsets).reshape(batch, -1)[:, :l_max]
     key_pos = torch.arange(l_max)
     mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & valid[:, :, None]
     # Padding queries attend to position 0 so that no softmax row is empty (no NaN);
@@ -123,7 +119,7 @@ def _build_group(spans: list[SequenceSpan], starts: list[int], block_size: int, 
         packed_rows=query_index.flatten()[valid_rows].to(device),
         query_index=query_index.to(device),
         valid_rows=valid_rows.to(device),
-        context_slots=context_slots.to(device),
+        block_table=block_table.flatten().to(device),
         query_pos=query_pos.to(device),
         context_len=context_len.to(device),
         mask=mask[:, None].to(device),
@@ -168,9 +164,8 @@ def _attend_group(
     batch, q_max = group.query_index.shape
     heads, head_dim = q.shape[1], q.shape[2]
     gq = q[group.query_index].transpose(1, 2)  # [B, heads, Qmax, head_dim]
-    gk = cache.keys[layer][group.context_slots].transpose(1, 2)  # [B, kv_heads, Lmax, head_dim]
-    gv = cache.values[layer][group.context_slots].transpose(1, 2)
-    gk, gv = gk.to(gq.dtype), gv.to(gq.dtype)
+    gk, gv = cache.gather(layer, group.block_table, batch)  # [B, Lmax, kv_heads, head_dim]
+    gk, gv = gk.transpose(1, 2).to(gq.dtype), gv.transpose(1, 2).to(gq.dtype)  # [B, kv_heads, Lmax, head_dim]
     attn = F.scaled_dot_product_attention(
         gq,
         gk,
