@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -76,11 +77,8 @@ def _fit_to_cache(config: RouterConfig, limits: Limits, capacity: int) -> Limits
     if config.max_total_tokens:
         raise SystemExit(f"MAX_TOTAL_TOKENS={config.max_total_tokens} exceeds the {capacity} KV tokens allocated")
     log.warning("max_total_tokens lowered to the KV cache's %d tokens", capacity)
-    return Limits(
-        min(limits.max_input_tokens, capacity - 1),
-        capacity,
-        limits.max_batch_prefill_tokens,
-        limits.max_batch_size,
+    return dataclasses.replace(
+        limits, max_input_tokens=min(limits.max_input_tokens, capacity - 1), max_total_tokens=capacity
     )
 
 

@@ -43,6 +43,11 @@ class Limits:
     max_total_tokens: int
     max_batch_prefill_tokens: int
     max_batch_size: int
+    #: New arrivals join a running batch once at least ``ratio * batch size`` of
+    #: them wait (TGI's WAITING_SERVED_RATIO) ...
+    waiting_served_ratio: float = 0.0
+    #: ... or once this many decode steps ran without them (MAX_WAITING_TOKENS).
+    max_waiting_tokens: int = 0
 
     @classmethod
     def resolve(cls, config: RouterConfig, max_positions: int) -> Limits:
@@ -53,7 +58,9 @@ class Limits:
         if inputs >= total:
             raise SystemExit(f"MAX_INPUT_TOKENS={inputs} must be below MAX_TOTAL_TOKENS={total}")
         prefill = config.max_batch_prefill_tokens or max(inputs, 4096)
-        return cls(inputs, total, prefill, config.max_batch_size)
+        return cls(
+            inputs, total, prefill, config.max_batch_size, config.waiting_served_ratio, config.max_waiting_tokens
+        )
 
 
 def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> RouterConfig:

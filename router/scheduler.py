@@ -50,6 +50,7 @@ class Scheduler:
         self.active: list[Request] = []  # in the shard batch, in admission order
         self.batch_id = 1
         self._shard_members: list[int] = []
+        self._decodes_since_admission = 0
         self._wake = asyncio.Event()
 
     # --- called by the API ------------------------------------------------------
@@ -110,6 +111,7 @@ class Scheduler:
     async def _decode(self, extensions: dict[int, list[int]]) -> None:
         started = time.perf_counter()
         answer = await self.shards.decode([self.batch_id], extensions)
+        self._decodes_since_admission += 1
         self._observe_step("decode", started, answer)
         self._shard_members = answer.request_ids
         self._postprocess(answer.generations)
@@ -127,6 +129,9 @@ class Scheduler:
                     return items
                 items.append(item)
                 budget -= item.chunk_len
+        if not self._admission_due():
+            return items
+        self._decodes_since_admission = 0
         while self.waiting and budget > 0 and len(self.active) < self.limits.max_batch_size:
             item = self._admit(self.waiting[0], budget)
             if item is None:
@@ -138,6 +143,21 @@ class Scheduler:
             items.append(item)
             budget -= item.chunk_len
         return items
+
+    def _admission_due(self) -> bool:
+        """TGI's policy for interrupting decode with a prefill of new arrivals.
+
+        With nothing decoding, admit at once. Otherwise wait until enough
+        requests queue up (``waiting_served_ratio`` times the running batch) or
+        enough decode steps ran without them (``max_waiting_tokens``), so that
+        a trickle of arrivals does not slow every running stream at each step.
+        """
+        if not self.waiting:
+            return False
+        decoding = sum(1 for r in self.active if r.phase is Phase.DECODING)
+        if decoding == 0 or self._decodes_since_admission >= self.limits.max_waiting_tokens:
+            return True
+        return len(self.waiting) >= int(decoding * self.limits.waiting_served_ratio)
 
     def _admit(self, r: Request, budget: int) -> PrefillItem | None:
         """The first chunk of a queued request, after taking what the prefix cache holds."""

@@ -25,11 +25,10 @@ class Sequence:
     params: SamplingParams
     #: Tokens sampled so far; the index of the next one in the random stream.
     sampled: int
-
-    @property
-    def pending(self) -> int:
-        """Tokens known but not yet in the KV cache."""
-        return len(self.token_ids) - self.computed
+    #: True once the prompt is fully computed and a sampled token awaits its KV:
+    #: from then on Decode advances it. (One prompt token left to compute is not
+    #: the same thing: that is still a prefill chunk.)
+    decoding: bool = False
 
 
 class BatchStore:

@@ -111,7 +111,7 @@ class Engine:
             seq.blocks.extend(extensions.get(seq.request_id, []))
         self._check_blocks([b for seq in members for b in extensions.get(seq.request_id, [])])
         # Sequences still mid-prompt (chunked prefill) advance through Prefill only.
-        work = [(seq, 1) for seq in members if seq.pending == 1]
+        work = [(seq, 1) for seq in members if seq.decoding]
         return self._result(batch_id, *self._timed_run(work))
 
     def filter(self, batch_id: int, keep: list[int]) -> StepResult:
@@ -226,6 +226,7 @@ class Engine:
         for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist(), strict=True):
             seq.token_ids.append(token)
             seq.sampled += 1
+            seq.decoding = True
             result.append(Generation(seq.request_id, token, logprob))
         return result
 

@@ -59,7 +59,7 @@ class FakeEngine:
         members = self.store.members(batch_id)
         for seq in members:
             seq.blocks.extend(extensions.get(seq.request_id, []))
-        work = [(seq, 1) for seq in members if seq.pending == 1]
+        work = [(seq, 1) for seq in members if seq.decoding]
         self.steps.append(("decode", len(work), len(work)))
         return self._result(batch_id, self._run(work))
 
@@ -96,6 +96,7 @@ class FakeEngine:
                 token = next_token(seq.token_ids, seq.params.seed)
                 seq.token_ids.append(token)
                 seq.sampled += 1
+                seq.decoding = True
                 generations.append(Generation(seq.request_id, token, -1.0))
         return generations
 

@@ -63,6 +63,8 @@ async def fake_router(
     max_batch_size: int = 8,
     max_total_tokens: int = 200,
     verify: bool = True,
+    waiting_served_ratio: float = 0.0,
+    max_waiting_tokens: int = 0,
 ) -> AsyncIterator[Harness]:
     engine = FakeEngine(num_blocks, block_size, verify=verify)
     config = ShardConfig(None, None, "cpu", 0, 1, str(sockets / "shard"), None, block_size, 0.1)
@@ -70,7 +72,14 @@ async def fake_router(
     await server.start()
     shards = await ShardClient.connect(config.address, timeout=10)
     try:
-        limits = Limits(max_total_tokens - 1, max_total_tokens, max_batch_prefill_tokens, max_batch_size)
+        limits = Limits(
+            max_total_tokens - 1,
+            max_total_tokens,
+            max_batch_prefill_tokens,
+            max_batch_size,
+            waiting_served_ratio,
+            max_waiting_tokens,
+        )
         allocator = BlockAllocator(num_blocks, block_size)
         scheduler = Scheduler(shards, allocator, limits, tokenizer)
         validator = Validator(tokenizer, limits, max_stop_sequences=4)

@@ -181,3 +181,26 @@ async def test_many_concurrent_streams_finish_with_no_blocks_in_use(tokenizer, t
         loop.cancel()
         assert all(r.generated == expected_tokens(r) for r in requests)
         assert h.scheduler.allocator.used_blocks == 0
+
+
+async def test_arrivals_wait_for_the_ratio_or_max_waiting_tokens(tokenizer, tmp_path):
+    async with fake_router(tokenizer, tmp_path, waiting_served_ratio=1.2, max_waiting_tokens=3) as h:
+        s = h.scheduler
+        running = [h.request(f"runner {i}", max_new_tokens=50) for i in range(2)]
+        for r in running:
+            s.submit(r)
+        await s.step()  # nothing was decoding: admitted at once
+        assert all(r.phase is Phase.DECODING for r in running)
+        late = h.request("late arrival", max_new_tokens=5)
+        s.submit(late)
+        waited = 0
+        while late.phase is Phase.WAITING:  # 1 waiting < 1.2 * 2 running: decode goes on without it
+            await s.step()
+            waited += 1
+        # ... until max_waiting_tokens (3) decode steps ran since the last admission.
+        assert waited == 2 + 1  # two steps of pure decode, admitted at the third
+        crowd = [h.request(f"crowd {i}", max_new_tokens=5) for i in range(4)]
+        for r in crowd:
+            s.submit(r)
+        await s.step()  # 4 waiting >= 1.2 * 3 running: admitted at the next step
+        assert all(r.phase is not Phase.WAITING for r in crowd)

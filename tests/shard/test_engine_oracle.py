@@ -19,7 +19,7 @@ NEW_TOKENS = 12
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog because",
-    "Hi",
+    "Hi there",
     "In the beginning the universe was created. This has made a lot of people very angry and been widely "
     "regarded as a bad move.",
 ]
@@ -36,7 +36,10 @@ def _run_mixed_batch(driver: Driver, prompts: list[list[int]]) -> list[Tracked]:
     half = len(c.prompt) // 2
     driver.prefill([(c, half)])
     driver.decode()  # C is mid-prompt: only A and B advance
-    driver.prefill([(c, len(c.prompt) - half)])
+    driver.prefill([(c, len(c.prompt) - half - 1)])
+    driver.decode()  # one prompt token of C left: still a prefill, not a decode
+    assert not c.tokens
+    driver.prefill([(c, 1)])
     while any(len(t.tokens) < NEW_TOKENS for t in (a, b, c)):
         for t in (a, b, c):
             if len(t.tokens) >= NEW_TOKENS and t.request_id in driver.live:
