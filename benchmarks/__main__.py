@@ -1,0 +1,26 @@
+"""``make bench``: every benchmark, each comparing figures measured side by side in one run."""
+
+from __future__ import annotations
+
+from benchmarks import engine, router_overhead, stack_load
+
+
+def main() -> None:
+    r = router_overhead.run()
+    print(
+        f"router overhead: {r['median_tokens_per_s']:.0f} generated tokens/s across {r['streams']:.0f} streams "
+        "with an instant shard (median of 3; target >= 20000)",
+        flush=True,
+    )
+    print(engine.report(engine.run()), flush=True)
+    s = stack_load.run()
+    print(
+        f"stack load: {s['streams']:.0f} concurrent streams, {s['failures']:.0f} failures, "
+        f"{s['tokens_per_s']:.0f} tokens/s, TTFT p50 {s['ttft_p50_s']:.2f}s, "
+        f"KV blocks in use afterwards: {s['kv_blocks_used_after']:.0f}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
