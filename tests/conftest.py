@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> callable:
+def tiny_model_dir(tmp_path_factory) -> Callable[[str], Path]:
     built: dict[str, Path] = {}
 
     def build(kind: str) -> Path:

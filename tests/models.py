@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -21,7 +22,7 @@ from common.model_source import resolve_model
 SMOLLM = resolve_model(None)
 _VOCAB = 49152  # SmolLM2's tokenizer
 
-_COMMON = dict(
+_COMMON: dict[str, Any] = dict(
     vocab_size=_VOCAB,
     hidden_size=64,
     intermediate_size=128,

@@ -99,7 +99,7 @@ async def test_shard_failure_fails_requests_and_keeps_serving(tokenizer, tmp_pat
             h.engine.fail_next_step = True
             doomed = h.request("first", max_new_tokens=50)
             h.scheduler.submit(doomed)
-            events = []
+            events: list = []
             while not events or (events[-1].error is None and events[-1].finish_reason is None):
                 events.append(await asyncio.wait_for(doomed.events.get(), 5))
             assert events[-1].error is not None and "shard failed" in str(events[-1].error)
