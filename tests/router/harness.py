@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from protos import router_pb2 as pb
 from router.blocks import BlockAllocator
@@ -65,8 +66,10 @@ async def fake_router(
     verify: bool = True,
     waiting_served_ratio: float = 0.0,
     max_waiting_tokens: int = 0,
+    engine: Any = None,
 ) -> AsyncIterator[Harness]:
-    engine = FakeEngine(num_blocks, block_size, verify=verify)
+    """The router over a shard server running ``engine`` (a FakeEngine unless given)."""
+    engine = engine or FakeEngine(num_blocks, block_size, verify=verify)
     config = ShardConfig(None, None, "cpu", 0, 1, str(sockets / "shard"), None, block_size, 0.1)
     server = create_server(ShardServicer(engine, config, "fake", "FakeForCausalLM"), config.address)  # type: ignore[arg-type]
     await server.start()
