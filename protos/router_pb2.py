@@ -24,47 +24,59 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/router.proto\x12\x14switchyard.router.v1\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\";\n\x04\x43hat\x12\x33\n\x08messages\x18\x01 \x03(\x0b\x32!.switchyard.router.v1.ChatMessage\"\xd5\x01\n\x14GenerationParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\rH\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x11\n\x0f_max_new_tokens\"\x98\x01\n\x0fGenerateRequest\x12*\n\x04\x63hat\x18\x01 \x01(\x0b\x32\x1a.switchyard.router.v1.ChatH\x00\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12>\n\nparameters\x18\x03 \x01(\x0b\x32*.switchyard.router.v1.GenerationParametersB\x07\n\x05input\"5\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0f\n\x07special\x18\x03 \x01(\x08\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xb4\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x39\n\rfinish_reason\x18\x02 \x01(\x0e\x32\".switchyard.router.v1.FinishReason\x12*\n\x05usage\x18\x03 \x01(\x0b\x32\x1b.switchyard.router.v1.Usage\x12+\n\x06tokens\x18\x04 \x03(\x0b\x32\x1b.switchyard.router.v1.Token\"\xba\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x06tokens\x18\x02 \x03(\x0b\x32\x1b.switchyard.router.v1.Token\x12\x39\n\rfinish_reason\x18\x03 \x01(\x0e\x32\".switchyard.router.v1.FinishReason\x12*\n\x05usage\x18\x04 \x01(\x0b\x32\x1b.switchyard.router.v1.Usage\"X\n\x0fTokenizeRequest\x12*\n\x04\x63hat\x18\x01 \x01(\x0b\x32\x1a.switchyard.router.v1.ChatH\x00\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x42\x07\n\x05input\"-\n\x10TokenizeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"\r\n\x0bInfoRequest\"\x8b\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tnum_shard\x18\x04 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x05 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x06 \x01(\r\x12\x1f\n\x17max_concurrent_requests\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x1e\n\x16max_batch_total_tokens\x18\t \x01(\x04\x12\x19\n\x11has_chat_template\x18\n \x01(\x08\x12\x0f\n\x07version\x18\x0b \x01(\t\"\x0f\n\rHealthRequest\"\x10\n\x0eHealthResponse\"\x10\n\x0eMetricsRequest\"\x1f\n\x0fMetricsResponse\x12\x0c\n\x04text\x18\x01 \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xa3\x04\n\x06Router\x12Y\n\x08Generate\x12%.switchyard.router.v1.GenerateRequest\x1a&.switchyard.router.v1.GenerateResponse\x12g\n\x0eGenerateStream\x12%.switchyard.router.v1.GenerateRequest\x1a,.switchyard.router.v1.GenerateStreamResponse0\x01\x12Y\n\x08Tokenize\x12%.switchyard.router.v1.TokenizeRequest\x1a&.switchyard.router.v1.TokenizeResponse\x12M\n\x04Info\x12!.switchyard.router.v1.InfoRequest\x1a\".switchyard.router.v1.InfoResponse\x12S\n\x06Health\x12#.switchyard.router.v1.HealthRequest\x1a$.switchyard.router.v1.HealthResponse\x12V\n\x07Metrics\x12$.switchyard.router.v1.MetricsRequest\x1a%.switchyard.router.v1.MetricsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/router.proto\x12\x14switchyard.router.v1\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\";\n\x04\x43hat\x12\x33\n\x08messages\x18\x01 \x03(\x0b\x32!.switchyard.router.v1.ChatMessage\"\xb8\x04\n\x14GenerationParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\rH\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\r\n\x05min_p\x18\x08 \x01(\x02\x12\x16\n\ttypical_p\x18\t \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12M\n\nlogit_bias\x18\r \x03(\x0b\x32\x39.switchyard.router.v1.GenerationParameters.LogitBiasEntry\x12\x14\n\x0ctop_n_tokens\x18\x0e \x01(\r\x12\x16\n\x0emin_new_tokens\x18\x0f \x01(\r\x12\x10\n\x08logprobs\x18\x10 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x11\n\x0f_max_new_tokensB\x0c\n\n_typical_pB\x15\n\x13_repetition_penalty\"\xce\x01\n\x0fGenerateRequest\x12*\n\x04\x63hat\x18\x01 \x01(\x0b\x32\x1a.switchyard.router.v1.ChatH\x00\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x34\n\nprompt_ids\x18\x04 \x01(\x0b\x32\x1e.switchyard.router.v1.TokenIdsH\x00\x12>\n\nparameters\x18\x03 \x01(\x0b\x32*.switchyard.router.v1.GenerationParametersB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"p\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0f\n\x07special\x18\x03 \x01(\x08\x12\x0c\n\x04text\x18\x04 \x01(\t\x12+\n\x03top\x18\x05 \x03(\x0b\x32\x1e.switchyard.router.v1.TopToken\"5\n\x08TopToken\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xb4\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x39\n\rfinish_reason\x18\x02 \x01(\x0e\x32\".switchyard.router.v1.FinishReason\x12*\n\x05usage\x18\x03 \x01(\x0b\x32\x1b.switchyard.router.v1.Usage\x12+\n\x06tokens\x18\x04 \x03(\x0b\x32\x1b.switchyard.router.v1.Token\"\xba\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x06tokens\x18\x02 \x03(\x0b\x32\x1b.switchyard.router.v1.Token\x12\x39\n\rfinish_reason\x18\x03 \x01(\x0e\x32\".switchyard.router.v1.FinishReason\x12*\n\x05usage\x18\x04 \x01(\x0b\x32\x1b.switchyard.router.v1.Usage\"X\n\x0fTokenizeRequest\x12*\n\x04\x63hat\x18\x01 \x01(\x0b\x32\x1a.switchyard.router.v1.ChatH\x00\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x42\x07\n\x05input\"-\n\x10TokenizeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"=\n\x11\x44\x65tokenizeRequest\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\r\n\x0bInfoRequest\"\xc1\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tnum_shard\x18\x04 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x05 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x06 \x01(\r\x12\x1f\n\x17max_concurrent_requests\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x1e\n\x16max_batch_total_tokens\x18\t \x01(\x04\x12\x19\n\x11has_chat_template\x18\n \x01(\x08\x12\x0f\n\x07version\x18\x0b \x01(\t\x12\x18\n\x10max_top_n_tokens\x18\x0c \x01(\r\x12\x1a\n\x12max_stop_sequences\x18\r \x01(\r\"\x0f\n\rHealthRequest\"\x10\n\x0eHealthResponse\"\x10\n\x0eMetricsRequest\"\x1f\n\x0fMetricsResponse\x12\x0c\n\x04text\x18\x01 \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\x84\x05\n\x06Router\x12Y\n\x08Generate\x12%.switchyard.router.v1.GenerateRequest\x1a&.switchyard.router.v1.GenerateResponse\x12g\n\x0eGenerateStream\x12%.switchyard.router.v1.GenerateRequest\x1a,.switchyard.router.v1.GenerateStreamResponse0\x01\x12Y\n\x08Tokenize\x12%.switchyard.router.v1.TokenizeRequest\x1a&.switchyard.router.v1.TokenizeResponse\x12_\n\nDetokenize\x12\'.switchyard.router.v1.DetokenizeRequest\x1a(.switchyard.router.v1.DetokenizeResponse\x12M\n\x04Info\x12!.switchyard.router.v1.InfoRequest\x1a\".switchyard.router.v1.InfoResponse\x12S\n\x06Health\x12#.switchyard.router.v1.HealthRequest\x1a$.switchyard.router.v1.HealthResponse\x12V\n\x07Metrics\x12$.switchyard.router.v1.MetricsRequest\x1a%.switchyard.router.v1.MetricsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1531
-  _globals['_FINISHREASON']._serialized_end=1626
+  _globals['_GENERATIONPARAMETERS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATIONPARAMETERS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=2232
+  _globals['_FINISHREASON']._serialized_end=2327
   _globals['_CHATMESSAGE']._serialized_start=45
   _globals['_CHATMESSAGE']._serialized_end=103
   _globals['_CHAT']._serialized_start=105
   _globals['_CHAT']._serialized_end=164
   _globals['_GENERATIONPARAMETERS']._serialized_start=167
-  _globals['_GENERATIONPARAMETERS']._serialized_end=380
-  _globals['_GENERATEREQUEST']._serialized_start=383
-  _globals['_GENERATEREQUEST']._serialized_end=535
-  _globals['_TOKEN']._serialized_start=537
-  _globals['_TOKEN']._serialized_end=590
-  _globals['_USAGE']._serialized_start=592
-  _globals['_USAGE']._serialized_end=649
-  _globals['_GENERATERESPONSE']._serialized_start=652
-  _globals['_GENERATERESPONSE']._serialized_end=832
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=835
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1021
-  _globals['_TOKENIZEREQUEST']._serialized_start=1023
-  _globals['_TOKENIZEREQUEST']._serialized_end=1111
-  _globals['_TOKENIZERESPONSE']._serialized_start=1113
-  _globals['_TOKENIZERESPONSE']._serialized_end=1158
-  _globals['_INFOREQUEST']._serialized_start=1160
-  _globals['_INFOREQUEST']._serialized_end=1173
-  _globals['_INFORESPONSE']._serialized_start=1176
-  _globals['_INFORESPONSE']._serialized_end=1443
-  _globals['_HEALTHREQUEST']._serialized_start=1445
-  _globals['_HEALTHREQUEST']._serialized_end=1460
-  _globals['_HEALTHRESPONSE']._serialized_start=1462
-  _globals['_HEALTHRESPONSE']._serialized_end=1478
-  _globals['_METRICSREQUEST']._serialized_start=1480
-  _globals['_METRICSREQUEST']._serialized_end=1496
-  _globals['_METRICSRESPONSE']._serialized_start=1498
-  _globals['_METRICSRESPONSE']._serialized_end=1529
-  _globals['_ROUTER']._serialized_start=1629
-  _globals['_ROUTER']._serialized_end=2176
+  _globals['_GENERATIONPARAMETERS']._serialized_end=735
+  _globals['_GENERATIONPARAMETERS_LOGITBIASENTRY']._serialized_start=602
+  _globals['_GENERATIONPARAMETERS_LOGITBIASENTRY']._serialized_end=650
+  _globals['_GENERATEREQUEST']._serialized_start=738
+  _globals['_GENERATEREQUEST']._serialized_end=944
+  _globals['_TOKENIDS']._serialized_start=946
+  _globals['_TOKENIDS']._serialized_end=969
+  _globals['_TOKEN']._serialized_start=971
+  _globals['_TOKEN']._serialized_end=1083
+  _globals['_TOPTOKEN']._serialized_start=1085
+  _globals['_TOPTOKEN']._serialized_end=1138
+  _globals['_USAGE']._serialized_start=1140
+  _globals['_USAGE']._serialized_end=1197
+  _globals['_GENERATERESPONSE']._serialized_start=1200
+  _globals['_GENERATERESPONSE']._serialized_end=1380
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1383
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1569
+  _globals['_TOKENIZEREQUEST']._serialized_start=1571
+  _globals['_TOKENIZEREQUEST']._serialized_end=1659
+  _globals['_TOKENIZERESPONSE']._serialized_start=1661
+  _globals['_TOKENIZERESPONSE']._serialized_end=1706
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1708
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1769
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1771
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1805
+  _globals['_INFOREQUEST']._serialized_start=1807
+  _globals['_INFOREQUEST']._serialized_end=1820
+  _globals['_INFORESPONSE']._serialized_start=1823
+  _globals['_INFORESPONSE']._serialized_end=2144
+  _globals['_HEALTHREQUEST']._serialized_start=2146
+  _globals['_HEALTHREQUEST']._serialized_end=2161
+  _globals['_HEALTHRESPONSE']._serialized_start=2163
+  _globals['_HEALTHRESPONSE']._serialized_end=2179
+  _globals['_METRICSREQUEST']._serialized_start=2181
+  _globals['_METRICSREQUEST']._serialized_end=2197
+  _globals['_METRICSRESPONSE']._serialized_start=2199
+  _globals['_METRICSRESPONSE']._serialized_end=2230
+  _globals['_ROUTER']._serialized_start=2330
+  _globals['_ROUTER']._serialized_end=2974
 # @@protoc_insertion_point(module_scope)

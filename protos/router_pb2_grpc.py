@@ -49,6 +49,11 @@ class RouterStub:
                 request_serializer=protos_dot_router__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=protos_dot_router__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/switchyard.router.v1.Router/Detokenize',
+                request_serializer=protos_dot_router__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=protos_dot_router__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/switchyard.router.v1.Router/Info',
                 request_serializer=protos_dot_router__pb2.InfoRequest.SerializeToString,
@@ -85,6 +90,13 @@ class RouterServicer:
 
     def Tokenize(self, request, context):
         """/ Tokenizes a prompt or a chat, as Generate would.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """/ Turns token ids back into text.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,6 +140,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=protos_dot_router__pb2.TokenizeRequest.FromString,
                     response_serializer=protos_dot_router__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=protos_dot_router__pb2.DetokenizeRequest.FromString,
+                    response_serializer=protos_dot_router__pb2.DetokenizeResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -226,6 +243,33 @@ class Router:
             '/switchyard.router.v1.Router/Tokenize',
             protos_dot_router__pb2.TokenizeRequest.SerializeToString,
             protos_dot_router__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.router.v1.Router/Detokenize',
+            protos_dot_router__pb2.DetokenizeRequest.SerializeToString,
+            protos_dot_router__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,7 +47,7 @@ async def serve(config: RouterConfig) -> None:
     )
     allocator = BlockAllocator(warm.num_blocks, warm.block_size)
     scheduler = Scheduler(shards, allocator, limits, tokenizer, RouterMetrics())
-    validator = Validator(tokenizer, limits, config.max_stop_sequences)
+    validator = Validator(tokenizer, limits, config.max_stop_sequences, config.max_top_n_tokens, info.vocab_size)
     model = ServedModel(
         source.display_name,
         info.dtype,

@@ -26,6 +26,7 @@ class RouterConfig:
     max_batch_size: int
     max_concurrent_requests: int
     max_stop_sequences: int
+    max_top_n_tokens: int
     waiting_served_ratio: float
     max_waiting_tokens: int
 
@@ -88,6 +89,7 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> RouterCo
         default=env_int(env, "MAX_CONCURRENT_REQUESTS", default=128),
     )
     p.add_argument("--max-stop-sequences", type=int, default=env_int(env, "MAX_STOP_SEQUENCES", default=4))
+    p.add_argument("--max-top-n-tokens", type=int, default=env_int(env, "MAX_TOP_N_TOKENS", default=20))
     p.add_argument(
         "--waiting-served-ratio",
         type=float,
@@ -110,6 +112,7 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> RouterCo
         max_batch_size=a.max_batch_size,
         max_concurrent_requests=a.max_concurrent_requests,
         max_stop_sequences=a.max_stop_sequences,
+        max_top_n_tokens=a.max_top_n_tokens,
         waiting_served_ratio=a.waiting_served_ratio,
         max_waiting_tokens=a.max_waiting_tokens,
     )

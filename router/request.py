@@ -13,10 +13,21 @@ from router.stopping import TextStream
 
 @dataclass(frozen=True)
 class Sampling:
+    """How the shard picks tokens (see shard.proto SamplingParameters)."""
+
     temperature: float
     top_p: float
     top_k: int
     seed: int
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    top_n_tokens: int = 0
+    min_tokens: int = 0
+    eos_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -24,6 +35,10 @@ class TokenInfo:
     id: int
     logprob: float
     special: bool
+    #: The token decoded alone; filled only for requests that asked for logprobs.
+    text: str = ""
+    #: (id, logprob, text) of the most likely alternatives.
+    top: tuple[tuple[int, float, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,8 @@ class Request:
     chain: Chain = NEW_CHAIN
     #: Off for requests that need every prompt position computed (prompt logprobs).
     use_prefix_cache: bool = True
+    #: Whether events carry each token's text and alternatives (OpenAI logprobs).
+    want_logprobs: bool = False
     arrived_at: float = field(default_factory=time.monotonic)
     last_token_at: float | None = None
 

@@ -224,7 +224,7 @@ class Scheduler:
             r.phase = Phase.DECODING
             self._observe_token(r, now)
             text = r.stream.push(g.token_id)
-            token = TokenInfo(g.token_id, g.logprob, self.tokenizer.is_special(g.token_id))
+            token = self._token_info(r, g)
             finish = r.stream.finish
             if finish is None and len(r.token_ids) >= self.limits.max_total_tokens:
                 finish = "length"
@@ -233,6 +233,14 @@ class Scheduler:
                 self._finish(r, finish)
             else:
                 r.events.put_nowait(StreamEvent(text, (token,)))
+
+    def _token_info(self, r: Request, g: ShardGeneration) -> TokenInfo:
+        special = self.tokenizer.is_special(g.token_id)
+        if not r.want_logprobs:
+            return TokenInfo(g.token_id, g.logprob, special)
+        text = self.tokenizer.token_text
+        top = tuple((t, lp, text(t)) for t, lp in g.top)
+        return TokenInfo(g.token_id, g.logprob, special, text(g.token_id), top)
 
     def _finish(self, r: Request, outcome: str) -> None:
         r.phase = Phase.FINISHED

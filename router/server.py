@@ -103,6 +103,13 @@ class RouterServicer(pb_grpc.RouterServicer):
         ids, text = self.validator.prompt_ids(request)
         return pb.TokenizeResponse(ids=ids, text=text)
 
+    async def Detokenize(self, request, context):
+        ids = list(request.ids)
+        vocab = self.validator.vocab_size
+        if ids and max(ids) >= vocab:
+            raise ServiceError(f"token ids must be below {vocab}", "ids", grpc.StatusCode.INVALID_ARGUMENT)
+        return pb.DetokenizeResponse(text=self.validator.tokenizer.decode(ids, request.skip_special_tokens))
+
     async def Info(self, request, context):
         limits = self.validator.limits
         return pb.InfoResponse(
@@ -117,6 +124,8 @@ class RouterServicer(pb_grpc.RouterServicer):
             max_batch_total_tokens=self.model.max_batch_total_tokens,
             has_chat_template=self.validator.tokenizer.has_chat_template,
             version=VERSION,
+            max_top_n_tokens=self.validator.max_top_n_tokens,
+            max_stop_sequences=self.validator.max_stop_sequences,
         )
 
     async def Health(self, request, context):
@@ -149,7 +158,8 @@ def _coalesce(first: StreamEvent, queue: asyncio.Queue[StreamEvent]) -> StreamEv
 
 
 def _token_pb(t) -> pb.Token:  # type: ignore[no-untyped-def]
-    return pb.Token(id=t.id, logprob=t.logprob, special=t.special)
+    top = [pb.TopToken(id=i, logprob=lp, text=text) for i, lp, text in t.top]
+    return pb.Token(id=t.id, logprob=t.logprob, special=t.special, text=t.text, top=top)
 
 
 def create_server(servicer: RouterServicer, address: str) -> grpc.aio.Server:

@@ -17,6 +17,7 @@ class ShardGeneration:
     request_id: int
     token_id: int
     logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -112,11 +113,28 @@ def _request_pb(item: PrefillItem) -> pb.Request:
         cache_len=item.cache_len,
         chunk_len=item.chunk_len,
         blocks=r.blocks,
-        parameters=pb.SamplingParameters(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed),
+        parameters=pb.SamplingParameters(
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            seed=s.seed,
+            min_p=s.min_p,
+            typical_p=s.typical_p,
+            repetition_penalty=s.repetition_penalty,
+            frequency_penalty=s.frequency_penalty,
+            presence_penalty=s.presence_penalty,
+            logit_bias=dict(s.logit_bias),
+            top_n_tokens=s.top_n_tokens,
+            min_tokens=s.min_tokens,
+            eos_token_ids=s.eos_token_ids,
+        ),
         sampled_before=len(r.generated),
     )
 
 
 def _step_answer(answer) -> StepAnswer:  # type: ignore[no-untyped-def]
-    generations = [ShardGeneration(g.request_id, g.token_id, g.logprob) for g in answer.generations]
+    generations = [
+        ShardGeneration(g.request_id, g.token_id, g.logprob, tuple((t.token_id, t.logprob) for t in g.top_tokens))
+        for g in answer.generations
+    ]
     return StepAnswer(generations, list(answer.batch.request_ids), answer.forward_ns)

@@ -51,6 +51,13 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
+    def token_text(self, token_id: int) -> str:
+        """One token decoded alone, special tokens included (as OpenAI's logprobs show them)."""
+        return str(self.hf.decode([token_id], skip_special_tokens=False))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return str(self.hf.decode(ids, skip_special_tokens=skip_special_tokens))
+
     def is_special(self, token_id: int) -> bool:
         return token_id in self.special_ids
 

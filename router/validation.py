@@ -26,6 +26,9 @@ class Validator:
     tokenizer: Tokenizer
     limits: Limits
     max_stop_sequences: int
+    max_top_n_tokens: int = 20
+    #: Width of the model's logits: token ids must be below it.
+    vocab_size: int = 1 << 31
 
     def prompt_ids(self, request: pb.GenerateRequest | pb.TokenizeRequest) -> tuple[list[int], str]:
         """Token ids and text of the prompt (a rendered chat or raw text)."""
@@ -35,7 +38,14 @@ class Validator:
             return self.tokenizer.encode(text, add_special_tokens=False), text
         if kind == "prompt" and request.prompt:
             return self.tokenizer.encode(request.prompt, add_special_tokens=True), request.prompt
-        raise ValidationError("a request needs a non-empty chat or prompt", param="messages")
+        if kind == "prompt_ids" and isinstance(request, pb.GenerateRequest) and request.prompt_ids.ids:
+            ids = list(request.prompt_ids.ids)
+            if max(ids) >= self.vocab_size:
+                raise ValidationError(f"token ids must be below the vocabulary size {self.vocab_size}", "prompt")
+            return ids, self.tokenizer.decode(ids, skip_special_tokens=False)
+        raise ValidationError(
+            "a request needs a non-empty chat or prompt", param="messages" if kind == "chat" else "prompt"
+        )
 
     def _render(self, chat: pb.Chat) -> str:
         if not chat.messages:
@@ -70,16 +80,44 @@ class Validator:
             raise ValidationError("stop sequences must not be empty", param="stop")
         condition = StopCondition(self.tokenizer.eos_token_ids, max_new, tuple(stops), p.ignore_eos)
         stream = TextStream(self.tokenizer.detokenizer(ids), condition)
-        return Request(id=request_id, prompt_ids=ids, sampling=sampling, stream=stream)
+        return Request(id=request_id, prompt_ids=ids, sampling=sampling, stream=stream, want_logprobs=p.logprobs)
 
     def _sampling(self, p: pb.GenerationParameters) -> Sampling:
-        if not 0.0 <= p.temperature <= 2.0:
-            raise ValidationError(f"temperature must be in [0, 2], got {p.temperature}", param="temperature")
+        _check_range("temperature", p.temperature, 0.0, 2.0)
         top_p = p.top_p if p.HasField("top_p") else 1.0
         if not 0.0 < top_p <= 1.0:
             raise ValidationError(f"top_p must be in (0, 1], got {top_p}", param="top_p")
+        typical_p = p.typical_p if p.HasField("typical_p") else 1.0
+        if not 0.0 < typical_p <= 1.0:
+            raise ValidationError(f"typical_p must be in (0, 1], got {typical_p}", param="typical_p")
+        repetition = p.repetition_penalty if p.HasField("repetition_penalty") else 1.0
+        if repetition <= 0.0:
+            raise ValidationError(f"repetition_penalty must be > 0, got {repetition}", param="repetition_penalty")
+        _check_range("min_p", p.min_p, 0.0, 1.0)
+        _check_range("frequency_penalty", p.frequency_penalty, -2.0, 2.0)
+        _check_range("presence_penalty", p.presence_penalty, -2.0, 2.0)
+        if p.top_n_tokens > self.max_top_n_tokens:
+            raise ValidationError(f"top_logprobs must be at most {self.max_top_n_tokens}", param="top_logprobs")
+        for token, bias in p.logit_bias.items():
+            if token >= self.vocab_size:
+                raise ValidationError(f"logit_bias token id {token} is not in the vocabulary", param="logit_bias")
+            _check_range("logit_bias", bias, -100.0, 100.0)
         seed = p.seed if p.HasField("seed") else random.getrandbits(63)
-        return Sampling(p.temperature, top_p, p.top_k, seed)
+        return Sampling(
+            temperature=p.temperature,
+            top_p=top_p,
+            top_k=p.top_k,
+            seed=seed,
+            min_p=p.min_p,
+            typical_p=typical_p,
+            repetition_penalty=repetition,
+            frequency_penalty=p.frequency_penalty,
+            presence_penalty=p.presence_penalty,
+            logit_bias=tuple(sorted(p.logit_bias.items())),
+            top_n_tokens=p.top_n_tokens,
+            min_tokens=0 if p.ignore_eos else p.min_new_tokens,
+            eos_token_ids=tuple(sorted(self.tokenizer.eos_token_ids)),
+        )
 
     def _max_new_tokens(self, p: pb.GenerationParameters, prompt_len: int) -> int:
         limits = self.limits
@@ -102,3 +140,8 @@ class Validator:
                 param="messages",
             )
         return p.max_new_tokens
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ValidationError(f"{name} must be in [{low:g}, {high:g}], got {value:g}", param=name)

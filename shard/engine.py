@@ -9,7 +9,7 @@ positions that sample, and samples the whole batch at once.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel
@@ -19,7 +19,7 @@ from shard.batch_state import BatchStore, Sequence
 from shard.errors import CapacityError, InvalidRequest
 from shard.kv_cache import PagedKVCache, kv_layout_of
 from shard.memory import kv_budget_bytes
-from shard.sampling import SamplingBatch, SamplingParams, sample
+from shard.sampling import SamplingParams, SequenceView, sample
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class Generation:
     request_id: int
     token_id: int
     logprob: float
+    #: (token id, logprob) of the most likely tokens, when the request asked for them.
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -220,14 +222,14 @@ class Engine:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Generation]:
         if not seqs:
             return []
-        batch = SamplingBatch.from_params([s.params for s in seqs], [s.sampled for s in seqs], self.device)
-        tokens, logprobs = sample(logits[: len(seqs)], batch)
+        rows = [SequenceView(s.params, s.sampled, s.token_ids, s.sampled) for s in seqs]
+        out = sample(logits[: len(seqs)], rows)
         result = []
-        for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist(), strict=True):
-            seq.token_ids.append(token)
+        for i, seq in enumerate(seqs):
+            seq.token_ids.append(out.tokens[i])
             seq.sampled += 1
             seq.decoding = True
-            result.append(Generation(seq.request_id, token, logprob))
+            result.append(Generation(seq.request_id, out.tokens[i], out.logprobs[i], out.top[i]))
         return result
 
     def _result(self, batch_id: int, generations: list[Generation], forward_ns: int, decode_ns: int) -> StepResult:

@@ -1,5 +1,11 @@
 """Choosing the next token for a whole batch at once, as tensor operations.
 
+Order of operations on the logits (as vLLM and TGI apply them): logit bias and
+end-of-sequence suppression (min_tokens), then repetition, frequency and
+presence penalties, then temperature, then top-k, top-p, min-p and typical-p
+filtering, then sampling. Reported log-probabilities are those of the model's
+raw distribution, as OpenAI's and vLLM's are.
+
 Randomness is counter-based: the uniform number behind the n-th sampled token
 of a request is a hash of ``(seed, n)``. A seeded request therefore gets the
 same tokens whatever batch it lands in, on any rank, with no per-request
@@ -8,7 +14,7 @@ same tokens whatever batch it lands in, on any rank, with no per-request
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,33 +27,45 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    #: Most likely alternatives to report with each token (0 = none).
+    top_n_tokens: int = 0
+    #: Tokens banned until ``min_tokens`` tokens were generated (end of sequence).
+    min_tokens: int = 0
+    eos_token_ids: tuple[int, ...] = ()
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+@dataclass(frozen=True)
+class SequenceView:
+    """What sampling needs of a sequence."""
+
+    params: SamplingParams
+    #: Index of the token being sampled among the request's generated tokens.
+    step: int
+    token_ids: list[int]
+    #: How many of ``token_ids`` (at the end) the request generated.
+    generated: int
+
 
 @dataclass
-class SamplingBatch:
-    """Per-row sampling parameters of a step, as tensors."""
-
-    temperature: torch.Tensor  # [B] float32, 0 for greedy rows
-    top_p: torch.Tensor  # [B] float32
-    top_k: torch.Tensor  # [B] int64, 0 = off
-    seed: torch.Tensor  # [B] int64
-    step: torch.Tensor  # [B] int64: index of the token being sampled in its request
-    any_sampled: bool
-
-    @classmethod
-    def from_params(cls, params: list[SamplingParams], steps: list[int], device: torch.device):
-        return cls(
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
-            seed=torch.tensor([p.seed & ((1 << 62) - 1) for p in params], dtype=torch.long, device=device),
-            step=torch.tensor(steps, dtype=torch.long, device=device),
-            any_sampled=any(not p.greedy for p in params),
-        )
+class SampledTokens:
+    tokens: list[int]
+    logprobs: list[float]
+    #: Per row: (token id, logprob) of the most likely tokens, when asked for.
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 def _hash31(x: torch.Tensor) -> torch.Tensor:
@@ -66,32 +84,109 @@ def uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float64) / float(1 << 31)
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens [B] and their log-probabilities [B] under the model's distribution.
+def sample(logits: torch.Tensor, rows: list[SequenceView]) -> SampledTokens:
+    """Next tokens for ``rows``; logits: [B, vocab] float32, the model's raw scores."""
+    device = logits.device
+    params = [r.params for r in rows]
+    raw_lse = torch.logsumexp(logits, dim=-1)
+    top = _top_logprobs(logits, raw_lse, [p.top_n_tokens for p in params])
+    scores = _adjusted(logits, rows)
+    tokens = scores.max(dim=-1).indices  # max() is ~2.5x faster than argmax() on CPU
+    if any(not p.greedy for p in params):
+        sampled = _sample_filtered(scores, rows)
+        greedy = torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device)
+        tokens = torch.where(greedy, tokens, sampled)
+    logprobs = logits.gather(1, tokens[:, None]).squeeze(1) - raw_lse
+    return SampledTokens(tokens.tolist(), logprobs.tolist(), top)
 
-    logits: [B, vocab] in float32.
-    """
-    # max() is ~2.5x faster than argmax() on CPU, and logsumexp avoids writing
-    # a [B, vocab] log-softmax only to read B values of it.
-    tokens = logits.max(dim=-1).indices
-    if batch.any_sampled:
-        sampled = _sample_filtered(logits, batch)
-        tokens = torch.where(batch.temperature > 0, sampled, tokens)
-    logprobs = logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-    return tokens, logprobs
+
+def _adjusted(logits: torch.Tensor, rows: list[SequenceView]) -> torch.Tensor:
+    """Logits after bias, end-of-sequence suppression and penalties (a copy only if any applies)."""
+    biased = [(b, r) for b, r in enumerate(rows) if r.params.logit_bias]
+    banned = [(b, r) for b, r in enumerate(rows) if r.generated < r.params.min_tokens and r.params.eos_token_ids]
+    penalised = any(r.params.penalised for r in rows)
+    if not biased and not banned and not penalised:
+        return logits
+    scores = logits.clone()
+    for b, r in biased:  # sparse: a handful of entries per request
+        ids = torch.tensor([t for t, _ in r.params.logit_bias], dtype=torch.long, device=logits.device)
+        bias = torch.tensor([v for _, v in r.params.logit_bias], dtype=scores.dtype, device=logits.device)
+        scores[b].index_add_(0, ids, bias)
+    for b, r in banned:
+        scores[b, list(r.params.eos_token_ids)] = float("-inf")
+    if penalised:
+        _apply_penalties(scores, rows)
+    return scores
 
 
-def _sample_filtered(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    temperature = batch.temperature.clamp(min=1e-5)[:, None]
-    sorted_logits, sorted_ids = torch.sort(logits / temperature, dim=-1, descending=True)
+def _apply_penalties(scores: torch.Tensor, rows: list[SequenceView]) -> None:
+    """Repetition (HF/TGI: divides positive logits, over prompt and output), frequency and
+    presence (OpenAI: subtract per occurrence / once, over the output) penalties, batched."""
+    device, vocab = scores.device, scores.shape[1]
+    seen = torch.zeros_like(scores, dtype=torch.bool)
+    counts = torch.zeros_like(scores)
+    for b, r in enumerate(rows):
+        if not r.params.penalised:
+            continue
+        seen[b, torch.tensor(r.token_ids, dtype=torch.long, device=device).clamp(max=vocab - 1)] = True
+        if r.generated:
+            out = torch.tensor(r.token_ids[-r.generated :], dtype=torch.long, device=device)
+            counts[b].index_add_(0, out, torch.ones(len(out), dtype=counts.dtype, device=device))
+    rep = torch.tensor([r.params.repetition_penalty for r in rows], dtype=scores.dtype, device=device)[:, None]
+    penalised = torch.where(scores > 0, scores / rep, scores * rep)
+    scores.copy_(torch.where(seen, penalised, scores))
+    freq = torch.tensor([r.params.frequency_penalty for r in rows], dtype=scores.dtype, device=device)[:, None]
+    pres = torch.tensor([r.params.presence_penalty for r in rows], dtype=scores.dtype, device=device)[:, None]
+    scores -= freq * counts + pres * (counts > 0)
+
+
+def _top_logprobs(logits: torch.Tensor, lse: torch.Tensor, wanted: list[int]) -> list[list[tuple[int, float]]]:
+    most = max(wanted, default=0)
+    if most == 0:
+        return [[] for _ in wanted]
+    values, ids = logits.topk(most, dim=-1)
+    values = values - lse[:, None]
+    return [list(zip(i[:n], v[:n], strict=True)) for i, v, n in zip(ids.tolist(), values.tolist(), wanted, strict=True)]
+
+
+def _sample_filtered(scores: torch.Tensor, rows: list[SequenceView]) -> torch.Tensor:
+    device = scores.device
+    p = [r.params for r in rows]
+    temperature = torch.tensor([max(x.temperature, 1e-5) for x in p], dtype=scores.dtype, device=device)[:, None]
+    sorted_logits, sorted_ids = torch.sort(scores / temperature, dim=-1, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)  # [B, V], descending
-    rank = torch.arange(probs.shape[1], device=probs.device)[None, :]
-    top_k = torch.where(batch.top_k > 0, batch.top_k, probs.shape[1])[:, None]
-    # Nucleus: drop a token when the mass before it already reaches top_p; the
-    # most likely token is always kept.
-    before = probs.cumsum(dim=-1) - probs
-    keep = (rank < top_k) & ((before < batch.top_p[:, None]) | (rank == 0))
+    keep = _keep_mask(probs, p)
     cdf = (probs * keep).cumsum(dim=-1)
-    target = uniform(batch.seed, batch.step).to(cdf.dtype)[:, None] * cdf[:, -1:]
+    seeds = torch.tensor([x.seed & ((1 << 62) - 1) for x in p], dtype=torch.long, device=device)
+    steps = torch.tensor([r.step for r in rows], dtype=torch.long, device=device)
+    target = uniform(seeds, steps).to(cdf.dtype)[:, None] * cdf[:, -1:]
     index = torch.searchsorted(cdf, target, right=True).clamp(max=probs.shape[1] - 1)
     return sorted_ids.gather(1, index).squeeze(1)
+
+
+def _keep_mask(probs: torch.Tensor, p: list[SamplingParams]) -> torch.Tensor:
+    """Which of the sorted tokens survive top-k, top-p, min-p and typical-p; the most likely always does."""
+    device, vocab = probs.device, probs.shape[1]
+    rank = torch.arange(vocab, device=device)[None, :]
+    top_k = torch.tensor([x.top_k if x.top_k > 0 else vocab for x in p], device=device)[:, None]
+    top_p = torch.tensor([x.top_p for x in p], dtype=probs.dtype, device=device)[:, None]
+    min_p = torch.tensor([x.min_p for x in p], dtype=probs.dtype, device=device)[:, None]
+    # Nucleus: drop a token when the mass before it already reaches top_p.
+    keep = (rank < top_k) & (probs.cumsum(dim=-1) - probs < top_p) & (probs >= min_p * probs[:, :1])
+    if any(x.typical_p < 1.0 for x in p):
+        keep &= _typical_mask(probs, torch.tensor([x.typical_p for x in p], dtype=probs.dtype, device=device))
+    return keep | (rank == 0)
+
+
+def _typical_mask(probs: torch.Tensor, typical_p: torch.Tensor) -> torch.Tensor:
+    """Locally typical sampling (Meister et al.): keep the tokens whose surprise is closest to the
+    entropy, up to ``typical_p`` of the mass. probs: sorted descending; returns a mask in that order."""
+    logp = probs.clamp(min=1e-30).log()
+    entropy = -(probs * logp).sum(dim=-1, keepdim=True)
+    distance = (-logp - entropy).abs()
+    order = distance.argsort(dim=-1)
+    mass = probs.gather(1, order).cumsum(dim=-1)
+    keep_sorted = (mass - probs.gather(1, order)) < typical_p[:, None]
+    keep = torch.zeros_like(keep_sorted)
+    keep.scatter_(1, order, keep_sorted)
+    return keep | (typical_p[:, None] >= 1.0)

@@ -22,7 +22,21 @@ T = TypeVar("T")
 
 def request_from_pb(r: pb.Request) -> NewRequest:
     p = r.parameters
-    params = SamplingParams(temperature=p.temperature, top_p=p.top_p or 1.0, top_k=p.top_k, seed=p.seed)
+    params = SamplingParams(
+        temperature=p.temperature,
+        top_p=p.top_p or 1.0,
+        top_k=p.top_k,
+        seed=p.seed,
+        min_p=p.min_p,
+        typical_p=p.typical_p or 1.0,
+        repetition_penalty=p.repetition_penalty or 1.0,
+        frequency_penalty=p.frequency_penalty,
+        presence_penalty=p.presence_penalty,
+        logit_bias=tuple(sorted(p.logit_bias.items())),
+        top_n_tokens=p.top_n_tokens,
+        min_tokens=p.min_tokens,
+        eos_token_ids=tuple(p.eos_token_ids),
+    )
     return NewRequest(
         request_id=r.id,
         input_ids=list(r.input_ids),
@@ -44,7 +58,15 @@ def cached_batch_pb(result: StepResult) -> pb.CachedBatch:
 
 
 def generations_pb(result: StepResult) -> list[pb.Generation]:
-    return [pb.Generation(request_id=g.request_id, token_id=g.token_id, logprob=g.logprob) for g in result.generations]
+    return [
+        pb.Generation(
+            request_id=g.request_id,
+            token_id=g.token_id,
+            logprob=g.logprob,
+            top_tokens=[pb.TopToken(token_id=t, logprob=lp) for t, lp in g.top],
+        )
+        for g in result.generations
+    ]
 
 
 class ShardServicer(pb_grpc.ShardServiceServicer):
