@@ -14,6 +14,7 @@ from facade.config import FacadeConfig
 from facade.errors import ApiError
 from facade.metrics import FacadeMetrics
 from facade.routes import ROUTES
+from facade.security import Cors, api_key_middleware
 from facade.state import METRICS, ROUTER, STARTED_AT
 from protos import router_pb2_grpc
 
@@ -45,8 +46,14 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
 
 def create_app(config: FacadeConfig) -> web.Application:
     metrics = FacadeMetrics()
-    # Outermost first: metrics see the status the error middleware settled on.
-    app = web.Application(middlewares=[metrics.middleware(), openai_errors], client_max_size=config.payload_limit)
+    cors = Cors(config.cors_allow_origin)
+    # Outermost first: metrics see the status the error middleware settled on;
+    # preflight requests are answered before authentication.
+    middlewares = [metrics.middleware(), openai_errors, cors.middleware()]
+    if config.api_key:
+        middlewares.append(api_key_middleware(config.api_key))
+    app = web.Application(middlewares=middlewares, client_max_size=config.payload_limit)
+    app.on_response_prepare.append(cors.on_prepare)
     app[STARTED_AT] = int(time.time())
     app[METRICS] = metrics
 

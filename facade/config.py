@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common.settings import env_int, env_str
 
@@ -17,6 +17,10 @@ class FacadeConfig:
     router: str
     #: Largest accepted request body, in bytes.
     payload_limit: int
+    #: Bearer token every route but /health requires; None = open.
+    api_key: str | None = None
+    #: Origins allowed by CORS ("*" for any); empty = no CORS headers.
+    cors_allow_origin: list[str] = field(default_factory=list)
 
 
 def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> FacadeConfig:
@@ -29,5 +33,8 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> FacadeCo
         help="[ROUTER_ADDRESS]",
     )
     p.add_argument("--payload-limit", type=int, default=env_int(env, "PAYLOAD_LIMIT", default=2_000_000))
+    p.add_argument("--api-key", default=env_str(env, "API_KEY"), help="[API_KEY]")
+    p.add_argument("--cors-allow-origin", default=env_str(env, "CORS_ALLOW_ORIGIN", default=""))
     a = p.parse_args(argv)
-    return FacadeConfig(a.hostname, a.port, a.router, a.payload_limit)
+    origins = [o.strip() for o in a.cors_allow_origin.split(",") if o.strip()]
+    return FacadeConfig(a.hostname, a.port, a.router, a.payload_limit, a.api_key, origins)

@@ -1,4 +1,4 @@
-"""OpenAI Chat Completions JSON <-> router protobuf."""
+"""``POST /v1/chat/completions``: OpenAI Chat Completions over the router's public API."""
 
 from __future__ import annotations
 
@@ -7,39 +7,24 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from aiohttp import web
+
+from facade import params, sse
+from facade.choices import StreamSet, generate_all
 from facade.errors import invalid
+from facade.json_body import json_response, read_json
+from facade.state import ROUTER
 from protos import router_pb2 as pb
 
 SYSTEM_FINGERPRINT = "switchyard-0.1.0"
+FINISH_REASON = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_STOP_SEQUENCE: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+}
+ROLES_WITH_TEXT = frozenset({"system", "developer", "user", "assistant", "tool"})
 
-#: Accepted and passed on (or validated to a value we honour).
-_SUPPORTED = frozenset(
-    {
-        "model",
-        "messages",
-        "stream",
-        "stream_options",
-        "max_tokens",
-        "max_completion_tokens",
-        "temperature",
-        "top_p",
-        "seed",
-        "stop",
-        "n",
-        "top_k",
-        "ignore_eos",
-        "frequency_penalty",
-        "presence_penalty",
-        "logprobs",
-        "top_logprobs",
-    }
-)
-#: Purely informational: accepted, change nothing.
-_INFORMATIONAL = frozenset({"user", "metadata", "store", "service_tier"})
-#: Values of not-yet-supported parameters that mean "off", so clients sending defaults work.
-_NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "n": 1}
-
-FINISH_REASON = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+_FIELDS = params.SAMPLING_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "parallel_tool_calls"}
 
 
 @dataclass(frozen=True)
@@ -47,36 +32,39 @@ class ChatRequest:
     model: str
     stream: bool
     include_usage: bool
-    message: pb.GenerateRequest
+    logprobs: bool
+    requests: list[pb.GenerateRequest]  # one per choice
 
 
 def parse_chat(body: Any) -> ChatRequest:
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object")
-    _check_keys(body)
+    params.check_fields(body, _FIELDS)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("'messages' is required and must be a non-empty array", "messages")
     chat = pb.Chat(messages=[_message(i, m) for i, m in enumerate(messages)])
-    stream = _typed(body, "stream", bool, False)
-    options = _typed(body, "stream_options", dict, None)
-    if options is not None and not stream:
-        raise invalid("stream_options is only allowed when stream is true", "stream_options")
-    include_usage = bool((options or {}).get("include_usage", False))
-    model = _typed(body, "model", str, "tgi")
-    return ChatRequest(model, stream, include_usage, pb.GenerateRequest(chat=chat, parameters=_parameters(body)))
-
-
-def _check_keys(body: dict) -> None:
-    for key, value in body.items():
-        if key in _INFORMATIONAL:
-            continue
-        if key not in _SUPPORTED:
-            raise invalid(f"Unrecognized request argument supplied: {key}", key)
-        if key in _NEUTRAL and value is not None and value != _NEUTRAL[key]:
-            raise invalid(f"'{key}' = {value!r} is not supported yet; it must be {_NEUTRAL[key]!r}", key)
-        if key == "top_logprobs" and value:
-            raise invalid("'top_logprobs' is not supported yet", key)
+    stream = params.typed(body, "stream", bool, False)
+    p = params.parameters(body, "max_completion_tokens")
+    logprobs = params.typed(body, "logprobs", bool, False)
+    top = params.typed(body, "top_logprobs", int)
+    if top is not None:
+        if not logprobs:
+            raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
+        if not 0 <= top <= 20:
+            raise invalid("'top_logprobs' must be between 0 and 20", "top_logprobs")
+        p.top_n_tokens = top
+    p.logprobs = logprobs
+    n = params.choices_count(body)
+    requests = []
+    for seed in params.seeds_for(p, n):
+        choice = pb.GenerationParameters()
+        choice.CopyFrom(p)
+        if seed is not None:
+            choice.seed = seed
+        requests.append(pb.GenerateRequest(chat=chat, parameters=choice))
+    model = params.typed(body, "model", str, "tgi")
+    return ChatRequest(model, stream, params.include_usage(body, stream), logprobs, requests)
 
 
 def _message(i: int, m: Any) -> pb.ChatMessage:
@@ -88,6 +76,8 @@ def _message(i: int, m: Any) -> pb.ChatMessage:
     name = m.get("name") or ""
     if not isinstance(name, str):
         raise invalid(f"messages[{i}].name must be a string", f"messages[{i}].name")
+    if m.get("tool_calls") or role == "tool":
+        raise invalid(f"messages[{i}]: tool calls are not supported yet", f"messages[{i}]")
     return pb.ChatMessage(role=role, content=_content(i, m.get("content")), name=name)
 
 
@@ -104,56 +94,30 @@ def _content(i: int, content: Any) -> str:
                 )
             parts.append(part["text"])
         return "".join(parts)
-    raise invalid(
-        f"messages[{i}].content must be a string or an array of text parts",
-        f"messages[{i}].content",
-    )
+    raise invalid(f"messages[{i}].content must be a string or an array of text parts", f"messages[{i}].content")
 
 
-def _typed(body: dict, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
-    value = body.get(key)
-    if value is None:
-        return default
-    # bool is an int in Python; a JSON true is never a number here.
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise invalid(f"'{key}' must be of type {names}, got {type(value).__name__}", key)
-    return value
-
-
-def _parameters(body: dict) -> pb.GenerationParameters:
-    p = pb.GenerationParameters(temperature=float(_typed(body, "temperature", (int, float), 1.0)))
-    if (top_p := _typed(body, "top_p", (int, float), None)) is not None:
-        p.top_p = float(top_p)
-    if (top_k := _typed(body, "top_k", int, None)) is not None:
-        if top_k < 0:
-            raise invalid("'top_k' must be >= 0", "top_k")
-        p.top_k = top_k
-    if (seed := _typed(body, "seed", int, None)) is not None:
-        p.seed = seed % (1 << 64)
-    max_tokens = _typed(body, "max_completion_tokens", int, None) or _typed(body, "max_tokens", int, None)
-    if max_tokens is not None:
-        if max_tokens < 1:
-            raise invalid("'max_tokens' must be at least 1", "max_tokens")
-        p.max_new_tokens = max_tokens
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        p.stop.append(stop)
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        p.stop.extend(stop)
-    elif stop is not None:
-        raise invalid("'stop' must be a string or an array of strings", "stop")
-    p.ignore_eos = _typed(body, "ignore_eos", bool, False)
-    return p
+def token_logprobs(tokens: Any) -> list[dict[str, Any]]:
+    """OpenAI's ``logprobs.content`` entries for router tokens."""
+    return [
+        {
+            "token": t.text,
+            "logprob": t.logprob,
+            "bytes": list(t.text.encode()),
+            "top_logprobs": [{"token": a.text, "logprob": a.logprob, "bytes": list(a.text.encode())} for a in t.top],
+        }
+        for t in tokens
+    ]
 
 
 class ChatResponder:
     """Builds the response objects of one chat completion."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, logprobs: bool):
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
+        self.logprobs = logprobs
 
     def _envelope(self, kind: str) -> dict[str, Any]:
         return {
@@ -164,34 +128,65 @@ class ChatResponder:
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
 
-    def completion(self, answer: pb.GenerateResponse) -> dict[str, Any]:
+    def _logprobs(self, tokens: Any) -> dict[str, Any] | None:
+        return {"content": token_logprobs(tokens), "refusal": None} if self.logprobs else None
+
+    def completion(self, answers: list[pb.GenerateResponse]) -> dict[str, Any]:
         body = self._envelope("chat.completion")
         body["choices"] = [
             {
-                "index": 0,
-                "message": {"role": "assistant", "content": answer.text},
-                "logprobs": None,
-                "finish_reason": FINISH_REASON[answer.finish_reason],
+                "index": i,
+                "message": {"role": "assistant", "content": a.text, "refusal": None},
+                "logprobs": self._logprobs(a.tokens),
+                "finish_reason": FINISH_REASON[a.finish_reason],
             }
+            for i, a in enumerate(answers)
         ]
-        body["usage"] = usage(answer.usage)
+        body["usage"] = usage([a.usage for a in answers])
         return body
 
-    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+    def chunk(self, index: int, delta: dict[str, Any], finish_reason: str | None = None, tokens: Any = ()) -> dict:
         body = self._envelope("chat.completion.chunk")
-        body["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        logprobs = self._logprobs(tokens) if tokens else None
+        body["choices"] = [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
         return body
 
-    def usage_chunk(self, u: pb.Usage) -> dict[str, Any]:
+    def usage_chunk(self, usages: list[pb.Usage]) -> dict[str, Any]:
         body = self._envelope("chat.completion.chunk")
         body["choices"] = []
-        body["usage"] = usage(u)
+        body["usage"] = usage(usages)
         return body
 
 
-def usage(u: pb.Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
-    }
+def usage(usages: list[pb.Usage]) -> dict[str, int]:
+    # Every choice saw the same prompt: count it once, as OpenAI does.
+    prompt = usages[0].prompt_tokens if usages else 0
+    completion = sum(u.completion_tokens for u in usages)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    chat = parse_chat(await read_json(request))
+    router = request.app[ROUTER]
+    responder = ChatResponder(chat.model, chat.logprobs)
+    if not chat.stream:
+        return json_response(responder.completion(await generate_all(router, chat.requests)))
+    streams = StreamSet(router, chat.requests)
+    await streams.start()
+    response = await sse.open_stream(request)
+    usages: dict[int, pb.Usage] = {}
+    try:
+        for i in range(len(chat.requests)):
+            await sse.send(response, responder.chunk(i, {"role": "assistant", "content": ""}))
+        async for i, message in sse.guarded(response, streams.messages()):
+            if message.text or (chat.logprobs and message.tokens):
+                await sse.send(response, responder.chunk(i, {"content": message.text}, tokens=message.tokens))
+            if message.finish_reason:
+                usages[i] = message.usage
+                await sse.send(response, responder.chunk(i, {}, FINISH_REASON[message.finish_reason]))
+        if chat.include_usage and len(usages) == len(chat.requests):
+            await sse.send(response, responder.usage_chunk([usages[i] for i in sorted(usages)]))
+    finally:
+        streams.close()
+    await sse.send_done(response)
+    return response

@@ -1,71 +1,15 @@
-"""HTTP handlers: parse, call the router's public API, shape the answer."""
+"""The route table, and the small service routes (models, health, metrics)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
-import orjson
 from aiohttp import web
 
-from facade import sse
-from facade.errors import ApiError, from_grpc, invalid
-from facade.openai_chat import FINISH_REASON, ChatResponder, parse_chat
+from facade import openai_chat, openai_completions, openapi, tgi, tokenize
+from facade.errors import ApiError, from_grpc
+from facade.json_body import json_response
 from facade.state import METRICS, ROUTER, STARTED_AT
 from protos import router_pb2 as pb
-
-
-def json_response(body: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
-
-
-async def read_json(request: web.Request) -> Any:
-    raw = await request.read()
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise invalid(f"the request body is not valid JSON: {exc}") from exc
-
-
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    chat = parse_chat(await read_json(request))
-    router = request.app[ROUTER]
-    responder = ChatResponder(chat.model)
-    if not chat.stream:
-        try:
-            answer = await router.Generate(chat.message)
-        except grpc.aio.AioRpcError as exc:
-            raise from_grpc(exc) from exc
-        return json_response(responder.completion(answer))
-    return await _stream_chat(request, router.GenerateStream(chat.message), responder, chat.include_usage)
-
-
-async def _stream_chat(request: web.Request, call, responder: ChatResponder, include_usage: bool) -> web.StreamResponse:  # type: ignore[no-untyped-def]
-    # Read the first message before answering 200, so a rejected request
-    # still gets a proper HTTP error status.
-    try:
-        first = await call.read()
-    except grpc.aio.AioRpcError as exc:
-        raise from_grpc(exc) from exc
-    response = await sse.open_stream(request)
-    try:
-        await sse.send(response, responder.chunk({"role": "assistant", "content": ""}))
-        message = first
-        while message is not grpc.aio.EOF:
-            if message.text:
-                await sse.send(response, responder.chunk({"content": message.text}))
-            if message.finish_reason:
-                await sse.send(response, responder.chunk({}, FINISH_REASON[message.finish_reason]))
-                if include_usage:
-                    await sse.send(response, responder.usage_chunk(message.usage))
-            message = await call.read()
-    except grpc.aio.AioRpcError as exc:
-        # The stream has started: the error travels as an event, then the stream ends.
-        await sse.send(response, from_grpc(exc).body())
-    finally:
-        call.cancel()  # a no-op when finished; frees the request when the client left
-    await sse.send_done(response)
-    return response
 
 
 async def models(request: web.Request) -> web.Response:
@@ -76,6 +20,7 @@ async def models(request: web.Request) -> web.Response:
         "created": request.app[STARTED_AT],
         "owned_by": "switchyard",
         "root": info.model_id,
+        "parent": None,
         "max_model_len": info.max_total_tokens,
     }
     return json_response({"object": "list", "data": [card]})
@@ -107,8 +52,16 @@ async def _router_info(request: web.Request) -> pb.InfoResponse:
 
 
 ROUTES = [
-    web.post("/v1/chat/completions", chat_completions),
+    web.post("/v1/chat/completions", openai_chat.chat_completions),
+    web.post("/v1/completions", openai_completions.completions),
     web.get("/v1/models", models),
+    web.post("/tokenize", tokenize.tokenize),
+    web.post("/detokenize", tokenize.detokenize),
+    web.post("/generate", tgi.generate),
+    web.post("/generate_stream", tgi.generate_stream),
+    web.post("/", tgi.compat),
+    web.get("/info", tgi.info),
     web.get("/health", health),
     web.get("/metrics", metrics),
+    web.get("/openapi.json", openapi.openapi_json),
 ]

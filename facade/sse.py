@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
 
+from facade.errors import ApiError
+
+T = TypeVar("T")
+
 
 async def open_stream(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        }
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
     await response.prepare(request)
     return response
@@ -26,3 +27,12 @@ async def send(response: web.StreamResponse, payload: dict[str, Any]) -> None:
 
 async def send_done(response: web.StreamResponse) -> None:
     await response.write(b"data: [DONE]\n\n")
+
+
+async def guarded(response: web.StreamResponse, items: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Passes items through; an error after the stream started becomes an SSE error event."""
+    try:
+        async for item in items:
+            yield item
+    except ApiError as exc:
+        await send(response, exc.body())

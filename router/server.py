@@ -21,7 +21,11 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 
-FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+FINISH_REASONS = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "stop_sequence": pb.FINISH_REASON_STOP_SEQUENCE,
+}
 
 
 class Overloaded(ServiceError):

@@ -38,7 +38,7 @@ class TextStream:
             self.text += self.detokenizer.push(token_id)
         stop_at = self._find_stop()
         if stop_at is not None:
-            self.text, self.finish = self.text[:stop_at], "stop"
+            self.text, self.finish = self.text[:stop_at], "stop_sequence"
         elif is_eos:
             self.finish = "stop"
         elif self.generated >= self.condition.max_new_tokens:

@@ -34,7 +34,7 @@ def test_stop_sequence_straddling_tokens_is_cut_and_never_emitted(tokenizer):
         assert "noon" not in "".join(pieces), "held-back text leaked before the match was decided"
         if s.finish:
             break
-    assert "".join(pieces) == "The train leaves at " and s.finish == "stop"
+    assert "".join(pieces) == "The train leaves at " and s.finish == "stop_sequence"
 
 
 def test_eos_stops_without_text_and_ignore_eos_continues(tokenizer):

@@ -1,0 +1,80 @@
+"""Running the router calls behind one HTTP request: one per choice (``n``) and prompt."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from facade.errors import ApiError, from_grpc
+from protos import router_pb2 as pb
+from protos import router_pb2_grpc as pb_grpc
+
+
+async def generate_all(router: pb_grpc.RouterStub, requests: list[pb.GenerateRequest]) -> list[pb.GenerateResponse]:
+    calls = [router.Generate(r) for r in requests]
+    try:
+        return list(await asyncio.gather(*calls))
+    except grpc.aio.AioRpcError as exc:
+        for call in calls:
+            call.cancel()
+        raise from_grpc(exc) from exc
+
+
+class StreamSet:
+    """Several GenerateStream calls read as one stream of (choice index, message).
+
+    ``start`` reads every call's first message before the HTTP response is
+    committed, so that a rejected request still gets a proper HTTP status.
+    ``close`` cancels whatever still runs: a client that leaves frees its
+    requests' KV blocks at once.
+    """
+
+    def __init__(self, router: pb_grpc.RouterStub, requests: list[pb.GenerateRequest]):
+        self._calls = [router.GenerateStream(r) for r in requests]
+        self._first: list[Any] = []
+
+    async def start(self) -> None:
+        try:
+            self._first = list(await asyncio.gather(*(c.read() for c in self._calls)))
+        except grpc.aio.AioRpcError as exc:
+            self.close()
+            raise from_grpc(exc) from exc
+
+    async def messages(self) -> AsyncIterator[tuple[int, pb.GenerateStreamResponse]]:
+        """Messages in arrival order; raises ApiError if a call fails mid-stream."""
+        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            message = self._first[index]
+            try:
+                while message is not grpc.aio.EOF:
+                    await queue.put((index, message))
+                    message = await self._calls[index].read()
+            except grpc.aio.AioRpcError as exc:
+                await queue.put((index, exc))
+            await queue.put((index, None))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(self._calls))]
+        open_calls = len(tasks)
+        try:
+            while open_calls:
+                index, item = await queue.get()
+                if item is None:
+                    open_calls -= 1
+                elif isinstance(item, grpc.aio.AioRpcError):
+                    raise from_grpc(item)
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def close(self) -> None:
+        for call in self._calls:
+            call.cancel()
+
+
+__all__ = ["ApiError", "StreamSet", "generate_all"]

@@ -1,0 +1,174 @@
+"""``POST /v1/completions``: OpenAI's legacy text completions (prompt strings or token ids)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from facade import params, sse
+from facade.choices import StreamSet, generate_all
+from facade.errors import invalid
+from facade.json_body import json_response, read_json
+from facade.openai_chat import FINISH_REASON, SYSTEM_FINGERPRINT, usage
+from facade.state import ROUTER
+from protos import router_pb2 as pb
+
+_FIELDS = params.SAMPLING_FIELDS | {"prompt", "echo"}
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    model: str
+    stream: bool
+    include_usage: bool
+    echo: bool
+    logprobs: int | None
+    prompts: list[str | list[int]]
+    requests: list[pb.GenerateRequest]  # prompt-major: prompt k, choice i -> k * n + i
+    n: int
+
+
+def _prompts(body: dict) -> list[str | list[int]]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return [list(prompt)]
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
+            return [list(p) for p in prompt]
+    raise invalid("'prompt' must be a string, an array of strings, or token ids", "prompt")
+
+
+def parse_completion(body: Any) -> CompletionRequest:
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object")
+    params.check_fields(body, _FIELDS)
+    prompts = _prompts(body)
+    stream = params.typed(body, "stream", bool, False)
+    p = params.parameters(body)
+    p.temperature = float(params.typed(body, "temperature", (int, float), 1.0))
+    logprobs = params.typed(body, "logprobs", int)
+    if logprobs is not None:
+        if not 0 <= logprobs <= 5:
+            raise invalid("'logprobs' must be between 0 and 5", "logprobs")
+        p.logprobs, p.top_n_tokens = True, logprobs
+    n = params.choices_count(body)
+    requests = []
+    for prompt in prompts:
+        for seed in params.seeds_for(p, n):
+            choice = pb.GenerationParameters()
+            choice.CopyFrom(p)
+            if seed is not None:
+                choice.seed = seed
+            if isinstance(prompt, str):
+                requests.append(pb.GenerateRequest(prompt=prompt, parameters=choice))
+            else:
+                requests.append(pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=prompt), parameters=choice))
+    echo = params.typed(body, "echo", bool, False)
+    model = params.typed(body, "model", str, "tgi")
+    return CompletionRequest(model, stream, params.include_usage(body, stream), echo, logprobs, prompts, requests, n)
+
+
+def _logprobs(tokens: Any, offset: int) -> dict[str, Any]:
+    text_offset, position = [], offset
+    for t in tokens:
+        text_offset.append(position)
+        position += len(t.text)
+    return {
+        "tokens": [t.text for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [{a.text: a.logprob for a in t.top} for t in tokens],
+        "text_offset": text_offset,
+    }
+
+
+class CompletionResponder:
+    def __init__(self, parsed: CompletionRequest, prompt_texts: list[str]):
+        self.parsed = parsed
+        self.prompt_texts = prompt_texts
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def _envelope(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.parsed.model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
+
+    def _prefix(self, index: int) -> str:
+        return self.prompt_texts[index // self.parsed.n] if self.parsed.echo else ""
+
+    def choice(self, index: int, text: str, tokens: Any, finish: str | None, first: bool) -> dict[str, Any]:
+        prefix = self._prefix(index) if first else ""
+        logprobs = _logprobs(tokens, len(prefix)) if self.parsed.logprobs is not None else None
+        return {"index": index, "text": prefix + text, "logprobs": logprobs, "finish_reason": finish}
+
+    def completion(self, answers: list[pb.GenerateResponse]) -> dict[str, Any]:
+        body = self._envelope()
+        body["choices"] = [
+            self.choice(i, a.text, a.tokens, FINISH_REASON[a.finish_reason], True) for i, a in enumerate(answers)
+        ]
+        prompts = [answers[k * self.parsed.n].usage for k in range(len(self.parsed.prompts))]
+        body["usage"] = {
+            "prompt_tokens": sum(u.prompt_tokens for u in prompts),
+            "completion_tokens": sum(a.usage.completion_tokens for a in answers),
+        }
+        body["usage"]["total_tokens"] = body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+        return body
+
+    def chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
+        body = self._envelope()
+        body["choices"] = [choice]
+        return body
+
+
+async def _prompt_texts(request: web.Request, parsed: CompletionRequest) -> list[str]:
+    if not parsed.echo:
+        return []
+    router = request.app[ROUTER]
+    texts = []
+    for prompt in parsed.prompts:
+        if isinstance(prompt, str):
+            texts.append(prompt)
+        else:
+            texts.append((await router.Detokenize(pb.DetokenizeRequest(ids=prompt))).text)
+    return texts
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    parsed = parse_completion(await read_json(request))
+    router = request.app[ROUTER]
+    responder = CompletionResponder(parsed, await _prompt_texts(request, parsed))
+    if not parsed.stream:
+        return json_response(responder.completion(await generate_all(router, parsed.requests)))
+    streams = StreamSet(router, parsed.requests)
+    await streams.start()
+    response = await sse.open_stream(request)
+    usages: dict[int, pb.Usage] = {}
+    started: set[int] = set()
+    try:
+        async for i, m in sse.guarded(response, streams.messages()):
+            finish = FINISH_REASON[m.finish_reason] if m.finish_reason else None
+            await sse.send(response, responder.chunk(responder.choice(i, m.text, m.tokens, finish, i not in started)))
+            started.add(i)
+            if finish:
+                usages[i] = m.usage
+        if parsed.include_usage and len(usages) == len(parsed.requests):
+            body = responder._envelope()
+            body["choices"] = []
+            body["usage"] = usage([usages[i] for i in sorted(usages)])
+            await sse.send(response, body)
+    finally:
+        streams.close()
+    await sse.send_done(response)
+    return response

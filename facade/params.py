@@ -1,0 +1,137 @@
+"""OpenAI request fields shared by chat and text completions -> router GenerationParameters.
+
+Type and shape checks live here (a wrong JSON type is a 400 naming the field);
+value ranges are checked once, by the router, for HTTP and gRPC callers alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from facade.errors import invalid
+from protos import router_pb2 as pb
+
+#: Accepted and honoured by both chat and text completions.
+SAMPLING_FIELDS = frozenset(
+    {
+        "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed", "stop", "n",
+        "frequency_penalty", "presence_penalty", "logit_bias", "logprobs",
+        # Extras other OpenAI-compatible servers accept.
+        "top_k", "min_p", "repetition_penalty", "typical_p", "ignore_eos", "min_tokens",
+    }
+)  # fmt: skip
+#: Purely informational: accepted, change nothing.
+INFORMATIONAL = frozenset({"user", "metadata", "store", "service_tier"})
+MAX_N = 16
+
+
+def typed(body: dict, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+    value = body.get(key)
+    if value is None:
+        return default
+    # bool is an int in Python, but a JSON true is never a number here.
+    is_bool = isinstance(value, bool)
+    wants_bool = kind is bool or (isinstance(kind, tuple) and bool in kind)
+    if not isinstance(value, kind) or (is_bool and not wants_bool):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise invalid(f"'{key}' must be of type {names}, got {type(value).__name__}", key)
+    return value
+
+
+#: OpenAI parameters that would change the output and are not implemented yet.
+NOT_SUPPORTED = frozenset(
+    {"tools", "tool_choice", "functions", "function_call", "audio", "modalities", "prediction",
+     "web_search_options", "reasoning_effort", "suffix", "verbosity"}
+)  # fmt: skip
+
+
+def check_fields(body: dict, allowed: frozenset[str]) -> None:
+    for key, value in body.items():
+        if key in allowed or key in INFORMATIONAL:
+            continue
+        if key == "response_format" and value in (None, {"type": "text"}):
+            continue
+        if key == "best_of" and value in (None, 1, body.get("n", 1)):
+            continue
+        if key in NOT_SUPPORTED or key in ("response_format", "best_of"):
+            raise invalid(f"'{key}' is not supported yet", key)
+        raise invalid(f"Unrecognized request argument supplied: {key}", key)
+
+
+def choices_count(body: dict) -> int:
+    n = typed(body, "n", int, 1)
+    if not 1 <= n <= MAX_N:
+        raise invalid(f"'n' must be between 1 and {MAX_N}", "n")
+    return n
+
+
+def include_usage(body: dict, stream: bool) -> bool:
+    options = typed(body, "stream_options", dict)
+    if options is None:
+        return False
+    if not stream:
+        raise invalid("stream_options is only allowed when stream is true", "stream_options")
+    return bool(typed(options, "include_usage", bool, False))
+
+
+def parameters(body: dict, max_tokens_key: str = "max_tokens") -> pb.GenerationParameters:
+    p = pb.GenerationParameters(temperature=float(typed(body, "temperature", (int, float), 1.0)))
+    for key in ("top_p", "typical_p", "repetition_penalty"):
+        if (value := typed(body, key, (int, float))) is not None:
+            setattr(p, key, float(value))
+    for key in ("min_p", "frequency_penalty", "presence_penalty"):
+        setattr(p, key, float(typed(body, key, (int, float), 0.0)))
+    if (top_k := typed(body, "top_k", int)) is not None:
+        if top_k < 0 and top_k != -1:  # -1 means off, as in vLLM
+            raise invalid("'top_k' must be >= 0 (or -1 for off)", "top_k")
+        p.top_k = max(top_k, 0)
+    if (seed := typed(body, "seed", int)) is not None:
+        p.seed = seed % (1 << 64)
+    max_tokens = typed(body, max_tokens_key, int)
+    if max_tokens is None and max_tokens_key != "max_tokens":
+        max_tokens = typed(body, "max_tokens", int)
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise invalid(f"'{max_tokens_key}' must be at least 1", max_tokens_key)
+        p.max_new_tokens = max_tokens
+    p.stop.extend(_stop(body))
+    p.ignore_eos = typed(body, "ignore_eos", bool, False)
+    if (min_tokens := typed(body, "min_tokens", int)) is not None:
+        if min_tokens < 0:
+            raise invalid("'min_tokens' must be >= 0", "min_tokens")
+        p.min_new_tokens = min_tokens
+    for token, bias in _logit_bias(body).items():
+        p.logit_bias[token] = bias
+    return p
+
+
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return list(stop)
+    raise invalid("'stop' must be a string or an array of strings", "stop")
+
+
+def _logit_bias(body: dict) -> dict[int, float]:
+    bias = typed(body, "logit_bias", dict, {})
+    result = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise invalid(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+        if token < 0 or isinstance(value, bool) or not isinstance(value, int | float):
+            raise invalid("logit_bias maps token ids to numbers in [-100, 100]", "logit_bias")
+        result[token] = float(value)
+    return result
+
+
+def seeds_for(p: pb.GenerationParameters, n: int) -> list[int | None]:
+    """Seeds of n choices: distinct when a seed is given, so that choices still differ."""
+    if not p.HasField("seed"):
+        return [None] * n
+    return [(p.seed + i) % (1 << 64) for i in range(n)]

@@ -1,0 +1,170 @@
+"""TGI's native API: ``/generate``, ``/generate_stream``, ``/`` (compat) and ``/info``.
+
+So that TGI users, and ``huggingface_hub.InferenceClient.text_generation``, work unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from facade import sse
+from facade.choices import StreamSet, generate_all
+from facade.errors import from_grpc, invalid
+from facade.json_body import json_response, read_json
+from facade.params import typed
+from facade.state import ROUTER
+from protos import router_pb2 as pb
+
+TGI_FINISH = {
+    pb.FINISH_REASON_STOP: "eos_token",
+    pb.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
+    pb.FINISH_REASON_LENGTH: "length",
+}
+_ACCEPTED = frozenset(
+    {"best_of", "decoder_input_details", "details", "do_sample", "frequency_penalty", "max_new_tokens",
+     "repetition_penalty", "return_full_text", "seed", "stop", "temperature", "top_k", "top_n_tokens", "top_p",
+     "typical_p", "truncate", "watermark", "grammar", "adapter_id"}
+)  # fmt: skip
+#: Accepted only at their neutral value: anything else would change the output and is not implemented.
+_NEUTRAL: dict[str, Any] = {
+    "best_of": 1, "decoder_input_details": False, "truncate": None, "watermark": False, "grammar": None,
+    "adapter_id": None,
+}  # fmt: skip
+
+
+def _parameters(body: dict) -> tuple[pb.GenerateRequest, dict]:
+    inputs = body.get("inputs")
+    if not isinstance(inputs, str) or not inputs:
+        raise invalid("'inputs' must be a non-empty string", "inputs")
+    raw = typed(body, "parameters", dict, {})
+    given = {k: v for k, v in raw.items() if v is not None}
+    for key, value in given.items():
+        if key not in _ACCEPTED:
+            raise invalid(f"unknown parameter '{key}'", key)
+        if key in _NEUTRAL and value != _NEUTRAL[key]:
+            raise invalid(f"'{key}' is not supported yet", key)
+    sampling = given.get("do_sample", False) or any(
+        key in given and given[key] != neutral
+        for key, neutral in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0), ("typical_p", 1.0))
+    )
+    p = pb.GenerationParameters(temperature=float(typed(given, "temperature", (int, float), 1.0)) if sampling else 0.0)
+    for key in ("top_p", "typical_p", "repetition_penalty"):
+        if key in given:
+            setattr(p, key, float(typed(given, key, (int, float))))
+    p.frequency_penalty = float(typed(given, "frequency_penalty", (int, float), 0.0))
+    p.top_k = typed(given, "top_k", int, 0)
+    if "seed" in given:
+        p.seed = typed(given, "seed", int) % (1 << 64)
+    if "max_new_tokens" in given:
+        p.max_new_tokens = typed(given, "max_new_tokens", int)
+    stops = typed(given, "stop", list, [])
+    if not all(isinstance(s, str) for s in stops):
+        raise invalid("'stop' must be a list of strings", "stop")
+    p.stop.extend(stops)
+    p.top_n_tokens = typed(given, "top_n_tokens", int, 0)
+    p.logprobs = True  # TGI reports every token's text
+    return pb.GenerateRequest(prompt=inputs, parameters=p), given
+
+
+def _token(t: Any) -> dict[str, Any]:
+    return {"id": t.id, "text": t.text, "logprob": t.logprob, "special": t.special}
+
+
+def _details(answer: Any, tokens: list, seed: int | None, top_n: int) -> dict[str, Any]:
+    details: dict[str, Any] = {
+        "finish_reason": TGI_FINISH[answer.finish_reason],
+        "generated_tokens": answer.usage.completion_tokens,
+        "seed": seed,
+        "prefill": [],
+        "tokens": [_token(t) for t in tokens],
+    }
+    if top_n:
+        details["top_tokens"] = [[{**_token(a), "special": False} for a in t.top] for t in tokens]
+    return details
+
+
+async def generate(request: web.Request) -> web.Response:
+    message, given = _parameters(await read_json(request))
+    [answer] = await generate_all(request.app[ROUTER], [message])
+    text = (message.prompt if given.get("return_full_text") else "") + answer.text
+    body: dict[str, Any] = {"generated_text": text}
+    if given.get("details"):
+        seed = message.parameters.seed if message.parameters.temperature > 0 else None
+        body["details"] = _details(answer, list(answer.tokens), seed, message.parameters.top_n_tokens)
+    return json_response(body)
+
+
+async def generate_stream(request: web.Request) -> web.StreamResponse:
+    return await _stream(request, *_parameters(await read_json(request)))
+
+
+async def _stream(request: web.Request, message: pb.GenerateRequest, given: dict) -> web.StreamResponse:
+    streams = StreamSet(request.app[ROUTER], [message])
+    await streams.start()
+    response = await sse.open_stream(request)
+    text = message.prompt if given.get("return_full_text") else ""
+    try:
+        async for _, m in sse.guarded(response, streams.messages()):
+            text += m.text
+            for k, t in enumerate(m.tokens):
+                last = m.finish_reason and k == len(m.tokens) - 1
+                event: dict[str, Any] = {"index": 0, "token": _token(t), "generated_text": None, "details": None}
+                if message.parameters.top_n_tokens:
+                    event["top_tokens"] = [_token(a) for a in t.top]
+                if last:
+                    event["generated_text"] = text
+                    event["details"] = {
+                        "finish_reason": TGI_FINISH[m.finish_reason],
+                        "generated_tokens": m.usage.completion_tokens,
+                        "seed": message.parameters.seed if message.parameters.temperature > 0 else None,
+                    }
+                await response.write(b"data:" + orjson.dumps(event) + b"\n\n")
+    finally:
+        streams.close()
+    return response
+
+
+async def compat(request: web.Request) -> web.StreamResponse:
+    """``POST /``: /generate_stream when ``stream`` is true, else /generate."""
+    body = await read_json(request)
+    message, given = _parameters(body)
+    if isinstance(body, dict) and body.get("stream"):
+        return await _stream(request, message, given)
+    [answer] = await generate_all(request.app[ROUTER], [message])
+    text = (message.prompt if given.get("return_full_text") else "") + answer.text
+    result: dict[str, Any] = {"generated_text": text}
+    if given.get("details"):
+        result["details"] = _details(answer, list(answer.tokens), None, message.parameters.top_n_tokens)
+    return json_response(result)
+
+
+async def info(request: web.Request) -> web.Response:
+    try:
+        i = await request.app[ROUTER].Info(pb.InfoRequest(), timeout=10)
+    except Exception as exc:
+        if hasattr(exc, "code"):
+            raise from_grpc(exc) from exc  # type: ignore[arg-type]
+        raise
+    return json_response(
+        {
+            "model_id": i.model_id,
+            "model_sha": None,
+            "model_dtype": i.dtype,
+            "model_device_type": i.device.split(":")[0],
+            "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": i.max_concurrent_requests,
+            "max_best_of": 1,
+            "max_stop_sequences": i.max_stop_sequences,
+            "max_input_tokens": i.max_input_tokens,
+            "max_total_tokens": i.max_total_tokens,
+            "validation_workers": 1,
+            "max_client_batch_size": 1,
+            "router": "switchyard",
+            "version": i.version,
+            "sha": None,
+            "docker_label": None,
+        }
+    )

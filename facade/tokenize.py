@@ -1,0 +1,46 @@
+"""``POST /tokenize`` and ``POST /detokenize``, in the shapes vLLM serves (``vllm bench serve`` uses them)."""
+
+from __future__ import annotations
+
+import grpc
+from aiohttp import web
+
+from facade.errors import from_grpc, invalid
+from facade.json_body import json_response, read_json
+from facade.openai_chat import parse_chat
+from facade.params import typed
+from facade.state import ROUTER
+from protos import router_pb2 as pb
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object")
+    if "messages" in body:
+        chat = parse_chat({"messages": body["messages"], "model": body.get("model", "tgi")})
+        message = pb.TokenizeRequest(chat=chat.requests[0].chat)
+    else:
+        prompt = typed(body, "prompt", str)
+        if prompt is None:
+            raise invalid("'prompt' (a string) or 'messages' is required", "prompt")
+        message = pb.TokenizeRequest(prompt=prompt)
+    try:
+        router = request.app[ROUTER]
+        answer = await router.Tokenize(message)
+        info = await router.Info(pb.InfoRequest())
+    except grpc.aio.AioRpcError as exc:
+        raise from_grpc(exc) from exc
+    return json_response({"count": len(answer.ids), "max_model_len": info.max_total_tokens, "tokens": list(answer.ids)})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    tokens = body.get("tokens") if isinstance(body, dict) else None
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and t >= 0 for t in tokens):
+        raise invalid("'tokens' must be an array of token ids", "tokens")
+    try:
+        answer = await request.app[ROUTER].Detokenize(pb.DetokenizeRequest(ids=tokens))
+    except grpc.aio.AioRpcError as exc:
+        raise from_grpc(exc) from exc
+    return json_response({"prompt": answer.text})
