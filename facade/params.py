@@ -89,7 +89,8 @@ def parameters(body: dict, max_tokens_key: str = "max_tokens") -> pb.GenerationP
         p.seed = seed % (1 << 64)
     max_tokens = typed(body, max_tokens_key, int)
     if max_tokens is None and max_tokens_key != "max_tokens":
-        max_tokens = typed(body, "max_tokens", int)
+        max_tokens_key = "max_tokens"
+        max_tokens = typed(body, max_tokens_key, int)
     if max_tokens is not None:
         if max_tokens < 1:
             raise invalid(f"'{max_tokens_key}' must be at least 1", max_tokens_key)
