@@ -28,7 +28,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy router shard facade launcher common benchmarks tests
+	$(BIN)/mypy router shard facade launcher common benchmarks tests tools
 
 # Regenerates protos/*_pb2*.py from protos/*.proto (the one generated package).
 protos: $(STAMP)

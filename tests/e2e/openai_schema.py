@@ -23,6 +23,6 @@ def _registry() -> tuple[dict, Registry]:
 
 def validate(schema_name: str, instance: Any) -> None:
     """Raises jsonschema.ValidationError if ``instance`` does not match OpenAI's ``schema_name``."""
-    document, registry = _registry()
+    _document, registry = _registry()
     schema = {"$ref": f"urn:openai#/components/schemas/{schema_name}"}
     Draft202012Validator(schema, registry=registry).validate(instance)
