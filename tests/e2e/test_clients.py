@@ -1,0 +1,118 @@
+"""Every client our users already use, as its documentation shows, against the running stack."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ROOT, free_port, running_stack
+
+KEY = "sk-clients"
+QUESTION = "Say something about trains."
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model_dir):
+    with running_stack({"MODEL_ID": str(tiny_model_dir("llama")), "API_KEY": KEY}) as url:
+        yield url
+
+
+def test_openai_python_sync_and_async(stack):
+    client = openai.OpenAI(base_url=f"{stack}/v1/", api_key=KEY)
+    messages = [{"role": "user", "content": QUESTION}]
+    whole = client.chat.completions.create(model="tgi", messages=messages, max_tokens=12, temperature=0)
+    parts = client.chat.completions.create(model="tgi", messages=messages, max_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in parts) == whole.choices[0].message.content
+
+    async def run() -> tuple[str, str]:
+        aclient = openai.AsyncOpenAI(base_url=f"{stack}/v1/", api_key=KEY)
+        a = await aclient.chat.completions.create(model="tgi", messages=messages, max_tokens=12, temperature=0)
+        s = await aclient.chat.completions.create(
+            model="tgi", messages=messages, max_tokens=12, temperature=0, stream=True
+        )
+        return a.choices[0].message.content or "", "".join([c.choices[0].delta.content or "" async for c in s])
+
+    a_whole, a_streamed = asyncio.run(run())
+    assert a_whole == a_streamed == whole.choices[0].message.content
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_openai_javascript_client(stack):
+    script = ROOT / "tests" / "js" / "chat.mjs"
+    assert (ROOT / "tests" / "js" / "node_modules" / "openai").exists(), "run `make test` (it installs the npm client)"
+    out = subprocess.run(["node", str(script), f"{stack}/v1", KEY], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["streamed"] == result["whole"] and result["whole"]
+
+
+def test_langchain_chat_openai(stack):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model="tgi", base_url=f"{stack}/v1/", api_key=KEY, max_tokens=12, temperature=0)
+    answer = llm.invoke(QUESTION)
+    streamed = "".join(chunk.content for chunk in llm.stream(QUESTION))
+    assert answer.content and streamed == answer.content
+
+
+def test_llamaindex_openai_like(stack):
+    from llama_index.core.llms import ChatMessage
+    from llama_index.llms.openai_like import OpenAILike
+
+    llm = OpenAILike(model="tgi", api_base=f"{stack}/v1", api_key=KEY, is_chat_model=True, max_tokens=12, temperature=0)
+    completed = llm.complete(QUESTION)
+    chatted = llm.chat([ChatMessage(role="user", content=QUESTION)])
+    streamed = "".join(r.delta or "" for r in llm.stream_complete(QUESTION))
+    assert completed.text and chatted.message.content == completed.text and streamed == completed.text
+
+
+def test_huggingface_inference_client(stack):
+    from huggingface_hub import InferenceClient
+
+    client = InferenceClient(base_url=f"{stack}/v1/", api_key=KEY)
+    messages = [{"role": "user", "content": QUESTION}]
+    whole = client.chat_completion(messages, max_tokens=12, temperature=0)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat_completion(messages, max_tokens=12, temperature=0, stream=True)
+    )
+    assert streamed == whole.choices[0].message.content
+    native = InferenceClient(model=stack, token=KEY)
+    text = native.text_generation("Once upon a time", max_new_tokens=6)
+    tokens = list(native.text_generation("Once upon a time", max_new_tokens=6, stream=True))
+    assert text and "".join(tokens) == text
+    details = native.text_generation("Once upon a time", max_new_tokens=6, details=True)
+    assert details.generated_text == text and details.details.generated_tokens == 6
+
+
+def test_facade_without_router_is_503_not_500(tmp_path: Path):
+    port = free_port()
+    dead_router = f"unix://{tmp_path / 'nobody.sock'}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "facade", "--port", str(port), "--hostname", "127.0.0.1", "--router", dead_router],
+        cwd=ROOT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                health = httpx.get(f"{url}/health", timeout=10)
+                break
+            except httpx.ConnectError:
+                import time
+
+                time.sleep(0.1)
+        assert health.status_code == 503
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+    finally:
+        proc.terminate()
+        proc.wait(10)
