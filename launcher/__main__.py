@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -53,38 +54,19 @@ def start_services(args: argparse.Namespace, supervisor: Supervisor, sockets: st
     model = ["--model-id", args.model_id] if args.model_id else []
     shard_prefix = os.path.join(sockets, "shard")
     router_socket = f"unix://{os.path.join(sockets, 'router.sock')}"
+    rendezvous = ["--master-port", str(_free_port())] if args.num_shard > 1 else []
     for rank in range(args.num_shard):
-        supervisor.start(
-            f"shard-{rank}",
-            [
-                "-m",
-                "shard",
-                *model,
-                "--uds-path",
-                shard_prefix,
-                "--rank",
-                str(rank),
-                "--world-size",
-                str(args.num_shard),
-            ],
-        )
-    supervisor.start(
-        "router",
-        ["-m", "router", *model, "--listen", router_socket, "--shard-uds-path", shard_prefix],
-    )
-    supervisor.start(
-        "facade",
-        [
-            "-m",
-            "facade",
-            "--hostname",
-            args.hostname,
-            "--port",
-            str(args.port),
-            "--router",
-            router_socket,
-        ],
-    )
+        shard = ["-m", "shard", *model, "--uds-path", shard_prefix, "--rank", str(rank)]
+        supervisor.start(f"shard-{rank}", [*shard, "--world-size", str(args.num_shard), *rendezvous])
+    supervisor.start("router", ["-m", "router", *model, "--listen", router_socket, "--shard-uds-path", shard_prefix])
+    facade = ["-m", "facade", "--hostname", args.hostname, "--port", str(args.port), "--router", router_socket]
+    supervisor.start("facade", facade)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def wait_ready(url: str, supervisor: Supervisor, timeout_s: float) -> None:

@@ -48,6 +48,8 @@ class ShardClient:
         await asyncio.wait_for(first.channel_ready(), timeout)
         urls = (await pb_grpc.ShardServiceStub(first).ServiceDiscovery(pb.ServiceDiscoveryRequest())).urls
         channels = [first] + [grpc.aio.insecure_channel(u, options=_CHANNEL_OPTIONS) for u in urls[1:]]
+        # Every rank must be up before the first step: they run it together.
+        await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels[1:])), timeout)
         return cls(channels)
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import os
 import signal
@@ -32,6 +33,23 @@ def pick_device(config: ShardConfig) -> torch.device:
     return device
 
 
+def join_process_group(config: ShardConfig, device: torch.device) -> None:
+    """Joins the ranks of this model replica: NCCL between GPUs, gloo on CPU."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    log.info("rank %d/%d joining %s process group at %s:%d", config.rank, config.world_size, backend,
+             config.master_addr, config.master_port)  # fmt: skip
+    torch.distributed.init_process_group(
+        backend,
+        init_method=f"tcp://{config.master_addr}:{config.master_port}",
+        rank=config.rank,
+        world_size=config.world_size,
+        # A rank that dies mid-collective must not hang the others for the default 30 minutes.
+        timeout=datetime.timedelta(seconds=120),
+    )
+
+
 async def serve(config: ShardConfig) -> None:
     try:
         source = resolve_model(config.model_id)
@@ -39,8 +57,10 @@ async def serve(config: ShardConfig) -> None:
         raise SystemExit(str(exc)) from exc
     device = pick_device(config)
     dtype = choose_dtype(config.dtype, device)
-    model = load_model(source, dtype, device)
-    engine = Engine(model, device, config.block_size, config.kv_cache_fraction)
+    if config.world_size > 1:
+        join_process_group(config, device)
+    model = load_model(source, dtype, device, config.world_size)
+    engine = Engine(model, device, config.block_size, config.kv_cache_fraction, config.world_size)
     architecture = (model.config.architectures or [type(model).__name__])[0]
     servicer = ShardServicer(engine, config, source.display_name, architecture)
     if not config.listen:

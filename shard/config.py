@@ -23,6 +23,9 @@ class ShardConfig:
     block_size: int
     #: Fraction of free memory (after the weights) the KV cache may take.
     kv_cache_fraction: float
+    #: Where rank 0 listens for torch.distributed's rendezvous (tensor parallelism).
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
 
     @property
     def address(self) -> str:
@@ -63,6 +66,8 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardCon
         default=env_float(env, "KV_CACHE_FRACTION", default=0.25),
         help="share of free memory for the KV cache when the router does not fix its size",
     )
+    p.add_argument("--master-addr", default=env_str(env, "MASTER_ADDR", default="127.0.0.1"), help="[MASTER_ADDR]")
+    p.add_argument("--master-port", type=int, default=env_int(env, "MASTER_PORT", default=29500), help="[MASTER_PORT]")
     a = p.parse_args(argv)
     if a.block_size < 1 or not 0 < a.kv_cache_fraction <= 1:
         p.error("--block-size must be >= 1 and --kv-cache-fraction in (0, 1]")
@@ -76,4 +81,6 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardCon
         listen=a.listen,
         block_size=a.block_size,
         kv_cache_fraction=a.kv_cache_fraction,
+        master_addr=a.master_addr,
+        master_port=a.master_port,
     )

@@ -55,8 +55,12 @@ class StepResult:
 
 
 class Engine:
-    def __init__(self, model: PreTrainedModel, device: torch.device, block_size: int, kv_fraction: float):
+    def __init__(
+        self, model: PreTrainedModel, device: torch.device, block_size: int, kv_fraction: float, world_size: int = 1
+    ):
         self.model = model
+        #: Tensor-parallel ranks: each holds 1/world_size of the KV heads.
+        self.world_size = world_size
         self.device = device
         self.block_size = block_size
         self.kv_fraction = kv_fraction
@@ -71,7 +75,7 @@ class Engine:
 
     def warmup(self, max_prefill_tokens: int, max_batch_size: int, max_total_tokens: int) -> int:
         """Allocates the KV cache and runs one step through it; returns the number of blocks."""
-        layout = kv_layout_of(self.model.config, self.dtype)
+        layout = kv_layout_of(self.model.config, self.dtype, self.world_size)
         budget = kv_budget_bytes(self.device, self.kv_fraction)
         per_block = layout.bytes_per_token() * self.block_size
         affordable = budget // per_block

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.distributed import DistributedConfig
 
 from common.model_source import ModelSource
 from shard import attention
@@ -39,17 +40,42 @@ def choose_dtype(requested: str | None, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
-def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
-    log.info("loading %s (%s) on %s", source.display_name, dtype, device)
+def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, world_size: int = 1) -> PreTrainedModel:
+    """The model with our paged attention; split across ``world_size`` ranks by its tensor-parallel plan.
+
+    Tensor parallelism uses transformers' own plans (``tp_plan="auto"``), so any
+    architecture that ships one can be sharded; torch.distributed must already
+    be initialised.
+    """
+    log.info("loading %s (%s) on %s, rank 1/%d of the weights", source.display_name, dtype, device, world_size)
     config = AutoConfig.from_pretrained(source.path_or_id, **source.pretrained_kwargs())
     if not getattr(config, "is_decoder", True) or getattr(config, "is_encoder_decoder", False):
         raise SystemExit(f"{source.display_name} is not a decoder-only causal LM")
+    extra: dict = {}
+    if world_size > 1:
+        _check_shardable(config, source, world_size)
+        extra["distributed_config"] = DistributedConfig(tp_size=world_size, tp_plan="auto")
     model = AutoModelForCausalLM.from_pretrained(
         source.path_or_id,
         **source.pretrained_kwargs(),
         dtype=dtype,
         attn_implementation=attention.register(),
+        **extra,
     )
-    model.to(device).eval()  # type: ignore[arg-type,call-arg]
+    if world_size == 1:
+        model.to(device)  # type: ignore[arg-type,call-arg]
+    model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _check_shardable(config, source: ModelSource, world_size: int) -> None:  # type: ignore[no-untyped-def]
+    text = config.get_text_config()
+    if source.gguf_file:
+        raise SystemExit("tensor parallelism needs safetensors weights; GGUF models run with NUM_SHARD=1")
+    if not getattr(text, "base_model_tp_plan", None):
+        raise SystemExit(f"{type(config).__name__} has no tensor-parallel plan in transformers: use NUM_SHARD=1")
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if heads % world_size or kv_heads % world_size:
+        raise SystemExit(f"NUM_SHARD={world_size} must divide the attention heads ({heads}) and KV heads ({kv_heads})")

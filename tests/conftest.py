@@ -38,6 +38,13 @@ def free_port() -> int:
 @contextmanager
 def running_stack(env_overrides: dict[str, str], timeout_s: float = 240.0) -> Iterator[str]:
     """Runs ``python -m launcher`` (shard, router, facade processes); yields the base URL."""
+    with launched_stack(env_overrides, timeout_s) as (url, _):
+        yield url
+
+
+@contextmanager
+def launched_stack(env_overrides: dict[str, str], timeout_s: float = 240.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Like ``running_stack``, also yielding the launcher process."""
     port = free_port()
     env = {**os.environ, "DTYPE": "float32", "MAX_BATCH_TOTAL_TOKENS": "16384", **env_overrides}
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"switchyard-stack-{port}.log"
@@ -52,7 +59,7 @@ def running_stack(env_overrides: dict[str, str], timeout_s: float = 240.0) -> It
         url = f"http://127.0.0.1:{port}"
         try:
             _wait_healthy(url, proc, log, timeout_s)
-            yield url
+            yield url, proc
         finally:
             proc.terminate()
             try:

@@ -38,7 +38,9 @@ async def facade_client(aiohttp_client, tmp_path):
 
 
 async def test_error_after_stream_start_is_an_sse_event(facade_client):
-    r = await facade_client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stream": True})
+    r = await facade_client.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    )
     assert r.status == 200
     events = [line[6:] for line in (await r.text()).splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"

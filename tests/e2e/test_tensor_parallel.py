@@ -1,0 +1,79 @@
+"""Tensor parallelism on CPU (gloo): 2 ranks give the 1-rank tokens; a dying rank never hangs anything."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+
+import openai
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import launched_stack, running_stack
+
+QUESTIONS = ["Hi", "Tell me about the longest railway tunnel in the world and how it was built.", "Why?"]
+TOKENS = 12
+
+
+def oracle(model_dir, question: str) -> str:
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    messages = [{"role": "user", "content": question}]
+    ids = tok.encode(
+        tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+    )
+    out = model.generate(torch.tensor([ids]), max_new_tokens=TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return tok.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True)
+
+
+async def ask_all(url: str) -> list[str]:
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1/", api_key="-")
+
+    async def one(q: str) -> str:
+        r = await client.chat.completions.create(
+            model="tgi",
+            messages=[{"role": "user", "content": q}],
+            max_tokens=TOKENS,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        return r.choices[0].message.content or ""
+
+    return list(await asyncio.gather(*(one(q) for q in QUESTIONS)))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_two_ranks_match_one(kind, tiny_model_dir):
+    model_dir = tiny_model_dir(kind)
+    with running_stack({"MODEL_ID": str(model_dir), "NUM_SHARD": "2"}) as url:
+        answers = asyncio.run(ask_all(url))
+    assert answers == [oracle(model_dir, q) for q in QUESTIONS]
+
+
+def _child_pid(parent: int, needle: str) -> int:
+    out = subprocess.run(["pgrep", "-P", str(parent), "-f", needle], capture_output=True, text=True)
+    return int(out.stdout.split()[0])
+
+
+def test_a_dying_rank_fails_requests_and_stops_the_group(tiny_model_dir):
+    env = {"MODEL_ID": str(tiny_model_dir("llama")), "NUM_SHARD": "2"}
+    with launched_stack(env) as (url, launcher):
+        client = openai.OpenAI(base_url=f"{url}/v1/", api_key="-", max_retries=0, timeout=60)
+        stream = client.chat.completions.create(
+            model="tgi",
+            messages=[{"role": "user", "content": "Go on forever."}],
+            max_tokens=900,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        started = time.monotonic()
+        with pytest.raises(openai.APIError):  # an SSE error event, or the connection closing
+            for i, _ in enumerate(stream):
+                if i == 3:
+                    os.kill(_child_pid(launcher.pid, "shard.*--rank 1"), signal.SIGKILL)
+        assert time.monotonic() - started < 60, "the stream hung after a rank died"
+        assert launcher.wait(timeout=60) != 0  # the launcher stopped the whole group
