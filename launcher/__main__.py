@@ -47,6 +47,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=env_int(env, "PORT", default=8080))
     p.add_argument("--num-shard", type=int, default=env_int(env, "NUM_SHARD", default=1))
     p.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S)
+    p.add_argument(
+        "role",
+        nargs="?",
+        choices=["all", "shards"],
+        default="all",
+        help="all: shards, router and facade (default); shards: only the ranks of one replica, over TCP "
+        "(the docker compose shard service)",
+    )
+    p.add_argument("--shard-listen", default=env_str(env, "SHARD_LISTEN", default="0.0.0.0:50060"),
+                   help="shards role: rank r listens on this port + r [SHARD_LISTEN]")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -61,6 +71,34 @@ def start_services(args: argparse.Namespace, supervisor: Supervisor, sockets: st
     supervisor.start("router", ["-m", "router", *model, "--listen", router_socket, "--shard-uds-path", shard_prefix])
     facade = ["-m", "facade", "--hostname", args.hostname, "--port", str(args.port), "--router", router_socket]
     supervisor.start("facade", facade)
+
+
+def start_shards_over_tcp(args: argparse.Namespace, supervisor: Supervisor) -> None:
+    """All ranks of one model replica, rank r on port base + r (their host comes from SHARD_ADVERTISE_HOST)."""
+    model = ["--model-id", args.model_id] if args.model_id else []
+    host, port = args.shard_listen.rsplit(":", 1)
+    rendezvous = ["--master-port", str(_free_port())] if args.num_shard > 1 else []
+    for rank in range(args.num_shard):
+        listen = f"{host}:{int(port) + rank}"
+        shard = ["-m", "shard", *model, "--listen", listen, "--rank", str(rank), "--world-size", str(args.num_shard)]
+        supervisor.start(f"shard-{rank}", [*shard, *rendezvous])
+
+
+def supervise_shards(args: argparse.Namespace) -> None:
+    supervisor = Supervisor()
+    try:
+        start_shards_over_tcp(args, supervisor)
+        while (dead := supervisor.dead()) is None:
+            time.sleep(0.5)
+        print(f"switchyard: {dead[0]} exited with code {dead[1]}; stopping the replica", file=sys.stderr, flush=True)
+        code = 1
+    except Interrupted:
+        code = 0
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        supervisor.stop()
+    sys.exit(code)
 
 
 def _free_port() -> int:
@@ -99,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    if args.role == "shards":
+        supervise_shards(args)
     supervisor = Supervisor()
     host = "127.0.0.1" if args.hostname in ("0.0.0.0", "::") else args.hostname
     url = f"http://{host}:{args.port}"

@@ -74,9 +74,7 @@ def _fit_to_cache(config: RouterConfig, limits: Limits, capacity: int) -> Limits
     """One request must always fit the KV cache alone, or preemption could not make progress."""
     if limits.max_total_tokens <= capacity:
         return limits
-    if config.max_total_tokens:
-        raise SystemExit(f"MAX_TOTAL_TOKENS={config.max_total_tokens} exceeds the {capacity} KV tokens allocated")
-    log.warning("max_total_tokens lowered to the KV cache's %d tokens", capacity)
+    log.warning("max_total_tokens lowered to the %d KV tokens the shards could allocate", capacity)
     return dataclasses.replace(
         limits, max_input_tokens=min(limits.max_input_tokens, capacity - 1), max_total_tokens=capacity
     )

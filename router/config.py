@@ -7,10 +7,13 @@ context length, the KV blocks allocated at Warmup) by ``Limits.resolve``.
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from common.settings import env_float, env_int, env_str
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,10 +57,14 @@ class Limits:
     def resolve(cls, config: RouterConfig, max_positions: int) -> Limits:
         total = config.max_total_tokens or max_positions
         if total > max_positions:
-            raise SystemExit(f"MAX_TOTAL_TOKENS={total} exceeds the model's {max_positions} positions")
-        inputs = config.max_input_tokens or total - 1
-        if inputs >= total:
-            raise SystemExit(f"MAX_INPUT_TOKENS={inputs} must be below MAX_TOTAL_TOKENS={total}")
+            # A TGI env block written for a longer-context model still starts.
+            log.warning(
+                "MAX_TOTAL_TOKENS=%d exceeds the model's %d positions: using %d", total, max_positions, max_positions
+            )
+            total = max_positions
+        inputs = min(config.max_input_tokens or total - 1, total - 1)
+        if config.max_input_tokens and config.max_input_tokens >= total:
+            log.warning("MAX_INPUT_TOKENS=%d must be below %d: using %d", config.max_input_tokens, total, inputs)
         prefill = config.max_batch_prefill_tokens or max(inputs, 4096)
         return cls(
             inputs, total, prefill, config.max_batch_size, config.waiting_served_ratio, config.max_waiting_tokens

@@ -23,6 +23,8 @@ class ShardConfig:
     block_size: int
     #: Fraction of free memory (after the weights) the KV cache may take.
     kv_cache_fraction: float
+    #: Host other services reach this shard at, when listening on TCP (e.g. its compose service name).
+    advertise_host: str | None = None
     #: Where rank 0 listens for torch.distributed's rendezvous (tensor parallelism).
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
@@ -34,7 +36,7 @@ class ShardConfig:
     def address_of(self, rank: int) -> str:
         if self.listen:
             host, port = self.listen.rsplit(":", 1)
-            return f"{host}:{int(port) + rank - self.rank}"
+            return f"{self.advertise_host or host}:{int(port) + rank - self.rank}"
         return f"unix://{self.uds_path}-{rank}"
 
 
@@ -66,6 +68,7 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardCon
         default=env_float(env, "KV_CACHE_FRACTION", default=0.25),
         help="share of free memory for the KV cache when the router does not fix its size",
     )
+    p.add_argument("--advertise-host", default=env_str(env, "SHARD_ADVERTISE_HOST"), help="[SHARD_ADVERTISE_HOST]")
     p.add_argument("--master-addr", default=env_str(env, "MASTER_ADDR", default="127.0.0.1"), help="[MASTER_ADDR]")
     p.add_argument("--master-port", type=int, default=env_int(env, "MASTER_PORT", default=29500), help="[MASTER_PORT]")
     a = p.parse_args(argv)
@@ -81,6 +84,7 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardCon
         listen=a.listen,
         block_size=a.block_size,
         kv_cache_fraction=a.kv_cache_fraction,
+        advertise_host=a.advertise_host,
         master_addr=a.master_addr,
         master_port=a.master_port,
     )

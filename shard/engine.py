@@ -8,6 +8,7 @@ positions that sample, and samples the whole batch at once.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +21,8 @@ from shard.errors import CapacityError, InvalidRequest
 from shard.kv_cache import PagedKVCache, kv_layout_of
 from shard.memory import kv_budget_bytes
 from shard.sampling import SamplingParams, SequenceView, sample
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -81,13 +84,20 @@ class Engine:
         affordable = budget // per_block
         wanted = -(-max_total_tokens // self.block_size) if max_total_tokens else affordable
         if wanted > affordable:
-            raise CapacityError(
-                f"MAX_BATCH_TOTAL_TOKENS={max_total_tokens} needs {wanted * per_block / 2**30:.2f} GiB "
-                f"of KV cache but the budget is {budget / 2**30:.2f} GiB "
-                f"({self.kv_fraction:.0%} of free memory); lower it or raise --kv-cache-fraction"
-            )
+            # As TGI does with paged attention: the memory budget bounds the cache,
+            # the requested figure is a ceiling, not an obligation.
+            log.warning(
+                "MAX_BATCH_TOTAL_TOKENS=%d needs %.2f GiB of KV cache but the budget is %.2f GiB "
+                "(%.0f%% of free memory): allocating %d tokens",
+                max_total_tokens, wanted * per_block / 2**30, budget / 2**30, self.kv_fraction * 100,
+                affordable * self.block_size,
+            )  # fmt: skip
+            wanted = affordable
         if wanted < 2:
-            raise CapacityError(f"KV budget of {budget} bytes holds fewer than 2 blocks")
+            raise CapacityError(
+                f"out of memory for the KV cache: a budget of {budget / 2**20:.1f} MiB "
+                f"({self.kv_fraction:.0%} of free memory) holds fewer than 2 blocks; raise --kv-cache-fraction"
+            )
         self.store.clear(None)
         self.cache = PagedKVCache(layout, int(wanted), self.block_size, self.device)
         self._warmup_step(min(max_prefill_tokens, self.cache.num_slots, self.max_positions))
