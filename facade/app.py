@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 from aiohttp import web
 
+from common.tracing import Tracing
 from facade.config import FacadeConfig
 from facade.errors import ApiError
 from facade.metrics import FacadeMetrics
 from facade.routes import ROUTES
 from facade.security import Cors, api_key_middleware
 from facade.state import METRICS, ROUTER, STARTED_AT
+from facade.tracing import tracing_middleware
 from protos import router_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,8 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
         return ApiError(500, f"internal error (fault id {fault_id})", "internal_error").response()
 
 
-def create_app(config: FacadeConfig) -> web.Application:
+def create_app(config: FacadeConfig, tracing: Tracing | None = None) -> web.Application:
+    tracing = tracing or Tracing()
     metrics = FacadeMetrics()
     cors = Cors(config.cors_allow_origin)
     # Outermost first: metrics see the status the error middleware settled on;
@@ -52,13 +55,16 @@ def create_app(config: FacadeConfig) -> web.Application:
     middlewares = [metrics.middleware(), openai_errors, cors.middleware()]
     if config.api_key:
         middlewares.append(api_key_middleware(config.api_key))
+    if tracing.provider is not None:
+        middlewares.insert(0, tracing_middleware(tracing))
     app = web.Application(middlewares=middlewares, client_max_size=config.payload_limit)
     app.on_response_prepare.append(cors.on_prepare)
     app[STARTED_AT] = int(time.time())
     app[METRICS] = metrics
 
     async def router_channel(app: web.Application) -> AsyncIterator[None]:
-        async with grpc.aio.insecure_channel(config.router) as channel:
+        # The trace context travels to the router in gRPC metadata.
+        async with grpc.aio.insecure_channel(config.router, interceptors=tracing.grpc_client_interceptors()) as channel:
             app[ROUTER] = router_pb2_grpc.RouterStub(channel)
             yield
 

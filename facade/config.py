@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from common.settings import env_int, env_str
+from common.tracing import add_tracing_args
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class FacadeConfig:
     api_key: str | None = None
     #: Origins allowed by CORS ("*" for any); empty = no CORS headers.
     cors_allow_origin: list[str] = field(default_factory=list)
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "switchyard-facade"
 
 
 def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> FacadeConfig:
@@ -35,6 +38,9 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> FacadeCo
     p.add_argument("--payload-limit", type=int, default=env_int(env, "PAYLOAD_LIMIT", default=2_000_000))
     p.add_argument("--api-key", default=env_str(env, "API_KEY"), help="[API_KEY]")
     p.add_argument("--cors-allow-origin", default=env_str(env, "CORS_ALLOW_ORIGIN", default=""))
+    add_tracing_args(p, env, "switchyard-facade")
     a = p.parse_args(argv)
     origins = [o.strip() for o in a.cors_allow_origin.split(",") if o.strip()]
-    return FacadeConfig(a.hostname, a.port, a.router, a.payload_limit, a.api_key, origins)
+    return FacadeConfig(
+        a.hostname, a.port, a.router, a.payload_limit, a.api_key, origins, a.otlp_endpoint, a.otlp_service_name
+    )

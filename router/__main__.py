@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from common.model_source import ModelNotFound, resolve_model
 from common.settings import process_env
+from common.tracing import setup_tracing
 from router.blocks import BlockAllocator
 from router.config import Limits, RouterConfig, parse_config
 from router.metrics import RouterMetrics
@@ -32,7 +33,8 @@ async def serve(config: RouterConfig) -> None:
         raise SystemExit(str(exc)) from exc
     tokenizer = Tokenizer.load(source)
     log.info("connecting to shards at %s", config.shard_entry)
-    shards = await ShardClient.connect(config.shard_entry, SHARD_CONNECT_TIMEOUT_S)
+    tracing = setup_tracing(config.otlp_service_name, config.otlp_endpoint)
+    shards = await ShardClient.connect(config.shard_entry, SHARD_CONNECT_TIMEOUT_S, tracing.grpc_client_interceptors())
     info = await shards.info()
     limits = Limits.resolve(config, info.max_position_embeddings)
     warm = await shards.warmup(
@@ -46,7 +48,8 @@ async def serve(config: RouterConfig) -> None:
         limits,
     )
     allocator = BlockAllocator(warm.num_blocks, warm.block_size)
-    scheduler = Scheduler(shards, allocator, limits, tokenizer, RouterMetrics())
+    tracer = tracing.tracer("switchyard.router")
+    scheduler = Scheduler(shards, allocator, limits, tokenizer, RouterMetrics(), tracer)
     validator = Validator(tokenizer, limits, config.max_stop_sequences, config.max_top_n_tokens, info.vocab_size)
     model = ServedModel(
         source.display_name,
@@ -55,8 +58,8 @@ async def serve(config: RouterConfig) -> None:
         shards.world_size,
         warm.max_supported_total_tokens,
     )
-    servicer = RouterServicer(scheduler, validator, model, config.max_concurrent_requests)
-    server = create_server(servicer, config.listen)
+    servicer = RouterServicer(scheduler, validator, model, config.max_concurrent_requests, tracer)
+    server = create_server(servicer, config.listen, tracing)
     await server.start()
     loop_task = asyncio.create_task(scheduler.run())
     log.info("router serving on %s", config.listen)
@@ -68,6 +71,7 @@ async def serve(config: RouterConfig) -> None:
     await server.stop(grace=5)
     loop_task.cancel()
     await shards.close()
+    tracing.shutdown()
 
 
 def _fit_to_cache(config: RouterConfig, limits: Limits, capacity: int) -> Limits:

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from common.settings import env_float, env_int, env_str
+from common.tracing import add_tracing_args
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ class RouterConfig:
     max_top_n_tokens: int
     waiting_served_ratio: float
     max_waiting_tokens: int
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "switchyard-router"
 
     @property
     def shard_entry(self) -> str:
@@ -103,6 +106,7 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> RouterCo
         default=env_float(env, "WAITING_SERVED_RATIO", default=1.2),
     )
     p.add_argument("--max-waiting-tokens", type=int, default=env_int(env, "MAX_WAITING_TOKENS", default=20))
+    add_tracing_args(p, env, "switchyard-router")
     a = p.parse_args(argv)
     for name in ("max_batch_size", "max_concurrent_requests"):
         if getattr(a, name) < 1:
@@ -122,4 +126,6 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> RouterCo
         max_top_n_tokens=a.max_top_n_tokens,
         waiting_served_ratio=a.waiting_served_ratio,
         max_waiting_tokens=a.max_waiting_tokens,
+        otlp_endpoint=a.otlp_endpoint,
+        otlp_service_name=a.otlp_service_name,
     )

@@ -7,6 +7,9 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from opentelemetry.context import Context
+from opentelemetry.trace import Span
+
 from router.blocks import NEW_CHAIN, Chain
 from router.stopping import TextStream
 
@@ -84,6 +87,10 @@ class Request:
     #: Whether events carry each token's text and alternatives (OpenAI logprobs).
     want_logprobs: bool = False
     arrived_at: float = field(default_factory=time.monotonic)
+    #: The caller's trace context (the public RPC's span): batch steps it joins are traced under it.
+    trace_context: Context | None = None
+    #: Open while the request waits in the queue.
+    queue_span: Span | None = None
     last_token_at: float | None = None
 
     @property

@@ -17,6 +17,8 @@ import logging
 import time
 from collections import deque
 
+from opentelemetry import trace
+
 from common.grpc_errors import ServiceError
 from router.blocks import NEW_CHAIN, BlockAllocator, OutOfBlocks
 from router.config import Limits
@@ -40,7 +42,9 @@ class Scheduler:
         limits: Limits,
         tokenizer: Tokenizer,
         metrics: RouterMetrics | None = None,
+        tracer: trace.Tracer | None = None,
     ):
+        self.tracer = tracer or trace.NoOpTracer()
         self.shards = shards
         self.allocator = allocator
         self.limits = limits
@@ -56,6 +60,7 @@ class Scheduler:
     # --- called by the API ------------------------------------------------------
 
     def submit(self, request: Request) -> None:
+        request.queue_span = self.tracer.start_span("queue", context=request.trace_context)
         self.metrics.requests.inc()
         self.metrics.input_length.observe(len(request.prompt_ids))
         self.waiting.append(request)
@@ -97,7 +102,8 @@ class Scheduler:
 
     async def _prefill(self, items: list[PrefillItem]) -> None:
         started = time.perf_counter()
-        answer = await self.shards.prefill(self.batch_id, items)
+        with self._step_span("prefill", [i.request for i in items]):
+            answer = await self.shards.prefill(self.batch_id, items)
         self._observe_step("prefill", started, answer)
         self._shard_members = answer.request_ids
         for item in items:
@@ -110,7 +116,8 @@ class Scheduler:
 
     async def _decode(self, extensions: dict[int, list[int]]) -> None:
         started = time.perf_counter()
-        answer = await self.shards.decode([self.batch_id], extensions)
+        with self._step_span("decode", [r for r in self.active if r.phase is Phase.DECODING]):
+            answer = await self.shards.decode([self.batch_id], extensions)
         self._decodes_since_admission += 1
         self._observe_step("decode", started, answer)
         self._shard_members = answer.request_ids
@@ -140,9 +147,23 @@ class Scheduler:
             r.phase = Phase.PREFILLING
             self.active.append(r)
             self.metrics.queue_duration.observe(time.monotonic() - r.arrived_at)
+            if r.queue_span is not None:
+                r.queue_span.end()
             items.append(item)
             budget -= item.chunk_len
         return items
+
+    def _step_span(self, name: str, requests: list[Request]):  # type: ignore[no-untyped-def]
+        """A span for one batch step, in the trace of its oldest request and linked to every other one.
+
+        It is current while the shards are called, so their spans join that trace.
+        """
+        contexts = [r.trace_context for r in requests if r.trace_context is not None]
+        links = [trace.Link(trace.get_current_span(c).get_span_context()) for c in contexts[1:]]
+        span = self.tracer.start_as_current_span(
+            name, context=contexts[0] if contexts else None, links=links, attributes={"switchyard.batch": len(requests)}
+        )
+        return span
 
     def _admission_due(self) -> bool:
         """TGI's policy for interrupting decode with a prefill of new arrivals.
@@ -244,6 +265,8 @@ class Scheduler:
 
     def _finish(self, r: Request, outcome: str) -> None:
         r.phase = Phase.FINISHED
+        if r.queue_span is not None and r.queue_span.is_recording():
+            r.queue_span.end()
         if r in self.active:
             self.active.remove(r)
         if r.blocks:

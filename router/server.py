@@ -9,8 +9,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from common.grpc_errors import ErrorInterceptor, ServiceError
+from common.tracing import Tracing
 from protos import router_pb2 as pb
 from protos import router_pb2_grpc as pb_grpc
 from router.request import Request, StreamEvent
@@ -48,7 +51,9 @@ class RouterServicer(pb_grpc.RouterServicer):
         validator: Validator,
         model: ServedModel,
         max_concurrent_requests: int,
+        tracer: trace.Tracer | None = None,
     ):
+        self.tracer = tracer or trace.NoOpTracer()
         self.scheduler = scheduler
         self.validator = validator
         self.model = model
@@ -60,7 +65,9 @@ class RouterServicer(pb_grpc.RouterServicer):
         """Admits a request and yields its events; a caller that goes away cancels it."""
         if self.in_flight >= self.max_concurrent:
             raise Overloaded(f"the server is overloaded: {self.max_concurrent} requests are in flight; retry later")
-        request: Request = self.validator.request(next(self._ids), message)
+        with self.tracer.start_as_current_span("validate"):
+            request: Request = self.validator.request(next(self._ids), message)
+        request.trace_context = otel_context.get_current()
         self.in_flight += 1
         finished = False
         try:
@@ -166,8 +173,9 @@ def _token_pb(t) -> pb.Token:  # type: ignore[no-untyped-def]
     return pb.Token(id=t.id, logprob=t.logprob, special=t.special, text=t.text, top=top)
 
 
-def create_server(servicer: RouterServicer, address: str) -> grpc.aio.Server:
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+def create_server(servicer: RouterServicer, address: str, tracing: Tracing | None = None) -> grpc.aio.Server:
+    tracing = tracing or Tracing()
+    server = grpc.aio.server(interceptors=[*tracing.grpc_server_interceptors(), ErrorInterceptor()])
     pb_grpc.add_RouterServicer_to_server(servicer, server)
     server.add_insecure_port(address)
     return server

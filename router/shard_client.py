@@ -42,12 +42,16 @@ class ShardClient:
         self._stubs = [pb_grpc.ShardServiceStub(c) for c in channels]
 
     @classmethod
-    async def connect(cls, entry: str, timeout: float) -> ShardClient:
-        """Connects to rank 0, then to every rank it lists."""
-        first = grpc.aio.insecure_channel(entry, options=_CHANNEL_OPTIONS)
+    async def connect(cls, entry: str, timeout: float, interceptors: list | None = None) -> ShardClient:
+        """Connects to rank 0, then to every rank it lists (``interceptors``: e.g. trace propagation)."""
+
+        def channel(target: str) -> grpc.aio.Channel:
+            return grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS, interceptors=interceptors or None)
+
+        first = channel(entry)
         await asyncio.wait_for(first.channel_ready(), timeout)
         urls = (await pb_grpc.ShardServiceStub(first).ServiceDiscovery(pb.ServiceDiscoveryRequest())).urls
-        channels = [first] + [grpc.aio.insecure_channel(u, options=_CHANNEL_OPTIONS) for u in urls[1:]]
+        channels = [first] + [channel(u) for u in urls[1:]]
         # Every rank must be up before the first step: they run it together.
         await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels[1:])), timeout)
         return cls(channels)

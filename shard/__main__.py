@@ -14,6 +14,7 @@ import torch
 
 from common.model_source import ModelNotFound, resolve_model
 from common.settings import process_env
+from common.tracing import setup_tracing
 from shard.config import ShardConfig, parse_config
 from shard.engine import Engine
 from shard.model_loader import choose_dtype, load_model
@@ -62,13 +63,14 @@ async def serve(config: ShardConfig) -> None:
     model = load_model(source, dtype, device, config.world_size)
     engine = Engine(model, device, config.block_size, config.kv_cache_fraction, config.world_size)
     architecture = (model.config.architectures or [type(model).__name__])[0]
-    servicer = ShardServicer(engine, config, source.display_name, architecture)
+    tracing = setup_tracing(config.otlp_service_name, config.otlp_endpoint)
+    servicer = ShardServicer(engine, config, source.display_name, architecture, tracing)
     if not config.listen:
         # A stale socket from a crashed run would make the bind fail.
         path = config.address.removeprefix("unix://")
         if os.path.exists(path):
             os.unlink(path)
-    server = create_server(servicer, config.address)
+    server = create_server(servicer, config.address, tracing)
     await server.start()
     log.info(
         "shard %d/%d serving %s on %s",
@@ -83,6 +85,7 @@ async def serve(config: ShardConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop(grace=5)
+    tracing.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

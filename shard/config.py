@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from common.settings import env_float, env_int, env_str
+from common.tracing import add_tracing_args
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class ShardConfig:
     #: Where rank 0 listens for torch.distributed's rendezvous (tensor parallelism).
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "switchyard-shard"
 
     @property
     def address(self) -> str:
@@ -71,6 +74,7 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardCon
     p.add_argument("--advertise-host", default=env_str(env, "SHARD_ADVERTISE_HOST"), help="[SHARD_ADVERTISE_HOST]")
     p.add_argument("--master-addr", default=env_str(env, "MASTER_ADDR", default="127.0.0.1"), help="[MASTER_ADDR]")
     p.add_argument("--master-port", type=int, default=env_int(env, "MASTER_PORT", default=29500), help="[MASTER_PORT]")
+    add_tracing_args(p, env, "switchyard-shard")
     a = p.parse_args(argv)
     if a.block_size < 1 or not 0 < a.kv_cache_fraction <= 1:
         p.error("--block-size must be >= 1 and --kv-cache-fraction in (0, 1]")
@@ -87,4 +91,6 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardCon
         advertise_host=a.advertise_host,
         master_addr=a.master_addr,
         master_port=a.master_port,
+        otlp_endpoint=a.otlp_endpoint,
+        otlp_service_name=a.otlp_service_name,
     )

@@ -11,6 +11,7 @@ from typing import TypeVar
 import grpc
 
 from common.grpc_errors import ErrorInterceptor
+from common.tracing import Tracing
 from protos import shard_pb2 as pb
 from protos import shard_pb2_grpc as pb_grpc
 from shard.config import ShardConfig
@@ -70,8 +71,11 @@ def generations_pb(result: StepResult) -> list[pb.Generation]:
 
 
 class ShardServicer(pb_grpc.ShardServiceServicer):
-    def __init__(self, engine: Engine, config: ShardConfig, model_name: str, architecture: str):
+    def __init__(
+        self, engine: Engine, config: ShardConfig, model_name: str, architecture: str, tracing: Tracing | None = None
+    ):
         self.engine = engine
+        self.tracer = (tracing or Tracing()).tracer("switchyard.shard")
         self.config = config
         self.model_name = model_name
         self.architecture = architecture
@@ -116,7 +120,11 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
     async def Prefill(self, request, context):
         started = time.perf_counter_ns()
         requests = [request_from_pb(r) for r in request.batch.requests]
-        result = await self._on_model_thread(lambda: self.engine.prefill(request.batch.id, requests))
+        with self.tracer.start_as_current_span("shard.prefill") as span:
+            result = await self._on_model_thread(lambda: self.engine.prefill(request.batch.id, requests))
+            span.set_attribute("switchyard.requests", len(requests))
+            span.set_attribute("switchyard.tokens", sum(r.chunk_len for r in requests))
+            span.set_attribute("switchyard.forward_ns", result.forward_ns)
         return pb.PrefillResponse(
             generations=generations_pb(result),
             batch=cached_batch_pb(result),
@@ -129,7 +137,10 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         started = time.perf_counter_ns()
         batch_ids = [b.id for b in request.batches]
         extensions = {x.request_id: list(x.blocks) for x in request.extensions}
-        result = await self._on_model_thread(lambda: self.engine.decode(batch_ids, extensions))
+        with self.tracer.start_as_current_span("shard.decode") as span:
+            result = await self._on_model_thread(lambda: self.engine.decode(batch_ids, extensions))
+            span.set_attribute("switchyard.requests", len(result.generations))
+            span.set_attribute("switchyard.forward_ns", result.forward_ns)
         return pb.DecodeResponse(
             generations=generations_pb(result),
             batch=cached_batch_pb(result),
@@ -149,9 +160,11 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         return pb.ClearCacheResponse()
 
 
-def create_server(servicer: ShardServicer, address: str) -> grpc.aio.Server:
+def create_server(servicer: ShardServicer, address: str, tracing: Tracing | None = None) -> grpc.aio.Server:
+    tracing = tracing or Tracing()
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()],
+        # Tracing outermost: the span records the status the error interceptor chose.
+        interceptors=[*tracing.grpc_server_interceptors(), ErrorInterceptor()],
         options=[
             ("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20),

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from common.model_source import resolve_model
+from router.tokenization import Tokenizer
 from tests.models import build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +29,12 @@ def tiny_model_dir(tmp_path_factory) -> Callable[[str], Path]:
         return built[kind]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir) -> Tokenizer:
+    """SmolLM2's tokenizer and chat template, as saved with the tiny models."""
+    return Tokenizer.load(resolve_model(str(tiny_model_dir("llama"))))
 
 
 def free_port() -> int:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.tracing import Tracing
 from protos import router_pb2 as pb
 from router.blocks import BlockAllocator
 from router.config import Limits
@@ -67,13 +68,16 @@ async def fake_router(
     waiting_served_ratio: float = 0.0,
     max_waiting_tokens: int = 0,
     engine: Any = None,
+    tracing: Tracing | None = None,
 ) -> AsyncIterator[Harness]:
     """The router over a shard server running ``engine`` (a FakeEngine unless given)."""
     engine = engine or FakeEngine(num_blocks, block_size, verify=verify)
     config = ShardConfig(None, None, "cpu", 0, 1, str(sockets / "shard"), None, block_size, 0.1)
-    server = create_server(ShardServicer(engine, config, "fake", "FakeForCausalLM"), config.address)  # type: ignore[arg-type]
+    tracing = tracing or Tracing()
+    servicer = ShardServicer(engine, config, "fake", "FakeForCausalLM", tracing)  # type: ignore[arg-type]
+    server = create_server(servicer, config.address, tracing)
     await server.start()
-    shards = await ShardClient.connect(config.address, timeout=10)
+    shards = await ShardClient.connect(config.address, timeout=10, interceptors=tracing.grpc_client_interceptors())
     try:
         limits = Limits(
             max_total_tokens - 1,
@@ -84,7 +88,7 @@ async def fake_router(
             max_waiting_tokens,
         )
         allocator = BlockAllocator(num_blocks, block_size)
-        scheduler = Scheduler(shards, allocator, limits, tokenizer)
+        scheduler = Scheduler(shards, allocator, limits, tokenizer, tracer=tracing.tracer("switchyard.router"))
         validator = Validator(tokenizer, limits, max_stop_sequences=4)
         yield Harness(scheduler, validator, engine, itertools.count(1))
     finally:

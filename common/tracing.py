@@ -1,0 +1,68 @@
+"""OpenTelemetry tracing, shared by every service: on with OTLP_ENDPOINT, off and free without.
+
+Spans are exported over OTLP/gRPC. The W3C trace context travels in HTTP headers
+into the facade and in gRPC metadata facade -> router -> shards, carried by the
+OpenTelemetry instrumentations for aiohttp and gRPC. No global provider is
+installed: each service hands its own to the instrumentations, so tests can run
+several services in one process with an in-memory exporter.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from common.settings import env_str
+
+
+@dataclass(frozen=True)
+class Tracing:
+    #: None when tracing is off: no spans are made, nothing is exported.
+    provider: TracerProvider | None = None
+
+    def tracer(self, name: str) -> trace.Tracer:
+        return self.provider.get_tracer(name) if self.provider else trace.NoOpTracer()
+
+    def grpc_server_interceptors(self) -> list:
+        if self.provider is None:
+            return []
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+        return [aio_server_interceptor(tracer_provider=self.provider)]
+
+    def grpc_client_interceptors(self) -> list:
+        if self.provider is None:
+            return []
+        from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+        return list(aio_client_interceptors(tracer_provider=self.provider))
+
+    def shutdown(self) -> None:
+        if self.provider is not None:
+            self.provider.shutdown()
+
+
+def add_tracing_args(p: argparse.ArgumentParser, env: Mapping[str, str], service: str) -> None:
+    p.add_argument("--otlp-endpoint", default=env_str(env, "OTLP_ENDPOINT"), help="OTLP/gRPC collector [OTLP_ENDPOINT]")
+    p.add_argument(
+        "--otlp-service-name", default=env_str(env, "OTLP_SERVICE_NAME", default=service), help="[OTLP_SERVICE_NAME]"
+    )
+
+
+def setup_tracing(service_name: str, otlp_endpoint: str | None, processor: SpanProcessor | None = None) -> Tracing:
+    """Tracing for one service; ``processor`` replaces the OTLP exporter (tests use an in-memory one)."""
+    if not otlp_endpoint and processor is None:
+        return Tracing()
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    if processor is None:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        processor = BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True))
+    provider.add_span_processor(processor)
+    return Tracing(provider)
