@@ -37,13 +37,24 @@ class Supervisor:
                 return name, code
         return None
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM everyone, then SIGKILL whoever is still there after ``grace_s``."""
-        for child in self.children.values():
+    def stop(self, grace_s: float = 70.0, first: tuple[str, ...] = ("facade", "router")) -> None:
+        """Stops the ``first`` services, then the rest, each group SIGTERM then SIGKILL after ``grace_s``.
+
+        Front to back: the facade and router drain their in-flight requests while
+        the shards they need are still there.
+        """
+        front = [c for name, c in self.children.items() if name in first]
+        back = [c for name, c in self.children.items() if name not in first]
+        for group in (front, back):
+            self._stop_group(group, grace_s)
+
+    @staticmethod
+    def _stop_group(children: list[subprocess.Popen], grace_s: float) -> None:
+        for child in children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        for child in self.children.values():
+        for child in children:
             try:
                 child.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

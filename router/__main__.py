@@ -24,6 +24,8 @@ from router.validation import Validator
 log = logging.getLogger("router")
 
 SHARD_CONNECT_TIMEOUT_S = 600.0
+#: How long SIGTERM waits for in-flight requests before stopping anyway.
+DRAIN_TIMEOUT_S = 60.0
 
 
 async def serve(config: RouterConfig) -> None:
@@ -68,6 +70,8 @@ async def serve(config: RouterConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    log.info("SIGTERM: draining %d requests in flight (up to %.0fs)", servicer.in_flight, DRAIN_TIMEOUT_S)
+    await servicer.drain(DRAIN_TIMEOUT_S)
     await server.stop(grace=5)
     loop_task.cancel()
     await shards.close()

@@ -54,6 +54,8 @@ class RouterServicer(pb_grpc.RouterServicer):
         tracer: trace.Tracer | None = None,
     ):
         self.tracer = tracer or trace.NoOpTracer()
+        #: Set on SIGTERM: new requests are refused, those in flight finish.
+        self.draining = False
         self.scheduler = scheduler
         self.validator = validator
         self.model = model
@@ -63,6 +65,8 @@ class RouterServicer(pb_grpc.RouterServicer):
 
     async def _events(self, message: pb.GenerateRequest) -> AsyncIterator[StreamEvent]:
         """Admits a request and yields its events; a caller that goes away cancels it."""
+        if self.draining:
+            raise ServiceError("the server is shutting down", code=grpc.StatusCode.UNAVAILABLE)
         if self.in_flight >= self.max_concurrent:
             raise Overloaded(f"the server is overloaded: {self.max_concurrent} requests are in flight; retry later")
         with self.tracer.start_as_current_span("validate"):
@@ -85,6 +89,13 @@ class RouterServicer(pb_grpc.RouterServicer):
             self.in_flight -= 1
             if not finished:
                 self.scheduler.cancel(request)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuses new requests and waits (up to ``timeout_s``) for those in flight to finish."""
+        self.draining = True
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
 
     async def Generate(self, request, context):
         text: list[str] = []
