@@ -31,6 +31,8 @@ class Sampling:
     top_n_tokens: int = 0
     min_tokens: int = 0
     eos_token_ids: tuple[int, ...] = ()
+    #: Output constraint (xgrammar EBNF); empty for none.
+    grammar: str = ""
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class StreamEvent:
     completion_tokens: int = 0
     #: Set when the request failed; no further events follow.
     error: Exception | None = None
+    #: (name, arguments JSON) of the calls, on the last event of a tool-call answer.
+    tool_calls: tuple[tuple[str, str], ...] = ()
 
 
 class Phase(enum.Enum):

@@ -22,6 +22,7 @@ from opentelemetry import trace
 from common.grpc_errors import ServiceError
 from router.blocks import NEW_CHAIN, BlockAllocator, OutOfBlocks
 from router.config import Limits
+from router.grammar import parse_tool_calls
 from router.metrics import RouterMetrics
 from router.request import Phase, Request, StreamEvent, TokenInfo
 from router.shard_client import PrefillItem, ShardClient, ShardGeneration, StepAnswer
@@ -250,10 +251,19 @@ class Scheduler:
             if finish is None and len(r.token_ids) >= self.limits.max_total_tokens:
                 finish = "length"
             if finish:
-                r.events.put_nowait(StreamEvent(text, (token,), finish, len(r.prompt_ids), len(r.generated)))
+                r.events.put_nowait(self._final_event(r, text, token, finish))
                 self._finish(r, finish)
             else:
                 r.events.put_nowait(StreamEvent(text, (token,)))
+
+    def _final_event(self, r: Request, text: str, token: TokenInfo, finish: str) -> StreamEvent:
+        counts = (len(r.prompt_ids), len(r.generated))
+        if r.stream.calling:
+            calls = parse_tool_calls(r.stream.text)
+            if calls is not None:
+                return StreamEvent("", (token,), "tool_calls", *counts, tool_calls=tuple(calls))
+            text = r.stream.text  # cut short before the call was complete: return what there is
+        return StreamEvent(text, (token,), finish, *counts)
 
     def _token_info(self, r: Request, g: ShardGeneration) -> TokenInfo:
         special = self.tokenizer.is_special(g.token_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,
     "length": pb.FINISH_REASON_LENGTH,
     "stop_sequence": pb.FINISH_REASON_STOP_SEQUENCE,
+    "tool_calls": pb.FINISH_REASON_TOOL_CALLS,
 }
 
 
@@ -109,6 +111,7 @@ class RouterServicer(pb_grpc.RouterServicer):
                     finish_reason=FINISH_REASONS[event.finish_reason],
                     usage=pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
                     tokens=tokens,
+                    tool_calls=_tool_calls_pb(event),
                 )
         raise ServiceError("generation ended without a finish event")
 
@@ -119,6 +122,7 @@ class RouterServicer(pb_grpc.RouterServicer):
                 message.finish_reason = FINISH_REASONS[event.finish_reason]
                 message.usage.prompt_tokens = event.prompt_tokens
                 message.usage.completion_tokens = event.completion_tokens
+                message.tool_calls.extend(_tool_calls_pb(event))
             yield message
 
     async def Tokenize(self, request, context):
@@ -158,6 +162,10 @@ class RouterServicer(pb_grpc.RouterServicer):
         return pb.MetricsResponse(text=self.scheduler.metrics.exposition().decode())
 
 
+def _tool_calls_pb(event: StreamEvent) -> list[pb.ToolCall]:
+    return [pb.ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=n, arguments=a) for n, a in event.tool_calls]
+
+
 def _coalesce(first: StreamEvent, queue: asyncio.Queue[StreamEvent]) -> StreamEvent:
     """Merges events already queued behind ``first`` into one.
 
@@ -176,7 +184,14 @@ def _coalesce(first: StreamEvent, queue: asyncio.Queue[StreamEvent]) -> StreamEv
         tokens.extend(last.tokens)
         if last.finish_reason is not None:
             break
-    return StreamEvent("".join(text), tuple(tokens), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+    return StreamEvent(
+        "".join(text),
+        tuple(tokens),
+        last.finish_reason,
+        last.prompt_tokens,
+        last.completion_tokens,
+        tool_calls=last.tool_calls,
+    )
 
 
 def _token_pb(t) -> pb.Token:  # type: ignore[no-untyped-def]

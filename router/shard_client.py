@@ -133,6 +133,7 @@ def _request_pb(item: PrefillItem) -> pb.Request:
             top_n_tokens=s.top_n_tokens,
             min_tokens=s.min_tokens,
             eos_token_ids=s.eos_token_ids,
+            grammar=s.grammar,
         ),
         sampled_before=len(r.generated),
     )

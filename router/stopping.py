@@ -29,6 +29,9 @@ class TextStream:
     emitted: int = 0
     generated: int = 0
     finish: str | None = field(default=None)
+    #: When set, output starting with it is a tool call: held back, never streamed as text.
+    call_marker: str | None = None
+    calling: bool = False
 
     def push(self, token_id: int) -> str:
         """Adds a token; returns the text it releases. Sets ``finish`` when done."""
@@ -44,6 +47,11 @@ class TextStream:
         elif self.generated >= self.condition.max_new_tokens:
             self.finish = "length"
         end = len(self.text) if self.finish else len(self.text) - self._held_back()
+        if self.call_marker and self.emitted == 0:
+            if self.text.startswith(self.call_marker):
+                self.calling = True
+            if self.calling or self.call_marker.startswith(self.text):
+                return ""  # a call, or maybe the start of one: not content
         delta, self.emitted = self.text[self.emitted : end], max(self.emitted, end)
         return delta
 

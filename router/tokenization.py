@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers.decoders import DecodeStream
@@ -41,12 +43,23 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
+    @property
+    def template_knows_tools(self) -> bool:
+        return "tools" in str(getattr(self.hf, "chat_template", "") or "")
+
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt of a chat; tools go through the template when it renders them, else the fallback."""
         if not self.has_chat_template:
             raise NoChatTemplate(
                 "this model has no chat template; send a raw prompt (/v1/completions or /generate) instead"
             )
-        return str(self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        if tools and self.template_knows_tools:
+            rendered = self.hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)  # type: ignore[arg-type]
+        else:
+            rendered = self.hf.apply_chat_template(
+                with_tools_in_text(messages, tools or []), tokenize=False, add_generation_prompt=True
+            )
+        return str(rendered)
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
@@ -119,3 +132,35 @@ class Detokenizer:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return after[len(before) :]
         return ""
+
+
+#: How tools reach a model whose chat template does not render them (documented in the README).
+TOOLS_SYSTEM_PROMPT = (
+    "You can call these functions:\n{tools}\n"
+    "To call one, answer with <tool_call> followed by a JSON object "
+    '{{"name": <function name>, "arguments": <arguments object>}}, and nothing else.'
+)
+
+
+def with_tools_in_text(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The fallback for templates without tool support: tools in the system prompt, calls and results as text."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m.get("tool_calls"):
+            calls = [
+                {"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in m.pop("tool_calls")
+            ]
+            m["content"] = (m.get("content") or "") + "<tool_call>" + json.dumps(calls[0] if len(calls) == 1 else calls)
+        if m.get("role") == "tool":
+            m = {"role": "user", "content": f"Result of call {m.pop('tool_call_id', '')}: {m.get('content', '')}"}
+        m["content"] = m.get("content") or ""
+        out.append(m)
+    if not tools:
+        return out
+    prompt = TOOLS_SYSTEM_PROMPT.format(tools=json.dumps([t["function"] for t in tools], indent=1))
+    if out and out[0]["role"] == "system":
+        out[0] = {**out[0], "content": out[0]["content"] + "\n\n" + prompt}
+    else:
+        out.insert(0, {"role": "system", "content": prompt})
+    return out

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
 from dataclasses import dataclass
+from typing import Any
 
-import grpc
-
-from common.grpc_errors import ServiceError
 from protos import router_pb2 as pb
 from router.config import Limits
+from router.grammar import TOOL_CALL_MARKER, json_object_grammar, json_schema_grammar, regex_grammar, tool_call_grammar
 from router.request import Request, Sampling
 from router.stopping import StopCondition, TextStream
 from router.tokenization import NoChatTemplate, Tokenizer
+from router.validation_error import ValidationError
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
-
-
-class ValidationError(ServiceError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
 
 
 @dataclass(frozen=True)
@@ -57,12 +55,10 @@ class Validator:
                     f"messages[{i}].role must be one of {sorted(ROLES)}, got {m.role!r}",
                     param=f"messages[{i}].role",
                 )
-            message = {"role": m.role, "content": m.content}
-            if m.name:
-                message["name"] = m.name
-            messages.append(message)
+            messages.append(_template_message(m))
+        tools = [_template_tool(t) for t in chat.tools] if chat.tool_choice != pb.TOOL_CHOICE_MODE_NONE else []
         try:
-            return self.tokenizer.render_chat(messages)
+            return self.tokenizer.render_chat(messages, tools)
         except NoChatTemplate as exc:
             raise ValidationError(str(exc), param="messages") from exc
         except Exception as exc:  # templates raise their own errors (e.g. role order)
@@ -79,8 +75,41 @@ class Validator:
         if any(not s for s in stops):
             raise ValidationError("stop sequences must not be empty", param="stop")
         condition = StopCondition(self.tokenizer.eos_token_ids, max_new, tuple(stops), p.ignore_eos)
+        grammar, calls_possible = self._grammar(message)
+        if grammar:
+            sampling = dataclasses.replace(sampling, grammar=grammar)
         stream = TextStream(self.tokenizer.detokenizer(ids), condition)
+        if calls_possible:
+            stream.call_marker = TOOL_CALL_MARKER
         return Request(id=request_id, prompt_ids=ids, sampling=sampling, stream=stream, want_logprobs=p.logprobs)
+
+    def _grammar(self, message: pb.GenerateRequest) -> tuple[str, bool]:
+        """The output constraint (EBNF, or empty) and whether the answer may be a tool call."""
+        fmt = message.parameters.response_format
+        chat = message.chat if message.WhichOneof("input") == "chat" else None
+        calls = chat is not None and chat.tools and chat.tool_choice != pb.TOOL_CHOICE_MODE_NONE
+        if calls and fmt.type != pb.RESPONSE_FORMAT_TYPE_TEXT:
+            raise ValidationError("response_format cannot be combined with tool calls", param="response_format")
+        if calls:
+            return self._tool_grammar(chat), True  # type: ignore[arg-type]
+        if fmt.type == pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
+            return json_object_grammar(), False
+        if fmt.type == pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
+            return json_schema_grammar(fmt.value), False
+        if fmt.type == pb.RESPONSE_FORMAT_TYPE_REGEX:
+            return regex_grammar(fmt.value), False
+        return "", False
+
+    def _tool_grammar(self, chat: pb.Chat) -> str:
+        tools = [(t.name, t.parameters) for t in chat.tools]
+        if chat.tool_choice == pb.TOOL_CHOICE_MODE_FUNCTION:
+            tools = [t for t in tools if t[0] == chat.tool_choice_function]
+            if not tools:
+                raise ValidationError(
+                    f"tool_choice names {chat.tool_choice_function!r}, which is not among the tools", "tool_choice"
+                )
+        allow_text = chat.tool_choice == pb.TOOL_CHOICE_MODE_AUTO
+        return tool_call_grammar(tools, allow_text, chat.parallel_tool_calls)
 
     def _sampling(self, p: pb.GenerationParameters) -> Sampling:
         _check_range("temperature", p.temperature, 0.0, 2.0)
@@ -145,3 +174,23 @@ class Validator:
 def _check_range(name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
         raise ValidationError(f"{name} must be in [{low:g}, {high:g}], got {value:g}", param=name)
+
+
+def _template_message(m: pb.ChatMessage) -> dict[str, Any]:
+    """A message as chat templates expect it (tool calls with parsed arguments, as transformers documents)."""
+    message: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.name:
+        message["name"] = m.name
+    if m.tool_calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.loads(c.arguments or "{}")}}
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id:
+        message["tool_call_id"] = m.tool_call_id
+    return message
+
+
+def _template_tool(t: pb.Tool) -> dict[str, Any]:
+    parameters = json.loads(t.parameters) if t.parameters else {"type": "object", "properties": {}}
+    return {"type": "function", "function": {"name": t.name, "description": t.description, "parameters": parameters}}

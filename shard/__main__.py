@@ -17,6 +17,7 @@ from common.settings import process_env
 from common.tracing import setup_tracing
 from shard.config import ShardConfig, parse_config
 from shard.engine import Engine
+from shard.grammar import GrammarCompiler
 from shard.model_loader import choose_dtype, load_model
 from shard.server import ShardServicer, create_server
 
@@ -62,6 +63,7 @@ async def serve(config: ShardConfig) -> None:
         join_process_group(config, device)
     model = load_model(source, dtype, device, config.world_size)
     engine = Engine(model, device, config.block_size, config.kv_cache_fraction, config.world_size)
+    engine.grammar_compiler = GrammarCompiler(source, engine.vocab_size)
     architecture = (model.config.architectures or [type(model).__name__])[0]
     tracing = setup_tracing(config.otlp_service_name, config.otlp_endpoint)
     servicer = ShardServicer(engine, config, source.display_name, architecture, tracing)

@@ -8,6 +8,7 @@ shard checks what it is told and refuses what it cannot honour.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from shard.errors import InvalidRequest
 from shard.sampling import SamplingParams
@@ -29,6 +30,8 @@ class Sequence:
     #: from then on Decode advances it. (One prompt token left to compute is not
     #: the same thing: that is still a prefill chunk.)
     decoding: bool = False
+    #: xgrammar matcher when the output is constrained; advanced by every sampled token.
+    matcher: Any = None
 
 
 class BatchStore:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -73,6 +74,13 @@ class Engine:
         self.vocab_size = int(text_config.vocab_size)
         self.store = BatchStore()
         self.cache: PagedKVCache | None = None
+        #: Set by the server when constrained decoding is available (it needs the tokenizer).
+        self.grammar_compiler: Any = None
+
+    def _grammars(self) -> Any:
+        if self.grammar_compiler is None:
+            raise InvalidRequest("this shard was started without constrained decoding")
+        return self.grammar_compiler
 
     # --- warmup -----------------------------------------------------------------
 
@@ -171,6 +179,13 @@ class Engine:
             request.params,
             request.sampled_before,
         )
+        if existing is not None:
+            seq.matcher = existing.matcher
+        elif request.params.grammar:
+            replay = (
+                request.input_ids[len(request.input_ids) - request.sampled_before :] if request.sampled_before else []
+            )
+            seq.matcher = self._grammars().matcher(request.params.grammar, replay)
         self.store.add(batch_id, seq)
         return seq
 
@@ -236,13 +251,15 @@ class Engine:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Generation]:
         if not seqs:
             return []
-        rows = [SequenceView(s.params, s.sampled, s.token_ids, s.sampled) for s in seqs]
+        rows = [SequenceView(s.params, s.sampled, s.token_ids, s.sampled, s.matcher) for s in seqs]
         out = sample(logits[: len(seqs)], rows)
         result = []
         for i, seq in enumerate(seqs):
             seq.token_ids.append(out.tokens[i])
             seq.sampled += 1
             seq.decoding = True
+            if seq.matcher is not None and not seq.matcher.is_terminated():
+                seq.matcher.accept_token(out.tokens[i])
             result.append(Generation(seq.request_id, out.tokens[i], out.logprobs[i], out.top[i]))
         return result
 

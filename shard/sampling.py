@@ -15,6 +15,7 @@ same tokens whatever batch it lands in, on any rank, with no per-request
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -38,6 +39,8 @@ class SamplingParams:
     #: Tokens banned until ``min_tokens`` tokens were generated (end of sequence).
     min_tokens: int = 0
     eos_token_ids: tuple[int, ...] = ()
+    #: Output constraint as grammar text (EBNF); empty for none.
+    grammar: str = ""
 
     @property
     def greedy(self) -> bool:
@@ -58,6 +61,8 @@ class SequenceView:
     token_ids: list[int]
     #: How many of ``token_ids`` (at the end) the request generated.
     generated: int
+    #: The sequence's grammar matcher (xgrammar), when its output is constrained.
+    matcher: Any = None
 
 
 @dataclass
@@ -105,9 +110,14 @@ def _adjusted(logits: torch.Tensor, rows: list[SequenceView]) -> torch.Tensor:
     biased = [(b, r) for b, r in enumerate(rows) if r.params.logit_bias]
     banned = [(b, r) for b, r in enumerate(rows) if r.generated < r.params.min_tokens and r.params.eos_token_ids]
     penalised = any(r.params.penalised for r in rows)
-    if not biased and not banned and not penalised:
+    constrained = any(r.matcher is not None for r in rows)
+    if not biased and not banned and not penalised and not constrained:
         return logits
     scores = logits.clone()
+    if constrained:
+        from shard.grammar import apply_masks
+
+        apply_masks(scores, [r.matcher for r in rows])
     for b, r in biased:  # sparse: a handful of entries per request
         ids = torch.tensor([t for t, _ in r.params.logit_bias], dtype=torch.long, device=logits.device)
         bias = torch.tensor([v for _, v in r.params.logit_bias], dtype=scores.dtype, device=logits.device)

@@ -37,6 +37,7 @@ def request_from_pb(r: pb.Request) -> NewRequest:
         top_n_tokens=p.top_n_tokens,
         min_tokens=p.min_tokens,
         eos_token_ids=tuple(p.eos_token_ids),
+        grammar=p.grammar,
     )
     return NewRequest(
         request_id=r.id,

@@ -1,0 +1,91 @@
+"""Output constraints as xgrammar grammars: response formats and tool calls.
+
+Everything becomes one grammar text (xgrammar's EBNF) that the shards compile
+and cache. Building it here validates it: a schema, regex or tool the engine
+cannot compile is a 400 naming the field, before the request is queued.
+
+Tool calls are written ``<tool_call>`` then JSON: ``{"name": ..., "arguments": {...}}``,
+or a JSON array of those with parallel calls. With ``tool_choice: auto`` the
+grammar admits either that or plain text (which then may not start with ``<``),
+so the model decides in one pass.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any
+
+import xgrammar as xgr
+
+from router.validation_error import ValidationError
+
+TOOL_CALL_MARKER = "<tool_call>"
+_PLAIN_TEXT = r"root ::= [^<] [^]*"
+
+
+@lru_cache(maxsize=256)
+def json_schema_grammar(schema: str, param: str = "response_format.json_schema.schema") -> str:
+    try:
+        return str(xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True))
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ValidationError(f"invalid JSON schema: {_first_line(exc)}", param=param) from exc
+
+
+@lru_cache(maxsize=1)
+def json_object_grammar() -> str:
+    return json_schema_grammar('{"type": "object"}')
+
+
+@lru_cache(maxsize=256)
+def regex_grammar(pattern: str) -> str:
+    try:
+        return str(xgr.Grammar.from_regex(pattern))
+    except (RuntimeError, ValueError) as exc:
+        raise ValidationError(f"invalid regex: {_first_line(exc)}", param="response_format") from exc
+
+
+def tool_call_grammar(tools: list[tuple[str, str]], allow_text: bool, parallel: bool) -> str:
+    """``tools``: (name, parameters JSON schema text) of the functions the model may call."""
+    options = [_call_schema(name, parameters, i) for i, (name, parameters) in enumerate(tools)]
+    call: dict[str, Any] = options[0] if len(options) == 1 else {"anyOf": options}
+    if parallel:
+        call = {"type": "array", "items": call, "minItems": 1}
+    body = xgr.Grammar.from_ebnf(json_schema_grammar(json.dumps(call), "tools"))
+    grammar = xgr.Grammar.concat(xgr.Grammar.from_ebnf(f'root ::= "{TOOL_CALL_MARKER}"'), body)
+    if allow_text:
+        grammar = xgr.Grammar.union(grammar, xgr.Grammar.from_ebnf(_PLAIN_TEXT))
+    return str(grammar)
+
+
+def _call_schema(name: str, parameters: str, index: int) -> dict[str, Any]:
+    try:
+        arguments = json.loads(parameters) if parameters else {"type": "object"}
+    except json.JSONDecodeError as exc:
+        raise ValidationError(
+            f"tool parameters are not JSON: {exc}", param=f"tools[{index}].function.parameters"
+        ) from exc
+    json_schema_grammar(json.dumps(arguments), f"tools[{index}].function.parameters")  # validates alone
+    return {
+        "type": "object",
+        "properties": {"name": {"const": name}, "arguments": arguments},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+
+
+def parse_tool_calls(text: str) -> list[tuple[str, str]] | None:
+    """(name, arguments JSON) of the calls in a constrained output, or None when it is plain text."""
+    if not text.startswith(TOOL_CALL_MARKER):
+        return None
+    try:
+        payload = json.loads(text[len(TOOL_CALL_MARKER) :])
+    except json.JSONDecodeError:
+        return None  # cut short (max_tokens): not a complete call
+    calls = payload if isinstance(payload, list) else [payload]
+    return [(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in calls]
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
