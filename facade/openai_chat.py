@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,13 +19,17 @@ from protos import router_pb2 as pb
 
 SYSTEM_FINGERPRINT = "switchyard-0.1.0"
 FINISH_REASON = {
+    pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
     pb.FINISH_REASON_STOP: "stop",
     pb.FINISH_REASON_STOP_SEQUENCE: "stop",
     pb.FINISH_REASON_LENGTH: "length",
 }
 ROLES_WITH_TEXT = frozenset({"system", "developer", "user", "assistant", "tool"})
 
-_FIELDS = params.SAMPLING_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "parallel_tool_calls"}
+_FIELDS = params.SAMPLING_FIELDS | {
+    "messages", "max_completion_tokens", "top_logprobs", "parallel_tool_calls", "tools", "tool_choice",
+    "response_format",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -44,8 +49,10 @@ def parse_chat(body: Any) -> ChatRequest:
     if not isinstance(messages, list) or not messages:
         raise invalid("'messages' is required and must be a non-empty array", "messages")
     chat = pb.Chat(messages=[_message(i, m) for i, m in enumerate(messages)])
+    _tools(body, chat)
     stream = params.typed(body, "stream", bool, False)
     p = params.parameters(body, "max_completion_tokens")
+    p.response_format.CopyFrom(params.response_format(body.get("response_format")))
     logprobs = params.typed(body, "logprobs", bool, False)
     top = params.typed(body, "top_logprobs", int)
     if top is not None:
@@ -76,9 +83,64 @@ def _message(i: int, m: Any) -> pb.ChatMessage:
     name = m.get("name") or ""
     if not isinstance(name, str):
         raise invalid(f"messages[{i}].name must be a string", f"messages[{i}].name")
-    if m.get("tool_calls") or role == "tool":
-        raise invalid(f"messages[{i}]: tool calls are not supported yet", f"messages[{i}]")
-    return pb.ChatMessage(role=role, content=_content(i, m.get("content")), name=name)
+    calls = [_history_call(i, j, c) for j, c in enumerate(m.get("tool_calls") or [])]
+    content = m.get("content")
+    if content is None and (calls or role == "assistant"):
+        content = ""
+    tool_call_id = m.get("tool_call_id") or ""
+    if role == "tool" and not isinstance(tool_call_id, str):
+        raise invalid(f"messages[{i}].tool_call_id must be a string", f"messages[{i}].tool_call_id")
+    return pb.ChatMessage(
+        role=role, content=_content(i, content), name=name, tool_calls=calls, tool_call_id=tool_call_id
+    )
+
+
+def _history_call(i: int, j: int, call: Any) -> pb.ToolCall:
+    where = f"messages[{i}].tool_calls[{j}]"
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise invalid(f"{where} must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}", where)
+    arguments = function.get("arguments") or "{}"
+    try:
+        json.loads(arguments)
+    except (TypeError, json.JSONDecodeError):
+        raise invalid(f"{where}.function.arguments must be a JSON string", f"{where}.function.arguments") from None
+    return pb.ToolCall(id=str(call.get("id") or ""), name=function["name"], arguments=arguments)
+
+
+def _tools(body: dict, chat: pb.Chat) -> None:
+    tools = params.typed(body, "tools", list, [])
+    choice = body.get("tool_choice")
+    if choice is not None and not tools:
+        raise invalid("tool_choice is only allowed when tools are given", "tool_choice")
+    for k, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise invalid(f"tools[{k}] must be {{'type': 'function', 'function': {{'name', ...}}}}", f"tools[{k}]")
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise invalid(
+                f"tools[{k}].function.parameters must be a JSON schema object", f"tools[{k}].function.parameters"
+            )
+        chat.tools.append(
+            pb.Tool(
+                name=function["name"],
+                description=str(function.get("description") or ""),
+                parameters=json.dumps(parameters) if parameters is not None else "",
+            )
+        )
+    chat.parallel_tool_calls = params.typed(body, "parallel_tool_calls", bool, True)
+    if choice is None or choice == "auto":
+        chat.tool_choice = pb.TOOL_CHOICE_MODE_AUTO
+    elif choice == "none":
+        chat.tool_choice = pb.TOOL_CHOICE_MODE_NONE
+    elif choice == "required":
+        chat.tool_choice = pb.TOOL_CHOICE_MODE_REQUIRED
+    elif isinstance(choice, dict) and isinstance((choice.get("function") or {}).get("name"), str):
+        chat.tool_choice = pb.TOOL_CHOICE_MODE_FUNCTION
+        chat.tool_choice_function = choice["function"]["name"]
+    else:
+        raise invalid("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', ...}", "tool_choice")
 
 
 def _content(i: int, content: Any) -> str:
@@ -136,7 +198,7 @@ class ChatResponder:
         body["choices"] = [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": a.text, "refusal": None},
+                "message": _assistant_message(a),
                 "logprobs": self._logprobs(a.tokens),
                 "finish_reason": FINISH_REASON[a.finish_reason],
             }
@@ -156,6 +218,26 @@ class ChatResponder:
         body["choices"] = []
         body["usage"] = usage(usages)
         return body
+
+
+def _assistant_message(a: pb.GenerateResponse) -> dict[str, Any]:
+    if not a.tool_calls:
+        return {"role": "assistant", "content": a.text, "refusal": None}
+    return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [_call(c) for c in a.tool_calls]}
+
+
+def _call(c: pb.ToolCall) -> dict[str, Any]:
+    return {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+
+
+def tool_call_deltas(calls: Any) -> list[dict[str, Any]]:
+    """Stream deltas of finished calls: id, type and name first, then the arguments."""
+    deltas = []
+    for k, c in enumerate(calls):
+        first = {"index": k, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}
+        deltas.append({"tool_calls": [first]})
+        deltas.append({"tool_calls": [{"index": k, "function": {"arguments": c.arguments}}]})
+    return deltas
 
 
 def usage(usages: list[pb.Usage]) -> dict[str, int]:
@@ -183,6 +265,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 await sse.send(response, responder.chunk(i, {"content": message.text}, tokens=message.tokens))
             if message.finish_reason:
                 usages[i] = message.usage
+                for delta in tool_call_deltas(message.tool_calls):
+                    await sse.send(response, responder.chunk(i, delta))
                 await sse.send(response, responder.chunk(i, {}, FINISH_REASON[message.finish_reason]))
         if chat.include_usage and len(usages) == len(chat.requests):
             await sse.send(response, responder.usage_chunk([usages[i] for i in sorted(usages)]))

@@ -6,6 +6,7 @@ value ranges are checked once, by the router, for HTTP and gRPC callers alike.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from facade.errors import invalid
@@ -22,7 +23,7 @@ SAMPLING_FIELDS = frozenset(
 )  # fmt: skip
 #: Purely informational: accepted, change nothing.
 INFORMATIONAL = frozenset({"user", "metadata", "store", "service_tier"})
-MAX_N = 16
+MAX_N = 128  # as OpenAI
 
 
 def typed(body: dict, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
@@ -40,7 +41,7 @@ def typed(body: dict, key: str, kind: type | tuple[type, ...], default: Any = No
 
 #: OpenAI parameters that would change the output and are not implemented yet.
 NOT_SUPPORTED = frozenset(
-    {"tools", "tool_choice", "functions", "function_call", "audio", "modalities", "prediction",
+    {"functions", "function_call", "audio", "modalities", "prediction",
      "web_search_options", "reasoning_effort", "suffix", "verbosity"}
 )  # fmt: skip
 
@@ -48,8 +49,6 @@ NOT_SUPPORTED = frozenset(
 def check_fields(body: dict, allowed: frozenset[str]) -> None:
     for key, value in body.items():
         if key in allowed or key in INFORMATIONAL:
-            continue
-        if key == "response_format" and value in (None, {"type": "text"}):
             continue
         if key == "best_of" and value in (None, 1, body.get("n", 1)):
             continue
@@ -129,6 +128,37 @@ def _logit_bias(body: dict) -> dict[int, float]:
             raise invalid("logit_bias maps token ids to numbers in [-100, 100]", "logit_bias")
         result[token] = float(value)
     return result
+
+
+def response_format(value: Any, param: str = "response_format") -> pb.ResponseFormat:
+    """OpenAI's response_format (text, json_object, json_schema) and TGI's grammar forms (json, regex)."""
+    if value is None:
+        return pb.ResponseFormat()
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise invalid(f"'{param}' must be an object with a 'type'", param)
+    kind = value["type"]
+    if kind == "text":
+        return pb.ResponseFormat()
+    if kind == "json_object":
+        return pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT)
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise invalid("json_schema must be an object with a 'schema' object", f"{param}.json_schema")
+        schema = json.dumps(spec.get("schema") or {"type": "object"})
+        return pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, value=schema)
+    if kind == "json":  # TGI
+        given = value.get("value")
+        if not isinstance(given, dict | str):
+            raise invalid("a json grammar needs a schema in 'value'", f"{param}.value")
+        text = given if isinstance(given, str) else json.dumps(given)
+        return pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, value=text)
+    if kind == "regex":  # TGI
+        pattern = value.get("value")
+        if not isinstance(pattern, str):
+            raise invalid("a regex grammar needs the pattern in 'value'", f"{param}.value")
+        return pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_REGEX, value=pattern)
+    raise invalid(f"unknown {param} type {kind!r}", f"{param}.type")
 
 
 def seeds_for(p: pb.GenerationParameters, n: int) -> list[int | None]:

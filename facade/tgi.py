@@ -14,11 +14,12 @@ from facade import sse
 from facade.choices import StreamSet, generate_all
 from facade.errors import from_grpc, invalid
 from facade.json_body import json_response, read_json
-from facade.params import typed
+from facade.params import response_format, typed
 from facade.state import ROUTER
 from protos import router_pb2 as pb
 
 TGI_FINISH = {
+    pb.FINISH_REASON_TOOL_CALLS: "eos_token",
     pb.FINISH_REASON_STOP: "eos_token",
     pb.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
     pb.FINISH_REASON_LENGTH: "length",
@@ -30,8 +31,7 @@ _ACCEPTED = frozenset(
 )  # fmt: skip
 #: Accepted only at their neutral value: anything else would change the output and is not implemented.
 _NEUTRAL: dict[str, Any] = {
-    "best_of": 1, "decoder_input_details": False, "truncate": None, "watermark": False, "grammar": None,
-    "adapter_id": None,
+    "best_of": 1, "decoder_input_details": False, "truncate": None, "watermark": False, "adapter_id": None,
 }  # fmt: skip
 
 
@@ -66,6 +66,7 @@ def _parameters(body: dict) -> tuple[pb.GenerateRequest, dict]:
     p.stop.extend(stops)
     p.top_n_tokens = typed(given, "top_n_tokens", int, 0)
     p.logprobs = True  # TGI reports every token's text
+    p.response_format.CopyFrom(response_format(given.get("grammar"), "grammar"))
     return pb.GenerateRequest(prompt=inputs, parameters=p), given
 
 
