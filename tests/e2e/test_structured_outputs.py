@@ -170,7 +170,8 @@ def test_auto_and_multi_turn(smollm):
     history = [
         *ASK,
         {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}
         ]},
         {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
     ]  # fmt: skip
