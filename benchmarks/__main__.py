@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks import engine, router_overhead, stack_load
+from benchmarks import constrained, engine, router_overhead, stack_load
 
 
 def main() -> None:
@@ -13,6 +13,7 @@ def main() -> None:
         flush=True,
     )
     print(engine.report(engine.run()), flush=True)
+    print(constrained.report(constrained.run()), flush=True)
     s = stack_load.run()
     print(
         f"stack load: {s['streams']:.0f} concurrent streams, {s['failures']:.0f} failures, "

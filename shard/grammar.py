@@ -61,12 +61,21 @@ class GrammarCompiler:
         return matcher
 
 
+_BATCH_MATCHER: xgr.BatchGrammarMatcher | None = None
+
+
 def apply_masks(scores: torch.Tensor, matchers: list[xgr.GrammarMatcher | None]) -> None:
-    """Sets to -inf, in place, every token a row's grammar forbids next. scores: [B, vocab]."""
+    """Sets to -inf, in place, every token a row's grammar forbids next. scores: [B, vocab].
+
+    The masks of all constrained rows are filled in one call (xgrammar's batch
+    matcher, on its own threads) and applied in one call.
+    """
+    global _BATCH_MATCHER
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return
+    if _BATCH_MATCHER is None:
+        _BATCH_MATCHER = xgr.BatchGrammarMatcher(max_threads=2)
     bitmask = xgr.allocate_token_bitmask(len(matchers), scores.shape[1])
-    for i in rows:
-        matchers[i].fill_next_token_bitmask(bitmask, i)  # type: ignore[union-attr]
+    _BATCH_MATCHER.batch_fill_next_token_bitmask([matchers[i] for i in rows], bitmask, indices=rows)  # type: ignore[misc]
     xgr.apply_token_bitmask_inplace(scores, bitmask.to(scores.device), indices=rows)
