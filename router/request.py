@@ -103,5 +103,10 @@ class Request:
         return self.prompt_ids + self.generated
 
     @property
+    def length(self) -> int:
+        """len(token_ids), without building the list (this runs for every token)."""
+        return len(self.prompt_ids) + len(self.generated)
+
+    @property
     def max_new_tokens(self) -> int:
         return self.stream.condition.max_new_tokens

@@ -196,7 +196,7 @@ class Scheduler:
 
     def _next_chunk(self, r: Request, budget: int) -> PrefillItem | None:
         """The next chunk of ``r`` within ``budget``, its blocks allocated; None if blocks are short."""
-        chunk = min(len(r.token_ids) - r.computed, budget)
+        chunk = min(r.length - r.computed, budget)
         needed = self.allocator.blocks_for(r.computed + chunk) - len(r.blocks)
         try:
             r.blocks += self.allocator.allocate(max(0, needed))
@@ -225,7 +225,7 @@ class Scheduler:
         return {rid: blocks for rid, blocks in extensions.items() if rid in {x.id for x in self.active}}
 
     def _preempt(self, r: Request) -> None:
-        log.info("preempting request %d (%d tokens) for lack of KV blocks", r.id, len(r.token_ids))
+        log.info("preempting request %d (%d tokens) for lack of KV blocks", r.id, r.length)
         self.metrics.preemptions.inc()
         self.active.remove(r)
         self.allocator.release(r.blocks)
@@ -241,14 +241,14 @@ class Scheduler:
             r = by_id.get(g.request_id)
             if r is None or r.phase is Phase.FINISHED:
                 continue
-            r.computed = len(r.token_ids)
+            r.computed = r.length
             r.generated.append(g.token_id)
             r.phase = Phase.DECODING
             self._observe_token(r, now)
             text = r.stream.push(g.token_id)
             token = self._token_info(r, g)
             finish = r.stream.finish
-            if finish is None and len(r.token_ids) >= self.limits.max_total_tokens:
+            if finish is None and r.length >= self.limits.max_total_tokens:
                 finish = "length"
             if finish:
                 r.events.put_nowait(self._final_event(r, text, token, finish))

@@ -71,7 +71,15 @@ def apply_masks(scores: torch.Tensor, matchers: list[xgr.GrammarMatcher | None])
     matcher, on its own threads) and applied in one call.
     """
     global _BATCH_MATCHER
-    rows = [i for i, m in enumerate(matchers) if m is not None]
+    rows = [i for i, m in enumerate(matchers) if m is not None and not m.is_terminated()]
+    for i, m in enumerate(matchers):
+        if m is not None and m.is_terminated():
+            # The grammar is complete (and its stop token was taken, e.g. under ignore_eos):
+            # only stop tokens may follow, so the text stays valid.
+            stop = m.stop_token_ids
+            keep = scores[i, stop].clone()
+            scores[i].fill_(float("-inf"))
+            scores[i, stop] = keep
     if not rows:
         return
     if _BATCH_MATCHER is None:
