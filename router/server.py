@@ -195,6 +195,9 @@ def _coalesce(first: StreamEvent, queue: asyncio.Queue[StreamEvent]) -> StreamEv
 
 
 def _token_pb(t) -> pb.Token:  # type: ignore[no-untyped-def]
+    # Runs for every token: set the logprob fields only for requests that asked for them.
+    if not t.text and not t.top:
+        return pb.Token(id=t.id, logprob=t.logprob, special=t.special)
     top = [pb.TopToken(id=i, logprob=lp, text=text) for i, lp, text in t.top]
     return pb.Token(id=t.id, logprob=t.logprob, special=t.special, text=t.text, top=top)
 

@@ -141,7 +141,12 @@ def _request_pb(item: PrefillItem) -> pb.Request:
 
 def _step_answer(answer) -> StepAnswer:  # type: ignore[no-untyped-def]
     generations = [
-        ShardGeneration(g.request_id, g.token_id, g.logprob, tuple((t.token_id, t.logprob) for t in g.top_tokens))
+        ShardGeneration(
+            g.request_id,
+            g.token_id,
+            g.logprob,
+            tuple((t.token_id, t.logprob) for t in g.top_tokens) if g.top_tokens else (),
+        )
         for g in answer.generations
     ]
     return StepAnswer(generations, list(answer.batch.request_ids), answer.forward_ns)
