@@ -22,6 +22,8 @@ class Tracked:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     computed: int = 0
+    #: Tokens generated before a (simulated) preemption; they are the end of ``prompt``.
+    sampled_before: int = 0
 
 
 class Driver:
@@ -48,7 +50,15 @@ class Driver:
             self.live[t.request_id] = t
             self._blocks(t, t.computed + chunk)
             requests.append(
-                NewRequest(t.request_id, t.prompt, t.computed, chunk, list(t.blocks), t.params, len(t.tokens))
+                NewRequest(
+                    t.request_id,
+                    t.prompt,
+                    t.computed,
+                    chunk,
+                    list(t.blocks),
+                    t.params,
+                    t.sampled_before + len(t.tokens),
+                )
             )
         result = self.engine.prefill(self.BATCH, requests)
         for t, chunk in items:
