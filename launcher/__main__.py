@@ -18,7 +18,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 from common.settings import env_int, env_str, process_env
@@ -84,23 +84,6 @@ def start_shards_over_tcp(args: argparse.Namespace, supervisor: Supervisor) -> N
         supervisor.start(f"shard-{rank}", [*shard, *rendezvous])
 
 
-def supervise_shards(args: argparse.Namespace) -> None:
-    supervisor = Supervisor()
-    try:
-        start_shards_over_tcp(args, supervisor)
-        while (dead := supervisor.dead()) is None:
-            time.sleep(0.5)
-        print(f"switchyard: {dead[0]} exited with code {dead[1]}; stopping the replica", file=sys.stderr, flush=True)
-        code = 1
-    except Interrupted:
-        code = 0
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        supervisor.stop()
-    sys.exit(code)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,42 +116,45 @@ def wait_ready(url: str, supervisor: Supervisor, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
+def _say(message: object) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def supervise(start: Callable[[Supervisor], None], ready_url: str | None, timeout_s: float) -> int:
+    """Starts the children, (waits until ready_url answers), then stops them all on a signal or a death."""
+    supervisor = Supervisor()
+    try:
+        start(supervisor)
+        if ready_url:
+            wait_ready(ready_url, supervisor, timeout_s)
+            _say(f"switchyard: ready. OpenAI API at {ready_url}/v1/ (Ctrl-C stops)")
+        while (dead := supervisor.dead()) is None:
+            time.sleep(0.5)
+        _say(f"switchyard: {dead[0]} exited with code {dead[1]}; stopping")
+        return 1
+    except Interrupted as why:
+        _say(f"switchyard: {why}, stopping")
+        return 0
+    except SystemExit as exc:
+        _say(exc)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        supervisor.stop()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     if args.role == "shards":
-        supervise_shards(args)
-    supervisor = Supervisor()
+        sys.exit(supervise(lambda sup: start_shards_over_tcp(args, sup), None, args.ready_timeout))
     host = "127.0.0.1" if args.hostname in ("0.0.0.0", "::") else args.hostname
-    url = f"http://{host}:{args.port}"
-    code = 0
     with tempfile.TemporaryDirectory(prefix="switchyard-") as sockets:
-        try:
-            start_services(args, supervisor, sockets)
-            wait_ready(url, supervisor, args.ready_timeout)
-            print(
-                f"switchyard: ready. OpenAI API at {url}/v1/ (Ctrl-C stops)",
-                file=sys.stderr,
-                flush=True,
-            )
-            while (dead := supervisor.dead()) is None:
-                time.sleep(0.5)
-            print(
-                f"switchyard: {dead[0]} exited with code {dead[1]}; stopping",
-                file=sys.stderr,
-                flush=True,
-            )
-            code = 1
-        except Interrupted as why:
-            print(f"switchyard: {why}, stopping", file=sys.stderr, flush=True)
-        except SystemExit as exc:
-            print(exc, file=sys.stderr, flush=True)
-            code = 1
-        finally:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            supervisor.stop()
+        code = supervise(
+            lambda sup: start_services(args, sup, sockets), f"http://{host}:{args.port}", args.ready_timeout
+        )
     sys.exit(code)
 
 
