@@ -13,7 +13,7 @@ from facade import params, sse
 from facade.choices import StreamSet, generate_all
 from facade.errors import invalid
 from facade.json_body import json_response, read_json
-from facade.openai_chat import FINISH_REASON, SYSTEM_FINGERPRINT, usage
+from facade.openai_chat import FINISH_REASON, SYSTEM_FINGERPRINT
 from facade.state import ROUTER
 from protos import router_pb2 as pb
 
@@ -118,13 +118,14 @@ class CompletionResponder:
         body["choices"] = [
             self.choice(i, a.text, a.tokens, FINISH_REASON[a.finish_reason], True) for i, a in enumerate(answers)
         ]
-        prompts = [answers[k * self.parsed.n].usage for k in range(len(self.parsed.prompts))]
-        body["usage"] = {
-            "prompt_tokens": sum(u.prompt_tokens for u in prompts),
-            "completion_tokens": sum(a.usage.completion_tokens for a in answers),
-        }
-        body["usage"]["total_tokens"] = body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+        body["usage"] = self.usage([a.usage for a in answers])
         return body
+
+    def usage(self, usages: list[pb.Usage]) -> dict[str, int]:
+        """Usage over choices in request order: each prompt counted once, every completion counted."""
+        prompt = sum(usages[k * self.parsed.n].prompt_tokens for k in range(len(self.parsed.prompts)))
+        completion = sum(u.completion_tokens for u in usages)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
         body = self._envelope()
@@ -166,7 +167,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         if parsed.include_usage and len(usages) == len(parsed.requests):
             body = responder._envelope()
             body["choices"] = []
-            body["usage"] = usage([usages[i] for i in sorted(usages)])
+            body["usage"] = responder.usage([usages[i] for i in sorted(usages)])
             await sse.send(response, body)
     finally:
         streams.close()
