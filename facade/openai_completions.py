@@ -53,7 +53,6 @@ def parse_completion(body: Any) -> CompletionRequest:
     prompts = _prompts(body)
     stream = params.typed(body, "stream", bool, False)
     p = params.parameters(body)
-    p.temperature = float(params.typed(body, "temperature", (int, float), 1.0))
     logprobs = params.typed(body, "logprobs", int)
     if logprobs is not None:
         if not 0 <= logprobs <= 5:

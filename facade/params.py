@@ -74,8 +74,9 @@ def include_usage(body: dict, stream: bool) -> bool:
 
 
 def parameters(body: dict, max_tokens_key: str = "max_tokens") -> pb.GenerationParameters:
-    p = pb.GenerationParameters(temperature=float(typed(body, "temperature", (int, float), 1.0)))
-    for key in ("top_p", "typical_p", "repetition_penalty"):
+    p = pb.GenerationParameters()
+    # Absent sampling fields stay absent: the router fills in the model's recommended defaults.
+    for key in ("temperature", "top_p", "typical_p", "repetition_penalty"):
         if (value := typed(body, key, (int, float))) is not None:
             setattr(p, key, float(value))
     for key in ("min_p", "frequency_penalty", "presence_penalty"):

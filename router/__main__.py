@@ -14,6 +14,7 @@ from common.settings import process_env
 from common.tracing import setup_tracing
 from router.blocks import BlockAllocator
 from router.config import Limits, RouterConfig, parse_config
+from router.generation_defaults import load_defaults
 from router.metrics import RouterMetrics
 from router.scheduler import Scheduler
 from router.server import RouterServicer, ServedModel, create_server
@@ -52,7 +53,9 @@ async def serve(config: RouterConfig) -> None:
     allocator = BlockAllocator(warm.num_blocks, warm.block_size)
     tracer = tracing.tracer("switchyard.router")
     scheduler = Scheduler(shards, allocator, limits, tokenizer, RouterMetrics(), tracer)
-    validator = Validator(tokenizer, limits, config.max_stop_sequences, config.max_top_n_tokens, info.vocab_size)
+    validator = Validator(
+        tokenizer, limits, config.max_stop_sequences, config.max_top_n_tokens, info.vocab_size, load_defaults(source)
+    )
     model = ServedModel(
         source.display_name,
         info.dtype,

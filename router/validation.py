@@ -10,6 +10,7 @@ from typing import Any
 
 from protos import router_pb2 as pb
 from router.config import Limits
+from router.generation_defaults import GenerationDefaults
 from router.grammar import TOOL_CALL_MARKER, json_object_grammar, json_schema_grammar, regex_grammar, tool_call_grammar
 from router.request import Request, Sampling
 from router.stopping import StopCondition, TextStream
@@ -27,6 +28,8 @@ class Validator:
     max_top_n_tokens: int = 20
     #: Width of the model's logits: token ids must be below it.
     vocab_size: int = 1 << 31
+    #: Sampling values used when a request leaves them out.
+    defaults: GenerationDefaults = dataclasses.field(default_factory=GenerationDefaults)
 
     def prompt_ids(self, request: pb.GenerateRequest | pb.TokenizeRequest) -> tuple[list[int], str]:
         """Token ids and text of the prompt (a rendered chat or raw text)."""
@@ -112,14 +115,16 @@ class Validator:
         return tool_call_grammar(tools, allow_text, chat.parallel_tool_calls)
 
     def _sampling(self, p: pb.GenerationParameters) -> Sampling:
-        _check_range("temperature", p.temperature, 0.0, 2.0)
-        top_p = p.top_p if p.HasField("top_p") else 1.0
+        d = self.defaults
+        temperature = p.temperature if p.HasField("temperature") else d.temperature
+        _check_range("temperature", temperature, 0.0, 2.0)
+        top_p = p.top_p if p.HasField("top_p") else d.top_p
         if not 0.0 < top_p <= 1.0:
             raise ValidationError(f"top_p must be in (0, 1], got {top_p}", param="top_p")
         typical_p = p.typical_p if p.HasField("typical_p") else 1.0
         if not 0.0 < typical_p <= 1.0:
             raise ValidationError(f"typical_p must be in (0, 1], got {typical_p}", param="typical_p")
-        repetition = p.repetition_penalty if p.HasField("repetition_penalty") else 1.0
+        repetition = p.repetition_penalty if p.HasField("repetition_penalty") else d.repetition_penalty
         if repetition <= 0.0:
             raise ValidationError(f"repetition_penalty must be > 0, got {repetition}", param="repetition_penalty")
         _check_range("min_p", p.min_p, 0.0, 1.0)
@@ -133,9 +138,10 @@ class Validator:
             _check_range("logit_bias", bias, -100.0, 100.0)
         seed = p.seed if p.HasField("seed") else random.getrandbits(63)
         return Sampling(
-            temperature=p.temperature,
+            temperature=temperature,
             top_p=top_p,
-            top_k=p.top_k,
+            # A client that picks its own temperature gets no hidden top_k.
+            top_k=p.top_k or (0 if p.HasField("temperature") else d.top_k),
             seed=seed,
             min_p=p.min_p,
             typical_p=typical_p,
