@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from facade.errors import ApiError, from_grpc
+from facade.errors import from_grpc
 from protos import router_pb2 as pb
 from protos import router_pb2_grpc as pb_grpc
 
@@ -76,5 +76,3 @@ class StreamSet:
         for call in self._calls:
             call.cancel()
 
-
-__all__ = ["ApiError", "StreamSet", "generate_all"]
