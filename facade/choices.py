@@ -75,4 +75,3 @@ class StreamSet:
     def close(self) -> None:
         for call in self._calls:
             call.cancel()
-

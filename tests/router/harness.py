@@ -31,7 +31,8 @@ class Harness:
     ids: itertools.count
 
     def request(self, prompt: str, max_new_tokens: int = 8, seed: int = 0) -> Request:
-        params = pb.GenerationParameters(max_new_tokens=max_new_tokens, seed=seed, ignore_eos=True)
+        # Greedy: tests compare with transformers' greedy generate.
+        params = pb.GenerationParameters(max_new_tokens=max_new_tokens, seed=seed, ignore_eos=True, temperature=0)
         return self.validator.request(next(self.ids), pb.GenerateRequest(prompt=prompt, parameters=params))
 
     def check(self) -> None:
