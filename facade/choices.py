@@ -13,6 +13,13 @@ from protos import router_pb2 as pb
 from protos import router_pb2_grpc as pb_grpc
 
 
+async def router_info(router: pb_grpc.RouterStub) -> pb.InfoResponse:
+    try:
+        return await router.Info(pb.InfoRequest(), timeout=10)
+    except grpc.aio.AioRpcError as exc:
+        raise from_grpc(exc) from exc
+
+
 async def generate_all(router: pb_grpc.RouterStub, requests: list[pb.GenerateRequest]) -> list[pb.GenerateResponse]:
     calls = [router.Generate(r) for r in requests]
     try:

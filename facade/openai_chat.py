@@ -63,13 +63,7 @@ def parse_chat(body: Any) -> ChatRequest:
         p.top_n_tokens = top
     p.logprobs = logprobs
     n = params.choices_count(body)
-    requests = []
-    for seed in params.seeds_for(p, n):
-        choice = pb.GenerationParameters()
-        choice.CopyFrom(p)
-        if seed is not None:
-            choice.seed = seed
-        requests.append(pb.GenerateRequest(chat=chat, parameters=choice))
+    requests = [pb.GenerateRequest(chat=chat, parameters=choice) for choice in params.per_choice(p, n)]
     model = params.typed(body, "model", str, "tgi")
     return ChatRequest(model, stream, params.include_usage(body, stream), logprobs, requests)
 

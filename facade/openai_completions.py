@@ -61,11 +61,7 @@ def parse_completion(body: Any) -> CompletionRequest:
     n = params.choices_count(body)
     requests = []
     for prompt in prompts:
-        for seed in params.seeds_for(p, n):
-            choice = pb.GenerationParameters()
-            choice.CopyFrom(p)
-            if seed is not None:
-                choice.seed = seed
+        for choice in params.per_choice(p, n):
             if isinstance(prompt, str):
                 requests.append(pb.GenerateRequest(prompt=prompt, parameters=choice))
             else:

@@ -162,8 +162,13 @@ def response_format(value: Any, param: str = "response_format") -> pb.ResponseFo
     raise invalid(f"unknown {param} type {kind!r}", f"{param}.type")
 
 
-def seeds_for(p: pb.GenerationParameters, n: int) -> list[int | None]:
-    """Seeds of n choices: distinct when a seed is given, so that choices still differ."""
-    if not p.HasField("seed"):
-        return [None] * n
-    return [(p.seed + i) % (1 << 64) for i in range(n)]
+def per_choice(p: pb.GenerationParameters, n: int) -> list[pb.GenerationParameters]:
+    """Parameters of n choices: distinct seeds when a seed is given, so that choices still differ."""
+    choices = []
+    for i in range(n):
+        choice = pb.GenerationParameters()
+        choice.CopyFrom(p)
+        if p.HasField("seed"):
+            choice.seed = (p.seed + i) % (1 << 64)
+        choices.append(choice)
+    return choices

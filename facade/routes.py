@@ -6,6 +6,7 @@ import grpc
 from aiohttp import web
 
 from facade import openai_chat, openai_completions, openapi, tgi, tokenize
+from facade.choices import router_info
 from facade.errors import ApiError, from_grpc
 from facade.json_body import json_response
 from facade.state import METRICS, ROUTER, STARTED_AT
@@ -13,7 +14,7 @@ from protos import router_pb2 as pb
 
 
 async def models(request: web.Request) -> web.Response:
-    info = await _router_info(request)
+    info = await router_info(request.app[ROUTER])
     card = {
         "id": info.model_id,
         "object": "model",
@@ -42,13 +43,6 @@ async def metrics(request: web.Request) -> web.Response:
         raise from_grpc(exc) from exc
     body = request.app[METRICS].exposition() + router_text
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-
-
-async def _router_info(request: web.Request) -> pb.InfoResponse:
-    try:
-        return await request.app[ROUTER].Info(pb.InfoRequest(), timeout=10)
-    except grpc.aio.AioRpcError as exc:
-        raise from_grpc(exc) from exc
 
 
 ROUTES = [

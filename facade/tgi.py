@@ -11,8 +11,8 @@ import orjson
 from aiohttp import web
 
 from facade import sse
-from facade.choices import StreamSet, generate_all
-from facade.errors import from_grpc, invalid
+from facade.choices import StreamSet, generate_all, router_info
+from facade.errors import invalid
 from facade.json_body import json_response, read_json
 from facade.params import response_format, typed
 from facade.state import ROUTER
@@ -143,12 +143,7 @@ async def compat(request: web.Request) -> web.StreamResponse:
 
 
 async def info(request: web.Request) -> web.Response:
-    try:
-        i = await request.app[ROUTER].Info(pb.InfoRequest(), timeout=10)
-    except Exception as exc:
-        if hasattr(exc, "code"):
-            raise from_grpc(exc) from exc  # type: ignore[arg-type]
-        raise
+    i = await router_info(request.app[ROUTER])
     return json_response(
         {
             "model_id": i.model_id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 from aiohttp import web
 
+from facade.choices import router_info
 from facade.errors import from_grpc, invalid
 from facade.json_body import json_response, read_json
 from facade.openai_chat import parse_chat
@@ -28,9 +29,9 @@ async def tokenize(request: web.Request) -> web.Response:
     try:
         router = request.app[ROUTER]
         answer = await router.Tokenize(message)
-        info = await router.Info(pb.InfoRequest())
     except grpc.aio.AioRpcError as exc:
         raise from_grpc(exc) from exc
+    info = await router_info(router)
     return json_response({"count": len(answer.ids), "max_model_len": info.max_total_tokens, "tokens": list(answer.ids)})
 
 
