@@ -62,7 +62,9 @@ async def serve(config: ShardConfig) -> None:
     if config.world_size > 1:
         join_process_group(config, device)
     model = load_model(source, dtype, device, config.world_size)
-    engine = Engine(model, device, config.block_size, config.kv_cache_fraction, config.world_size)
+    engine = Engine(
+        model, device, config.block_size, config.kv_cache_fraction, config.world_size, config.attention_backend
+    )
     engine.grammar_compiler = GrammarCompiler(source, engine.vocab_size)
     architecture = (model.config.architectures or [type(model).__name__])[0]
     tracing = setup_tracing(config.otlp_service_name, config.otlp_endpoint)

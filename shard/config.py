@@ -29,6 +29,8 @@ class ShardConfig:
     #: Where rank 0 listens for torch.distributed's rendezvous (tensor parallelism).
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    #: Decode attention: "auto" (the C kernel on CPU where it builds), "sdpa" or "cpu-paged".
+    attention_backend: str = "auto"
     otlp_endpoint: str | None = None
     otlp_service_name: str = "switchyard-shard"
 
@@ -74,6 +76,12 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardCon
     p.add_argument("--advertise-host", default=env_str(env, "SHARD_ADVERTISE_HOST"), help="[SHARD_ADVERTISE_HOST]")
     p.add_argument("--master-addr", default=env_str(env, "MASTER_ADDR", default="127.0.0.1"), help="[MASTER_ADDR]")
     p.add_argument("--master-port", type=int, default=env_int(env, "MASTER_PORT", default=29500), help="[MASTER_PORT]")
+    p.add_argument(
+        "--attention-backend",
+        choices=("auto", "sdpa", "cpu-paged"),
+        default=env_str(env, "ATTENTION_BACKEND", default="auto"),
+        help="decode attention: the C kernel on CPU (auto) or gathered SDPA [ATTENTION_BACKEND]",
+    )
     add_tracing_args(p, env, "switchyard-shard")
     a = p.parse_args(argv)
     if a.block_size < 1 or not 0 < a.kv_cache_fraction <= 1:
@@ -91,6 +99,7 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardCon
         advertise_host=a.advertise_host,
         master_addr=a.master_addr,
         master_port=a.master_port,
+        attention_backend=a.attention_backend,
         otlp_endpoint=a.otlp_endpoint,
         otlp_service_name=a.otlp_service_name,
     )

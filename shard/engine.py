@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from shard.attention import SequenceSpan, build_step
+from shard.attention import Backends, SequenceSpan, build_step
 from shard.batch_state import BatchStore, Sequence
 from shard.errors import CapacityError, InvalidRequest
 from shard.kv_cache import PagedKVCache, kv_layout_of
@@ -60,7 +60,13 @@ class StepResult:
 
 class Engine:
     def __init__(
-        self, model: PreTrainedModel, device: torch.device, block_size: int, kv_fraction: float, world_size: int = 1
+        self,
+        model: PreTrainedModel,
+        device: torch.device,
+        block_size: int,
+        kv_fraction: float,
+        world_size: int = 1,
+        attention_backend: str = "auto",
     ):
         self.model = model
         #: Tensor-parallel ranks: each holds 1/world_size of the KV heads.
@@ -69,6 +75,7 @@ class Engine:
         self.block_size = block_size
         self.kv_fraction = kv_fraction
         self.dtype = next(model.parameters()).dtype
+        self.attention = Backends(attention_backend, device, self.dtype)
         text_config = model.config.get_text_config()
         self.max_positions = int(getattr(text_config, "max_position_embeddings", 0) or 1 << 20)
         self.vocab_size = int(text_config.vocab_size)
@@ -225,7 +232,7 @@ class Engine:
             if end == len(seq.token_ids):
                 sample_rows.append(len(ids) - 1)
                 samplers.append(seq)
-        step = build_step(cache, spans, self.device)
+        step = build_step(cache, spans, self.device, self.attention.decode, self.attention.prefill)
         logits = self._forward(ids, positions, step, sample_rows)
         forward_done = time.perf_counter_ns()
         generations = self._sample(samplers, logits)

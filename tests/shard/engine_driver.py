@@ -86,9 +86,11 @@ class Driver:
             t.logprobs.append(g.logprob)
 
 
-def make_engine(source: ModelSource, num_blocks_tokens: int = 8192, block_size: int = 4) -> Engine:
+def make_engine(
+    source: ModelSource, num_blocks_tokens: int = 8192, block_size: int = 4, attention_backend: str = "auto"
+) -> Engine:
     model = load_model(source, torch.float32, torch.device("cpu"))
-    engine = Engine(model, torch.device("cpu"), block_size, kv_fraction=0.5)
+    engine = Engine(model, torch.device("cpu"), block_size, kv_fraction=0.5, attention_backend=attention_backend)
     engine.warmup(256, 32, num_blocks_tokens)
     return engine
 

@@ -48,12 +48,22 @@ def _run_mixed_batch(driver: Driver, prompts: list[list[int]]) -> list[Tracked]:
     return [a, b, c]
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "mixtral"])
-def test_tiny_models_match_transformers(kind, tiny_model_dir):
+@pytest.mark.parametrize(
+    ("kind", "backend"),
+    [
+        *[(kind, "cpu-paged") for kind in ("llama", "qwen2", "mistral", "mixtral")],
+        # The portable backend too, with and without a sliding window.
+        ("llama", "sdpa"),
+        ("mistral", "sdpa"),
+    ],
+)
+def test_tiny_models_match_transformers(kind, backend, tiny_model_dir):
     source = resolve_model(str(tiny_model_dir(kind)))
     tok = smollm_tokenizer()
     prompts = [tok.encode(p) for p in PROMPTS]
-    tracked = _run_mixed_batch(Driver(make_engine(source)), prompts)
+    engine = make_engine(source, attention_backend=backend)
+    assert engine.attention.name == backend
+    tracked = _run_mixed_batch(Driver(engine), prompts)
     for t in tracked:
         want_tokens, want_logprobs = reference(source, t.prompt, NEW_TOKENS)
         assert t.tokens[:NEW_TOKENS] == want_tokens, f"request {t.request_id}"

@@ -1,0 +1,154 @@
+"""Per-step attention metadata: which KV slots each token writes, which context each query reads.
+
+Sequences are grouped by query length (decode tokens vs prefill chunks) and
+padded only inside a group, so a long prompt never pads the decode tokens.
+``PagedStep`` is built once per forward and reaches every layer through the
+forward's kwargs, not through a global; it also names the backend that attends
+each kind of group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from shard.kv_cache import PagedKVCache
+
+
+@dataclass
+class SequenceSpan:
+    """One sequence's share of a step."""
+
+    #: Tokens of this sequence computed in this step (queries).
+    query_len: int
+    #: Tokens whose KV is already cached, before this step.
+    cached_len: int
+    #: KV block table; covers at least ``cached_len + query_len`` positions.
+    blocks: list[int]
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences of similar query length, padded to the group's maxima."""
+
+    packed_rows: torch.Tensor  # [group_tokens] rows of the packed batch, in group order
+    query_index: torch.Tensor  # [B, Qmax] packed row of each query (0 for padding)
+    valid_rows: torch.Tensor  # [group_tokens] flat indices into [B * Qmax] of real queries
+    block_table: torch.Tensor  # [B * n_blocks] KV block of each block of context (0 for padding)
+    query_pos: torch.Tensor  # [B, Qmax] position of each query
+    context_len: torch.Tensor  # [B]
+    valid: torch.Tensor  # [B, Qmax] True for real queries
+    context_blocks: int  # blocks of context per sequence, padded to the group's longest
+    block_size: int
+    #: Masks by sliding window (0: none), built on first use: the CPU decode kernel never needs one.
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        return int(self.query_index.shape[0])
+
+    @property
+    def is_decode(self) -> bool:
+        return int(self.query_index.shape[1]) == 1
+
+    def mask_for(self, sliding_window: int | None) -> torch.Tensor:
+        """[B, 1, Qmax, Lmax], True where a query may attend a key."""
+        window = sliding_window or 0
+        if window not in self.masks:
+            key_pos = torch.arange(self.context_blocks * self.block_size, device=self.query_pos.device)
+            mask = (key_pos[None, None, :] <= self.query_pos[:, :, None]) & self.valid[:, :, None]
+            if window:
+                mask &= (self.query_pos[:, :, None] - key_pos[None, None, :]) < window
+            # Padding queries attend to position 0 so that no softmax row is empty (no NaN);
+            # their outputs are never read.
+            mask[:, :, 0] |= ~self.valid
+            self.masks[window] = mask[:, None]
+        return self.masks[window]
+
+
+class GroupAttention(Protocol):
+    """A backend: attends one group's queries to their cached context.
+
+    q: [tokens, heads, head_dim] (the whole packed step); returns
+    [group tokens, heads, head_dim] in ``group.packed_rows`` order.
+    """
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        cache: PagedKVCache,
+        layer: int,
+        group: AttentionGroup,
+        scaling: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor: ...
+
+
+@dataclass
+class PagedStep:
+    cache: PagedKVCache
+    slots: torch.Tensor  # [tokens] slot each new token's KV is written to
+    groups: list[AttentionGroup]
+    num_tokens: int
+    #: Backends for groups of one-token queries and for longer (prefill) queries.
+    decode_attention: GroupAttention
+    prefill_attention: GroupAttention
+
+
+def build_step(
+    cache: PagedKVCache,
+    spans: list[SequenceSpan],
+    device: torch.device,
+    decode_attention: GroupAttention,
+    prefill_attention: GroupAttention,
+) -> PagedStep:
+    """Metadata for one forward over ``spans`` packed in order."""
+    starts, offset = [], 0
+    for span in spans:
+        starts.append(offset)
+        offset += span.query_len
+    new_slots: list[int] = []
+    for span in spans:
+        new_slots.extend(cache.slots_of(span.blocks, span.cached_len, span.cached_len + span.query_len))
+    decode = [i for i, s in enumerate(spans) if s.query_len == 1]
+    prefill = [i for i, s in enumerate(spans) if s.query_len > 1]
+    groups = [
+        _build_group([spans[i] for i in members], [starts[i] for i in members], cache.block_size, device)
+        for members in (decode, prefill)
+        if members
+    ]
+    slots = torch.tensor(new_slots, dtype=torch.long, device=device)
+    return PagedStep(cache, slots, groups, offset, decode_attention, prefill_attention)
+
+
+def _build_group(spans: list[SequenceSpan], starts: list[int], block_size: int, device: torch.device) -> AttentionGroup:
+    q_max = max(s.query_len for s in spans)
+    n_blocks = -(-max(s.cached_len + s.query_len for s in spans) // block_size)
+    batch = len(spans)
+    query_index = torch.zeros(batch, q_max, dtype=torch.long)
+    query_pos = torch.zeros(batch, q_max, dtype=torch.long)
+    block_table = torch.zeros(batch, n_blocks, dtype=torch.long)
+    context_len = torch.zeros(batch, dtype=torch.long)
+    valid = torch.zeros(batch, q_max, dtype=torch.bool)
+    for b, (span, start) in enumerate(zip(spans, starts, strict=True)):
+        n, total = span.query_len, span.cached_len + span.query_len
+        query_index[b, :n] = torch.arange(start, start + n)
+        query_pos[b, :n] = torch.arange(span.cached_len, total)
+        valid[b, :n] = True
+        used = span.blocks[: -(-total // block_size)]
+        block_table[b, : len(used)] = torch.tensor(used, dtype=torch.long)
+        context_len[b] = total
+    valid_rows = valid.flatten().nonzero().squeeze(1)
+    return AttentionGroup(
+        packed_rows=query_index.flatten()[valid_rows].to(device),
+        query_index=query_index.to(device),
+        valid_rows=valid_rows.to(device),
+        block_table=block_table.flatten().to(device),
+        query_pos=query_pos.to(device),
+        context_len=context_len.to(device),
+        valid=valid.to(device),
+        context_blocks=n_blocks,
+        block_size=block_size,
+    )

@@ -1,0 +1,145 @@
+"""CPU kernels written in C, compiled on the host at first use and called through ctypes.
+
+Why C and not a torch extension: a plain C file with no torch headers compiles in
+well under a second with the system compiler, for the exact CPU it runs on
+(``-march=native``), and needs nothing at install time. The shared object is
+cached under ``SWITCHYARD_CACHE`` (default ``~/.cache/switchyard``) by a hash of
+source, flags and compiler, so every shard process after the first just loads it.
+
+Everything here is optional: where no compiler is found or the build fails,
+``paged_decode_kernel()`` returns None with a warning and attention keeps its
+portable torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("paged_decode.c")
+# -fassociative-math lets the compiler vectorise the fp32 reductions; no
+# -ffast-math: it would also assume no infinities, and softmax relies on them.
+FLAGS = [
+    "-O3",
+    "-march=native",
+    "-fopenmp",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fno-signed-zeros",
+    "-fassociative-math",
+    "-shared",
+    "-fPIC",
+]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SWITCHYARD_CACHE") or Path.home() / ".cache" / "switchyard") / "kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"paged_decode-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Concurrent shards (tensor-parallel ranks) may build at once: each writes its
+    # own file and renames it into place, which is atomic.
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
+        partial = Path(tmp.name)
+    try:
+        subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE), "-lm"], check=True, capture_output=True)
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+class PagedDecodeKernel:
+    """Decode attention straight from the paged KV cache (see paged_decode.c)."""
+
+    DTYPES = (torch.bfloat16, torch.float32)
+
+    def __init__(self, library: ctypes.CDLL):
+        self._functions = {torch.bfloat16: library.paged_decode_bf16, torch.float32: library.paged_decode_f32}
+        for function in self._functions.values():
+            function.restype = ctypes.c_int
+            function.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_float] + [ctypes.c_int] * 2
+
+    def supports(self, dtype: torch.dtype, device: torch.device) -> bool:
+        return device.type == "cpu" and dtype in self.DTYPES
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        context_len: torch.Tensor,
+        block_size: int,
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor:
+        """query [batch, heads, head_dim]; caches [slots, kv_heads, head_dim]; block_table [batch, max_blocks].
+
+        Returns [batch, heads, head_dim] in the query's dtype.
+        """
+        dtype = query.dtype
+        query = query.to(key_cache.dtype).contiguous()
+        block_table, context_len = block_table.contiguous(), context_len.contiguous()
+        out = torch.empty_like(query)
+        batch, heads, head_dim = query.shape
+        status = self._functions[key_cache.dtype](
+            query.data_ptr(),
+            key_cache.data_ptr(),
+            value_cache.data_ptr(),
+            block_table.data_ptr(),
+            context_len.data_ptr(),
+            out.data_ptr(),
+            batch,
+            heads,
+            key_cache.shape[1],
+            head_dim,
+            block_table.shape[1],
+            block_size,
+            scale,
+            window or 0,
+            torch.get_num_threads(),
+        )
+        if status != 0:
+            raise RuntimeError(f"paged decode kernel failed with status {status}")
+        return out.to(dtype)
+
+
+@functools.cache
+def paged_decode_kernel() -> PagedDecodeKernel | None:
+    """The compiled kernel, or None (with a warning) where this host cannot build it."""
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("no C compiler found: decode attention uses the portable (slower) torch path")
+        return None
+    try:
+        return PagedDecodeKernel(ctypes.CDLL(str(_build(compiler))))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", b"") or b""
+        log.warning(
+            "building the CPU decode kernel failed (%s%s): decode attention uses the portable torch path",
+            error,
+            (": " + detail.decode(errors="replace")[-500:]) if detail else "",
+        )
+        return None

@@ -1,0 +1,61 @@
+"""The CPU decode kernel against the portable backend (gather + SDPA) on random caches.
+
+Shapes cover the AVX512-BF16 path (bf16, head_dim a multiple of 64) and the
+portable C path (fp32, other head dims), grouped-query attention, contexts that
+end mid-block, a one-token context and sliding windows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shard.attention import gathered_sdpa
+from shard.attention.cpu_paged import backend
+from shard.attention.step import SequenceSpan, build_step
+from shard.kv_cache import KVLayout, PagedKVCache
+
+BLOCK = 16
+CASES = [
+    # dtype, heads, kv_heads, head_dim, window
+    (torch.bfloat16, 9, 3, 64, None),
+    (torch.bfloat16, 8, 8, 128, None),
+    (torch.bfloat16, 4, 2, 64, 20),
+    (torch.bfloat16, 6, 2, 48, None),  # bf16 without the vector path
+    (torch.float32, 6, 2, 32, None),
+    (torch.float32, 4, 1, 80, 7),
+]
+
+
+@pytest.mark.parametrize(("dtype", "heads", "kv_heads", "head_dim", "window"), CASES)
+def test_kernel_matches_gathered_sdpa(dtype, heads, kv_heads, head_dim, window):
+    kernel = backend(torch.device("cpu"), dtype)
+    if kernel is None:
+        pytest.skip("no C compiler on this host")
+    generator = torch.Generator().manual_seed(heads * head_dim)
+    cache = PagedKVCache(KVLayout(1, kv_heads, head_dim, dtype), 64, BLOCK, torch.device("cpu"))
+    cache.keys[0].copy_(torch.randn(cache.keys[0].shape, generator=generator))
+    cache.values[0].copy_(torch.randn(cache.values[0].shape, generator=generator))
+    lengths = [1, 15, 16, 17, 100, 250]
+    order = torch.randperm(64, generator=generator).tolist()  # scattered blocks, as under load
+    spans, used = [], 0
+    for length in lengths:
+        n = -(-length // BLOCK)
+        spans.append(SequenceSpan(1, length - 1, order[used : used + n]))
+        used += n
+    step = build_step(cache, spans, torch.device("cpu"), kernel, gathered_sdpa.attend)
+    (group,) = step.groups
+    q = torch.randn(len(lengths), heads, head_dim, generator=generator).to(dtype)
+    scale = head_dim**-0.5
+    got = kernel(q, cache, 0, group, scale, window).float()
+    want = gathered_sdpa.attend(q.float(), _as_fp32(cache), 0, group, scale, window)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+
+
+def _as_fp32(cache: PagedKVCache) -> PagedKVCache:
+    layout = KVLayout(1, cache.layout.num_kv_heads, cache.layout.head_dim, torch.float32)
+    copy = PagedKVCache(layout, cache.num_blocks, cache.block_size, torch.device("cpu"))
+    copy.keys[0].copy_(cache.keys[0])
+    copy.values[0].copy_(cache.values[0])
+    return copy
