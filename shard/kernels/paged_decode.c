@@ -112,6 +112,14 @@ DEFINE_ATTEND_PORTABLE(attend_f32, float, IDENTITY, IDENTITY)
 /* --- AVX512-BF16 path: bf16 cache, head_dim a multiple of 64 ---------------------------------- */
 
 #ifdef HAVE_AVX512_BF16
+/* The first KV head's pass asks for whole slots (every KV head) a few positions
+ * ahead: blocks are scattered, so the hardware prefetcher loses the stream at
+ * every block edge, and the later heads then find their rows in cache. */
+#define AHEAD 8
+static inline void prefetch_row(const uint16_t *row, int elements) {
+    for (int offset = 0; offset < elements; offset += 32) __builtin_prefetch(row + offset, 0, 3);
+}
+
 static inline __m512 bf16x16_to_f32(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)p)), 16));
 }
@@ -125,6 +133,7 @@ static void attend_bf16_avx512(const Problem *pr, int b, int kvh, const int64_t 
     const int64_t q_row = (int64_t)b * pr->heads + kvh * group;
     /* Scores: each key row meets every query head of its group while it is in registers. */
     for (int64_t i = 0; i < span; i++) {
+        if (kvh == 0 && i + AHEAD < span) prefetch_row(kc + slots[i + AHEAD] * pr->kv_heads * dim, pr->kv_heads * dim);
         const uint16_t *key = kc + (slots[i] * pr->kv_heads + kvh) * dim;
         for (int g = 0; g < group; g++) {
             const uint16_t *qg = q + (q_row + g) * dim;
@@ -143,6 +152,8 @@ static void attend_bf16_avx512(const Problem *pr, int b, int kvh, const int64_t 
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             const float *w = score + g * span;
             for (int64_t i = 0; i < span; i++) {
+                if (kvh == 0 && g == 0 && c == 0 && i + AHEAD < span)
+                    prefetch_row(vc + slots[i + AHEAD] * pr->kv_heads * dim, pr->kv_heads * dim);
                 const uint16_t *v = vc + (slots[i] * pr->kv_heads + kvh) * dim + c;
                 const __m512 wi = _mm512_set1_ps(w[i]);
                 a0 = _mm512_fmadd_ps(wi, bf16x16_to_f32(v), a0);
