@@ -1,7 +1,8 @@
 """The shard engine against transformers' ``generate``, same model, same dtype, same machine, same run.
 
 Figures (issue 7's targets in brackets):
-- single-sequence decode tokens/s, engine vs ``generate`` [>= 3x];
+- single-sequence decode tokens/s, engine vs ``generate`` [>= 3x], as served (the default
+  model's Q4_1 linears on their int4 values for small steps) and with bf16 weights only;
 - decode tokens/s with 64 live sequences (~200-token prompts, 128 new tokens each)
   vs single-request ``generate`` [>= 25x];
 - prefill tokens/s for a 512-token prompt [>= 2,000].
@@ -61,8 +62,9 @@ class _Runner:
         return len(self.engine.decode([1], extensions).generations)
 
 
-def _engine(source: ModelSource, dtype: torch.dtype, total_tokens: int) -> Engine:
-    engine = Engine(load_model(source, dtype, torch.device("cpu")), torch.device("cpu"), BLOCK, kv_fraction=0.5)
+def _engine(source: ModelSource, dtype: torch.dtype, total_tokens: int, quantize: str = "auto") -> Engine:
+    model = load_model(source, dtype, torch.device("cpu"), quantize=quantize)
+    engine = Engine(model, torch.device("cpu"), BLOCK, kv_fraction=0.5)
     engine.warmup(1024, 64, total_tokens)
     return engine
 
@@ -100,11 +102,20 @@ def generate_rate(source: ModelSource, dtype: torch.dtype, prompt_len: int, new_
 def run(rounds: int = 3, streams: int = 64, prompt_len: int = 200, new_tokens: int = 128) -> dict[str, float]:
     source = resolve_model(None)
     dtype = choose_dtype(None, torch.device("cpu"))
-    engine = _engine(source, dtype, total_tokens=(streams + 1) * (prompt_len + new_tokens + BLOCK) + 1024)
-    figures: dict[str, list[float]] = {"generate_1": [], "engine_1": [], f"engine_{streams}": [], "prefill_512": []}
+    total_tokens = (streams + 1) * (prompt_len + new_tokens + BLOCK) + 1024
+    engine = _engine(source, dtype, total_tokens)  # as served: QUANTIZE=auto
+    bf16_only = _engine(source, dtype, 4096, quantize="none")
+    figures: dict[str, list[float]] = {
+        "generate_1": [],
+        "engine_1": [],
+        "engine_1_unquantized": [],
+        f"engine_{streams}": [],
+        "prefill_512": [],
+    }
     for _ in range(rounds):
         figures["generate_1"].append(generate_rate(source, dtype, prompt_len, new_tokens))
         figures["engine_1"].append(engine_decode_rate(engine, 1, prompt_len, new_tokens))
+        figures["engine_1_unquantized"].append(engine_decode_rate(bf16_only, 1, prompt_len, new_tokens))
         figures[f"engine_{streams}"].append(engine_decode_rate(engine, streams, prompt_len, new_tokens))
         figures["prefill_512"].append(engine_prefill_rate(engine, 512))
     medians = {k: statistics.median(v) for k, v in figures.items()}
@@ -119,6 +130,8 @@ def report(m: dict[str, float]) -> str:
             f"engine benchmark (SmolLM2-135M, {m['dtype']}, medians of 3 rounds, same run):",
             f"  transformers generate, 1 request:  {g:8.1f} tok/s",
             f"  engine decode, 1 sequence:          {one:8.1f} tok/s  ({one / g:.1f}x; target 3x)",
+            f"    same, QUANTIZE=none (bf16 only):  {m['engine_1_unquantized']:8.1f} tok/s  "
+            f"({m['engine_1_unquantized'] / g:.1f}x)",
             f"  engine decode, 64 sequences:        {many:8.1f} tok/s  ({many / g:.1f}x; target 25x)",
             f"  engine prefill, 512-token prompt:   {m['prefill_512']:8.1f} tok/s  (target 2000)",
         ]

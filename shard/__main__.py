@@ -61,7 +61,7 @@ async def serve(config: ShardConfig) -> None:
     dtype = choose_dtype(config.dtype, device)
     if config.world_size > 1:
         join_process_group(config, device)
-    model = load_model(source, dtype, device, config.world_size)
+    model = load_model(source, dtype, device, config.world_size, config.quantize)
     engine = Engine(
         model, device, config.block_size, config.kv_cache_fraction, config.world_size, config.attention_backend
     )

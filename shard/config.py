@@ -31,6 +31,8 @@ class ShardConfig:
     master_port: int = 29500
     #: Decode attention: "auto" (the C kernel on CPU where it builds), "sdpa" or "cpu-paged".
     attention_backend: str = "auto"
+    #: "auto": a 4-bit checkpoint's linears run on their int4 values for small steps; "int4", "none".
+    quantize: str = "auto"
     otlp_endpoint: str | None = None
     otlp_service_name: str = "switchyard-shard"
 
@@ -82,6 +84,12 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardCon
         default=env_str(env, "ATTENTION_BACKEND", default="auto"),
         help="decode attention: the C kernel on CPU (auto) or gathered SDPA [ATTENTION_BACKEND]",
     )
+    p.add_argument(
+        "--quantize",
+        choices=("auto", "int4", "none"),
+        default=env_str(env, "QUANTIZE", default="auto"),
+        help="int4 weights for small steps: auto (4-bit checkpoints, not in float32), int4 (any), none [QUANTIZE]",
+    )
     add_tracing_args(p, env, "switchyard-shard")
     a = p.parse_args(argv)
     if a.block_size < 1 or not 0 < a.kv_cache_fraction <= 1:
@@ -100,6 +108,7 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardCon
         master_addr=a.master_addr,
         master_port=a.master_port,
         attention_backend=a.attention_backend,
+        quantize=a.quantize,
         otlp_endpoint=a.otlp_endpoint,
         otlp_service_name=a.otlp_service_name,
     )

@@ -11,6 +11,7 @@ from transformers.distributed import DistributedConfig
 
 from common.model_source import ModelSource
 from shard import attention
+from shard.quantization import quantize_model, wants_int4
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,14 @@ def choose_dtype(requested: str | None, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
-def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, world_size: int = 1) -> PreTrainedModel:
+def load_model(
+    source: ModelSource, dtype: torch.dtype, device: torch.device, world_size: int = 1, quantize: str = "none"
+) -> PreTrainedModel:
     """The model with our paged attention; split across ``world_size`` ranks by its tensor-parallel plan.
 
     Tensor parallelism uses transformers' own plans (``tp_plan="auto"``), so any
     architecture that ships one can be sharded; torch.distributed must already
-    be initialised.
+    be initialised. ``quantize`` (auto, int4, none): see ``shard.quantization``.
     """
     log.info("loading %s (%s) on %s, rank 1/%d of the weights", source.display_name, dtype, device, world_size)
     config = AutoConfig.from_pretrained(source.path_or_id, **source.pretrained_kwargs())
@@ -66,6 +69,8 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, wo
         model.to(device)  # type: ignore[arg-type,call-arg]
     model.eval()
     model.requires_grad_(False)
+    if wants_int4(quantize, dtype, device, world_size):
+        quantize_model(model, quantize, dtype)
     return model
 
 
