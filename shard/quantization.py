@@ -71,6 +71,8 @@ class DualLinear(nn.Module):
     def __init__(self, linear: nn.Linear, int4: Int4Weight, max_rows: int):
         super().__init__()
         self.linear = linear
+        self.packed: torch.Tensor
+        self.scales_zeros: torch.Tensor
         self.register_buffer("packed", int4.packed, persistent=False)
         self.register_buffer("scales_zeros", int4.scales_zeros, persistent=False)
         self.max_rows = max_rows
@@ -102,7 +104,8 @@ def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype, max_rows: in
         raise ValueError(f"QUANTIZE must be one of {MODES}, got {mode!r}")
     if mode == "none":
         return 0
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
     wrapped, skipped = 0, 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

@@ -44,11 +44,13 @@ def test_dual_linear_uses_int4_for_small_steps_only():
 
 def test_auto_wraps_only_layers_on_a_grid():
     generator = torch.Generator().manual_seed(2)
-    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(48, 8))
+    on_grid = nn.Linear(64, 64)
     with torch.no_grad():
-        model[0].weight.copy_(_on_grid(64, 64, generator))  # model[1] keeps full-precision random weights
+        on_grid.weight.copy_(_on_grid(64, 64, generator))
+    model = nn.Sequential(on_grid, nn.Linear(64, 64), nn.Linear(48, 8))  # [1]: full-precision random weights
     assert quantize_model(model, "auto", torch.float32) == 1
-    assert isinstance(model[0], DualLinear) and isinstance(model[1], nn.Linear)
+    assert isinstance(model[0], DualLinear)
+    assert isinstance(model[1], nn.Linear)
     assert quantize_model(nn.Sequential(nn.Linear(64, 64), nn.Linear(48, 8)), "int4", torch.float32) == 1
     assert quantize_model(nn.Sequential(nn.Linear(64, 64)), "none", torch.float32) == 0
     with pytest.raises(ValueError, match="QUANTIZE"):
