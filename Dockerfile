@@ -15,8 +15,9 @@ COPY launcher /app/launcher
 
 FROM python:${PYTHON_VERSION}-slim AS cpu
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1
-# A C compiler: the shard builds its CPU decode-attention kernel for the host at startup.
-RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+# C and C++ compilers: the shard builds its CPU attention kernel for the host at startup,
+# and torch.compile (inductor) generates C++ for the decode step.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc g++ libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY --from=source /app /app

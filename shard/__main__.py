@@ -63,7 +63,13 @@ async def serve(config: ShardConfig) -> None:
         join_process_group(config, device)
     model = load_model(source, dtype, device, config.world_size, config.quantize)
     engine = Engine(
-        model, device, config.block_size, config.kv_cache_fraction, config.world_size, config.attention_backend
+        model,
+        device,
+        config.block_size,
+        config.kv_cache_fraction,
+        config.world_size,
+        config.attention_backend,
+        config.compile_mode,
     )
     engine.grammar_compiler = GrammarCompiler(source, engine.vocab_size)
     architecture = (model.config.architectures or [type(model).__name__])[0]

@@ -33,6 +33,8 @@ class ShardConfig:
     attention_backend: str = "auto"
     #: "auto": a 4-bit checkpoint's linears run on their int4 values for small steps; "int4", "none".
     quantize: str = "auto"
+    #: "auto": decode steps through torch.compile on a bf16 CPU shard; "on", "off".
+    compile_mode: str = "auto"
     otlp_endpoint: str | None = None
     otlp_service_name: str = "switchyard-shard"
 
@@ -90,6 +92,13 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardCon
         default=env_str(env, "QUANTIZE", default="auto"),
         help="int4 weights for small steps: auto (4-bit checkpoints, not in float32), int4 (any), none [QUANTIZE]",
     )
+    p.add_argument(
+        "--compile",
+        dest="compile_mode",
+        choices=("auto", "on", "off"),
+        default=env_str(env, "COMPILE", default="auto"),
+        help="torch.compile the decode step at Warmup: auto (CPU, bfloat16, one shard), on, off [COMPILE]",
+    )
     add_tracing_args(p, env, "switchyard-shard")
     a = p.parse_args(argv)
     if a.block_size < 1 or not 0 < a.kv_cache_fraction <= 1:
@@ -109,6 +118,7 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardCon
         master_port=a.master_port,
         attention_backend=a.attention_backend,
         quantize=a.quantize,
+        compile_mode=a.compile_mode,
         otlp_endpoint=a.otlp_endpoint,
         otlp_service_name=a.otlp_service_name,
     )

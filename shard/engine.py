@@ -16,14 +16,18 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from shard.attention import Backends, SequenceSpan, build_step
+from shard.attention import Backends, PagedStep, SequenceSpan, build_step
 from shard.batch_state import BatchStore, Sequence
+from shard.compiled import CompiledDecode, wants_compile
 from shard.errors import CapacityError, InvalidRequest
 from shard.kv_cache import PagedKVCache, kv_layout_of
 from shard.memory import kv_budget_bytes
 from shard.sampling import SamplingParams, SequenceView, sample
 
 log = logging.getLogger(__name__)
+
+#: Context blocks of each Warmup decode probe (see ``Engine._decode_probe``).
+PROBE_BLOCKS = 5
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class Engine:
         kv_fraction: float,
         world_size: int = 1,
         attention_backend: str = "auto",
+        compile_mode: str = "auto",
     ):
         self.model = model
         #: Tensor-parallel ranks: each holds 1/world_size of the KV heads.
@@ -76,6 +81,10 @@ class Engine:
         self.kv_fraction = kv_fraction
         self.dtype = next(model.parameters()).dtype
         self.attention = Backends(attention_backend, device, self.dtype)
+        #: The forward for pure decode steps (compiled), or None: every step runs eagerly.
+        self.decode_model: CompiledDecode | None = (
+            CompiledDecode(model) if wants_compile(compile_mode, device, self.dtype, world_size) else None
+        )
         text_config = model.config.get_text_config()
         self.max_positions = int(getattr(text_config, "max_position_embeddings", 0) or 1 << 20)
         self.vocab_size = int(text_config.vocab_size)
@@ -116,6 +125,12 @@ class Engine:
         self.store.clear(None)
         self.cache = PagedKVCache(layout, int(wanted), self.block_size, self.device)
         self._warmup_step(min(max_prefill_tokens, self.cache.num_slots, self.max_positions))
+        if self.decode_model is not None:
+            for tensor in (*self.cache.keys, *self.cache.values):
+                torch._dynamo.mark_static(tensor)  # fixed for the engine's life: no symbol to guard on
+            probes_fit = self.cache.num_blocks // PROBE_BLOCKS
+            if not self.decode_model.warm(self._decode_probe, min(max_batch_size or probes_fit, probes_fit)):
+                self.decode_model = None
         return int(wanted)
 
     def _warmup_step(self, tokens: int) -> None:
@@ -128,6 +143,21 @@ class Engine:
         blocks = list(range(-(-tokens // self.block_size)))
         probe = Sequence(-1, [0] * tokens, blocks, 0, SamplingParams(temperature=1.0), 0)
         self._run([(probe, tokens)])
+
+    def _decode_probe(self, batch: int) -> None:
+        """One decode step of ``batch`` throwaway sequences.
+
+        Their context spans PROBE_BLOCKS blocks: dynamo specialises any dimension
+        of size 1, so a one-block probe would compile a graph that no real
+        context longer than one block could reuse.
+        """
+        per = PROBE_BLOCKS
+        length = (per - 1) * self.block_size + 2
+        probes = [
+            Sequence(-1 - i, [0] * length, list(range(i * per, (i + 1) * per)), length - 1, SamplingParams(), 0)
+            for i in range(batch)
+        ]
+        self._run([(seq, 1) for seq in probes])
 
     # --- the four batch operations ----------------------------------------------
 
@@ -240,13 +270,15 @@ class Engine:
             seq.computed += n
         return generations, forward_done - started, time.perf_counter_ns() - forward_done
 
-    def _forward(self, ids: list[int], positions: list[int], step, sample_rows: list[int]) -> torch.Tensor:
+    def _forward(self, ids: list[int], positions: list[int], step: PagedStep, sample_rows: list[int]) -> torch.Tensor:
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
         keep = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         if not sample_rows:
             keep = torch.tensor([len(ids) - 1], dtype=torch.long, device=self.device)
-        out = self.model(
+        pure_decode = len(step.groups) == 1 and step.groups[0].is_decode
+        model = self.decode_model if pure_decode and self.decode_model is not None else self.model
+        out = model(
             input_ids=input_ids,
             position_ids=position_ids,
             use_cache=False,

@@ -97,8 +97,23 @@ class PagedDecodeKernel:
     ) -> torch.Tensor:
         """query [batch, heads, head_dim]; caches [slots, kv_heads, head_dim]; block_table [batch, max_blocks].
 
-        Returns [batch, heads, head_dim] in the query's dtype.
+        Returns [batch, heads, head_dim] in the query's dtype. Goes through the
+        ``switchyard::paged_decode`` operator, so that torch.compile keeps the
+        whole forward in one graph around it.
         """
+        return paged_decode_op(query, key_cache, value_cache, block_table, context_len, block_size, scale, window or 0)
+
+    def compute(
+        self,
+        query: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        context_len: torch.Tensor,
+        block_size: int,
+        scale: float,
+        window: int,
+    ) -> torch.Tensor:
         dtype = query.dtype
         query = query.to(key_cache.dtype).contiguous()
         block_table, context_len = block_table.contiguous(), context_len.contiguous()
@@ -118,12 +133,43 @@ class PagedDecodeKernel:
             block_table.shape[1],
             block_size,
             scale,
-            window or 0,
+            window,
             torch.get_num_threads(),
         )
         if status != 0:
             raise RuntimeError(f"paged decode kernel failed with status {status}")
         return out.to(dtype)
+
+
+@torch.library.custom_op("switchyard::paged_decode", mutates_args=())
+def paged_decode_op(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_len: torch.Tensor,
+    block_size: int,
+    scale: float,
+    window: int,
+) -> torch.Tensor:
+    kernel = paged_decode_kernel()
+    if kernel is None:
+        raise RuntimeError("the paged decode kernel is not available on this host")
+    return kernel.compute(query, key_cache, value_cache, block_table, context_len, block_size, scale, window)
+
+
+@paged_decode_op.register_fake
+def _paged_decode_shape(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_len: torch.Tensor,
+    block_size: int,
+    scale: float,
+    window: int,
+) -> torch.Tensor:
+    return torch.empty_like(query)
 
 
 @functools.cache
