@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import gguf
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.distributed import DistributedConfig
@@ -70,8 +71,18 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     if wants_int4(quantize, dtype, device, world_size):
-        quantize_model(model, quantize, dtype)
+        quantize_model(model, quantize, dtype, head_is_q8_0=gguf_head_type(source) == "Q8_0")
     return model
+
+
+def gguf_head_type(source: ModelSource) -> str | None:
+    """GGUF type name of the output head ("Q8_0", "Q6_K", ...); None for other checkpoints."""
+    if not source.gguf_file:
+        return None
+    reader = gguf.GGUFReader(Path(source.path_or_id) / source.gguf_file)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    # Models with tied embeddings have no output tensor: the head is the embedding.
+    return types.get("output.weight") or types.get("token_embd.weight")
 
 
 def _check_shardable(config, source: ModelSource, world_size: int) -> None:  # type: ignore[no-untyped-def]

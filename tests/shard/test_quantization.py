@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from shard.quantization import GROUP, DualLinear, quantize_int4, quantize_model
+from shard.quantization import GROUP, DualLinear, Int4Weight, quantize_int4, quantize_int8_planes, quantize_model
 from tests.models import SMOLLM
 
 
@@ -23,11 +23,31 @@ def test_a_4bit_grid_is_recovered_exactly():
     weight = _on_grid(96, 128, torch.Generator().manual_seed(0))
     int4 = quantize_int4(weight, torch.float32)
     assert int4.grid_error < 1e-3
-    eye = torch.eye(128, dtype=torch.bfloat16)
-    bf16 = quantize_int4(weight, torch.bfloat16)
-    dequantized = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, bf16.packed, GROUP, bf16.scales_zeros).t()
     # bf16 scales and bf16 arithmetic: within a few bf16 ulps of the weights' range.
-    torch.testing.assert_close(dequantized.float(), weight, atol=weight.abs().max().item() / 64, rtol=0)
+    dequantized = _dequantize(quantize_int4(weight, torch.bfloat16), 128)
+    torch.testing.assert_close(dequantized, weight, atol=weight.abs().max().item() / 64, rtol=0)
+
+
+def test_an_8bit_grid_becomes_two_exact_planes():
+    """GGUF Q8_0 (w = d * q, q in -127..127 per group of 32) as high and low nibble planes."""
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randint(-127, 128, (64, 4, GROUP), generator=generator).float()
+    q[..., 0] = 127  # the reference quantizer puts the group's largest magnitude at +-127
+    d = torch.rand(64, 4, 1, generator=generator) * 0.01 + 0.001
+    weight = (q * d).reshape(64, 128)
+    planes = quantize_int8_planes(weight, torch.float32)
+    assert len(planes.planes) == 2
+    assert planes.grid_error < 1e-3
+    torch.testing.assert_close(_dequantize(planes, 128, torch.float32), weight, atol=1e-6, rtol=0)
+
+
+def _dequantize(weight: Int4Weight, in_features: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    eye = torch.eye(in_features, dtype=dtype)
+    total = sum(
+        torch.ops.aten._weight_int4pack_mm_for_cpu(eye, p.packed, GROUP, p.scales_zeros).float() for p in weight.planes
+    )
+    assert isinstance(total, torch.Tensor)
+    return total.t()
 
 
 def test_dual_linear_uses_int4_for_small_steps_only():
@@ -58,14 +78,19 @@ def test_auto_wraps_only_layers_on_a_grid():
 
 
 def test_smollm2_q4_1_runs_on_its_own_4bit_values():
-    """The default model's GGUF is Q4_1: every decoder linear is on a grid and gets wrapped, and a
-    one-token step through a layer stays within 2% of the bf16 layer."""
+    """The default model's GGUF is Q4_1 with a Q8_0 head: every decoder linear is on a grid and gets
+    wrapped, the head gets two planes, and a one-token step stays within 2% of the bf16 layer."""
     from shard.model_loader import load_model
 
     model = load_model(SMOLLM, torch.bfloat16, torch.device("cpu"), quantize="auto")
     wrapped = [m for m in model.modules() if isinstance(m, DualLinear)]
-    assert len(wrapped) == 7 * model.config.num_hidden_layers
+    head = model.get_output_embeddings()
+    assert isinstance(head, DualLinear) and head.planes == 2  # its Q8_0 values
+    assert len(wrapped) == 7 * model.config.num_hidden_layers + 1
     linear = wrapped[0].linear
     x = torch.randn(1, 1, linear.in_features).to(torch.bfloat16)
     relative = (wrapped[0](x).float() - linear(x).float()).norm() / linear(x).float().norm()
     assert relative < 0.02
+    h = torch.randn(1, 1, head.linear.in_features).to(torch.bfloat16)
+    want = head.linear(h).float()
+    assert (head(h).float() - want).norm() / want.norm() < 0.02
