@@ -80,3 +80,37 @@ def test_seeded_sampling_is_reproducible_and_filters_work():
     # Typical sampling keeps the token whose surprise is closest to the entropy (and the most likely).
     typical = SamplingParams(temperature=1.0, seed=5, typical_p=1e-6)
     assert len({sample(x.clone(), [view(typical, step=s)]).tokens[0] for s in range(100)}) <= 2
+
+
+def test_top_candidate_tiers_draw_what_a_full_sort_draws(monkeypatch):
+    """Rows that filter draw among their most likely tokens (64, then 1024) without sorting the
+    vocabulary; that must pick exactly the token the whole sorted vocabulary gives."""
+    import shard.sampling as sampling
+
+    vocab, generator = 5000, torch.Generator().manual_seed(7)
+    x = torch.randn(120, vocab, generator=generator) * torch.linspace(0.5, 6, 120)[:, None]
+    params = [
+        SamplingParams(
+            temperature=[0.2, 0.7, 1.0, 1.5][i % 4],
+            top_p=[0.5, 0.9, 0.99, 1.0][i % 3],
+            top_k=[0, 5, 100, 3000][i % 4 if i % 5 else 0],
+            min_p=0.05 if i % 7 == 0 else 0.0,
+            seed=1000 + i,
+        )
+        for i in range(120)
+    ]
+    rows = [view(p, step=i) for i, p in enumerate(params)]
+    tiered = sample(x.clone(), rows).tokens
+    monkeypatch.setattr(sampling, "CANDIDATES", ())
+    assert sample(x.clone(), rows).tokens == tiered
+
+
+def test_unfiltered_sampling_follows_the_distribution():
+    """No filter: a draw in token-id order (two-level search, no sort) still samples softmax(x / T)."""
+    x = torch.randn(1, 300, generator=torch.Generator().manual_seed(3)) * 2
+    draws = 6000
+    rows = [view(SamplingParams(temperature=0.8, seed=5), step=i) for i in range(draws)]
+    tokens = torch.tensor(sample(x.expand(draws, -1).clone(), rows).tokens)
+    seen = torch.bincount(tokens, minlength=300).float() / draws
+    want = torch.softmax(x[0] / 0.8, -1)
+    assert 0.5 * (seen - want).abs().sum() < 0.05  # total variation distance
