@@ -21,15 +21,61 @@ import xgrammar as xgr
 from router.validation_error import ValidationError
 
 TOOL_CALL_MARKER = "<tool_call>"
-_PLAIN_TEXT = r"root ::= [^<] [^]*"
+#: UTF-16 surrogates: code points that xgrammar's negated classes admit, but that UTF-8
+#: text cannot hold (their 3-byte encodings decode to three U+FFFD each).
+_SURROGATES = r"\uD800-\uDFFF"
+
+
+def unicode_scalars_only(ebnf: str) -> str:
+    """Excludes surrogates from the negated character classes (``[^...]``) and the any-character
+    class of an EBNF text.
+
+    Without it a model can emit, inside a JSON string, bytes the grammar counts as one
+    character and a client decodes as three replacement characters (breaking a
+    maxLength, for one). String literals and escapes are copied untouched.
+    """
+    out: list[str] = []
+    i, quoted, in_class = 0, False, False
+    while i < len(ebnf):
+        c = ebnf[i]
+        if c == "\\" and (quoted or in_class):
+            out.append(ebnf[i : i + 2])
+            i += 2
+            continue
+        if quoted:
+            quoted = c != '"'
+        elif in_class:
+            in_class = c != "]"
+        elif c == '"':
+            quoted = True
+        elif c == "[":
+            in_class = True
+            if ebnf.startswith("[^", i):
+                out.append("[^" + _SURROGATES)
+                i += 2
+                continue
+        out.append(c)
+        i += 1
+    # A regex's "." becomes the class of every code point.
+    return "".join(out).replace(_ANY_CODE_POINT, _ANY_SCALAR)
+
+
+_BOUNDED_STRING_CHAR = r"[^\"\\\r\n]"
+_JSON_STRING_CHAR = r"[^\0-\x1f\"\\\r\n]"
+_ANY_CODE_POINT = r"[\0-\U0010ffff]"
+_ANY_SCALAR = r"[\0-\uD7FF\uE000-\U0010ffff]"
+_PLAIN_TEXT = unicode_scalars_only(r"root ::= [^<] [^]*")
 
 
 @lru_cache(maxsize=256)
 def json_schema_grammar(schema: str, param: str = "response_format.json_schema.schema") -> str:
     try:
-        return str(xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True))
+        text = str(xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True))
     except (RuntimeError, ValueError, TypeError) as exc:
         raise ValidationError(f"invalid JSON schema: {_first_line(exc)}", param=param) from exc
+    # xgrammar's class for strings with a length bound admits control characters, which
+    # JSON strings may not hold unescaped (its unbounded string class excludes them).
+    return unicode_scalars_only(text.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR))
 
 
 @lru_cache(maxsize=1)
@@ -40,7 +86,7 @@ def json_object_grammar() -> str:
 @lru_cache(maxsize=256)
 def regex_grammar(pattern: str) -> str:
     try:
-        return str(xgr.Grammar.from_regex(pattern))
+        return unicode_scalars_only(str(xgr.Grammar.from_regex(pattern)))
     except (RuntimeError, ValueError) as exc:
         raise ValidationError(f"invalid regex: {_first_line(exc)}", param="response_format") from exc
 

@@ -74,9 +74,14 @@ class CompiledDecode:
 
     def warm(self, decode_probe: Callable[[int], None], max_batch: int) -> bool:
         """Compiles each variant by running a probe decode step of that batch size; False if compiling fails."""
+        batches = sorted({min(b, max_batch) for b in WARM_BATCHES})
+        log.info(
+            "compiling the decode step for batch sizes %s (once per start, ~35 s each on 2 cores; COMPILE=off skips)",
+            batches,
+        )
         self.warming = True
         try:
-            for batch in sorted({min(b, max_batch) for b in WARM_BATCHES}):
+            for batch in batches:
                 started = time.monotonic()
                 decode_probe(batch)
                 log.info("compiled the decode step for batch %d in %.1f s", batch, time.monotonic() - started)

@@ -173,14 +173,18 @@ static void attend_bf16_avx512(const Problem *pr, int b, int kvh, const int64_t 
 typedef void (*attend_fn)(const Problem *, int, int, const int64_t *, int64_t, float *, float *, float *,
                           float *);
 
-/* Sequences are the unit of parallel work; a sequence's KV heads share cache lines
- * (a slot holds every KV head), so one thread reads each line once. */
+/* Sequences are the unit of parallel work: a slot holds every KV head of a position,
+ * so one thread walking a sequence reads each cache line once. With fewer sequences
+ * than twice the threads, (sequence, KV head) pairs are, so that no thread idles. */
 static int run(const Problem *pr, int batch, int threads, attend_fn attend) {
     if (pr->kv_heads < 1 || pr->heads % pr->kv_heads) return -1;
-    const int group = pr->heads / pr->kv_heads;
+    const int group = pr->heads / pr->kv_heads, by_head = batch < 2 * threads;
+    const int items = by_head ? batch * pr->kv_heads : batch;
     int failed = 0;
     #pragma omp parallel for schedule(dynamic) num_threads(threads) reduction(|:failed)
-    for (int b = 0; b < batch; b++) {
+    for (int item = 0; item < items; item++) {
+        const int b = by_head ? item / pr->kv_heads : item;
+        const int first = by_head ? item % pr->kv_heads : 0, last = by_head ? first + 1 : pr->kv_heads;
         const int64_t length = pr->context_len[b];
         const int64_t start = (pr->window > 0 && length > pr->window) ? length - pr->window : 0;
         const int64_t span = length - start;
@@ -191,7 +195,7 @@ static int run(const Problem *pr, int batch, int threads, attend_fn attend) {
         float *score = (float *)(slots + span), *qf = score + group * span, *acc = qf + group * pr->head_dim;
         float *row = acc + group * pr->head_dim;
         slots_of(pr, b, start, span, slots);
-        for (int kvh = 0; kvh < pr->kv_heads; kvh++) attend(pr, b, kvh, slots, span, score, qf, acc, row);
+        for (int kvh = first; kvh < last; kvh++) attend(pr, b, kvh, slots, span, score, qf, acc, row);
         free(slots);
     }
     return failed ? -2 : 0;
