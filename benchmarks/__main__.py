@@ -14,13 +14,7 @@ def main() -> None:
     )
     print(engine.report(engine.run()), flush=True)
     print(constrained.report(constrained.run()), flush=True)
-    s = stack_load.run()
-    print(
-        f"stack load: {s['streams']:.0f} concurrent streams, {s['failures']:.0f} failures, "
-        f"{s['tokens_per_s']:.0f} tokens/s, TTFT p50 {s['ttft_p50_s']:.2f}s, "
-        f"KV blocks in use afterwards: {s['kv_blocks_used_after']:.0f}",
-        flush=True,
-    )
+    print(stack_load.report(stack_load.run()), flush=True)
 
 
 if __name__ == "__main__":

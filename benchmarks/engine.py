@@ -109,6 +109,7 @@ def run(rounds: int = 3, streams: int = 64, prompt_len: int = 200, new_tokens: i
         "generate_1": [],
         "engine_1": [],
         "engine_1_unquantized": [],
+        "engine_16": [],
         f"engine_{streams}": [],
         "prefill_512": [],
     }
@@ -116,6 +117,7 @@ def run(rounds: int = 3, streams: int = 64, prompt_len: int = 200, new_tokens: i
         figures["generate_1"].append(generate_rate(source, dtype, prompt_len, new_tokens))
         figures["engine_1"].append(engine_decode_rate(engine, 1, prompt_len, new_tokens))
         figures["engine_1_unquantized"].append(engine_decode_rate(bf16_only, 1, prompt_len, new_tokens))
+        figures["engine_16"].append(engine_decode_rate(engine, 16, prompt_len, new_tokens))
         figures[f"engine_{streams}"].append(engine_decode_rate(engine, streams, prompt_len, new_tokens))
         figures["prefill_512"].append(engine_prefill_rate(engine, 512))
     medians = {k: statistics.median(v) for k, v in figures.items()}
@@ -132,6 +134,7 @@ def report(m: dict[str, float]) -> str:
             f"  engine decode, 1 sequence:          {one:8.1f} tok/s  ({one / g:.1f}x; target 3x)",
             f"    same, QUANTIZE=none (bf16 only):  {m['engine_1_unquantized']:8.1f} tok/s  "
             f"({m['engine_1_unquantized'] / g:.1f}x)",
+            f"  engine decode, 16 sequences:        {m['engine_16']:8.1f} tok/s  ({m['engine_16'] / g:.1f}x)",
             f"  engine decode, 64 sequences:        {many:8.1f} tok/s  ({many / g:.1f}x; target 25x)",
             f"  engine prefill, 512-token prompt:   {m['prefill_512']:8.1f} tok/s  (target 2000)",
         ]

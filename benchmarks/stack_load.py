@@ -62,9 +62,16 @@ def _blocks_used(url: str) -> float:
     raise RuntimeError("switchyard_kv_blocks_used missing")
 
 
-def run(streams: int = 256, max_tokens: int = 32) -> dict[str, float]:
+#: (streams, max_tokens) per load: many short streams, then the shape of issue 7's comparison
+#: with vLLM's CPU build and llama.cpp (64 streams of 128 tokens).
+LOADS = ((256, 32), (64, 128))
+
+
+def run(loads: tuple[tuple[int, int], ...] = LOADS) -> list[dict[str, float]]:
+    """One stack (the launcher, defaults as served), each load in turn against it."""
     port = free_port()
-    env = {**os.environ, "MAX_CONCURRENT_REQUESTS": str(streams), "MAX_BATCH_SIZE": "128"}
+    most = max(streams for streams, _ in loads)
+    env = {**os.environ, "MAX_CONCURRENT_REQUESTS": str(most), "MAX_BATCH_SIZE": "128"}
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "launcher", "--port", str(port), "--hostname", "127.0.0.1"],
@@ -74,7 +81,7 @@ def run(streams: int = 256, max_tokens: int = 32) -> dict[str, float]:
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + 900  # loading, then compiling the decode step
             while True:
                 try:
                     with urllib.request.urlopen(f"{url}/health", timeout=2):
@@ -83,18 +90,26 @@ def run(streams: int = 256, max_tokens: int = 32) -> dict[str, float]:
                     if time.monotonic() > deadline or proc.poll() is not None:
                         raise RuntimeError("the stack did not start") from None
                     time.sleep(0.5)
-            result = asyncio.run(_load(url, streams, max_tokens))
-            result["kv_blocks_used_after"] = _blocks_used(url)
-            return result
+            results = []
+            for streams, max_tokens in loads:
+                result = asyncio.run(_load(url, streams, max_tokens))
+                result["max_tokens"] = max_tokens
+                result["kv_blocks_used_after"] = _blocks_used(url)
+                results.append(result)
+            return results
         finally:
             proc.terminate()
             proc.wait(30)
 
 
-if __name__ == "__main__":
-    r = run()
-    print(
-        f"stack load: {r['streams']:.0f} concurrent streams, {r['failures']:.0f} failures, "
-        f"{r['tokens_per_s']:.0f} tokens/s, TTFT p50 {r['ttft_p50_s']:.2f}s, "
+def report(results: list[dict[str, float]]) -> str:
+    return "\n".join(
+        f"stack load: {r['streams']:.0f} concurrent streams x {r['max_tokens']:.0f} tokens, {r['failures']:.0f} "
+        f"failures, {r['tokens_per_s']:.0f} tokens/s, TTFT p50 {r['ttft_p50_s']:.2f}s, "
         f"KV blocks in use afterwards: {r['kv_blocks_used_after']:.0f}"
+        for r in results
     )
+
+
+if __name__ == "__main__":
+    print(report(run()))
