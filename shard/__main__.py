@@ -58,6 +58,8 @@ async def serve(config: ShardConfig) -> None:
     except ModelNotFound as exc:
         raise SystemExit(str(exc)) from exc
     device = pick_device(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     dtype = choose_dtype(config.dtype, device)
     if config.world_size > 1:
         join_process_group(config, device)

@@ -35,6 +35,8 @@ class ShardConfig:
     quantize: str = "auto"
     #: "auto": decode steps through torch.compile on a bf16 CPU shard; "on", "off".
     compile_mode: str = "auto"
+    #: torch compute threads (0: torch's default, one per core).
+    threads: int = 0
     otlp_endpoint: str | None = None
     otlp_service_name: str = "switchyard-shard"
 
@@ -99,8 +101,16 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardCon
         default=env_str(env, "COMPILE", default="auto"),
         help="torch.compile the decode step at Warmup: auto (CPU, bfloat16, one shard), on, off [COMPILE]",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=env_int(env, "SHARD_THREADS", default=0),
+        help="CPU compute threads; 0: one per core (the launcher leaves one core to router and facade) [SHARD_THREADS]",
+    )
     add_tracing_args(p, env, "switchyard-shard")
     a = p.parse_args(argv)
+    if a.threads < 0:
+        p.error("--threads must be >= 0")
     if a.block_size < 1 or not 0 < a.kv_cache_fraction <= 1:
         p.error("--block-size must be >= 1 and --kv-cache-fraction in (0, 1]")
     return ShardConfig(
@@ -119,6 +129,7 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardCon
         attention_backend=a.attention_backend,
         quantize=a.quantize,
         compile_mode=a.compile_mode,
+        threads=a.threads,
         otlp_endpoint=a.otlp_endpoint,
         otlp_service_name=a.otlp_service_name,
     )
