@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -53,17 +54,23 @@ class ShardConfig:
 
 def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardConfig:
     p = argparse.ArgumentParser(prog="python -m shard", description="Serve one model shard over gRPC.")
-    p.add_argument(
-        "--model-id",
-        default=env_str(env, "MODEL_ID"),
-        help="folder, .gguf file or hub id [MODEL_ID]",
-    )
+    _add_placement_args(p, env)
+    _add_engine_args(p, env)
+    add_tracing_args(p, env, "switchyard-shard")
+    a = p.parse_args(argv)
+    if a.threads < 0:
+        p.error("--threads must be >= 0")
+    if a.block_size < 1 or not 0 < a.kv_cache_fraction <= 1:
+        p.error("--block-size must be >= 1 and --kv-cache-fraction in (0, 1]")
+    # Every flag's dest is a ShardConfig field of the same name.
+    return ShardConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(ShardConfig)})
+
+
+def _add_placement_args(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    """Which model, on which device, as which rank, reachable where."""
+    p.add_argument("--model-id", default=env_str(env, "MODEL_ID"), help="folder, .gguf file or hub id [MODEL_ID]")
     p.add_argument("--dtype", default=env_str(env, "DTYPE"), help="float32, bfloat16 or float16 [DTYPE]")
-    p.add_argument(
-        "--device",
-        default=env_str(env, "DEVICE", default="auto"),
-        help="cpu, cuda or auto [DEVICE]",
-    )
+    p.add_argument("--device", default=env_str(env, "DEVICE", default="auto"), help="cpu, cuda or auto [DEVICE]")
     p.add_argument("--rank", type=int, default=env_int(env, "RANK", default=0))
     p.add_argument("--world-size", type=int, default=env_int(env, "WORLD_SIZE", "NUM_SHARD", default=1))
     p.add_argument(
@@ -72,6 +79,13 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardCon
         help="[SHARD_UDS_PATH]",
     )
     p.add_argument("--listen", default=env_str(env, "SHARD_LISTEN"), help="TCP host:port instead of a socket")
+    p.add_argument("--advertise-host", default=env_str(env, "SHARD_ADVERTISE_HOST"), help="[SHARD_ADVERTISE_HOST]")
+    p.add_argument("--master-addr", default=env_str(env, "MASTER_ADDR", default="127.0.0.1"), help="[MASTER_ADDR]")
+    p.add_argument("--master-port", type=int, default=env_int(env, "MASTER_PORT", default=29500), help="[MASTER_PORT]")
+
+
+def _add_engine_args(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    """KV cache shape and the speed switches (see README, "CPU performance")."""
     p.add_argument("--block-size", type=int, default=env_int(env, "BLOCK_SIZE", default=16))
     p.add_argument(
         "--kv-cache-fraction",
@@ -79,9 +93,6 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardCon
         default=env_float(env, "KV_CACHE_FRACTION", default=0.25),
         help="share of free memory for the KV cache when the router does not fix its size",
     )
-    p.add_argument("--advertise-host", default=env_str(env, "SHARD_ADVERTISE_HOST"), help="[SHARD_ADVERTISE_HOST]")
-    p.add_argument("--master-addr", default=env_str(env, "MASTER_ADDR", default="127.0.0.1"), help="[MASTER_ADDR]")
-    p.add_argument("--master-port", type=int, default=env_int(env, "MASTER_PORT", default=29500), help="[MASTER_PORT]")
     p.add_argument(
         "--attention-backend",
         choices=("auto", "sdpa", "cpu-paged"),
@@ -106,30 +117,4 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardCon
         type=int,
         default=env_int(env, "SHARD_THREADS", default=0),
         help="CPU compute threads; 0: one per core (the launcher leaves one core to router and facade) [SHARD_THREADS]",
-    )
-    add_tracing_args(p, env, "switchyard-shard")
-    a = p.parse_args(argv)
-    if a.threads < 0:
-        p.error("--threads must be >= 0")
-    if a.block_size < 1 or not 0 < a.kv_cache_fraction <= 1:
-        p.error("--block-size must be >= 1 and --kv-cache-fraction in (0, 1]")
-    return ShardConfig(
-        model_id=a.model_id,
-        dtype=a.dtype,
-        device=a.device,
-        rank=a.rank,
-        world_size=a.world_size,
-        uds_path=a.uds_path,
-        listen=a.listen,
-        block_size=a.block_size,
-        kv_cache_fraction=a.kv_cache_fraction,
-        advertise_host=a.advertise_host,
-        master_addr=a.master_addr,
-        master_port=a.master_port,
-        attention_backend=a.attention_backend,
-        quantize=a.quantize,
-        compile_mode=a.compile_mode,
-        threads=a.threads,
-        otlp_endpoint=a.otlp_endpoint,
-        otlp_service_name=a.otlp_service_name,
     )

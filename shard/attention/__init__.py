@@ -78,13 +78,11 @@ def paged_attention_forward(
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     if len(paged_step.groups) == 1 and paged_step.groups[0].packed_rows.shape[0] == q.shape[0]:
         group = paged_step.groups[0]  # the common case: one group covering the step in order
-        attend = paged_step.decode_attention if group.is_decode else paged_step.prefill_attention
-        out = attend(q, cache, layer, group, scale, sliding_window)
+        out = paged_step.attention_for(group)(q, cache, layer, group, scale, sliding_window)
         return out.unsqueeze(0), None
     out = torch.empty_like(q)
     for group in paged_step.groups:
-        attend = paged_step.decode_attention if group.is_decode else paged_step.prefill_attention
-        out[group.packed_rows] = attend(q, cache, layer, group, scale, sliding_window)
+        out[group.packed_rows] = paged_step.attention_for(group)(q, cache, layer, group, scale, sliding_window)
     return out.unsqueeze(0), None  # [1, tokens, heads, head_dim]
 
 

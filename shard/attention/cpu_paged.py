@@ -10,33 +10,28 @@ from __future__ import annotations
 import torch
 
 from shard.attention.step import AttentionGroup, GroupAttention
-from shard.kernels import PagedDecodeKernel, paged_decode_kernel
+from shard.kernels import paged_decode_kernel, paged_decode_op
 from shard.kv_cache import PagedKVCache
 
 
-class CpuPagedDecode:
-    def __init__(self, kernel: PagedDecodeKernel):
-        self.kernel = kernel
-
-    def __call__(
-        self,
-        q: torch.Tensor,
-        cache: PagedKVCache,
-        layer: int,
-        group: AttentionGroup,
-        scaling: float,
-        sliding_window: int | None,
-    ) -> torch.Tensor:
-        return self.kernel(
-            q[group.packed_rows],
-            cache.keys[layer],
-            cache.values[layer],
-            group.block_table.view(group.batch, -1),
-            group.context_len,
-            cache.block_size,
-            scaling,
-            sliding_window,
-        )
+def attend(
+    q: torch.Tensor,
+    cache: PagedKVCache,
+    layer: int,
+    group: AttentionGroup,
+    scaling: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    return paged_decode_op(
+        q[group.packed_rows],
+        cache.keys[layer],
+        cache.values[layer],
+        group.block_table.view(group.batch, -1),
+        group.context_len,
+        cache.block_size,
+        scaling,
+        sliding_window or 0,
+    )
 
 
 def backend(device: torch.device, dtype: torch.dtype) -> GroupAttention | None:
@@ -45,4 +40,4 @@ def backend(device: torch.device, dtype: torch.dtype) -> GroupAttention | None:
     kernel = paged_decode_kernel()
     if kernel is None or not kernel.supports(dtype, device):
         return None
-    return CpuPagedDecode(kernel)
+    return attend

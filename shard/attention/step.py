@@ -96,6 +96,9 @@ class PagedStep:
     decode_attention: GroupAttention
     prefill_attention: GroupAttention
 
+    def attention_for(self, group: AttentionGroup) -> GroupAttention:
+        return self.decode_attention if group.is_decode else self.prefill_attention
+
 
 def build_step(
     cache: PagedKVCache,

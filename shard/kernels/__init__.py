@@ -84,25 +84,6 @@ class PagedDecodeKernel:
     def supports(self, dtype: torch.dtype, device: torch.device) -> bool:
         return device.type == "cpu" and dtype in self.DTYPES
 
-    def __call__(
-        self,
-        query: torch.Tensor,
-        key_cache: torch.Tensor,
-        value_cache: torch.Tensor,
-        block_table: torch.Tensor,
-        context_len: torch.Tensor,
-        block_size: int,
-        scale: float,
-        window: int | None,
-    ) -> torch.Tensor:
-        """query [batch, heads, head_dim]; caches [slots, kv_heads, head_dim]; block_table [batch, max_blocks].
-
-        Returns [batch, heads, head_dim] in the query's dtype. Goes through the
-        ``switchyard::paged_decode`` operator, so that torch.compile keeps the
-        whole forward in one graph around it.
-        """
-        return paged_decode_op(query, key_cache, value_cache, block_table, context_len, block_size, scale, window or 0)
-
     def compute(
         self,
         query: torch.Tensor,
@@ -114,6 +95,11 @@ class PagedDecodeKernel:
         scale: float,
         window: int,
     ) -> torch.Tensor:
+        """query [batch, heads, head_dim]; caches [slots, kv_heads, head_dim]; block_table [batch, max_blocks].
+
+        Returns [batch, heads, head_dim] in the query's dtype. Callers go through
+        ``paged_decode_op``, so that torch.compile keeps one graph around it.
+        """
         dtype = query.dtype
         query = query.to(key_cache.dtype).contiguous()
         block_table, context_len = block_table.contiguous(), context_len.contiguous()
