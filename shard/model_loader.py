@@ -12,6 +12,7 @@ from transformers.distributed import DistributedConfig
 
 from common.model_source import ModelSource
 from shard import attention
+from shard.packed_linear import can_pack, pack_linears
 from shard.quantization import quantize_model, wants_int4
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ def load_model(
     model.requires_grad_(False)
     if wants_int4(quantize, dtype, device, world_size):
         quantize_model(model, quantize, dtype, head_is_q8_0=gguf_head_type(source) == "Q8_0")
+    if can_pack(dtype, device, world_size):
+        pack_linears(model)  # after quantize_model, which reads the plain weights
     return model
 
 

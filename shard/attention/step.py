@@ -127,31 +127,36 @@ def build_step(
 
 
 def _build_group(spans: list[SequenceSpan], starts: list[int], block_size: int, device: torch.device) -> AttentionGroup:
+    # Built as Python lists and turned into tensors once: per-sequence tensor writes
+    # cost ~5 small ops per sequence, ~3 ms per step at 64 sequences.
     q_max = max(s.query_len for s in spans)
     n_blocks = -(-max(s.cached_len + s.query_len for s in spans) // block_size)
-    batch = len(spans)
-    query_index = torch.zeros(batch, q_max, dtype=torch.long)
-    query_pos = torch.zeros(batch, q_max, dtype=torch.long)
-    block_table = torch.zeros(batch, n_blocks, dtype=torch.long)
-    context_len = torch.zeros(batch, dtype=torch.long)
-    valid = torch.zeros(batch, q_max, dtype=torch.bool)
-    for b, (span, start) in enumerate(zip(spans, starts, strict=True)):
+    query_index: list[int] = []
+    query_pos: list[int] = []
+    valid: list[bool] = []
+    block_table: list[int] = []
+    context_len: list[int] = []
+    for span, start in zip(spans, starts, strict=True):
         n, total = span.query_len, span.cached_len + span.query_len
-        query_index[b, :n] = torch.arange(start, start + n)
-        query_pos[b, :n] = torch.arange(span.cached_len, total)
-        valid[b, :n] = True
+        pad = q_max - n
+        query_index += [*range(start, start + n), *[0] * pad]
+        query_pos += [*range(span.cached_len, total), *[0] * pad]
+        valid += [True] * n + [False] * pad
         used = span.blocks[: -(-total // block_size)]
-        block_table[b, : len(used)] = torch.tensor(used, dtype=torch.long)
-        context_len[b] = total
-    valid_rows = valid.flatten().nonzero().squeeze(1)
+        block_table += [*used, *[0] * (n_blocks - len(used))]
+        context_len.append(total)
+    batch = len(spans)
+    valid_t = torch.tensor(valid, dtype=torch.bool).view(batch, q_max)
+    index_t = torch.tensor(query_index, dtype=torch.long)
+    valid_rows = valid_t.flatten().nonzero().squeeze(1)
     return AttentionGroup(
-        packed_rows=query_index.flatten()[valid_rows].to(device),
-        query_index=query_index.to(device),
+        packed_rows=index_t[valid_rows].to(device),
+        query_index=index_t.view(batch, q_max).to(device),
         valid_rows=valid_rows.to(device),
-        block_table=block_table.flatten().to(device),
-        query_pos=query_pos.to(device),
-        context_len=context_len.to(device),
-        valid=valid.to(device),
+        block_table=torch.tensor(block_table, dtype=torch.long, device=device),
+        query_pos=torch.tensor(query_pos, dtype=torch.long, device=device).view(batch, q_max),
+        context_len=torch.tensor(context_len, dtype=torch.long, device=device),
+        valid=valid_t.to(device),
         context_blocks=n_blocks,
         block_size=block_size,
     )

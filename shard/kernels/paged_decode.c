@@ -124,48 +124,141 @@ static inline __m512 bf16x16_to_f32(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)p)), 16));
 }
 
+/* Lane j of the result is the sum of the 16 lanes of v[j]. A transposing tree of
+ * 45 instructions instead of 16 horizontal reductions of ~8 each. */
+static inline __m512 sum_lanes16(const __m512 *v) {
+    __m512 pair[8], quad[4];
+    for (int k = 0; k < 8; k++)  /* per 128-bit chunk: [a0+a2, b0+b2, a1+a3, b1+b3] */
+        pair[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]),
+                                _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+    for (int k = 0; k < 4; k++)  /* per 128-bit chunk: that chunk's sums of v[4k .. 4k+3] */
+        quad[k] = _mm512_add_ps(_mm512_shuffle_ps(pair[2 * k], pair[2 * k + 1], 0x44),
+                                _mm512_shuffle_ps(pair[2 * k], pair[2 * k + 1], 0xEE));
+    /* Add up the four 128-bit chunks: chunk j of the result gathers quad[j]. */
+    const __m512 p = _mm512_add_ps(_mm512_shuffle_f32x4(quad[0], quad[1], 0x88),
+                                   _mm512_shuffle_f32x4(quad[0], quad[1], 0xDD));
+    const __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(quad[2], quad[3], 0x88),
+                                   _mm512_shuffle_f32x4(quad[2], quad[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(p, q, 0x88), _mm512_shuffle_f32x4(p, q, 0xDD));
+}
+
+/* e^x, x <= 0: x = n ln2 + r (Cody-Waite, |r| <= ln2/2), e^r by its Taylor series to
+ * r^7 (error < 6e-9), scaled by 2^n. Arguments below -87 give ~0, as expf does. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+
+static void softmax512(float *s, int64_t n) {
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < n; i += 16)
+        top = _mm512_max_ps(top, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail_mask(n - i), s + i));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 k = tail_mask(n - i);
+        const __m512 e = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + i), m)));
+        _mm512_mask_storeu_ps(s + i, k, e);
+        total = _mm512_add_ps(total, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 k = tail_mask(n - i);
+        _mm512_mask_storeu_ps(s + i, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + i), inv));
+    }
+}
+
+/* Scores of query head g for keys i0 .. i0+15 (fewer at the end): one dot product per
+ * key in fp32 lanes (VDPBF16PS), then one transposing reduction for all sixteen. */
+static inline void score16(const Problem *pr, const uint16_t *qg, const uint16_t *kc, const int64_t *slots,
+                           int kvh, int64_t i0, int64_t n, int prefetch, float *out) {
+    const int dim = pr->head_dim, pairs = dim / 32;
+    __m512 acc[16];
+    for (int j = 0; j < 16; j++) {
+        acc[j] = _mm512_setzero_ps();
+        if (j >= n) continue;
+        if (prefetch) prefetch_row(kc + slots[i0 + j + AHEAD] * pr->kv_heads * dim, pr->kv_heads * dim);
+        const uint16_t *key = kc + (slots[i0 + j] * pr->kv_heads + kvh) * dim;
+        for (int c = 0; c < pairs; c++)
+            acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512((const void *)(qg + 32 * c)),
+                                      (__m512bh)_mm512_loadu_si512((const void *)(key + 32 * c)));
+    }
+    _mm512_mask_storeu_ps(out, tail_mask(n), _mm512_mul_ps(sum_lanes16(acc), _mm512_set1_ps(pr->scale)));
+}
+
+/* Outputs of GT query heads (g0 ..), 64 dims from c: each value row is widened to fp32
+ * once and meets every head of the pass while in registers (GT x 4 accumulators). */
+#define DEFINE_VALUES_PASS(GT)                                                                           \
+static void values_pass_##GT(const Problem *pr, const uint16_t *vc, const int64_t *slots, int64_t span, \
+                             int kvh, int c, const float *score, int g0, uint16_t *out_rows, int prefetch) { \
+    const int dim = pr->head_dim;                                                                        \
+    __m512 acc[GT][4];                                                                                   \
+    for (int g = 0; g < GT; g++)                                                                         \
+        for (int u = 0; u < 4; u++) acc[g][u] = _mm512_setzero_ps();                                     \
+    for (int64_t i = 0; i < span; i++) {                                                                 \
+        if (prefetch && i + AHEAD < span)                                                                \
+            prefetch_row(vc + slots[i + AHEAD] * pr->kv_heads * dim, pr->kv_heads * dim);                \
+        const uint16_t *v = vc + (slots[i] * pr->kv_heads + kvh) * dim + c;                              \
+        const __m512 v0 = bf16x16_to_f32(v), v1 = bf16x16_to_f32(v + 16);                                \
+        const __m512 v2 = bf16x16_to_f32(v + 32), v3 = bf16x16_to_f32(v + 48);                           \
+        for (int g = 0; g < GT; g++) {                                                                   \
+            const __m512 w = _mm512_set1_ps(score[(int64_t)(g0 + g) * span + i]);                        \
+            acc[g][0] = _mm512_fmadd_ps(w, v0, acc[g][0]);                                               \
+            acc[g][1] = _mm512_fmadd_ps(w, v1, acc[g][1]);                                               \
+            acc[g][2] = _mm512_fmadd_ps(w, v2, acc[g][2]);                                               \
+            acc[g][3] = _mm512_fmadd_ps(w, v3, acc[g][3]);                                               \
+        }                                                                                                \
+    }                                                                                                    \
+    for (int g = 0; g < GT; g++) {                                                                       \
+        float tmp[64];                                                                                   \
+        for (int u = 0; u < 4; u++) _mm512_storeu_ps(tmp + 16 * u, acc[g][u]);                          \
+        uint16_t *o = out_rows + (int64_t)(g0 + g) * dim + c;                                            \
+        for (int d = 0; d < 64; d++) o[d] = f32_to_bf16(tmp[d]);                                         \
+    }                                                                                                    \
+}
+DEFINE_VALUES_PASS(1)
+DEFINE_VALUES_PASS(2)
+DEFINE_VALUES_PASS(3)
+DEFINE_VALUES_PASS(4)
+
 static void attend_bf16_avx512(const Problem *pr, int b, int kvh, const int64_t *slots, int64_t span,
                                float *score, float *qf, float *acc, float *row) {
     (void)qf; (void)acc; (void)row;
-    const int group = pr->heads / pr->kv_heads, dim = pr->head_dim, pairs = dim / 32;
+    const int group = pr->heads / pr->kv_heads, dim = pr->head_dim;
     const uint16_t *q = (const uint16_t *)pr->q, *kc = (const uint16_t *)pr->k_cache;
     const uint16_t *vc = (const uint16_t *)pr->v_cache;
     const int64_t q_row = (int64_t)b * pr->heads + kvh * group;
-    /* Scores: each key row meets every query head of its group while it is in registers. */
-    for (int64_t i = 0; i < span; i++) {
-        if (kvh == 0 && i + AHEAD < span) prefetch_row(kc + slots[i + AHEAD] * pr->kv_heads * dim, pr->kv_heads * dim);
-        const uint16_t *key = kc + (slots[i] * pr->kv_heads + kvh) * dim;
-        for (int g = 0; g < group; g++) {
-            const uint16_t *qg = q + (q_row + g) * dim;
-            __m512 sum = _mm512_setzero_ps();
-            for (int c = 0; c < pairs; c++)
-                sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512((const void *)(qg + 32 * c)),
-                                       (__m512bh)_mm512_loadu_si512((const void *)(key + 32 * c)));
-            score[g * span + i] = _mm512_reduce_add_ps(sum) * pr->scale;
-        }
+    for (int64_t i0 = 0; i0 < span; i0 += 16) {
+        const int64_t n = span - i0 < 16 ? span - i0 : 16;
+        const int prefetch = kvh == 0 && i0 + 16 + AHEAD <= span;
+        for (int g = 0; g < group; g++)
+            score16(pr, q + (q_row + g) * dim, kc, slots, kvh, i0, n, prefetch && g == 0, score + g * span + i0);
     }
-    for (int g = 0; g < group; g++) softmax(score + g * span, span);
-    /* Values: 64 output dims of one head stay in four registers across the whole context. */
-    uint16_t *out = (uint16_t *)pr->out;
-    for (int g = 0; g < group; g++)
-        for (int c = 0; c < dim; c += 64) {
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            const float *w = score + g * span;
-            for (int64_t i = 0; i < span; i++) {
-                if (kvh == 0 && g == 0 && c == 0 && i + AHEAD < span)
-                    prefetch_row(vc + slots[i + AHEAD] * pr->kv_heads * dim, pr->kv_heads * dim);
-                const uint16_t *v = vc + (slots[i] * pr->kv_heads + kvh) * dim + c;
-                const __m512 wi = _mm512_set1_ps(w[i]);
-                a0 = _mm512_fmadd_ps(wi, bf16x16_to_f32(v), a0);
-                a1 = _mm512_fmadd_ps(wi, bf16x16_to_f32(v + 16), a1);
-                a2 = _mm512_fmadd_ps(wi, bf16x16_to_f32(v + 32), a2);
-                a3 = _mm512_fmadd_ps(wi, bf16x16_to_f32(v + 48), a3);
+    for (int g = 0; g < group; g++) softmax512(score + g * span, span);
+    uint16_t *out_rows = (uint16_t *)pr->out + q_row * dim;
+    for (int c = 0; c < dim; c += 64)
+        for (int g0 = 0; g0 < group; g0 += 4) {
+            const int prefetch = kvh == 0 && c == 0 && g0 == 0;
+            switch (group - g0 < 4 ? group - g0 : 4) {
+                case 1: values_pass_1(pr, vc, slots, span, kvh, c, score, g0, out_rows, prefetch); break;
+                case 2: values_pass_2(pr, vc, slots, span, kvh, c, score, g0, out_rows, prefetch); break;
+                case 3: values_pass_3(pr, vc, slots, span, kvh, c, score, g0, out_rows, prefetch); break;
+                default: values_pass_4(pr, vc, slots, span, kvh, c, score, g0, out_rows, prefetch); break;
             }
-            float tmp[64];
-            _mm512_storeu_ps(tmp, a0); _mm512_storeu_ps(tmp + 16, a1);
-            _mm512_storeu_ps(tmp + 32, a2); _mm512_storeu_ps(tmp + 48, a3);
-            uint16_t *o = out + (q_row + g) * dim + c;
-            for (int d = 0; d < 64; d++) o[d] = f32_to_bf16(tmp[d]);
         }
 }
 #endif
