@@ -49,8 +49,10 @@ class CompiledDecode:
     """The compiled forward. Only variants compiled at Warmup ever run: a step that would
     need a new variant runs eagerly instead of stalling every request for a compile."""
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel, finish: Callable[[Any], Any]):
+        """``finish`` turns the model's output into the step's result; it runs inside the graph."""
         self.eager = model
+        self.finish = finish
         # Dynamo checks guards before every call; by default they cover every module attribute
         # and parameter of the model (~1.5 ms per step here, a tenth of a one-sequence step).
         # The model never changes after loading, so those guards are dropped; guards on the
@@ -61,7 +63,7 @@ class CompiledDecode:
             "freezing": True,
             "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
         }
-        self.compiled = torch.compile(_own_entry(model), dynamic=True, options=options)
+        self.compiled = torch.compile(_own_entry(model, finish), dynamic=True, options=options)
         self.warming = False
         #: Decode steps served by a compiled graph, and by the eager fallback.
         self.compiled_steps = 0
@@ -81,7 +83,7 @@ class CompiledDecode:
             if not self.eager_steps:
                 log.warning("a decode step needed a graph not compiled at Warmup; such steps run eagerly")
             self.eager_steps += 1
-            return self.eager(**inputs)
+            return self.finish(self.eager(**inputs))
 
     def warm(self, decode_probe: Callable[[int], None], max_batch: int) -> bool:
         """Compiles each variant by running a probe decode step of that batch size; False if compiling fails."""
@@ -104,11 +106,11 @@ class CompiledDecode:
         return True
 
 
-def _own_entry(model: PreTrainedModel) -> Callable[..., Any]:
-    """``model(**inputs)`` as a function whose code object belongs to this model alone."""
+def _own_entry(model: PreTrainedModel, finish: Callable[[Any], Any]) -> Callable[..., Any]:
+    """``finish(model(**inputs))`` as a function whose code object belongs to this model alone."""
 
     def forward(**inputs: Any) -> Any:
-        return model(**inputs)
+        return finish(model(**inputs))
 
     code = forward.__code__.replace(co_name=f"decode_step_{id(model):x}")
     return types.FunctionType(code, forward.__globals__, code.co_name, None, forward.__closure__)

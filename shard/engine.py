@@ -22,7 +22,7 @@ from shard.compiled import CompiledDecode, wants_compile
 from shard.errors import CapacityError, InvalidRequest
 from shard.kv_cache import PagedKVCache, kv_layout_of
 from shard.memory import kv_budget_bytes
-from shard.sampling import SamplingParams, SequenceView, sample
+from shard.sampling import LogitStats, SamplingParams, SequenceView, logit_stats, sample
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Engine:
         self.attention = Backends(attention_backend, device, self.dtype)
         #: The forward for pure decode steps (compiled), or None: every step runs eagerly.
         self.decode_model: CompiledDecode | None = (
-            CompiledDecode(model) if wants_compile(compile_mode, device, self.dtype, world_size) else None
+            CompiledDecode(model, _scores) if wants_compile(compile_mode, device, self.dtype, world_size) else None
         )
         text_config = model.config.get_text_config()
         self.max_positions = int(getattr(text_config, "max_position_embeddings", 0) or 1 << 20)
@@ -263,35 +263,37 @@ class Engine:
                 sample_rows.append(len(ids) - 1)
                 samplers.append(seq)
         step = build_step(cache, spans, self.device, self.attention.decode, self.attention.prefill)
-        logits = self._forward(ids, positions, step, sample_rows)
+        logits, stats = self._forward(ids, positions, step, sample_rows)
         forward_done = time.perf_counter_ns()
-        generations = self._sample(samplers, logits)
+        generations = self._sample(samplers, logits, stats)
         for seq, n in work:
             seq.computed += n
         return generations, forward_done - started, time.perf_counter_ns() - forward_done
 
-    def _forward(self, ids: list[int], positions: list[int], step: PagedStep, sample_rows: list[int]) -> torch.Tensor:
+    def _forward(
+        self, ids: list[int], positions: list[int], step: PagedStep, sample_rows: list[int]
+    ) -> tuple[torch.Tensor, LogitStats]:
+        """Float32 logits [len(sample_rows), vocab] of the sampling positions, and their statistics."""
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
         keep = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         if not sample_rows:
             keep = torch.tensor([len(ids) - 1], dtype=torch.long, device=self.device)
-        pure_decode = len(step.groups) == 1 and step.groups[0].is_decode
-        model = self.decode_model if pure_decode and self.decode_model is not None else self.model
-        out = model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            use_cache=False,
-            paged_step=step,
-            logits_to_keep=keep,
+        inputs = dict(
+            input_ids=input_ids, position_ids=position_ids, use_cache=False, paged_step=step, logits_to_keep=keep
         )
-        return out.logits[0].float()  # [len(keep), vocab]
+        pure_decode = len(step.groups) == 1 and step.groups[0].is_decode
+        if pure_decode and self.decode_model is not None:
+            logits, best, lse = self.decode_model(**inputs)
+        else:
+            logits, best, lse = _scores(self.model(**inputs))
+        return logits, LogitStats(best, lse)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Generation]:
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, stats: LogitStats) -> list[Generation]:
         if not seqs:
             return []
         rows = [SequenceView(s.params, s.sampled, s.token_ids, s.sampled, s.matcher) for s in seqs]
-        out = sample(logits[: len(seqs)], rows)
+        out = sample(logits, rows, stats)
         result = []
         for i, seq in enumerate(seqs):
             seq.token_ids.append(out.tokens[i])
@@ -306,3 +308,11 @@ class Engine:
         members = self.store.batches.get(batch_id, [])
         tokens = sum(self.store.sequences[r].computed for r in members)
         return StepResult(generations, batch_id, list(members), tokens, forward_ns, decode_ns)
+
+
+def _scores(output: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 logits of a forward's sampling positions and their LogitStats fields (a tuple:
+    this also ends the compiled decode graph, which returns plain tensors)."""
+    logits = output.logits[0].float()
+    stats = logit_stats(logits)
+    return logits, stats.best, stats.lse

@@ -73,6 +73,22 @@ class SampledTokens:
     top: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class LogitStats:
+    """What every step needs of each row's raw logits, computed right after the forward:
+    inside the compiled decode graph the reductions fuse with the cast to float32 (64
+    rows x 49k: ~1.5 ms instead of ~8 ms of separate ops). No arg-max: inductor's is
+    slower than torch's (3 vs 0.8 ms), so ``sample`` takes it, only for greedy rows."""
+
+    best: torch.Tensor  # [B] largest logit
+    lse: torch.Tensor  # [B] logsumexp
+
+
+def logit_stats(logits: torch.Tensor) -> LogitStats:
+    best = logits.amax(dim=-1)
+    return LogitStats(best, _logsumexp(logits, best))
+
+
 def _hash31(x: torch.Tensor) -> torch.Tensor:
     # A 32-bit integer finaliser on 31-bit values held in int64, so that every
     # product fits without overflow: 2^31 * 0x45d9f3b < 2^63.
@@ -89,18 +105,22 @@ def uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float64) / float(1 << 31)
 
 
-def sample(logits: torch.Tensor, rows: list[SequenceView]) -> SampledTokens:
-    """Next tokens for ``rows``; logits: [B, vocab] float32, the model's raw scores."""
+def sample(logits: torch.Tensor, rows: list[SequenceView], stats: LogitStats | None = None) -> SampledTokens:
+    """Next tokens for ``rows``; logits: [B, vocab] float32, the model's raw scores
+    (``stats``: theirs, when the forward computed them)."""
     device = logits.device
     params = [r.params for r in rows]
+    raw_lse = (stats or logit_stats(logits)).lse
     scores = _adjusted(logits, rows)
-    best, tokens = scores.max(dim=-1)  # max() is ~2.5x faster than argmax() on CPU
-    raw_lse = _logsumexp(logits, best if scores is logits else None)
     top = _top_logprobs(logits, raw_lse, [p.top_n_tokens for p in params])
-    if any(not p.greedy for p in params):
-        sampled = _sample_filtered(scores, rows)
-        greedy = torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device)
-        tokens = torch.where(greedy, tokens, sampled)
+    greedy = [p.greedy for p in params]
+    if all(greedy):
+        tokens = scores.max(dim=-1)[1]  # max() is ~2.5x faster than argmax() on CPU
+    else:
+        tokens = _sample_filtered(scores, rows)
+        if any(greedy):
+            is_greedy = torch.tensor(greedy, dtype=torch.bool, device=device)
+            tokens = torch.where(is_greedy, scores.max(dim=-1)[1], tokens)
     logprobs = logits.gather(1, tokens[:, None]).squeeze(1) - raw_lse
     return SampledTokens(tokens.tolist(), logprobs.tolist(), top)
 
