@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import free_port
 
 
-async def _one(client: openai.AsyncOpenAI, i: int, max_tokens: int) -> tuple[float, int]:
+async def _one(client: openai.AsyncOpenAI, i: int, max_tokens: int, forced: bool) -> tuple[float, int]:
     started = time.perf_counter()
     ttft, tokens = 0.0, 0
     stream = await client.chat.completions.create(
@@ -30,6 +30,9 @@ async def _one(client: openai.AsyncOpenAI, i: int, max_tokens: int) -> tuple[flo
         max_tokens=max_tokens,
         stream=True,
         stream_options={"include_usage": True},
+        # Forced: exactly max_tokens each (min_tokens holds back the end of sequence), as the
+        # reference figures of issue 7 were measured.
+        extra_body={"min_tokens": max_tokens} if forced else None,
     )
     async for chunk in stream:
         if not ttft and chunk.choices and chunk.choices[0].delta.content:
@@ -39,10 +42,11 @@ async def _one(client: openai.AsyncOpenAI, i: int, max_tokens: int) -> tuple[flo
     return ttft, tokens
 
 
-async def _load(url: str, streams: int, max_tokens: int) -> dict[str, float]:
+async def _load(url: str, streams: int, max_tokens: int, forced: bool) -> dict[str, float]:
     client = openai.AsyncOpenAI(base_url=f"{url}/v1/", api_key="-", max_retries=0, timeout=600)
     started = time.perf_counter()
-    results = await asyncio.gather(*(_one(client, i, max_tokens) for i in range(streams)), return_exceptions=True)
+    runs = (_one(client, i, max_tokens, forced) for i in range(streams))
+    results = await asyncio.gather(*runs, return_exceptions=True)
     elapsed = time.perf_counter() - started
     ok = [r for r in results if not isinstance(r, BaseException)]
     return {
@@ -62,15 +66,16 @@ def _blocks_used(url: str) -> float:
     raise RuntimeError("switchyard_kv_blocks_used missing")
 
 
-#: (streams, max_tokens) per load: many short streams, then the shape of issue 7's comparison
-#: with vLLM's CPU build and llama.cpp (64 streams of 128 tokens).
-LOADS = ((256, 32), (64, 128))
+#: (streams, max_tokens, forced length) per load: the shapes of issue 7's comparison with
+#: vLLM's CPU build and llama.cpp (1, 16 and 64 streams of exactly 128 tokens), then many
+#: short streams of natural length.
+LOADS = ((1, 128, True), (16, 128, True), (64, 128, True), (256, 32, False))
 
 
-def run(loads: tuple[tuple[int, int], ...] = LOADS) -> list[dict[str, float]]:
+def run(loads: tuple[tuple[int, int, bool], ...] = LOADS) -> list[dict[str, float]]:
     """One stack (the launcher, defaults as served), each load in turn against it."""
     port = free_port()
-    most = max(streams for streams, _ in loads)
+    most = max(streams for streams, _, _ in loads)
     env = {**os.environ, "MAX_CONCURRENT_REQUESTS": str(most), "MAX_BATCH_SIZE": "128"}
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
@@ -91,9 +96,11 @@ def run(loads: tuple[tuple[int, int], ...] = LOADS) -> list[dict[str, float]]:
                         raise RuntimeError("the stack did not start") from None
                     time.sleep(0.5)
             results = []
-            for streams, max_tokens in loads:
-                result = asyncio.run(_load(url, streams, max_tokens))
+            asyncio.run(_load(url, 2, 8, True))  # first requests after start-up: not measured
+            for streams, max_tokens, forced in loads:
+                result = asyncio.run(_load(url, streams, max_tokens, forced))
                 result["max_tokens"] = max_tokens
+                result["forced"] = forced
                 result["kv_blocks_used_after"] = _blocks_used(url)
                 results.append(result)
             return results
@@ -104,7 +111,8 @@ def run(loads: tuple[tuple[int, int], ...] = LOADS) -> list[dict[str, float]]:
 
 def report(results: list[dict[str, float]]) -> str:
     return "\n".join(
-        f"stack load: {r['streams']:.0f} concurrent streams x {r['max_tokens']:.0f} tokens, {r['failures']:.0f} "
+        f"stack load: {r['streams']:.0f} concurrent streams x {r['max_tokens']:.0f} tokens "
+        f"({'exactly' if r['forced'] else 'at most'}), {r['failures']:.0f} "
         f"failures, {r['tokens_per_s']:.0f} tokens/s, TTFT p50 {r['ttft_p50_s']:.2f}s, "
         f"KV blocks in use afterwards: {r['kv_blocks_used_after']:.0f}"
         for r in results

@@ -3,9 +3,11 @@
 Why: after int4 weights and the C attention kernel, a one-sequence decode step
 on CPU spends about half its time dispatching ~3,000 small eager ops (norms,
 rotary embeddings, activations, residual adds). Inductor fuses them into a few
-C++ loops and, with ``freezing``, prepacks the bf16 weights for oneDNN.
-Measured on this machine (SmolLM2, bf16, int4 small steps, C attention): one
-sequence about 20 -> 15 ms per step, 64 sequences about 98 -> 87 ms.
+C++ loops, and the step's result (float32 logits, their max and logsumexp: see
+``LogitStats``) into one pass over the logits. Measured on this machine (SmolLM2,
+bf16, int4 small steps, C attention): one sequence about 20 -> 15 ms per step,
+64 sequences about 98 -> 87 ms. (Parameters stay inputs of the graph, so
+``freezing`` does not prepack the bf16 weights here: ``shard.packed_linear`` does.)
 
 Only steps made of decode tokens alone use it (they are most steps and all of
 the per-token cost); prefill and mixed steps run eagerly, so the compiled graph
