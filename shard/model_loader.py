@@ -14,6 +14,7 @@ from common.model_source import ModelSource
 from shard import attention
 from shard.packed_linear import can_pack, pack_linears
 from shard.quantization import quantize_model, wants_int4
+from shard.shared_input import fuse_shared_inputs
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,15 @@ def load_model(
         model.to(device)  # type: ignore[arg-type,call-arg]
     model.eval()
     model.requires_grad_(False)
+    # The bf16 CPU path: q/k/v and gate/up as one matmul each, their 4-bit values for small
+    # steps, weights prepacked for oneDNN; in that order, each step reading plain nn.Linear weights.
+    fast_cpu = can_pack(dtype, device, world_size)
+    if fast_cpu:
+        fuse_shared_inputs(model)
     if wants_int4(quantize, dtype, device, world_size):
         quantize_model(model, quantize, dtype, head_is_q8_0=gguf_head_type(source) == "Q8_0")
-    if can_pack(dtype, device, world_size):
-        pack_linears(model)  # after quantize_model, which reads the plain weights
+    if fast_cpu:
+        pack_linears(model)
     return model
 
 
