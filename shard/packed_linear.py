@@ -10,8 +10,10 @@ but only for weights it can treat as constants, which parameters of a model
 compiled with dynamic shapes are not; so the packing is done here, for eager
 and compiled steps alike.
 
-The packed weight replaces the plain one (no second copy), so a packed layer
-has no ``weight`` tensor any more: the model is used for inference only.
+The packed weight replaces the plain one (no second copy). A packed layer's
+``weight`` is a meta tensor of the original shape and dtype: model code that
+reads its dtype or shape still works, code that would compute with it fails
+loudly instead of using stale values.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class PackedLinear(nn.Module):
         self.out_features = linear.out_features
         weight = linear.weight.detach()
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, _ROWS_HINT), persistent=False)
+        self.weight = torch.empty_like(weight, device="meta")  # shape and dtype only (see the module doc)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

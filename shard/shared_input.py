@@ -77,6 +77,13 @@ class SharedInputSlice(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.owner.projection.share(x, self.index)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """Shape and dtype of the weight this slice stands for (a meta tensor: model code may read
+        them, e.g. to pick a dtype; the values live in the fused projection)."""
+        dtype = self.owner.projection.fused.weight.dtype
+        return torch.empty(self.out_features, self.in_features, dtype=dtype, device="meta")
+
     def extra_repr(self) -> str:
         return f"slice {self.index} of a shared-input projection, in={self.in_features}, out={self.out_features}"
 

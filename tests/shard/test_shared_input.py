@@ -25,7 +25,10 @@ def test_fused_llama_and_qwen2_compute_what_they_did():
             got = model(input_ids=ids).logits
         layers = TINY_CONFIGS[kind].num_hidden_layers
         assert groups == 2 * layers  # q/k/v and gate/up of every layer
-        assert isinstance(model.model.layers[0].self_attn.k_proj, SharedInputSlice)
+        k_proj = model.model.layers[0].self_attn.k_proj
+        assert isinstance(k_proj, SharedInputSlice)
+        assert k_proj.weight.shape == (TINY_CONFIGS[kind].num_key_value_heads * 16, 64)  # heads x head_dim 16
+        assert k_proj.weight.dtype == torch.float32
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
