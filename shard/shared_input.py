@@ -88,13 +88,11 @@ class SharedInputSlice(nn.Module):
         return f"slice {self.index} of a shared-input projection, in={self.in_features}, out={self.out_features}"
 
 
-def _fusable(linears: list[nn.Module]) -> bool:
-    if not all(type(m) is nn.Linear for m in linears):
-        return False
+def _fusable(linears: list[nn.Module | None]) -> bool:
+    """Plain ``nn.Linear`` layers (not already wrapped) of one input size, dtype and bias-ness."""
     first = linears[0]
-    assert isinstance(first, nn.Linear)
-    return all(
-        isinstance(m, nn.Linear)
+    return isinstance(first, nn.Linear) and all(
+        type(m) is nn.Linear
         and m.in_features == first.in_features
         and m.weight.dtype == first.weight.dtype
         and (m.bias is None) == (first.bias is None)
@@ -102,14 +100,14 @@ def _fusable(linears: list[nn.Module]) -> bool:
     )
 
 
-def _fuse(parent: nn.Module, names: tuple[str, ...]) -> None:
-    linears = [getattr(parent, name) for name in names]
+def _fuse(parent: nn.Module, names: tuple[str, ...], linears: list[nn.Linear]) -> None:
     weight = torch.cat([m.weight.detach() for m in linears])
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=linears[0].bias is not None)
-    fused = fused.to(device=weight.device, dtype=weight.dtype).requires_grad_(False)
-    fused.weight.copy_(weight)
+    # Built on the meta device, then given the concatenated tensors: no initialisation of
+    # weights that would be overwritten (a start-up cost that grows with the model).
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=linears[0].bias is not None, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
     if fused.bias is not None:
-        fused.bias.copy_(torch.cat([m.bias.detach() for m in linears]))
+        fused.bias = nn.Parameter(torch.cat([m.bias.detach() for m in linears]), requires_grad=False)
     projection = SharedInputProjection(fused, [m.out_features for m in linears])
     parent.add_module("_".join(names), projection)
     for i, (name, linear) in enumerate(zip(names, linears, strict=True)):
@@ -121,10 +119,9 @@ def fuse_shared_inputs(model: nn.Module) -> int:
     fused = 0
     for parent in list(model.modules()):
         for names in SIBLINGS:
-            if all(isinstance(getattr(parent, n, None), nn.Module) for n in names):
-                linears = [getattr(parent, n) for n in names]
-                if _fusable(linears):
-                    _fuse(parent, names)
-                    fused += 1
+            linears = [getattr(parent, n, None) for n in names]
+            if _fusable(linears):
+                _fuse(parent, names, linears)  # type: ignore[arg-type]
+                fused += 1
     log.info("fused %d groups of projections that share their input", fused)
     return fused
