@@ -12,8 +12,7 @@ from transformers.distributed import DistributedConfig
 
 from common.model_source import ModelSource
 from shard import attention
-from shard.packed_linear import can_pack, pack_linears
-from shard.quantization import quantize_model, wants_int4
+from shard.invariant_linear import make_linears_invariant
 from shard.shared_input import fuse_shared_inputs
 
 log = logging.getLogger(__name__)
@@ -72,15 +71,11 @@ def load_model(
         model.to(device)  # type: ignore[arg-type,call-arg]
     model.eval()
     model.requires_grad_(False)
-    # The bf16 CPU path: q/k/v and gate/up as one matmul each, their 4-bit values for small
-    # steps, weights prepacked for oneDNN; in that order, each step reading plain nn.Linear weights.
-    fast_cpu = can_pack(dtype, device, world_size)
-    if fast_cpu:
+    if device.type == "cpu" and world_size == 1:
+        # q/k/v and gate/up as one product each (columns are independent: no change of
+        # numbers), then every linear on the step-invariant kernel (shard.invariant_linear).
         fuse_shared_inputs(model)
-    if wants_int4(quantize, dtype, device, world_size):
-        quantize_model(model, quantize, dtype, head_is_q8_0=gguf_head_type(source) == "Q8_0")
-    if fast_cpu:
-        pack_linears(model)
+        make_linears_invariant(model)
     return model
 
 

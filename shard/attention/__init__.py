@@ -34,7 +34,12 @@ UNSUPPORTED = ("softcap", "s_aux")
 
 
 class Backends:
-    """The decode and prefill backends of one engine."""
+    """The decode and prefill backends of one engine.
+
+    With the CPU kernel (``auto`` on a CPU, or ``cpu-paged``) both are the kernel:
+    one numerical path for every query. ``sdpa`` (and CUDA, for now) gathers the
+    context and runs torch SDPA, whose reduction order depends on the query length.
+    """
 
     def __init__(self, name: str, device: torch.device, dtype: torch.dtype):
         if name not in BACKEND_NAMES:
@@ -44,11 +49,11 @@ class Backends:
         if name in ("auto", "cpu-paged"):
             kernel = cpu_paged.backend(device, dtype)
             if kernel is not None:
-                self.decode = kernel
+                self.decode = self.prefill = kernel
             elif name == "cpu-paged":
                 raise ValueError(f"ATTENTION_BACKEND=cpu-paged needs a CPU, a C compiler and {dtype} support")
         self.name = "cpu-paged" if self.decode is not gathered_sdpa.attend else "sdpa"
-        log.info("attention: decode %s, prefill sdpa", self.name)
+        log.info("attention: %s for decode and prefill", self.name)
 
 
 def paged_attention_forward(

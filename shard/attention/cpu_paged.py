@@ -1,8 +1,11 @@
-"""The CPU decode backend: one-token queries attend straight from the paged cache.
+"""The CPU backend: every query attends straight from the paged cache, one query at a time.
 
 Uses the C kernel of ``shard.kernels`` (no copy of the context, keys and values
-each read once per sequence); ``backend()`` returns None where it cannot be
-built, and the engine keeps the portable backend.
+read in place). Prompt tokens go through it as one-token queries of their own
+(``AttentionGroup.per_query``), so a token's attention reduces over its context
+in the same order whether it is decoded, prefilled in one step, prefilled in
+chunks, or read after a prefix-cache hit. ``backend()`` returns None where the
+kernel cannot be built, and the engine keeps the portable backend.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ def attend(
     scaling: float,
     sliding_window: int | None,
 ) -> torch.Tensor:
+    tables, context_len = group.per_query()
     return paged_decode_op(
         q[group.packed_rows],
         cache.keys[layer],
         cache.values[layer],
-        group.block_table.view(group.batch, -1),
-        group.context_len,
+        tables,
+        context_len,
         cache.block_size,
         scaling,
         sliding_window or 0,

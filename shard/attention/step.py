@@ -42,8 +42,10 @@ class AttentionGroup:
     valid: torch.Tensor  # [B, Qmax] True for real queries
     context_blocks: int  # blocks of context per sequence, padded to the group's longest
     block_size: int
-    #: Masks by sliding window (0: none), built on first use: the CPU decode kernel never needs one.
+    #: Masks by sliding window (0: none), built on first use: the CPU kernel never needs one.
     masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: ``per_query()``'s tensors, built on first use (once per step, not per layer).
+    _per_query: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def batch(self) -> int:
@@ -52,6 +54,20 @@ class AttentionGroup:
     @property
     def is_decode(self) -> bool:
         return int(self.query_index.shape[1]) == 1
+
+    def per_query(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every real query as a one-token query of its own: its sequence's block table row
+        [group tokens, n_blocks] and its context length (its position + 1) [group tokens],
+        in ``packed_rows`` order. A prompt token then attends exactly as it would in a
+        decode step at that position (one numerical path for prefill, chunks and decode)."""
+        if self._per_query is None:
+            tables = self.block_table.view(self.batch, -1)
+            if self.is_decode:
+                self._per_query = (tables, self.context_len)
+            else:
+                sequence = self.valid_rows // self.query_index.shape[1]
+                self._per_query = (tables[sequence], self.query_pos.flatten()[self.valid_rows] + 1)
+        return self._per_query
 
     def mask_for(self, sliding_window: int | None) -> torch.Tensor:
         """[B, 1, Qmax, Lmax], True where a query may attend a key."""

@@ -6,9 +6,10 @@ well under a second with the system compiler, for the exact CPU it runs on
 cached under ``SWITCHYARD_CACHE`` (default ``~/.cache/switchyard``) by a hash of
 source, flags and compiler, so every shard process after the first just loads it.
 
-Everything here is optional: where no compiler is found or the build fails,
-``paged_decode_kernel()`` returns None with a warning and attention keeps its
-portable torch path.
+``paged_decode`` (attention straight from the paged cache) and ``linear`` (step-
+invariant matrix products, see ``shard.invariant_linear``) live here. Where no
+compiler is found or a build fails, ``load_library`` returns None with a warning
+and callers keep their torch paths.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("paged_decode.c")
+HERE = Path(__file__).parent
 # -fassociative-math lets the compiler vectorise the fp32 reductions; no
 # -ffast-math: it would also assume no infinities, and softmax relies on them.
 FLAGS = [
@@ -51,10 +52,12 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, name: str) -> Path:
+    """The shared object of ``name``.c, built for this host unless the cache has it."""
+    source = HERE / f"{name}.c"
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"paged_decode-{key}.so"
+    key = hashlib.sha256("\0".join([source.read_text(), *FLAGS, version]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"{name}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +66,7 @@ def _build(compiler: str) -> Path:
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE), "-lm"], check=True, capture_output=True)
+        subprocess.run([compiler, *FLAGS, "-o", str(partial), str(source), "-lm"], check=True, capture_output=True)
         partial.replace(target)
     finally:
         partial.unlink(missing_ok=True)
@@ -159,19 +162,28 @@ def _paged_decode_shape(
 
 
 @functools.cache
-def paged_decode_kernel() -> PagedDecodeKernel | None:
-    """The compiled kernel, or None (with a warning) where this host cannot build it."""
+def load_library(name: str) -> ctypes.CDLL | None:
+    """The compiled ``name``.c, or None (with a warning) where this host cannot build it."""
     compiler = _compiler()
     if compiler is None:
-        log.warning("no C compiler found: decode attention uses the portable (slower) torch path")
+        log.warning("no C compiler found: the %s kernel is not available", name)
         return None
     try:
-        return PagedDecodeKernel(ctypes.CDLL(str(_build(compiler))))
+        return ctypes.CDLL(str(_build(compiler, name)))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", b"") or b""
         log.warning(
-            "building the CPU decode kernel failed (%s%s): decode attention uses the portable torch path",
+            "building the %s kernel failed (%s%s)",
+            name,
             error,
             (": " + detail.decode(errors="replace")[-500:]) if detail else "",
         )
         return None
+
+
+@functools.cache
+def paged_decode_kernel() -> PagedDecodeKernel | None:
+    """The compiled attention kernel, or None where this host cannot build it (attention then
+    keeps its portable torch path)."""
+    library = load_library("paged_decode")
+    return None if library is None else PagedDecodeKernel(library)

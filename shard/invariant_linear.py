@@ -1,0 +1,144 @@
+"""Linear layers whose output rows do not depend on the step they are computed in.
+
+Why: library GEMMs (oneDNN, MKL) choose their kernel and their blocking over the
+reduction dimension by the number of rows, so a prompt token computed inside a
+512-token prefill and the same token computed alone in a decode step (or after a
+prefix-cache hit, or in a chunk) differ in the last bits, and a near-tie in the
+logits then flips a token. ``shard/kernels/linear.c`` computes every output element
+as one fused multiply-add chain over the input dimension in a fixed order,
+whatever the number of rows, the row's place among them, or the thread count.
+
+Every ``nn.Linear`` of a CPU model is replaced by an ``InvariantLinear`` holding
+its weight packed once into the kernel's column tiles (fp32 or bf16, as loaded;
+float16 is stored as float32, exactly). The packed weight replaces the plain one;
+the layer's ``weight`` is a meta tensor of the original shape and dtype, so model
+code that reads them still works and code that would compute with them fails
+loudly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+
+import torch
+from torch import nn
+
+from shard.kernels import load_library
+
+log = logging.getLogger(__name__)
+
+#: The kernel's type codes (``enum`` in linear.c).
+_CODES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+class LinearKernel:
+    """ctypes binding of linear.c."""
+
+    def __init__(self, library: ctypes.CDLL):
+        self._function = library.invariant_linear
+        self._function.restype = ctypes.c_int
+        self._function.argtypes = [
+            ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+        ]  # fmt: skip
+        library.linear_tile_columns.restype = ctypes.c_int
+        #: Output columns per packed tile in this build (16 or 32, by instruction set).
+        self.tile = int(library.linear_tile_columns())
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """[out, in] -> [tiles, in, tile], columns past ``out`` zero; bf16 stays bf16, the rest fp32."""
+        storage = weight.dtype if weight.dtype in _CODES else torch.float32
+        out_features, in_features = weight.shape
+        tiles = -(-out_features // self.tile)
+        padded = weight.new_zeros((tiles * self.tile, in_features), dtype=storage)
+        padded[:out_features] = weight
+        return padded.view(tiles, self.tile, in_features).transpose(1, 2).contiguous()
+
+    def __call__(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+        """``x @ W.T + bias`` for a 2-d ``x`` in its dtype (float16 through fp32)."""
+        result_dtype = x.dtype
+        if x.dtype not in _CODES:
+            x = x.float()
+        x = x.contiguous()
+        y = torch.empty((x.shape[0], out_features), dtype=x.dtype)
+        status = self._function(
+            x.data_ptr(), _CODES[x.dtype], packed.data_ptr(), _CODES[packed.dtype],
+            None if bias is None else bias.data_ptr(), y.data_ptr(), _CODES[y.dtype],
+            x.shape[0], packed.shape[1], out_features, torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise RuntimeError(f"the invariant linear kernel failed with status {status}")
+        return y.to(result_dtype)
+
+
+@functools.cache
+def linear_kernel() -> LinearKernel | None:
+    library = load_library("linear")
+    return None if library is None else LinearKernel(library)
+
+
+# A torch.library operator (not @custom_op: ~2 us per call instead of ~5, and a step makes
+# one per linear layer) so that torch.compile keeps each call as one opaque node.
+_LIBRARY = torch.library.Library("switchyard", "FRAGMENT")
+_LIBRARY.define("invariant_linear(Tensor x, Tensor packed, Tensor? bias, SymInt out_features) -> Tensor")
+
+
+def _invariant_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    kernel = linear_kernel()
+    if kernel is None:
+        raise RuntimeError("the invariant linear kernel is not available on this host")
+    return kernel(x, packed, bias, out_features)
+
+
+def _invariant_linear_fake(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    return x.new_empty((x.shape[0], out_features))
+
+
+_LIBRARY.impl("invariant_linear", _invariant_linear, "CompositeExplicitAutograd")
+torch.library.register_fake("switchyard::invariant_linear", _invariant_linear_fake, lib=_LIBRARY)
+invariant_linear = torch.ops.switchyard.invariant_linear.default
+
+
+class InvariantLinear(nn.Module):
+    """An ``nn.Linear`` computed by the step-invariant kernel."""
+
+    def __init__(self, linear: nn.Linear, kernel: LinearKernel):
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        weight = linear.weight.detach()
+        self.register_buffer("packed", kernel.pack(weight), persistent=False)
+        self.weight = torch.empty_like(weight, device="meta")  # shape and dtype only (see the module doc)
+        bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        y = invariant_linear(flat, self.get_buffer("packed"), self.bias, self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def make_linears_invariant(model: nn.Module) -> int:
+    """Replaces every plain ``nn.Linear`` of a CPU model by an ``InvariantLinear``; returns how many.
+
+    Raises RuntimeError where the kernel cannot be built: serving without it would
+    silently break the reproducibility the API promises.
+    """
+    kernel = linear_kernel()
+    if kernel is None:
+        raise RuntimeError("the step-invariant linear kernel could not be built (a C compiler is needed)")
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, InvariantLinear(child, kernel))
+                replaced += 1
+    log.info("%d linear layers on the step-invariant kernel (tiles of %d columns)", replaced, kernel.tile)
+    return replaced

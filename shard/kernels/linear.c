@@ -1,0 +1,196 @@
+/*
+ * Linear layers whose results do not depend on the step: y = x W^T + b where every
+ * output element y[m, n] is one fused multiply-add chain over k = 0, 1, ..., K-1,
+ * started from 0 and rounded once at the end, whatever M is, whichever row of the
+ * step m is, and however many threads run. That is the invariant the shard's
+ * reproducibility rests on: a request's logits never depend on its batch companions
+ * or on how its prompt was chunked. Library GEMMs switch kernels and K-blocking with
+ * M (a one-row product is a GEMV with split accumulators, a 512-row one a blocked
+ * GEMM), so the same row comes out differently in a decode step and in a prefill.
+ *
+ * Why it is still fast: the work is split over tiles of output columns only (never
+ * over K); a tile's weights are unpacked once to fp32 in a per-thread buffer that
+ * stays in L1/L2, and MR rows at a time stream past it with MR x TILE accumulators in
+ * registers (the classic register-blocked microkernel). Rows and threads change the
+ * order in which elements are computed, never the order of the terms of one element.
+ *
+ * Layouts:
+ *   x      [M, K] row-major, fp32 or bf16 (converted to fp32 once per call)
+ *   packed [N / TILE rounded up][K][TILE] in the storage type (fp32 or bf16), columns
+ *          past N zero; TILE is what linear_tile_columns() returns for this build
+ *   bias   [N] fp32 or NULL (added after the chain)
+ *   y      [M, N] row-major, fp32 or bf16 (round to nearest even)
+ *
+ * Built at run time by shard/kernels/__init__.py for the host (-march=native). The
+ * arithmetic is spelled with explicit FMA intrinsics (or fmaf), so no compiler flag
+ * can reassociate it.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+/* v16: 16 fp32 lanes; TILE = 16 * PANELS columns per tile; MR rows per microkernel call. */
+#if defined(__AVX512F__)
+typedef __m512 v16;
+typedef __m512 vb; /* a broadcast row value */
+static inline v16 v_zero(void) { return _mm512_setzero_ps(); }
+static inline v16 v_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline void v_store(float *p, v16 v) { _mm512_storeu_ps(p, v); }
+static inline vb v_broadcast(float x) { return _mm512_set1_ps(x); }
+static inline v16 v_fma(vb x, v16 w, v16 acc) { return _mm512_fmadd_ps(x, w, acc); }
+#define PANELS 2
+#define MR 12
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef struct { __m256 lo, hi; } v16;
+typedef __m256 vb;
+static inline v16 v_zero(void) { v16 v = { _mm256_setzero_ps(), _mm256_setzero_ps() }; return v; }
+static inline v16 v_load(const float *p) { v16 v = { _mm256_loadu_ps(p), _mm256_loadu_ps(p + 8) }; return v; }
+static inline void v_store(float *p, v16 v) { _mm256_storeu_ps(p, v.lo); _mm256_storeu_ps(p + 8, v.hi); }
+static inline vb v_broadcast(float x) { return _mm256_set1_ps(x); }
+static inline v16 v_fma(vb x, v16 w, v16 acc) {
+    v16 r = { _mm256_fmadd_ps(x, w.lo, acc.lo), _mm256_fmadd_ps(x, w.hi, acc.hi) };
+    return r;
+}
+#define PANELS 1
+#define MR 6
+#else
+typedef struct { float v[16]; } v16;
+typedef float vb;
+static inline v16 v_zero(void) { v16 v; memset(&v, 0, sizeof v); return v; }
+static inline v16 v_load(const float *p) { v16 v; memcpy(v.v, p, sizeof v.v); return v; }
+static inline void v_store(float *p, v16 v) { memcpy(p, v.v, sizeof v.v); }
+static inline vb v_broadcast(float x) { return x; }
+static inline v16 v_fma(vb x, v16 w, v16 acc) {
+    for (int i = 0; i < 16; i++) acc.v[i] = fmaf(x, w.v[i], acc.v[i]);
+    return acc;
+}
+#define PANELS 1
+#define MR 4
+#endif
+#define TILE (16 * PANELS)
+
+int linear_tile_columns(void) { return TILE; }
+
+static inline float bf16_to_f32(uint16_t x) {
+    union { uint32_t u; float f; } v = { (uint32_t)x << 16 };
+    return v.f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    union { float f; uint32_t u; } v = { f };
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40); /* quiet NaN */
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);             /* round to nearest even */
+}
+
+/* c[r][0..TILE) = sum over k of x[r][k] * w[k][0..TILE), for rows r < ROWS; one FMA chain per element. */
+static inline __attribute__((always_inline)) void microkernel(const int rows, const float *x, int64_t K,
+                                                              const float *w, float *c) {
+    v16 acc[MR][PANELS];
+#pragma GCC unroll 16
+    for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+        for (int p = 0; p < PANELS; p++) acc[r][p] = v_zero();
+    for (int64_t k = 0; k < K; k++) {
+        v16 wk[PANELS];
+#pragma GCC unroll 4
+        for (int p = 0; p < PANELS; p++) wk[p] = v_load(w + k * TILE + p * 16);
+#pragma GCC unroll 16
+        for (int r = 0; r < rows; r++) {
+            const vb xr = v_broadcast(x[(int64_t)r * K + k]);
+#pragma GCC unroll 4
+            for (int p = 0; p < PANELS; p++) acc[r][p] = v_fma(xr, wk[p], acc[r][p]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+        for (int p = 0; p < PANELS; p++) v_store(c + r * TILE + p * 16, acc[r][p]);
+}
+
+/* One call per row count, each with its loops fully unrolled and its accumulators in registers. */
+#define ROWS_CASE(R) case R: microkernel(R, x, K, w, c); break;
+static void rows_tile(int rows, const float *x, int64_t K, const float *w, float *c) {
+    switch (rows) {
+        ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4)
+#if MR > 4
+        ROWS_CASE(5) ROWS_CASE(6)
+#endif
+#if MR > 6
+        ROWS_CASE(7) ROWS_CASE(8) ROWS_CASE(9) ROWS_CASE(10) ROWS_CASE(11) ROWS_CASE(12)
+#endif
+        default: break;
+    }
+}
+
+enum { F32 = 0, BF16 = 1 };
+
+/* Tile t of the packed weights as fp32 [K][TILE]: in place for fp32, unpacked into buf for bf16. */
+static const float *tile_weights(const void *packed, int wtype, int64_t t, int64_t K, float *buf) {
+    const int64_t n = K * TILE;
+    if (wtype == F32) return (const float *)packed + t * n;
+    const uint16_t *src = (const uint16_t *)packed + t * n;
+    for (int64_t i = 0; i < n; i++) buf[i] = bf16_to_f32(src[i]);
+    return buf;
+}
+
+static void store_rows(int rows, const float *c, const float *bias, int64_t col0, int64_t cols, int64_t N,
+                       int ytype, void *y, int64_t row0) {
+    for (int r = 0; r < rows; r++) {
+        const float *cr = c + r * TILE;
+        if (ytype == F32) {
+            float *yr = (float *)y + (row0 + r) * N + col0;
+            for (int64_t j = 0; j < cols; j++) yr[j] = bias ? cr[j] + bias[col0 + j] : cr[j];
+        } else {
+            uint16_t *yr = (uint16_t *)y + (row0 + r) * N + col0;
+            for (int64_t j = 0; j < cols; j++) yr[j] = f32_to_bf16(bias ? cr[j] + bias[col0 + j] : cr[j]);
+        }
+    }
+}
+
+/* x fp32 [M, K] for the microkernel: the input itself, or a converted copy in *owned. */
+static const float *rows_as_f32(const void *x, int xtype, int64_t M, int64_t K, float **owned) {
+    *owned = NULL;
+    if (xtype == F32) return (const float *)x;
+    float *f = malloc(sizeof(float) * M * K);
+    if (!f) return NULL;
+    const uint16_t *src = (const uint16_t *)x;
+    for (int64_t i = 0; i < M * K; i++) f[i] = bf16_to_f32(src[i]);
+    *owned = f;
+    return f;
+}
+
+/* Returns 0, or a negative status (-1 bad arguments, -2 out of memory). */
+int invariant_linear(const void *x, int xtype, const void *packed, int wtype, const float *bias, void *y,
+                     int ytype, int64_t M, int64_t K, int64_t N, int threads) {
+    if (M < 0 || K < 1 || N < 1 || xtype < F32 || xtype > BF16 || wtype < F32 || wtype > BF16) return -1;
+    if (M == 0) return 0;
+    float *owned;
+    const float *xf = rows_as_f32(x, xtype, M, K, &owned);
+    if (!xf) return -2;
+    const int64_t tiles = (N + TILE - 1) / TILE;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *buf = malloc(sizeof(float) * (K * TILE + MR * TILE));
+        if (!buf) failed = 1;
+        float *c = buf ? buf + K * TILE : NULL;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) {
+            if (!buf) continue;
+            const float *w = tile_weights(packed, wtype, t, K, buf);
+            const int64_t col0 = t * TILE, cols = N - col0 < TILE ? N - col0 : TILE;
+            for (int64_t m = 0; m < M; m += MR) {
+                const int rows = (int)(M - m < MR ? M - m : MR);
+                rows_tile(rows, xf + m * K, K, w, c);
+                store_rows(rows, c, bias, col0, cols, N, ytype, y, m);
+            }
+        }
+        free(buf);
+    }
+    free(owned);
+    return failed ? -2 : 0;
+}
