@@ -71,7 +71,6 @@ async def serve(config: ShardConfig) -> None:
         config.kv_cache_fraction,
         config.world_size,
         config.attention_backend,
-        config.compile_mode,
     )
     engine.grammar_compiler = GrammarCompiler(source, engine.vocab_size)
     architecture = (model.config.architectures or [type(model).__name__])[0]

@@ -30,12 +30,10 @@ class ShardConfig:
     #: Where rank 0 listens for torch.distributed's rendezvous (tensor parallelism).
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
-    #: Decode attention: "auto" (the C kernel on CPU where it builds), "sdpa" or "cpu-paged".
+    #: Attention: "auto" (the C kernel on CPU where it builds), "sdpa" or "cpu-paged".
     attention_backend: str = "auto"
-    #: "auto": a 4-bit checkpoint's linears run on their int4 values for small steps; "int4", "none".
+    #: "auto": a 4-bit checkpoint's linears stored as their 4-bit values (not in float32); "int4", "none".
     quantize: str = "auto"
-    #: "auto": decode steps through torch.compile on a bf16 CPU shard; "on", "off".
-    compile_mode: str = "auto"
     #: torch compute threads (0: torch's default, one per core).
     threads: int = 0
     otlp_endpoint: str | None = None
@@ -97,20 +95,13 @@ def _add_engine_args(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None
         "--attention-backend",
         choices=("auto", "sdpa", "cpu-paged"),
         default=env_str(env, "ATTENTION_BACKEND", default="auto"),
-        help="decode attention: the C kernel on CPU (auto) or gathered SDPA [ATTENTION_BACKEND]",
+        help="attention: the C kernel on CPU (auto) or gathered SDPA [ATTENTION_BACKEND]",
     )
     p.add_argument(
         "--quantize",
         choices=("auto", "int4", "none"),
         default=env_str(env, "QUANTIZE", default="auto"),
-        help="int4 weights for small steps: auto (4-bit checkpoints, not in float32), int4 (any), none [QUANTIZE]",
-    )
-    p.add_argument(
-        "--compile",
-        dest="compile_mode",
-        choices=("auto", "on", "off"),
-        default=env_str(env, "COMPILE", default="auto"),
-        help="torch.compile the decode step at Warmup: auto (CPU, bfloat16, one shard), on, off [COMPILE]",
+        help="4-bit weight storage: auto (4-bit checkpoints, not in float32), int4 (any), none [QUANTIZE]",
     )
     p.add_argument(
         "--threads",

@@ -18,17 +18,12 @@ from transformers import PreTrainedModel
 
 from shard.attention import Backends, PagedStep, SequenceSpan, build_step
 from shard.batch_state import BatchStore, Sequence
-from shard.compiled import CompiledDecode, wants_compile
 from shard.errors import CapacityError, InvalidRequest
 from shard.kv_cache import PagedKVCache, kv_layout_of
 from shard.memory import kv_budget_bytes
 from shard.sampling import LogitStats, SamplingParams, SequenceView, logit_stats, sample
 
 log = logging.getLogger(__name__)
-
-#: Context blocks of each Warmup decode probe (see ``Engine._decode_probe``).
-PROBE_BLOCKS = 5
-
 
 @dataclass(frozen=True)
 class NewRequest:
@@ -71,7 +66,6 @@ class Engine:
         kv_fraction: float,
         world_size: int = 1,
         attention_backend: str = "auto",
-        compile_mode: str = "auto",
     ):
         self.model = model
         #: Tensor-parallel ranks: each holds 1/world_size of the KV heads.
@@ -81,10 +75,6 @@ class Engine:
         self.kv_fraction = kv_fraction
         self.dtype = next(model.parameters()).dtype
         self.attention = Backends(attention_backend, device, self.dtype)
-        #: The forward for pure decode steps (compiled), or None: every step runs eagerly.
-        self.decode_model: CompiledDecode | None = (
-            CompiledDecode(model, _scores) if wants_compile(compile_mode, device, self.dtype, world_size) else None
-        )
         text_config = model.config.get_text_config()
         self.max_positions = int(getattr(text_config, "max_position_embeddings", 0) or 1 << 20)
         self.vocab_size = int(text_config.vocab_size)
@@ -125,12 +115,6 @@ class Engine:
         self.store.clear(None)
         self.cache = PagedKVCache(layout, int(wanted), self.block_size, self.device)
         self._warmup_step(min(max_prefill_tokens, self.cache.num_slots, self.max_positions))
-        if self.decode_model is not None:
-            for tensor in (*self.cache.keys, *self.cache.values):
-                torch._dynamo.mark_static(tensor)  # fixed for the engine's life: no symbol to guard on
-            probes_fit = self.cache.num_blocks // PROBE_BLOCKS
-            if not self.decode_model.warm(self._decode_probe, min(max_batch_size or probes_fit, probes_fit)):
-                self.decode_model = None
         return int(wanted)
 
     def _warmup_step(self, tokens: int) -> None:
@@ -143,21 +127,6 @@ class Engine:
         blocks = list(range(-(-tokens // self.block_size)))
         probe = Sequence(-1, [0] * tokens, blocks, 0, SamplingParams(temperature=1.0), 0)
         self._run([(probe, tokens)])
-
-    def _decode_probe(self, batch: int) -> None:
-        """One decode step of ``batch`` throwaway sequences.
-
-        Their context spans PROBE_BLOCKS blocks: dynamo specialises any dimension
-        of size 1, so a one-block probe would compile a graph that no real
-        context longer than one block could reuse.
-        """
-        per = PROBE_BLOCKS
-        length = (per - 1) * self.block_size + 2
-        probes = [
-            Sequence(-1 - i, [0] * length, list(range(i * per, (i + 1) * per)), length - 1, SamplingParams(), 0)
-            for i in range(batch)
-        ]
-        self._run([(seq, 1) for seq in probes])
 
     # --- the four batch operations ----------------------------------------------
 
@@ -282,12 +251,8 @@ class Engine:
         inputs = dict(
             input_ids=input_ids, position_ids=position_ids, use_cache=False, paged_step=step, logits_to_keep=keep
         )
-        pure_decode = len(step.groups) == 1 and step.groups[0].is_decode
-        if pure_decode and self.decode_model is not None:
-            logits, best, lse = self.decode_model(**inputs)
-        else:
-            logits, best, lse = _scores(self.model(**inputs))
-        return logits, LogitStats(best, lse)
+        logits = self.model(**inputs).logits[0].float()
+        return logits, logit_stats(logits)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, stats: LogitStats) -> list[Generation]:
         if not seqs:
@@ -309,10 +274,3 @@ class Engine:
         tokens = sum(self.store.sequences[r].computed for r in members)
         return StepResult(generations, batch_id, list(members), tokens, forward_ns, decode_ns)
 
-
-def _scores(output: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Float32 logits of a forward's sampling positions and their LogitStats fields (a tuple:
-    this also ends the compiled decode graph, which returns plain tensors)."""
-    logits = output.logits[0].float()
-    stats = logit_stats(logits)
-    return logits, stats.best, stats.lse

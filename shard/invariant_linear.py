@@ -9,8 +9,9 @@ as one fused multiply-add chain over the input dimension in a fixed order,
 whatever the number of rows, the row's place among them, or the thread count.
 
 Every ``nn.Linear`` of a CPU model is replaced by an ``InvariantLinear`` holding
-its weight packed once into the kernel's column tiles (fp32 or bf16, as loaded;
-float16 is stored as float32, exactly). The packed weight replaces the plain one;
+its weight packed once into the kernel's column tiles: fp32 or bf16 as loaded
+(float16 is stored as float32, exactly), or 4-/8-bit values with per-group scales
+(``shard.quantization``: storage only, unpacked to fp32 before any product). The packed weight replaces the plain one;
 the layer's ``weight`` is a meta tensor of the original shape and dtype, so model
 code that reads them still works and code that would compute with them fails
 loudly.
@@ -26,11 +27,13 @@ import torch
 from torch import nn
 
 from shard.kernels import load_library
+from shard.quantization import GROUP, QuantizedWeight
 
 log = logging.getLogger(__name__)
 
-#: The kernel's type codes (``enum`` in linear.c).
-_CODES = {torch.float32: 0, torch.bfloat16: 1}
+#: The kernel's type codes (``enum`` in linear.c): activations fp32/bf16, weights also
+#: INT4 (two 4-bit values a byte: uint8) and INT8.
+_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.uint8: 2, torch.int8: 3}
 
 
 class LinearKernel:
@@ -41,22 +44,42 @@ class LinearKernel:
         self._function.restype = ctypes.c_int
         self._function.argtypes = [
             ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-            ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+            ctypes.c_int,
         ]  # fmt: skip
         library.linear_tile_columns.restype = ctypes.c_int
         #: Output columns per packed tile in this build (16 or 32, by instruction set).
         self.tile = int(library.linear_tile_columns())
 
-    def pack(self, weight: torch.Tensor) -> torch.Tensor:
-        """[out, in] -> [tiles, in, tile], columns past ``out`` zero; bf16 stays bf16, the rest fp32."""
-        storage = weight.dtype if weight.dtype in _CODES else torch.float32
-        out_features, in_features = weight.shape
+    def tiles(self, matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[out, cols] -> [tiles, cols, tile] in ``dtype``, rows past ``out`` zero."""
+        out_features, cols = matrix.shape
         tiles = -(-out_features // self.tile)
-        padded = weight.new_zeros((tiles * self.tile, in_features), dtype=storage)
-        padded[:out_features] = weight
-        return padded.view(tiles, self.tile, in_features).transpose(1, 2).contiguous()
+        padded = matrix.new_zeros((tiles * self.tile, cols), dtype=dtype)
+        padded[:out_features] = matrix
+        return padded.view(tiles, self.tile, cols).transpose(1, 2).contiguous()
 
-    def __call__(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """A plain weight [out, in]: bf16 stays bf16, the rest becomes fp32 (exactly)."""
+        return self.tiles(weight, weight.dtype if weight.dtype == torch.bfloat16 else torch.float32)
+
+    def pack_quantized(self, weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(values, scales, offsets): 4-bit values two a byte (low nibble: even column), or int8."""
+        q = self.tiles(weight.q, torch.int8)  # [tiles, in, tile]
+        if weight.bits == 4:
+            q = q.to(torch.uint8)
+            q = (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous()
+        return q, self.tiles(weight.scale, torch.float32), self.tiles(weight.offset, torch.float32)
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        scales: torch.Tensor | None,
+        offsets: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        out_features: int,
+    ) -> torch.Tensor:
         """``x @ W.T + bias`` for a 2-d ``x`` in its dtype (float16 through fp32)."""
         result_dtype = x.dtype
         if x.dtype not in _CODES:
@@ -64,13 +87,17 @@ class LinearKernel:
         x = x.contiguous()
         y = torch.empty((x.shape[0], out_features), dtype=x.dtype)
         status = self._function(
-            x.data_ptr(), _CODES[x.dtype], packed.data_ptr(), _CODES[packed.dtype],
-            None if bias is None else bias.data_ptr(), y.data_ptr(), _CODES[y.dtype],
+            x.data_ptr(), _CODES[x.dtype], packed.data_ptr(), _CODES[packed.dtype], _pointer(scales),
+            _pointer(offsets), _pointer(bias), y.data_ptr(), _CODES[y.dtype],
             x.shape[0], packed.shape[1], out_features, torch.get_num_threads(),
         )  # fmt: skip
         if status != 0:
             raise RuntimeError(f"the invariant linear kernel failed with status {status}")
         return y.to(result_dtype)
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
 
 
 @functools.cache
@@ -82,18 +109,33 @@ def linear_kernel() -> LinearKernel | None:
 # A torch.library operator (not @custom_op: ~2 us per call instead of ~5, and a step makes
 # one per linear layer) so that torch.compile keeps each call as one opaque node.
 _LIBRARY = torch.library.Library("switchyard", "FRAGMENT")
-_LIBRARY.define("invariant_linear(Tensor x, Tensor packed, Tensor? bias, SymInt out_features) -> Tensor")
+_LIBRARY.define(
+    "invariant_linear(Tensor x, Tensor packed, Tensor? scales, Tensor? offsets, Tensor? bias, SymInt out_features)"
+    " -> Tensor"
+)
 
 
-def _invariant_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+def _invariant_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor | None,
+    offsets: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_features: int,
+) -> torch.Tensor:
     kernel = linear_kernel()
     if kernel is None:
         raise RuntimeError("the invariant linear kernel is not available on this host")
-    return kernel(x, packed, bias, out_features)
+    return kernel(x, packed, scales, offsets, bias, out_features)
 
 
 def _invariant_linear_fake(
-    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor | None,
+    offsets: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_features: int,
 ) -> torch.Tensor:
     return x.new_empty((x.shape[0], out_features))
 
@@ -106,27 +148,40 @@ invariant_linear = torch.ops.switchyard.invariant_linear.default
 class InvariantLinear(nn.Module):
     """An ``nn.Linear`` computed by the step-invariant kernel."""
 
-    def __init__(self, linear: nn.Linear, kernel: LinearKernel):
+    def __init__(self, linear: nn.Linear, kernel: LinearKernel, quantized: QuantizedWeight | None = None):
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         weight = linear.weight.detach()
-        self.register_buffer("packed", kernel.pack(weight), persistent=False)
+        scales = offsets = None
+        if quantized is None:
+            packed = kernel.pack(weight)
+        else:
+            packed, scales, offsets = kernel.pack_quantized(quantized)
+        self.storage = "int%d" % quantized.bits if quantized else str(packed.dtype).removeprefix("torch.")
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("offsets", offsets, persistent=False)
         self.weight = torch.empty_like(weight, device="meta")  # shape and dtype only (see the module doc)
         bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
         self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        y = invariant_linear(flat, self.get_buffer("packed"), self.bias, self.out_features)
+        y = invariant_linear(flat, self.get_buffer("packed"), self.scales, self.offsets, self.bias, self.out_features)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"storage={self.storage}"
+        )
 
 
-def make_linears_invariant(model: nn.Module) -> int:
+def make_linears_invariant(model: nn.Module, quantized: dict[str, QuantizedWeight] | None = None) -> int:
     """Replaces every plain ``nn.Linear`` of a CPU model by an ``InvariantLinear``; returns how many.
+
+    ``quantized``: layers (by qualified name) stored as 4-/8-bit values (``shard.quantization``).
 
     Raises RuntimeError where the kernel cannot be built: serving without it would
     silently break the reproducibility the API promises.
@@ -134,11 +189,13 @@ def make_linears_invariant(model: nn.Module) -> int:
     kernel = linear_kernel()
     if kernel is None:
         raise RuntimeError("the step-invariant linear kernel could not be built (a C compiler is needed)")
+    quantized = quantized or {}
     replaced = 0
-    for parent in list(model.modules()):
+    for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, InvariantLinear(child, kernel))
+                qualified = f"{parent_name}.{name}" if parent_name else name
+                setattr(parent, name, InvariantLinear(child, kernel, quantized.get(qualified)))
                 replaced += 1
     log.info("%d linear layers on the step-invariant kernel (tiles of %d columns)", replaced, kernel.tile)
     return replaced

@@ -13,6 +13,7 @@ from transformers.distributed import DistributedConfig
 from common.model_source import ModelSource
 from shard import attention
 from shard.invariant_linear import make_linears_invariant
+from shard.quantization import plan_storage
 from shard.shared_input import fuse_shared_inputs
 
 log = logging.getLogger(__name__)
@@ -73,9 +74,11 @@ def load_model(
     model.requires_grad_(False)
     if device.type == "cpu" and world_size == 1:
         # q/k/v and gate/up as one product each (columns are independent: no change of
-        # numbers), then every linear on the step-invariant kernel (shard.invariant_linear).
+        # numbers), then every linear on the step-invariant kernel (shard.invariant_linear),
+        # a 4-bit checkpoint's layers stored on their own grid (shard.quantization).
         fuse_shared_inputs(model)
-        make_linears_invariant(model)
+        plan = plan_storage(model, quantize, dtype, head_is_q8_0=gguf_head_type(source) == "Q8_0")
+        make_linears_invariant(model, plan)
     return model
 
 

@@ -16,8 +16,14 @@
  *
  * Layouts:
  *   x      [M, K] row-major, fp32 or bf16 (converted to fp32 once per call)
- *   packed [N / TILE rounded up][K][TILE] in the storage type (fp32 or bf16), columns
- *          past N zero; TILE is what linear_tile_columns() returns for this build
+ *   packed [N / TILE rounded up][K][TILE] in the storage type, columns past N zero;
+ *          TILE is what linear_tile_columns() returns for this build. Storage types:
+ *          fp32, bf16, and the quantized ones, whose weight is fmaf(q, scale, offset)
+ *          with scale/offset [tiles][K / 32][TILE] fp32 (groups of 32 along K):
+ *          INT4 q in 0..15, two columns a byte (low nibble first), [tiles][K][TILE / 2];
+ *          INT8 q in -128..127, [tiles][K][TILE]. The weights are unpacked to fp32 before
+ *          any product, so a quantized layer computes with the same values at every step
+ *          size (no kernel switch by size, as library int4 kernels need).
  *   bias   [N] fp32 or NULL (added after the chain)
  *   y      [M, N] row-major, fp32 or bf16 (round to nearest even)
  *
@@ -126,14 +132,43 @@ static void rows_tile(int rows, const float *x, int64_t K, const float *w, float
     }
 }
 
-enum { F32 = 0, BF16 = 1 };
+enum { F32 = 0, BF16 = 1, INT4 = 2, INT8 = 3 };
+#define GROUP 32
 
-/* Tile t of the packed weights as fp32 [K][TILE]: in place for fp32, unpacked into buf for bf16. */
-static const float *tile_weights(const void *packed, int wtype, int64_t t, int64_t K, float *buf) {
+typedef struct {
+    const void *packed;
+    const float *scales, *offsets; /* quantized types only */
+    int wtype;
+} Weights;
+
+static void unpack_quantized(const Weights *wt, int64_t t, int64_t K, float *buf) {
+    const float *scale = wt->scales + t * (K / GROUP) * TILE, *offset = wt->offsets + t * (K / GROUP) * TILE;
+    for (int64_t k = 0; k < K; k++) {
+        const float *sk = scale + (k / GROUP) * TILE, *ok = offset + (k / GROUP) * TILE;
+        float *row = buf + k * TILE;
+        if (wt->wtype == INT4) {
+            const uint8_t *q = (const uint8_t *)wt->packed + (t * K + k) * (TILE / 2);
+            for (int j = 0; j < TILE / 2; j++) {
+                row[2 * j] = fmaf((float)(q[j] & 15), sk[2 * j], ok[2 * j]);
+                row[2 * j + 1] = fmaf((float)(q[j] >> 4), sk[2 * j + 1], ok[2 * j + 1]);
+            }
+        } else {
+            const int8_t *q = (const int8_t *)wt->packed + (t * K + k) * TILE;
+            for (int j = 0; j < TILE; j++) row[j] = fmaf((float)q[j], sk[j], ok[j]);
+        }
+    }
+}
+
+/* Tile t of the weights as fp32 [K][TILE]: in place for fp32, unpacked into buf otherwise. */
+static const float *tile_weights(const Weights *wt, int64_t t, int64_t K, float *buf) {
     const int64_t n = K * TILE;
-    if (wtype == F32) return (const float *)packed + t * n;
-    const uint16_t *src = (const uint16_t *)packed + t * n;
-    for (int64_t i = 0; i < n; i++) buf[i] = bf16_to_f32(src[i]);
+    if (wt->wtype == F32) return (const float *)wt->packed + t * n;
+    if (wt->wtype == BF16) {
+        const uint16_t *src = (const uint16_t *)wt->packed + t * n;
+        for (int64_t i = 0; i < n; i++) buf[i] = bf16_to_f32(src[i]);
+    } else {
+        unpack_quantized(wt, t, K, buf);
+    }
     return buf;
 }
 
@@ -164,9 +199,12 @@ static const float *rows_as_f32(const void *x, int xtype, int64_t M, int64_t K, 
 }
 
 /* Returns 0, or a negative status (-1 bad arguments, -2 out of memory). */
-int invariant_linear(const void *x, int xtype, const void *packed, int wtype, const float *bias, void *y,
-                     int ytype, int64_t M, int64_t K, int64_t N, int threads) {
-    if (M < 0 || K < 1 || N < 1 || xtype < F32 || xtype > BF16 || wtype < F32 || wtype > BF16) return -1;
+int invariant_linear(const void *x, int xtype, const void *packed, int wtype, const float *scales,
+                     const float *offsets, const float *bias, void *y, int ytype, int64_t M, int64_t K, int64_t N,
+                     int threads) {
+    if (M < 0 || K < 1 || N < 1 || xtype < F32 || xtype > BF16 || ytype < F32 || ytype > BF16) return -1;
+    if (wtype < F32 || wtype > INT8 || (wtype >= INT4 && (K % GROUP || !scales || !offsets))) return -1;
+    const Weights wt = { packed, scales, offsets, wtype };
     if (M == 0) return 0;
     float *owned;
     const float *xf = rows_as_f32(x, xtype, M, K, &owned);
@@ -181,7 +219,7 @@ int invariant_linear(const void *x, int xtype, const void *packed, int wtype, co
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; t++) {
             if (!buf) continue;
-            const float *w = tile_weights(packed, wtype, t, K, buf);
+            const float *w = tile_weights(&wt, t, K, buf);
             const int64_t col0 = t * TILE, cols = N - col0 < TILE ? N - col0 : TILE;
             for (int64_t m = 0; m < M; m += MR) {
                 const int rows = (int)(M - m < MR ? M - m : MR);

@@ -91,17 +91,16 @@ def make_engine(
     num_blocks_tokens: int = 8192,
     block_size: int = 4,
     attention_backend: str = "auto",
-    compile_mode: str = "auto",
     max_batch_size: int = 32,
+    dtype: torch.dtype = torch.float32,
 ) -> Engine:
-    model = load_model(source, torch.float32, torch.device("cpu"))
+    model = load_model(source, dtype, torch.device("cpu"))
     engine = Engine(
         model,
         torch.device("cpu"),
         block_size,
         kv_fraction=0.5,
         attention_backend=attention_backend,
-        compile_mode=compile_mode,
     )
     engine.warmup(256, max_batch_size, num_blocks_tokens)
     return engine

@@ -71,23 +71,6 @@ def test_tiny_models_match_transformers(kind, backend, tiny_model_dir):
             assert got == pytest.approx(want, abs=1e-3)
 
 
-def test_compiled_decode_matches_transformers(tiny_model_dir):
-    """COMPILE=on: pure decode steps go through the graph compiled at Warmup (here for a batch of 1
-    only), steps of other batch sizes fall back to eager; greedy tokens equal transformers' throughout."""
-    source = resolve_model(str(tiny_model_dir("llama")))
-    engine = make_engine(source, compile_mode="on", max_batch_size=1)
-    assert engine.decode_model is not None
-    tok = smollm_tokenizer()
-    tracked = _run_mixed_batch(Driver(engine), [tok.encode(p) for p in PROMPTS])
-    assert engine.decode_model.compiled_steps > 0
-    assert engine.decode_model.eager_steps > 0
-    for t in tracked:
-        want_tokens, want_logprobs = reference(source, t.prompt, NEW_TOKENS)
-        assert t.tokens[:NEW_TOKENS] == want_tokens, f"request {t.request_id}"
-        for got, want in zip(t.logprobs, want_logprobs, strict=False):
-            assert abs(got - want) < 1e-3
-
-
 def test_smollm2_matches_transformers():
     tok = smollm_tokenizer()
     chat = [{"role": "user", "content": "Why is open-source software important?"}]
