@@ -10,29 +10,9 @@ from dataclasses import dataclass, field
 from opentelemetry.context import Context
 from opentelemetry.trace import Span
 
+from common.sampling_params import SamplingParams
 from router.blocks import NEW_CHAIN, Chain
 from router.stopping import TextStream
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How the shard picks tokens (see shard.proto SamplingParameters)."""
-
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    top_n_tokens: int = 0
-    min_tokens: int = 0
-    eos_token_ids: tuple[int, ...] = ()
-    #: Output constraint (xgrammar EBNF); empty for none.
-    grammar: str = ""
 
 
 # slots, not frozen: one of each is made per generated token, and frozen __init__ is slower.
@@ -76,7 +56,7 @@ class Phase(enum.Enum):
 class Request:
     id: int
     prompt_ids: list[int]
-    sampling: Sampling
+    sampling: SamplingParams
     stream: TextStream
     events: asyncio.Queue[StreamEvent] = field(default_factory=asyncio.Queue)
     generated: list[int] = field(default_factory=list)

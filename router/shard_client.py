@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from common import sampling_params
 from protos import shard_pb2 as pb
 from protos import shard_pb2_grpc as pb_grpc
 from router.request import Request
@@ -112,29 +113,13 @@ _CHANNEL_OPTIONS = [
 
 def _request_pb(item: PrefillItem) -> pb.Request:
     r = item.request
-    s = r.sampling
     return pb.Request(
         id=r.id,
         input_ids=r.token_ids,
         cache_len=item.cache_len,
         chunk_len=item.chunk_len,
         blocks=r.blocks,
-        parameters=pb.SamplingParameters(
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            seed=s.seed,
-            min_p=s.min_p,
-            typical_p=s.typical_p,
-            repetition_penalty=s.repetition_penalty,
-            frequency_penalty=s.frequency_penalty,
-            presence_penalty=s.presence_penalty,
-            logit_bias=dict(s.logit_bias),
-            top_n_tokens=s.top_n_tokens,
-            min_tokens=s.min_tokens,
-            eos_token_ids=s.eos_token_ids,
-            grammar=s.grammar,
-        ),
+        parameters=sampling_params.to_pb(r.sampling),
         sampled_before=len(r.generated),
     )
 

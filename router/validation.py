@@ -8,11 +8,12 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from common.sampling_params import SamplingParams
 from protos import router_pb2 as pb
 from router.config import Limits
 from router.generation_defaults import GenerationDefaults
 from router.grammar import TOOL_CALL_MARKER, json_object_grammar, json_schema_grammar, regex_grammar, tool_call_grammar
-from router.request import Request, Sampling
+from router.request import Request
 from router.stopping import StopCondition, TextStream
 from router.tokenization import NoChatTemplate, Tokenizer
 from router.validation_error import ValidationError
@@ -114,7 +115,7 @@ class Validator:
         allow_text = chat.tool_choice == pb.TOOL_CHOICE_MODE_AUTO
         return tool_call_grammar(tools, allow_text, chat.parallel_tool_calls)
 
-    def _sampling(self, p: pb.GenerationParameters) -> Sampling:
+    def _sampling(self, p: pb.GenerationParameters) -> SamplingParams:
         d = self.defaults
         temperature = p.temperature if p.HasField("temperature") else d.temperature
         _check_range("temperature", temperature, 0.0, 2.0)
@@ -137,7 +138,7 @@ class Validator:
                 raise ValidationError(f"logit_bias token id {token} is not in the vocabulary", param="logit_bias")
             _check_range("logit_bias", bias, -100.0, 100.0)
         seed = p.seed if p.HasField("seed") else random.getrandbits(63)
-        return Sampling(
+        return SamplingParams(
             temperature=temperature,
             top_p=top_p,
             # A client that picks its own temperature gets no hidden top_k.

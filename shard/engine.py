@@ -25,6 +25,7 @@ from shard.sampling import LogitStats, SamplingParams, SequenceView, logit_stats
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class NewRequest:
     """A Prefill request, as the shard sees it (protobuf stays in the servicer)."""
@@ -273,4 +274,3 @@ class Engine:
         members = self.store.batches.get(batch_id, [])
         tokens = sum(self.store.sequences[r].computed for r in members)
         return StepResult(generations, batch_id, list(members), tokens, forward_ns, decode_ns)
-

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from shard.kernels import load_library
-from shard.quantization import GROUP, QuantizedWeight
+from shard.quantization import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class InvariantLinear(nn.Module):
             packed = kernel.pack(weight)
         else:
             packed, scales, offsets = kernel.pack_quantized(quantized)
-        self.storage = "int%d" % quantized.bits if quantized else str(packed.dtype).removeprefix("torch.")
+        self.storage = f"int{quantized.bits}" if quantized else str(packed.dtype).removeprefix("torch.")
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
         self.register_buffer("offsets", offsets, persistent=False)

@@ -92,7 +92,9 @@ def wants_quantized(mode: str, dtype: torch.dtype) -> bool:
     return mode == "int4" or (mode == "auto" and dtype != torch.float32)
 
 
-def plan_storage(model: nn.Module, mode: str, dtype: torch.dtype, head_is_q8_0: bool = False) -> dict[str, QuantizedWeight]:
+def plan_storage(
+    model: nn.Module, mode: str, dtype: torch.dtype, head_is_q8_0: bool = False
+) -> dict[str, QuantizedWeight]:
     """Which linear layers (by qualified name) are stored quantized, and their values.
 
     ``auto``: layers whose weights already sit on a 4-bit grid, and the output head as
@@ -109,11 +111,12 @@ def plan_storage(model: nn.Module, mode: str, dtype: torch.dtype, head_is_q8_0: 
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or module.in_features % GROUP:
             continue
+        weight = module.weight
         if module is output:
             if head_is_q8_0:
-                plan[name] = quantize_int8(module.weight)
+                plan[name] = quantize_int8(weight)
             continue
-        int4 = quantize_int4(module.weight)
+        int4 = quantize_int4(weight)
         if mode == "auto" and int4.grid_error > GRID_TOLERANCE:
             skipped += 1
             continue

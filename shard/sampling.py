@@ -19,36 +19,10 @@ from typing import Any
 
 import torch
 
+from common.sampling_params import SamplingParams
+from shard.row_reductions import exp_shifted, max_logsumexp, row_sums
+
 _MASK31 = (1 << 31) - 1
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    #: Most likely alternatives to report with each token (0 = none).
-    top_n_tokens: int = 0
-    #: Tokens banned until ``min_tokens`` tokens were generated (end of sequence).
-    min_tokens: int = 0
-    eos_token_ids: tuple[int, ...] = ()
-    #: Output constraint as grammar text (EBNF); empty for none.
-    grammar: str = ""
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
-
-    @property
-    def penalised(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
 
 @dataclass(frozen=True)
@@ -75,18 +49,16 @@ class SampledTokens:
 
 @dataclass(frozen=True)
 class LogitStats:
-    """What every step needs of each row's raw logits, computed right after the forward:
-    inside the compiled decode graph the reductions fuse with the cast to float32 (64
-    rows x 49k: ~1.5 ms instead of ~8 ms of separate ops). No arg-max: inductor's is
-    slower than torch's (3 vs 0.8 ms), so ``sample`` takes it, only for greedy rows."""
+    """What every step needs of each row's raw logits: computed once, per row, in an order
+    that does not depend on the other rows (``shard.row_reductions``), so a logprob is the
+    same bits whatever the step held."""
 
     best: torch.Tensor  # [B] largest logit
     lse: torch.Tensor  # [B] logsumexp
 
 
 def logit_stats(logits: torch.Tensor) -> LogitStats:
-    best = logits.amax(dim=-1)
-    return LogitStats(best, _logsumexp(logits, best))
+    return LogitStats(*max_logsumexp(logits))
 
 
 def _hash31(x: torch.Tensor) -> torch.Tensor:
@@ -123,23 +95,6 @@ def sample(logits: torch.Tensor, rows: list[SequenceView], stats: LogitStats | N
             tokens = torch.where(is_greedy, scores.max(dim=-1)[1], tokens)
     logprobs = logits.gather(1, tokens[:, None]).squeeze(1) - raw_lse
     return SampledTokens(tokens.tolist(), logprobs.tolist(), top)
-
-
-def _logsumexp(x: torch.Tensor, row_max: torch.Tensor | None = None) -> torch.Tensor:
-    """logsumexp over the last dim in three passes (torch's CPU logsumexp makes more copies)."""
-    top = x.amax(dim=-1) if row_max is None else row_max
-    return top + _exp_below(x, top).sum(dim=-1).log()
-
-
-#: exp() of arguments below about -87 underflows, and the CPU's vector exp takes a
-#: path ~10x slower for them (12 vs 1.2 ms for 64 x 49k logits at temperature 0.2).
-#: Clamping first changes the result by at most vocab * e^-80, far below float precision.
-_EXP_FLOOR = -80.0
-
-
-def _exp_below(x: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-    """exp(x - top) per row, with arguments clamped at _EXP_FLOOR."""
-    return (x - top[:, None]).clamp_(min=_EXP_FLOOR).exp_()
 
 
 def _adjusted(logits: torch.Tensor, rows: list[SequenceView]) -> torch.Tensor:
@@ -221,8 +176,9 @@ def _sample_filtered(scores: torch.Tensor, rows: list[SequenceView]) -> torch.Te
     if plain:
         index = torch.tensor(plain, device=device)
         rows_scaled = scaled if len(plain) == len(rows) else scaled[index]
-        weights = _exp_below(rows_scaled, rows_scaled.amax(dim=-1))  # unnormalised probabilities
-        tokens[index] = _search(weights, u[index].to(weights.dtype) * weights.sum(dim=-1))
+        # Unnormalised probabilities (a maximum is exact in any order: torch's will do).
+        weights = exp_shifted(rows_scaled, rows_scaled.amax(dim=-1))
+        tokens[index] = _search(weights, u[index].to(weights.dtype) * row_sums(weights))
     # Rows that filter: the most likely CANDIDATES tokens, then more for rows whose kept set reaches
     # the last candidate, then (typical-p, or still not enough) the whole sorted vocabulary.
     pending = [b for b, x in enumerate(p) if _filters(x) and x.typical_p >= 1.0]
@@ -257,7 +213,7 @@ def _draw_among_top(
     index = torch.tensor(rows, device=scaled.device)
     rows_scaled = scaled if len(rows) == scaled.shape[0] else scaled[index]
     values, ids = rows_scaled.topk(candidates, dim=-1)
-    probs = (values - _logsumexp(rows_scaled, values[:, 0])[:, None]).exp()
+    probs = (values - max_logsumexp(rows_scaled)[1][:, None]).exp()
     keep = _keep_mask(probs, [p[b] for b in rows])
     drawn = ids.gather(1, _draw(probs, keep, u[index])[:, None]).squeeze(1)
     fits = ~keep[:, -1]
@@ -279,7 +235,7 @@ def _search(weights: torch.Tensor, target: torch.Tensor, chunk: int = 256) -> to
     pad = -width % chunk
     padded = torch.nn.functional.pad(weights, (0, pad)) if pad else weights
     blocks = padded.view(rows, -1, chunk)
-    sums = blocks.sum(dim=-1)
+    sums = row_sums(blocks.reshape(-1, chunk)).view(rows, -1)
     block_cdf = sums.cumsum(dim=-1)
     block = torch.searchsorted(block_cdf, target[:, None], right=True).clamp(max=blocks.shape[1] - 1)
     remaining = target[:, None] - (block_cdf.gather(1, block) - sums.gather(1, block))

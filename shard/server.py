@@ -10,35 +10,23 @@ from typing import TypeVar
 
 import grpc
 
+from common import sampling_params
 from common.grpc_errors import ErrorInterceptor
 from common.tracing import Tracing
 from protos import shard_pb2 as pb
 from protos import shard_pb2_grpc as pb_grpc
 from shard.config import ShardConfig
 from shard.engine import Engine, NewRequest, StepResult
-from shard.sampling import SamplingParams
+from shard.errors import InvalidRequest
 
 T = TypeVar("T")
 
 
 def request_from_pb(r: pb.Request) -> NewRequest:
-    p = r.parameters
-    params = SamplingParams(
-        temperature=p.temperature,
-        top_p=p.top_p or 1.0,
-        top_k=p.top_k,
-        seed=p.seed,
-        min_p=p.min_p,
-        typical_p=p.typical_p or 1.0,
-        repetition_penalty=p.repetition_penalty or 1.0,
-        frequency_penalty=p.frequency_penalty,
-        presence_penalty=p.presence_penalty,
-        logit_bias=tuple(sorted(p.logit_bias.items())),
-        top_n_tokens=p.top_n_tokens,
-        min_tokens=p.min_tokens,
-        eos_token_ids=tuple(p.eos_token_ids),
-        grammar=p.grammar,
-    )
+    params = sampling_params.from_pb(r.parameters)
+    wrong = params.problems()
+    if wrong:
+        raise InvalidRequest(f"request {r.id}: " + "; ".join(wrong))
     return NewRequest(
         request_id=r.id,
         input_ids=list(r.input_ids),

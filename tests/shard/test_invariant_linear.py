@@ -11,7 +11,9 @@ from torch import nn
 from shard.invariant_linear import InvariantLinear, linear_kernel, make_linears_invariant
 
 
-def _layer(in_features: int, out_features: int, dtype: torch.dtype, bias: bool, seed: int) -> tuple[nn.Linear, InvariantLinear]:
+def _layer(
+    in_features: int, out_features: int, dtype: torch.dtype, bias: bool, seed: int
+) -> tuple[nn.Linear, InvariantLinear]:
     torch.manual_seed(seed)
     plain = nn.Linear(in_features, out_features, bias=bias).to(dtype)
     kernel = linear_kernel()
