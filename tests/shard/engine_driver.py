@@ -93,8 +93,9 @@ def make_engine(
     attention_backend: str = "auto",
     max_batch_size: int = 32,
     dtype: torch.dtype = torch.float32,
+    quantize: str = "none",
 ) -> Engine:
-    model = load_model(source, dtype, torch.device("cpu"))
+    model = load_model(source, dtype, torch.device("cpu"), quantize=quantize)
     engine = Engine(
         model,
         torch.device("cpu"),
