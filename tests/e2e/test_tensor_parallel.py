@@ -54,6 +54,37 @@ def test_two_ranks_match_one(kind, tiny_model_dir):
     assert answers == [oracle(model_dir, q) for q in QUESTIONS]
 
 
+def test_two_ranks_are_reproducible_within_their_world_size(tiny_model_dir):
+    """Within one world size a seeded request gives the same tokens and logprobs cold, from the
+    prefix cache and among other requests (across world sizes only the last bits may differ)."""
+    messages = [{"role": "user", "content": "Name the stations of a long railway line, one per line, please."}]
+
+    async def run(url: str) -> list[list[tuple[str, float]]]:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1/", api_key="-", max_retries=0)
+
+        async def probe() -> list[tuple[str, float]]:
+            r = await client.chat.completions.create(
+                model="tgi", messages=messages, max_tokens=TOKENS, temperature=1.0, seed=7, logprobs=True
+            )
+            assert r.choices[0].logprobs is not None and r.choices[0].logprobs.content
+            return [(t.token, t.logprob) for t in r.choices[0].logprobs.content]
+
+        async def other(i: int) -> None:
+            await client.chat.completions.create(
+                model="tgi", messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=6 + i, seed=i
+            )
+
+        cold, warm = await probe(), await probe()
+        crowded = (await asyncio.gather(probe(), *(other(i) for i in range(6))))[0]
+        return [cold, warm, crowded]
+
+    with running_stack({"MODEL_ID": str(tiny_model_dir("qwen2")), "NUM_SHARD": "2"}) as url:
+        cold, warm, crowded = asyncio.run(run(url))
+    assert len(cold) == TOKENS
+    assert warm == cold
+    assert crowded == cold
+
+
 def _child_pid(parent: int, needle: str) -> int:
     out = subprocess.run(["pgrep", "-P", str(parent), "-f", needle], capture_output=True, text=True)
     return int(out.stdout.split()[0])
