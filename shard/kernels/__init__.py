@@ -30,12 +30,9 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
-#: Extra flags by kernel. -fassociative-math lets the compiler vectorise the attention's
-#: fp32 reductions (the same code for every query, so every query of a given context
-#: length still reduces in one order); no -ffast-math: it would also assume no
-#: infinities, and softmax relies on them. The linear and row kernels spell their
-#: order out and get no licence to change it.
-EXTRA_FLAGS = {"paged_decode": ["-fno-signed-zeros", "-fassociative-math"]}
+# No -fassociative-math or -ffast-math: every kernel spells out its order of operations
+# (fixed_order.h), which is what makes a token's result independent of its step, and the
+# compiler gets no licence to change it.
 
 
 def cache_dir() -> Path:
@@ -50,8 +47,8 @@ def _build(compiler: str, name: str) -> Path:
     """The shared object of ``name``.c, built for this host unless the cache has it."""
     source = HERE / f"{name}.c"
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    flags = FLAGS + EXTRA_FLAGS.get(name, [])
-    key = hashlib.sha256("\0".join([source.read_text(), *flags, version]).encode()).hexdigest()[:16]
+    headers = [h.read_text() for h in sorted(HERE.glob("*.h"))]
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, *FLAGS, version]).encode()).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     if target.exists():
         return target
@@ -61,7 +58,9 @@ def _build(compiler: str, name: str) -> Path:
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
     try:
-        subprocess.run([compiler, *flags, "-o", str(partial), str(source), "-lm"], check=True, capture_output=True)
+        subprocess.run(
+            [compiler, *FLAGS, "-I", str(HERE), "-o", str(partial), str(source), "-lm"], check=True, capture_output=True
+        )
         partial.replace(target)
     finally:
         partial.unlink(missing_ok=True)

@@ -35,45 +35,17 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
-#endif
 
-/* v16: 16 fp32 lanes; TILE = 16 * PANELS columns per tile; MR rows per microkernel call. */
+#include "simd16.h"
+
+/* TILE = 16 * PANELS columns per tile; MR rows per microkernel call. */
 #if defined(__AVX512F__)
-typedef __m512 v16;
-typedef __m512 vb; /* a broadcast row value */
-static inline v16 v_zero(void) { return _mm512_setzero_ps(); }
-static inline v16 v_load(const float *p) { return _mm512_loadu_ps(p); }
-static inline void v_store(float *p, v16 v) { _mm512_storeu_ps(p, v); }
-static inline vb v_broadcast(float x) { return _mm512_set1_ps(x); }
-static inline v16 v_fma(vb x, v16 w, v16 acc) { return _mm512_fmadd_ps(x, w, acc); }
 #define PANELS 2
 #define MR 12
 #elif defined(__AVX2__) && defined(__FMA__)
-typedef struct { __m256 lo, hi; } v16;
-typedef __m256 vb;
-static inline v16 v_zero(void) { v16 v = { _mm256_setzero_ps(), _mm256_setzero_ps() }; return v; }
-static inline v16 v_load(const float *p) { v16 v = { _mm256_loadu_ps(p), _mm256_loadu_ps(p + 8) }; return v; }
-static inline void v_store(float *p, v16 v) { _mm256_storeu_ps(p, v.lo); _mm256_storeu_ps(p + 8, v.hi); }
-static inline vb v_broadcast(float x) { return _mm256_set1_ps(x); }
-static inline v16 v_fma(vb x, v16 w, v16 acc) {
-    v16 r = { _mm256_fmadd_ps(x, w.lo, acc.lo), _mm256_fmadd_ps(x, w.hi, acc.hi) };
-    return r;
-}
 #define PANELS 1
 #define MR 6
 #else
-typedef struct { float v[16]; } v16;
-typedef float vb;
-static inline v16 v_zero(void) { v16 v; memset(&v, 0, sizeof v); return v; }
-static inline v16 v_load(const float *p) { v16 v; memcpy(v.v, p, sizeof v.v); return v; }
-static inline void v_store(float *p, v16 v) { memcpy(p, v.v, sizeof v.v); }
-static inline vb v_broadcast(float x) { return x; }
-static inline v16 v_fma(vb x, v16 w, v16 acc) {
-    for (int i = 0; i < 16; i++) acc.v[i] = fmaf(x, w.v[i], acc.v[i]);
-    return acc;
-}
 #define PANELS 1
 #define MR 4
 #endif

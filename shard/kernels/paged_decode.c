@@ -1,14 +1,18 @@
 /*
- * Paged decode attention for CPUs: one query token per sequence, keys and values
- * read in place from the paged KV cache through each sequence's block table.
+ * Paged attention for CPUs, one query row at a time: every query (a decode token, or
+ * a prompt token given its own row by the caller) attends to its context, read in
+ * place from the paged KV cache through its block table. A query's result depends
+ * only on its query vector and its context, never on the other rows of the call:
+ * that is what lets a prompt token computed in a prefill, in a chunk, or after a
+ * prefix-cache hit come out exactly as it would in a decode step.
  *
- * The portable path gathers every context into a fresh tensor and runs SDPA:
- * two copies of the context per layer and a kernel built for long queries.
- * Here each (sequence, KV head) reads its keys once to score the query heads
- * that share them (grouped-query attention), takes the softmax, then reads its
- * values to accumulate each head's output. Accumulation is fp32 whatever the
- * cache dtype. On CPUs with AVX512-BF16 a bf16 cache is scored with
- * VDPBF16PS (bf16 pairs multiplied and summed into fp32, no conversion pass).
+ * (The torch path gathers every context into a fresh tensor and runs SDPA, whose
+ * blocking, and so rounding, depends on the query length.) Here each (run of
+ * queries, KV head) reads its keys once to score the query heads that share them
+ * (grouped-query attention), takes each query's softmax, then reads the values to
+ * accumulate each head's output, in fp32 whatever the cache dtype, in an order
+ * spelled out in the source (fixed_order.h, simd16.h). On CPUs with AVX512-BF16 a
+ * bf16 cache is scored with VDPBF16PS, one query row at a time.
  *
  * Layouts (all contiguous, row-major):
  *   q, out       [batch, heads, head_dim]
@@ -24,8 +28,13 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+
+#include "fixed_order.h"
+#include "simd16.h"
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define HAVE_AVX512_BF16 1
 #endif
 
@@ -61,53 +70,234 @@ static void slots_of(const Problem *pr, int b, int64_t start, int64_t span, int6
     }
 }
 
-static void softmax(float *s, int64_t n) {
-    float top = s[0], total = 0.f;
-    for (int64_t i = 1; i < n; i++) top = s[i] > top ? s[i] : top;
-    for (int64_t i = 0; i < n; i++) { s[i] = expf(s[i] - top); total += s[i]; }
-    const float inv = 1.f / total;
-    for (int64_t i = 0; i < n; i++) s[i] *= inv;
+/* --- portable path: any head_dim, bf16 or fp32, in fixed order ---------------------------------
+ *
+ * A run of up to RUN_MAX queries that read the same KV (consecutive prompt tokens of one
+ * sequence; a decode token is a run of one) is attended together, so each key and value row
+ * is loaded once for all of them. Each query's arithmetic is exactly that of a query alone:
+ * a score is one fmaf chain over the dimensions of (q * scale) and the key (sixteen keys side by
+ * side, one per vector lane), its softmax is over its own span, and each output dimension is
+ * one fmaf chain over its keys in order. So a prompt token gets the same
+ * bits prefilled in one step, in chunks, or decoded. */
+
+#define RUN_MAX 8
+/* Query heads scored together: independent fmaf chains that keep the FMA units busy. */
+#define HEADS_PER_PASS 4
+
+typedef struct {
+    int b0, n;          /* rows b0 .. b0+n-1 */
+    int64_t start, end; /* positions any of them reads */
+} Run;
+
+static int64_t first_position(const Problem *pr, int64_t length) {
+    return (pr->window > 0 && length > pr->window) ? length - pr->window : 0;
 }
 
-/* --- portable path: any head_dim, bf16 or fp32 ------------------------------------------------ */
+/* a[d] = fmaf(w, x[d], a[d]) for every d (sixteen lanes at a time, the rest one by one: the
+ * same fused multiply-add either way). */
+static inline void axpy_fixed(float w, const float *x, float *a, int n) {
+    const vb wv = v_broadcast(w);
+    int d = 0;
+    for (; d + LANES <= n; d += LANES) v_store(a + d, v_fma(wv, v_load(x + d), v_load(a + d)));
+    for (; d < n; d++) a[d] = fmaf(w, x[d], a[d]);
+}
 
-#define DEFINE_ATTEND_PORTABLE(NAME, T, LOAD, STORE)                                                     \
-static void NAME(const Problem *pr, int b, int kvh, const int64_t *slots, int64_t span, float *score,   \
-                 float *qf, float *acc, float *row) {                                                    \
-    const int group = pr->heads / pr->kv_heads, dim = pr->head_dim;                                      \
-    const T *q = (const T *)pr->q, *kc = (const T *)pr->k_cache, *vc = (const T *)pr->v_cache;          \
-    for (int g = 0; g < group; g++)                                                                      \
-        for (int d = 0; d < dim; d++) {                                                                  \
-            qf[g * dim + d] = LOAD(q[((int64_t)b * pr->heads + kvh * group + g) * dim + d]) * pr->scale; \
-            acc[g * dim + d] = 0.f;                                                                      \
+static void softmax_fixed(float *s, int64_t n) {
+    float top = s[0];
+    for (int64_t i = 1; i < n; i++) top = s[i] > top ? s[i] : top;
+    float lane[LANES] = { 0 };
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) {
+            s[i + l] = exp_nonpositive(s[i + l] - top);
+            lane[l] += s[i + l];
+        }
+    for (int l = 0; i + l < n; l++) {
+        s[i + l] = exp_nonpositive(s[i + l] - top);
+        lane[l] += s[i + l];
+    }
+    const float inv = 1.f / add_lanes(lane);
+    for (i = 0; i < n; i++) s[i] *= inv;
+}
+
+/* Sixteen key rows (NULL past the context) as fp32 [dim][16]: pure data movement, so it may
+ * use whatever instructions the CPU has without changing any result. */
+#if defined(__AVX2__)
+static inline void transpose8(__m256 r[8]) {
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+    r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+    r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+    r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+    r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+#define DEFINE_TRANSPOSE(NAME, T, LOAD1, LOAD8)                                                          \
+static void NAME(const T *const *rows, int dim, float *out) {                                            \
+    int full = 1;                                                                                        \
+    for (int l = 0; l < LANES; l++) full &= rows[l] != NULL;                                             \
+    if (!full || dim % 8) {                                                                              \
+        for (int l = 0; l < LANES; l++)                                                                  \
+            for (int d = 0; d < dim; d++) out[d * LANES + l] = rows[l] ? LOAD1(rows[l][d]) : 0.f;        \
+        return;                                                                                          \
+    }                                                                                                    \
+    for (int l0 = 0; l0 < LANES; l0 += 8)                                                                \
+        for (int d0 = 0; d0 < dim; d0 += 8) {                                                            \
+            __m256 r[8];                                                                                 \
+            for (int k = 0; k < 8; k++) r[k] = LOAD8(rows[l0 + k] + d0);                                 \
+            transpose8(r);                                                                               \
+            for (int k = 0; k < 8; k++) _mm256_storeu_ps(out + (d0 + k) * LANES + l0, r[k]);             \
         }                                                                                                \
-    for (int64_t i = 0; i < span; i++) {                                                                 \
-        const T *key = kc + (slots[i] * pr->kv_heads + kvh) * dim;                  \
-        for (int d = 0; d < dim; d++) row[d] = LOAD(key[d]);                                             \
-        for (int g = 0; g < group; g++) {                                                                \
-            float dot = 0.f;                                                                             \
-            for (int d = 0; d < dim; d++) dot += qf[g * dim + d] * row[d];                               \
-            score[g * span + i] = dot;                                                                   \
+}
+#else
+#define DEFINE_TRANSPOSE(NAME, T, LOAD1, LOAD8)                                                          \
+static void NAME(const T *const *rows, int dim, float *out) {                                            \
+    for (int l = 0; l < LANES; l++)                                                                      \
+        for (int d = 0; d < dim; d++) out[d * LANES + l] = rows[l] ? LOAD1(rows[l][d]) : 0.f;            \
+}
+#endif
+#define F32_ONE(x) (x)
+DEFINE_TRANSPOSE(transpose_keys_f32, float, F32_ONE, load8_f32)
+DEFINE_TRANSPOSE(transpose_keys_bf16, uint16_t, bf16_to_f32, load8_bf16)
+
+#define DEFINE_ATTEND_RUN(NAME, T, LOAD, STORE, TRANSPOSE)                                                          \
+static void NAME(const Problem *pr, const Run *run, int kvh, const int64_t *slots, float *scratch) {    \
+    const int group = pr->heads / pr->kv_heads, dim = pr->head_dim, n = run->n;                          \
+    const int64_t width = run->end - run->start;                                                         \
+    const T *q = (const T *)pr->q, *kc = (const T *)pr->k_cache, *vc = (const T *)pr->v_cache;          \
+    float *qf = scratch, *acc = qf + (size_t)n * group * dim, *row = acc + (size_t)n * group * dim;     \
+    float *keys = row + dim;  /* [dim][LANES]: sixteen keys, transposed */                              \
+    float *zeros = keys + (size_t)dim * LANES; /* [dim] */                                              \
+    for (int d = 0; d < dim; d++) zeros[d] = 0.f;                                                        \
+    float *score = zeros + dim; /* [n * group][width], each query's span from its start */              \
+    int64_t start[RUN_MAX], end[RUN_MAX];                                                                \
+    for (int j = 0; j < n; j++) {                                                                        \
+        end[j] = pr->context_len[run->b0 + j];                                                           \
+        start[j] = first_position(pr, end[j]);                                                           \
+        for (int g = 0; g < group; g++)                                                                  \
+            for (int d = 0; d < dim; d++) {                                                              \
+                const int64_t at = ((int64_t)(run->b0 + j) * pr->heads + kvh * group + g) * dim + d;     \
+                qf[((size_t)j * group + g) * dim + d] = LOAD(q[at]) * pr->scale;                         \
+                acc[((size_t)j * group + g) * dim + d] = 0.f;                                            \
+            }                                                                                            \
+    }                                                                                                    \
+    for (int64_t i0 = run->start; i0 < run->end; i0 += LANES) {                                          \
+        const int m = run->end - i0 < LANES ? (int)(run->end - i0) : LANES;                              \
+        const T *rows16[LANES];                                                                          \
+        for (int l = 0; l < LANES; l++)                                                                  \
+            rows16[l] = l < m ? kc + (slots[i0 + l - run->start] * pr->kv_heads + kvh) * dim : NULL;     \
+        TRANSPOSE(rows16, dim, keys);                                                                    \
+        for (int j = 0; j < n; j++) {                                                                    \
+            if (i0 + m <= start[j] || i0 >= end[j]) continue;                                            \
+            for (int g0 = 0; g0 < group; g0 += HEADS_PER_PASS) {                                          \
+                const int h = group - g0 < HEADS_PER_PASS ? group - g0 : HEADS_PER_PASS;                 \
+                v16 lane[HEADS_PER_PASS];                                                                \
+                const float *qv[HEADS_PER_PASS];                                                         \
+                for (int g = 0; g < HEADS_PER_PASS; g++) {                                               \
+                    qv[g] = g < h ? qf + ((size_t)j * group + g0 + g) * dim : zeros;                     \
+                    lane[g] = v_zero();                                                                  \
+                }                                                                                        \
+                for (int d = 0; d < dim; d++) {                                                          \
+                    const v16 kd = v_load(keys + d * LANES);                                             \
+                    for (int g = 0; g < HEADS_PER_PASS; g++) lane[g] = v_fma(v_broadcast(qv[g][d]), kd, lane[g]); \
+                }                                                                                        \
+                float scores16[HEADS_PER_PASS][LANES];                                                   \
+                for (int g = 0; g < HEADS_PER_PASS; g++) v_store(scores16[g], lane[g]);                  \
+                for (int g = 0; g < h; g++) {                                                            \
+                    float *sj = score + ((size_t)j * group + g0 + g) * width;                            \
+                    for (int l = 0; l < m; l++)                                                          \
+                        if (i0 + l >= start[j] && i0 + l < end[j]) sj[i0 + l - start[j]] = scores16[g][l];   \
+                }                                                                                        \
+            }                                                                                            \
         }                                                                                                \
     }                                                                                                    \
-    for (int g = 0; g < group; g++) softmax(score + g * span, span);                                     \
-    for (int64_t i = 0; i < span; i++) {                                                                 \
-        const T *value = vc + (slots[i] * pr->kv_heads + kvh) * dim;                \
+    for (int j = 0; j < n; j++)                                                                          \
+        for (int g = 0; g < group; g++) softmax_fixed(score + ((size_t)j * group + g) * width, end[j] - start[j]); \
+    for (int64_t i = run->start; i < run->end; i++) {                                                    \
+        const T *value = vc + (slots[i - run->start] * pr->kv_heads + kvh) * dim;                       \
         for (int d = 0; d < dim; d++) row[d] = LOAD(value[d]);                                           \
-        for (int g = 0; g < group; g++) {                                                                \
-            const float w = score[g * span + i];                                                         \
-            for (int d = 0; d < dim; d++) acc[g * dim + d] += w * row[d];                                \
+        for (int j = 0; j < n; j++) {                                                                    \
+            if (i < start[j] || i >= end[j]) continue;                                                   \
+            for (int g = 0; g < group; g++) {                                                            \
+                const float w = score[((size_t)j * group + g) * width + (i - start[j])];                 \
+                axpy_fixed(w, row, acc + ((size_t)j * group + g) * dim, dim);                            \
+            }                                                                                            \
         }                                                                                                \
     }                                                                                                    \
     T *out = (T *)pr->out;                                                                               \
-    for (int g = 0; g < group; g++)                                                                      \
-        for (int d = 0; d < dim; d++)                                                                    \
-            out[((int64_t)b * pr->heads + kvh * group + g) * dim + d] = STORE(acc[g * dim + d]);         \
+    for (int j = 0; j < n; j++)                                                                          \
+        for (int g = 0; g < group; g++)                                                                  \
+            for (int d = 0; d < dim; d++)                                                                \
+                out[((int64_t)(run->b0 + j) * pr->heads + kvh * group + g) * dim + d] =                  \
+                    STORE(acc[((size_t)j * group + g) * dim + d]);                                       \
 }
 
 #define IDENTITY(x) (x)
-DEFINE_ATTEND_PORTABLE(attend_bf16_portable, uint16_t, bf16_to_f32, f32_to_bf16)
-DEFINE_ATTEND_PORTABLE(attend_f32, float, IDENTITY, IDENTITY)
+DEFINE_ATTEND_RUN(attend_run_bf16, uint16_t, bf16_to_f32, f32_to_bf16, transpose_keys_bf16)
+DEFINE_ATTEND_RUN(attend_run_f32, float, IDENTITY, IDENTITY, transpose_keys_f32)
+
+typedef void (*attend_run_fn)(const Problem *, const Run *, int, const int64_t *, float *);
+
+/* Whether row b reads the same KV as row b - 1 at one more position (the next prompt token of
+ * the same sequence, or of one whose blocks it shares that far). */
+static int continues(const Problem *pr, int b) {
+    const int64_t length = pr->context_len[b];
+    if (length != pr->context_len[b - 1] + 1) return 0;
+    const int64_t blocks = (length + pr->block_size - 1) / pr->block_size;
+    return memcmp(pr->block_table + (int64_t)b * pr->max_blocks, pr->block_table + (int64_t)(b - 1) * pr->max_blocks,
+                  sizeof(int64_t) * blocks) == 0;
+}
+
+static int runs_of(const Problem *pr, int batch, Run *runs) {
+    int count = 0;
+    for (int b = 0; b < batch; b++) {
+        if (b > 0 && count && runs[count - 1].n < RUN_MAX && continues(pr, b)) {
+            runs[count - 1].n++;
+            runs[count - 1].end = pr->context_len[b];
+        } else {
+            runs[count++] = (Run){ b, 1, first_position(pr, pr->context_len[b]), pr->context_len[b] };
+        }
+    }
+    return count;
+}
+
+/* (run, KV head) pairs are the unit of parallel work. */
+static int run_portable(const Problem *pr, int batch, int threads, attend_run_fn attend) {
+    if (pr->kv_heads < 1 || pr->heads % pr->kv_heads) return -1;
+    Run *runs = malloc(sizeof(Run) * (batch > 0 ? batch : 1));
+    if (!runs) return -2;
+    const int count = runs_of(pr, batch, runs), group = pr->heads / pr->kv_heads;
+    int failed = 0;
+    #pragma omp parallel for schedule(dynamic) num_threads(threads) reduction(|:failed)
+    for (int item = 0; item < count * pr->kv_heads; item++) {
+        const Run *run = runs + item / pr->kv_heads;
+        const int64_t width = run->end - run->start;
+        if (width <= 0) continue;
+        const size_t floats = (size_t)run->n * group * (2 * pr->head_dim + width) + (size_t)pr->head_dim * (2 + LANES);
+        int64_t *slots = malloc(sizeof(int64_t) * width + sizeof(float) * floats);
+        if (!slots) { failed = 1; continue; }
+        slots_of(pr, run->b0, run->start, width, slots);
+        attend(pr, run, item % pr->kv_heads, slots, (float *)(slots + width));
+        free(slots);
+    }
+    free(runs);
+    return failed ? -2 : 0;
+}
 
 /* --- AVX512-BF16 path: bf16 cache, head_dim a multiple of 64 ---------------------------------- */
 
@@ -261,7 +451,6 @@ static void attend_bf16_avx512(const Problem *pr, int b, int kvh, const int64_t 
             }
         }
 }
-#endif
 
 typedef void (*attend_fn)(const Problem *, int, int, const int64_t *, int64_t, float *, float *, float *,
                           float *);
@@ -293,6 +482,7 @@ static int run(const Problem *pr, int batch, int threads, attend_fn attend) {
     }
     return failed ? -2 : 0;
 }
+#endif
 
 #define PROBLEM_ARGS                                                                                     \
     const void *q, const void *k_cache, const void *v_cache, const int64_t *block_table,                \
@@ -306,10 +496,10 @@ int paged_decode_bf16(PROBLEM_ARGS) {
 #ifdef HAVE_AVX512_BF16
     if (head_dim % 64 == 0) return run(&pr, batch, threads, attend_bf16_avx512);
 #endif
-    return run(&pr, batch, threads, attend_bf16_portable);
+    return run_portable(&pr, batch, threads, attend_run_bf16);
 }
 
 int paged_decode_f32(PROBLEM_ARGS) {
     const Problem pr = PROBLEM;
-    return run(&pr, batch, threads, attend_f32);
+    return run_portable(&pr, batch, threads, attend_run_f32);
 }

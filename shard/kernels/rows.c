@@ -7,39 +7,13 @@
  * (element i into lane i % 16) that are then added in a fixed tree: the order depends
  * on the width only.
  *
- * exp is our own (Cody-Waite reduction, degree-7 polynomial, relative error < 1e-7,
- * arguments clamped at -80 as the Python side always did) and spelled with explicit
- * fmaf, so its vectorised and scalar forms compute the same bits.
+ * exp is our own (fixed_order.h), spelled with explicit fmaf, so its vectorised and
+ * scalar forms compute the same bits.
  */
 #include <math.h>
 #include <stdint.h>
 
-#define LANES 16
-#define EXP_FLOOR -80.f
-
-static inline float exp_nonpositive(float x) {
-    x = x < EXP_FLOOR ? EXP_FLOOR : x;
-    const float n = rintf(x * 1.44269504088896341f);
-    float r = fmaf(-n, 0.693145751953125f, x);
-    r = fmaf(-n, 1.428606765330187e-06f, r);
-    float p = 1.f / 5040;
-    p = fmaf(p, r, 1.f / 720);
-    p = fmaf(p, r, 1.f / 120);
-    p = fmaf(p, r, 1.f / 24);
-    p = fmaf(p, r, 1.f / 6);
-    p = fmaf(p, r, 0.5f);
-    p = fmaf(p, r, 1.f);
-    p = fmaf(p, r, 1.f);
-    union { uint32_t u; float f; } scale = { (uint32_t)((int32_t)n + 127) << 23 }; /* n >= -116 */
-    return p * scale.f;
-}
-
-static float add_lanes(const float *lane) {
-    float pair[LANES / 2], quad[LANES / 4];
-    for (int j = 0; j < LANES / 2; j++) pair[j] = lane[j] + lane[j + LANES / 2];
-    for (int j = 0; j < LANES / 4; j++) quad[j] = pair[j] + pair[j + LANES / 4];
-    return (quad[0] + quad[2]) + (quad[1] + quad[3]);
-}
+#include "fixed_order.h"
 
 static float row_max(const float *row, int64_t width) {
     float lane[LANES];

@@ -1,0 +1,54 @@
+/*
+ * Arithmetic in an order fixed by the source, shared by the kernels whose results must
+ * not depend on the step: sums run in 16 interleaved lanes (element i into lane i % 16,
+ * each lane one chain of fmaf or additions, which the compiler vectorises lane for lane)
+ * and the lanes are added in a fixed tree. The order depends on the length only, so the
+ * same data gives the same bits in any batch, on any thread, with any vector width.
+ * (These files get no -fassociative-math: it would license the compiler to reorder.)
+ */
+#ifndef SWITCHYARD_FIXED_ORDER_H
+#define SWITCHYARD_FIXED_ORDER_H
+
+#include <math.h>
+#include <stdint.h>
+
+#define LANES 16
+#define EXP_FLOOR -80.f
+
+/* e^x for x <= 0: Cody-Waite reduction, degree-7 polynomial (relative error < 1e-7),
+ * arguments clamped at -80 (the CPU's exp slows down on underflowing inputs). */
+static inline float exp_nonpositive(float x) {
+    x = x < EXP_FLOOR ? EXP_FLOOR : x;
+    const float n = rintf(x * 1.44269504088896341f);
+    float r = fmaf(-n, 0.693145751953125f, x);
+    r = fmaf(-n, 1.428606765330187e-06f, r);
+    float p = 1.f / 5040;
+    p = fmaf(p, r, 1.f / 720);
+    p = fmaf(p, r, 1.f / 120);
+    p = fmaf(p, r, 1.f / 24);
+    p = fmaf(p, r, 1.f / 6);
+    p = fmaf(p, r, 0.5f);
+    p = fmaf(p, r, 1.f);
+    p = fmaf(p, r, 1.f);
+    union { uint32_t u; float f; } scale = { (uint32_t)((int32_t)n + 127) << 23 }; /* n >= -116 */
+    return p * scale.f;
+}
+
+static inline float add_lanes(const float *lane) {
+    float pair[LANES / 2], quad[LANES / 4];
+    for (int j = 0; j < LANES / 2; j++) pair[j] = lane[j] + lane[j + LANES / 2];
+    for (int j = 0; j < LANES / 4; j++) quad[j] = pair[j] + pair[j + LANES / 4];
+    return (quad[0] + quad[2]) + (quad[1] + quad[3]);
+}
+
+/* sum over i < n of a[i] * b[i]. */
+static inline float dot_fixed(const float *a, const float *b, int64_t n) {
+    float lane[LANES] = { 0 };
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) lane[j] = fmaf(a[i + j], b[i + j], lane[j]);
+    for (int j = 0; i + j < n; j++) lane[j] = fmaf(a[i + j], b[i + j], lane[j]);
+    return add_lanes(lane);
+}
+
+#endif
