@@ -41,14 +41,4 @@ static inline float add_lanes(const float *lane) {
     return (quad[0] + quad[2]) + (quad[1] + quad[3]);
 }
 
-/* sum over i < n of a[i] * b[i]. */
-static inline float dot_fixed(const float *a, const float *b, int64_t n) {
-    float lane[LANES] = { 0 };
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int j = 0; j < LANES; j++) lane[j] = fmaf(a[i + j], b[i + j], lane[j]);
-    for (int j = 0; i + j < n; j++) lane[j] = fmaf(a[i + j], b[i + j], lane[j]);
-    return add_lanes(lane);
-}
-
 #endif

@@ -36,6 +36,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "simd16.h"
 
 /* TILE = 16 * PANELS columns per tile; MR rows per microkernel call. */
@@ -52,17 +53,6 @@
 #define TILE (16 * PANELS)
 
 int linear_tile_columns(void) { return TILE; }
-
-static inline float bf16_to_f32(uint16_t x) {
-    union { uint32_t u; float f; } v = { (uint32_t)x << 16 };
-    return v.f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    union { float f; uint32_t u; } v = { f };
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40); /* quiet NaN */
-    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);             /* round to nearest even */
-}
 
 /* c[r][0..TILE) = sum over k of x[r][k] * w[k][0..TILE), for rows r < ROWS; one FMA chain per element. */
 static inline __attribute__((always_inline)) void microkernel(const int rows, const float *x, int64_t K,

@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "fixed_order.h"
 #include "simd16.h"
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -46,17 +47,6 @@ typedef struct {
     int heads, kv_heads, head_dim, max_blocks, block_size, window;
     float scale;
 } Problem;
-
-static inline float bf16_to_f32(uint16_t x) {
-    union { uint32_t u; float f; } v = { (uint32_t)x << 16 };
-    return v.f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    union { float f; uint32_t u; } v = { f };
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40); /* quiet NaN */
-    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);             /* round to nearest even */
-}
 
 /* Slots of positions start..start+span-1: one division per block, not per position
  * (a 64-bit division costs tens of cycles, as much as scoring a key). */
