@@ -12,6 +12,7 @@ from transformers.distributed import DistributedConfig
 
 from common.model_source import ModelSource
 from shard import attention
+from shard.invariant_experts import make_experts_invariant
 from shard.invariant_linear import make_linears_invariant
 from shard.quantization import plan_storage
 from shard.sharded_linear import make_sharded_linears_invariant
@@ -80,6 +81,7 @@ def load_model(
         fuse_shared_inputs(model)
         plan = plan_storage(model, quantize, dtype, head_is_q8_0=gguf_head_type(source) == "Q8_0")
         make_linears_invariant(model, plan)
+        make_experts_invariant(model)
     elif device.type == "cpu":
         make_sharded_linears_invariant(model)  # tensor parallel: the rule is in shard.sharded_linear
     return model

@@ -1,12 +1,13 @@
 """One numerical path: a request's tokens and logprobs depend only on its own input, parameters and seed.
 
 A property test over random schedules on the real engine (tiny Llama and Qwen2
-models, float32, bfloat16, and bfloat16 with 4-bit weight storage): a probe request runs among random companions that
-join and leave at random steps, with its prompt prefilled in chunks of a random
-size, part of it read from blocks another request computed (a prefix-cache hit),
-and possibly preempted and recomputed from its prompt plus the tokens it had
-generated. Its token ids, logprobs and top alternatives must equal, bit for bit,
-those of the same request run alone, prefilled in one step, with a cold cache.
+models in float32, bfloat16, and bfloat16 with 4-bit weight storage; a tiny
+Mixtral): a probe request runs among random companions that join and leave at
+random steps, with its prompt prefilled in chunks of a random size, part of it
+read from blocks another request computed (a prefix-cache hit), and possibly
+preempted and recomputed from its prompt plus the tokens it had generated. Its
+token ids, logprobs and top alternatives must equal, bit for bit, those of the
+same request run alone, prefilled in one step, with a cold cache.
 """
 
 from __future__ import annotations
@@ -216,9 +217,12 @@ def _collect(outputs: Seq, probe: Seq) -> None:
     probe.tokens, probe.logprobs, probe.top = [], [], []
 
 
-@pytest.fixture(scope="module", params=["llama-float32-none", "qwen2-bfloat16-none", "llama-bfloat16-int4"])
+@pytest.fixture(
+    scope="module", params=["llama-float32-none", "qwen2-bfloat16-none", "llama-bfloat16-int4", "mixtral-float32-none"]
+)
 def engine_and_references(request, tiny_model_dir):
-    """float32; bf16 (Qwen2: biases); bf16 with every linear stored as 4-bit values (QUANTIZE=int4)."""
+    """float32; bf16 (Qwen2: biases); bf16 with every linear stored as 4-bit values (QUANTIZE=int4);
+    a mixture of experts (Mixtral: experts and router)."""
     kind, dtype_name, quantize = request.param.split("-")
     source = resolve_model(str(tiny_model_dir(kind)))
     engine = make_engine(source, dtype=getattr(torch, dtype_name), quantize=quantize)
