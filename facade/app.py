@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 from aiohttp import web
 
+from common.grpc_channels import RECONNECT_OPTIONS
 from common.tracing import Tracing
 from facade.config import FacadeConfig
 from facade.errors import ApiError
@@ -64,7 +65,9 @@ def create_app(config: FacadeConfig, tracing: Tracing | None = None) -> web.Appl
 
     async def router_channel(app: web.Application) -> AsyncIterator[None]:
         # The trace context travels to the router in gRPC metadata.
-        async with grpc.aio.insecure_channel(config.router, interceptors=tracing.grpc_client_interceptors()) as channel:
+        async with grpc.aio.insecure_channel(
+            config.router, options=RECONNECT_OPTIONS, interceptors=tracing.grpc_client_interceptors()
+        ) as channel:
             app[ROUTER] = router_pb2_grpc.RouterStub(channel)
             yield
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import grpc
 
 from common import sampling_params
+from common.grpc_channels import RECONNECT_OPTIONS
 from protos import shard_pb2 as pb
 from protos import shard_pb2_grpc as pb_grpc
 from router.request import Request
@@ -108,6 +109,7 @@ class ShardClient:
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
+    *RECONNECT_OPTIONS,
 ]
 
 
