@@ -92,7 +92,10 @@ class Engine:
     # --- warmup -----------------------------------------------------------------
 
     def warmup(self, max_prefill_tokens: int, max_batch_size: int, max_total_tokens: int) -> int:
-        """Allocates the KV cache and runs one step through it; returns the number of blocks."""
+        """Allocates the KV cache and runs one step through it; returns the number of blocks.
+
+        ``max_batch_size`` is part of the Warmup contract but sizes nothing here: every step
+        runs the same code whatever its batch (no per-size compiled graphs to prepare)."""
         layout = kv_layout_of(self.model.config, self.dtype, self.world_size)
         budget = kv_budget_bytes(self.device, self.kv_fraction)
         per_block = layout.bytes_per_token() * self.block_size

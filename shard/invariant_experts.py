@@ -112,7 +112,6 @@ def _route_on_kernel(router: nn.Module, kernel: LinearKernel) -> None:
 def make_experts_invariant(model: nn.Module) -> int:
     """Packs every expert module's weights and routes it and its router to the kernel; returns
     how many expert modules. A model without experts is left as it is."""
-    kernel = linear_kernel()
     experts = [m for m in model.modules() if isinstance(getattr(m, "gate_up_proj", None), nn.Parameter)]
     routers = [
         m
@@ -121,8 +120,7 @@ def make_experts_invariant(model: nn.Module) -> int:
     ]
     if not experts and not routers:
         return 0
-    if kernel is None:
-        raise RuntimeError("the step-invariant linear kernel could not be built (a C compiler is needed)")
+    kernel = linear_kernel()
     ALL_EXPERTS_FUNCTIONS.register(NAME, invariant_experts_forward)
     for module in experts:
         module.switchyard_packed = PackedExperts(module, kernel)

@@ -11,10 +11,10 @@ whatever the number of rows, the row's place among them, or the thread count.
 Every ``nn.Linear`` of a CPU model is replaced by an ``InvariantLinear`` holding
 its weight packed once into the kernel's column tiles: fp32 or bf16 as loaded
 (float16 is stored as float32, exactly), or 4-/8-bit values with per-group scales
-(``shard.quantization``: storage only, unpacked to fp32 before any product). The packed weight replaces the plain one;
-the layer's ``weight`` is a meta tensor of the original shape and dtype, so model
-code that reads them still works and code that would compute with them fails
-loudly.
+(``shard.quantization``: storage only, unpacked to fp32 before any product). The
+packed weight replaces the plain one; the layer's ``weight`` is a meta tensor of
+the original shape and dtype, so model code that reads them still works and code
+that would compute with them fails loudly.
 """
 
 from __future__ import annotations
@@ -101,9 +101,13 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
 
 
 @functools.cache
-def linear_kernel() -> LinearKernel | None:
+def linear_kernel() -> LinearKernel:
+    """The kernel; RuntimeError where it cannot be built: serving without it would silently
+    break the reproducibility the API promises."""
     library = load_library("linear")
-    return None if library is None else LinearKernel(library)
+    if library is None:
+        raise RuntimeError("the step-invariant linear kernel could not be built (a C compiler is needed)")
+    return LinearKernel(library)
 
 
 # A torch.library operator (not @custom_op: ~2 us per call instead of ~5, and a step makes
@@ -123,10 +127,7 @@ def _invariant_linear(
     bias: torch.Tensor | None,
     out_features: int,
 ) -> torch.Tensor:
-    kernel = linear_kernel()
-    if kernel is None:
-        raise RuntimeError("the invariant linear kernel is not available on this host")
-    return kernel(x, packed, scales, offsets, bias, out_features)
+    return linear_kernel()(x, packed, scales, offsets, bias, out_features)
 
 
 def _invariant_linear_fake(
@@ -182,13 +183,8 @@ def make_linears_invariant(model: nn.Module, quantized: dict[str, QuantizedWeigh
     """Replaces every plain ``nn.Linear`` of a CPU model by an ``InvariantLinear``; returns how many.
 
     ``quantized``: layers (by qualified name) stored as 4-/8-bit values (``shard.quantization``).
-
-    Raises RuntimeError where the kernel cannot be built: serving without it would
-    silently break the reproducibility the API promises.
     """
     kernel = linear_kernel()
-    if kernel is None:
-        raise RuntimeError("the step-invariant linear kernel could not be built (a C compiler is needed)")
     quantized = quantized or {}
     replaced = 0
     for parent_name, parent in list(model.named_modules()):

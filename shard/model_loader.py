@@ -14,7 +14,7 @@ from common.model_source import ModelSource
 from shard import attention
 from shard.invariant_experts import make_experts_invariant
 from shard.invariant_linear import make_linears_invariant
-from shard.quantization import plan_storage
+from shard.quantization import plan_storage, wants_quantized
 from shard.sharded_linear import make_sharded_linears_invariant
 from shard.shared_input import fuse_shared_inputs
 
@@ -79,7 +79,8 @@ def load_model(
         # numbers), then every linear on the step-invariant kernel (shard.invariant_linear),
         # a 4-bit checkpoint's layers stored on their own grid (shard.quantization).
         fuse_shared_inputs(model)
-        plan = plan_storage(model, quantize, dtype, head_is_q8_0=gguf_head_type(source) == "Q8_0")
+        head_is_q8_0 = wants_quantized(quantize, dtype) and gguf_head_type(source) == "Q8_0"
+        plan = plan_storage(model, quantize, dtype, head_is_q8_0=head_is_q8_0)
         make_linears_invariant(model, plan)
         make_experts_invariant(model)
     elif device.type == "cpu":

@@ -6,10 +6,11 @@ well under a second with the system compiler, for the exact CPU it runs on
 cached under ``SWITCHYARD_CACHE`` (default ``~/.cache/switchyard``) by a hash of
 source, flags and compiler, so every shard process after the first just loads it.
 
-``paged_decode`` (attention straight from the paged cache) and ``linear`` (step-
-invariant matrix products, see ``shard.invariant_linear``) live here. Where no
-compiler is found or a build fails, ``load_library`` returns None with a warning
-and callers keep their torch paths.
+``paged_decode`` (attention straight from the paged cache), ``linear`` (step-
+invariant matrix products, see ``shard.invariant_linear``) and ``rows`` (per-row
+reductions, see ``shard.row_reductions``) live here. Where no compiler is found or
+a build fails, ``load_library`` returns None with a warning; attention then keeps
+its torch path, the linear and row kernels refuse to serve without them.
 """
 
 from __future__ import annotations
@@ -43,10 +44,15 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+@functools.cache
+def _compiler_version(compiler: str) -> str:
+    return subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+
+
 def _build(compiler: str, name: str) -> Path:
     """The shared object of ``name``.c, built for this host unless the cache has it."""
     source = HERE / f"{name}.c"
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    version = _compiler_version(compiler)
     headers = [h.read_text() for h in sorted(HERE.glob("*.h"))]
     key = hashlib.sha256("\0".join([source.read_text(), *headers, *FLAGS, version]).encode()).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"

@@ -161,8 +161,8 @@ static void NAME(const T *const *rows, int dim, float *out) {                   
         for (int d = 0; d < dim; d++) out[d * LANES + l] = rows[l] ? LOAD1(rows[l][d]) : 0.f;            \
 }
 #endif
-#define F32_ONE(x) (x)
-DEFINE_TRANSPOSE(transpose_keys_f32, float, F32_ONE, load8_f32)
+#define IDENTITY(x) (x)
+DEFINE_TRANSPOSE(transpose_keys_f32, float, IDENTITY, load8_f32)
 DEFINE_TRANSPOSE(transpose_keys_bf16, uint16_t, bf16_to_f32, load8_bf16)
 
 #define DEFINE_ATTEND_RUN(NAME, T, LOAD, STORE, TRANSPOSE)                                                          \
@@ -237,7 +237,6 @@ static void NAME(const Problem *pr, const Run *run, int kvh, const int64_t *slot
                     STORE(acc[((size_t)j * group + g) * dim + d]);                                       \
 }
 
-#define IDENTITY(x) (x)
 DEFINE_ATTEND_RUN(attend_run_bf16, uint16_t, bf16_to_f32, f32_to_bf16, transpose_keys_bf16)
 DEFINE_ATTEND_RUN(attend_run_f32, float, IDENTITY, IDENTITY, transpose_keys_f32)
 
