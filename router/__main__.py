@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from common.model_source import ModelNotFound, resolve_model
+from common.model_source import ModelNotFound, resolve_model, tokenizer_source
 from common.settings import process_env
 from common.tracing import setup_tracing
 from router.blocks import BlockAllocator
@@ -34,7 +34,7 @@ async def serve(config: RouterConfig) -> None:
         source = resolve_model(config.model_id)
     except ModelNotFound as exc:
         raise SystemExit(str(exc)) from exc
-    tokenizer = Tokenizer.load(source)
+    tokenizer = Tokenizer.load(tokenizer_source(source))
     log.info("connecting to shards at %s", config.shard_entry)
     tracing = setup_tracing(config.otlp_service_name, config.otlp_endpoint)
     shards = await ShardClient.connect(config.shard_entry, SHARD_CONNECT_TIMEOUT_S, tracing.grpc_client_interceptors())

@@ -18,7 +18,8 @@ from common.tracing import setup_tracing
 from shard.config import ShardConfig, parse_config
 from shard.engine import Engine
 from shard.grammar import GrammarCompiler
-from shard.model_loader import choose_dtype, load_model
+from shard.model_loader import choose_dtype
+from shard.prepared_model import load_prepared_model
 from shard.server import ShardServicer, create_server
 
 log = logging.getLogger("shard")
@@ -63,7 +64,7 @@ async def serve(config: ShardConfig) -> None:
     dtype = choose_dtype(config.dtype, device)
     if config.world_size > 1:
         join_process_group(config, device)
-    model = load_model(source, dtype, device, config.world_size, config.quantize)
+    model = load_prepared_model(source, dtype, device, config.world_size, config.quantize, config.prepared_cache)
     engine = Engine(
         model,
         device,

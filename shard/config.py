@@ -36,6 +36,8 @@ class ShardConfig:
     quantize: str = "auto"
     #: torch compute threads (0: torch's default, one per core).
     threads: int = 0
+    #: Save the prepared model under SWITCHYARD_CACHE and map it on later starts (shard.prepared_model).
+    prepared_cache: bool = True
     otlp_endpoint: str | None = None
     otlp_service_name: str = "switchyard-shard"
 
@@ -108,4 +110,10 @@ def _add_engine_args(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None
         type=int,
         default=env_int(env, "SHARD_THREADS", default=0),
         help="CPU compute threads; 0: one per core (the launcher leaves one core to router and facade) [SHARD_THREADS]",
+    )
+    p.add_argument(
+        "--prepared-cache",
+        action=argparse.BooleanOptionalAction,
+        default=env_str(env, "PREPARED_MODEL_CACHE", default="1") not in {"0", "false", "no"},
+        help="keep the prepared model under SWITCHYARD_CACHE for fast restarts [PREPARED_MODEL_CACHE=1|0]",
     )

@@ -17,7 +17,7 @@ import torch
 import xgrammar as xgr
 from transformers import AutoTokenizer
 
-from common.model_source import ModelSource
+from common.model_source import ModelSource, tokenizer_source
 from shard.errors import InvalidRequest
 
 _CACHE_ENTRIES = 256
@@ -33,7 +33,8 @@ class GrammarCompiler:
     @cached_property
     def _compiler(self) -> xgr.GrammarCompiler:
         # The tokenizer is loaded only once a constrained request arrives.
-        tokenizer = AutoTokenizer.from_pretrained(self.source.path_or_id, **self.source.pretrained_kwargs())
+        source = tokenizer_source(self.source)
+        tokenizer = AutoTokenizer.from_pretrained(source.path_or_id, **source.pretrained_kwargs())
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
         return xgr.GrammarCompiler(info, max_threads=2)
 

@@ -4,7 +4,9 @@ Why C and not a torch extension: a plain C file with no torch headers compiles i
 well under a second with the system compiler, for the exact CPU it runs on
 (``-march=native``), and needs nothing at install time. The shared object is
 cached under ``SWITCHYARD_CACHE`` (default ``~/.cache/switchyard``) by a hash of
-source, flags and compiler, so every shard process after the first just loads it.
+source, flags, compiler and CPU (``-march=native`` code does not run on a CPU with
+fewer instructions, e.g. a cache volume moved to another host), so every shard
+process after the first just loads it.
 
 ``paged_decode`` (attention straight from the paged cache), ``linear`` (step-
 invariant matrix products, see ``shard.invariant_linear``) and ``rows`` (per-row
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
 import shutil
@@ -26,6 +27,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from common.disk_cache import cache_root, digest, host_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-m
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("SWITCHYARD_CACHE") or Path.home() / ".cache" / "switchyard") / "kernels"
+    return cache_root() / "kernels"
 
 
 def _compiler() -> str | None:
@@ -54,7 +57,7 @@ def _build(compiler: str, name: str) -> Path:
     source = HERE / f"{name}.c"
     version = _compiler_version(compiler)
     headers = [h.read_text() for h in sorted(HERE.glob("*.h"))]
-    key = hashlib.sha256("\0".join([source.read_text(), *headers, *FLAGS, version]).encode()).hexdigest()[:16]
+    key = digest([source.read_text(), *headers, *FLAGS, version, host_fingerprint()])[:16]
     target = cache_dir() / f"{name}-{key}.so"
     if target.exists():
         return target

@@ -53,6 +53,10 @@ def test_compose_file_follows_the_compose_specification():
     ):
         assert name in services["shard"]["environment"] and name in services["router"]["environment"]
     assert "/health" in " ".join(services["facade"]["healthcheck"]["test"])
+    for name in ("shard", "router"):  # what a start derives from the weights survives a container restart
+        assert "switchyard-cache:/cache" in services[name]["volumes"]
+        assert services[name]["environment"]["SWITCHYARD_CACHE"] == "/cache"
+    assert "switchyard-cache" in compose["volumes"]
     assert (ROOT / "deploy" / "prometheus.yml").exists() and (ROOT / "Dockerfile").exists()
 
 
