@@ -116,7 +116,8 @@ class ShardServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Decode(self, request, context):
-        """/ Merges the listed batches into the first one and advances every sequence by one token.
+        """/ Merges the listed batches into the first one and advances every sequence by one
+        / token; prompt chunks carried along are computed in the same forward pass.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,10 +1,13 @@
 """The continuous-batching loop.
 
-One shard batch (``batch_id``) holds every admitted request. Each iteration:
-drop cancelled requests, prefill what the budgets admit (next chunks of long
-prompts first, then arrivals in order, then preempted requests being
-recomputed), then advance every decoding request by one token. Requests are
-served first come, first served: nobody overtakes the head of the queue. When
+One shard batch (``batch_id``) holds every admitted request. Each iteration
+makes one shard call, one forward pass: drop cancelled requests, plan the prompt
+chunks the budgets admit (next chunks of long prompts first, then arrivals in
+order, then preempted requests being recomputed), and send them along with one
+token for every decoding request (Decode carrying prompt chunks; a plain Prefill
+when nothing decodes). The prompt budget per step (MAX_BATCH_PREFILL_TOKENS)
+bounds how long a step with a new prompt holds back the running streams. Requests
+are served first come, first served: nobody overtakes the head of the queue. When
 KV blocks run out mid-generation the youngest running request is preempted: it
 returns to the head of the queue keeping its tokens, and is recomputed (mostly
 from the prefix cache) when blocks free up.
@@ -88,17 +91,21 @@ class Scheduler:
                 await self._fail_active(exc)
 
     async def step(self) -> None:
+        """One shard call and one forward: prompt chunks and decode tokens together."""
         self._drop_cancelled()
         items = self._plan_prefill()
-        if items:
-            await self._prefill(items)
-        decoding = [r for r in self.active if r.phase is Phase.DECODING]
-        if decoding:
-            extensions = self._grow_blocks(decoding)
-            await self._sync_batch()  # drops whoever was preempted
-            if any(r.phase is Phase.DECODING for r in self.active):
-                await self._decode(extensions)
+        chunked = {i.request.id for i in items}
+        decoding = [r for r in self.active if r.phase is Phase.DECODING and r.id not in chunked]
+        extensions = self._grow_blocks(decoding)
+        # Growing blocks may have preempted requests, just-admitted ones included.
+        items = [i for i in items if i.request.phase is Phase.PREFILLING]
         await self._sync_batch()
+        if any(r.phase is Phase.DECODING for r in decoding):
+            await self._decode(extensions, items)
+        elif items:
+            await self._prefill(items)
+        if not self.active:
+            await self._sync_batch()  # idle: the shard holds nothing (else the next step's sync does it)
         self._update_gauges()
 
     async def _prefill(self, items: list[PrefillItem]) -> None:
@@ -107,22 +114,27 @@ class Scheduler:
             answer = await self.shards.prefill(self.batch_id, items)
         self._observe_step("prefill", started, answer)
         self._shard_members = answer.request_ids
+        self._chunks_computed(items)
+        self._postprocess(answer.generations)
+
+    async def _decode(self, extensions: dict[int, list[int]], items: list[PrefillItem]) -> None:
+        started = time.perf_counter()
+        stepping = [r for r in self.active if r.phase is Phase.DECODING] + [i.request for i in items]
+        with self._step_span("decode", stepping):
+            answer = await self.shards.decode([self.batch_id], extensions, items)
+        self._decodes_since_admission += 1
+        self._observe_step("decode", started, answer)
+        self._shard_members = answer.request_ids
+        self._chunks_computed(items)
+        self._postprocess(answer.generations)
+
+    def _chunks_computed(self, items: list[PrefillItem]) -> None:
         for item in items:
             r = item.request
             r.computed += item.chunk_len
             self.metrics.prefill_tokens.inc(item.chunk_len)
             if r.use_prefix_cache:
                 r.chain = self.allocator.register(r.blocks, r.token_ids, r.computed, r.chain)
-        self._postprocess(answer.generations)
-
-    async def _decode(self, extensions: dict[int, list[int]]) -> None:
-        started = time.perf_counter()
-        with self._step_span("decode", [r for r in self.active if r.phase is Phase.DECODING]):
-            answer = await self.shards.decode([self.batch_id], extensions)
-        self._decodes_since_admission += 1
-        self._observe_step("decode", started, answer)
-        self._shard_members = answer.request_ids
-        self._postprocess(answer.generations)
 
     # --- prefill planning -------------------------------------------------------
 
@@ -290,8 +302,11 @@ class Scheduler:
             self._finish(r, "cancelled")
 
     async def _sync_batch(self) -> None:
-        """Makes the shard batch hold exactly the active requests."""
-        keep = [r.id for r in self.active]
+        """Drops from the shard batch whoever left ``active`` (finished, cancelled, preempted).
+
+        Requests admitted in this step join the batch through the step's call itself."""
+        active = {r.id for r in self.active}
+        keep = [rid for rid in self._shard_members if rid in active]
         if keep != self._shard_members:
             if keep:
                 await self.shards.filter(self.batch_id, keep)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -91,10 +92,14 @@ class ShardClient:
         answer = await self._all("Prefill", pb.PrefillRequest(batch=batch))
         return _step_answer(answer)
 
-    async def decode(self, batch_ids: list[int], extensions: dict[int, list[int]]) -> StepAnswer:
+    async def decode(
+        self, batch_ids: list[int], extensions: dict[int, list[int]], chunks: Sequence[PrefillItem] = ()
+    ) -> StepAnswer:
+        """One token for every decoding request, and ``chunks`` of prompts in the same forward."""
         message = pb.DecodeRequest(
             batches=[pb.CachedBatch(id=i) for i in batch_ids],
             extensions=[pb.BlockExtension(request_id=r, blocks=b) for r, b in extensions.items()],
+            prefill=[_request_pb(i) for i in chunks],
         )
         return _step_answer(await self._all("Decode", message))
 

@@ -109,7 +109,7 @@ def _add_engine_args(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None
         "--threads",
         type=int,
         default=env_int(env, "SHARD_THREADS", default=0),
-        help="CPU compute threads; 0: one per core (the launcher leaves one core to router and facade) [SHARD_THREADS]",
+        help="CPU compute threads; 0: one per core (the launcher divides the cores among its shards) [SHARD_THREADS]",
     )
     p.add_argument(
         "--prepared-cache",

@@ -138,15 +138,21 @@ class Engine:
         work = [(self._admit(batch_id, r), r.chunk_len) for r in requests]
         return self._result(batch_id, *self._timed_run(work))
 
-    def decode(self, batch_ids: list[int], extensions: dict[int, list[int]]) -> StepResult:
+    def decode(
+        self, batch_ids: list[int], extensions: dict[int, list[int]], chunks: list[NewRequest] | None = None
+    ) -> StepResult:
+        """Advances every decoding sequence by one token and computes ``chunks`` (prompt
+        chunks joining the first batch) in the same forward pass."""
         batch_id = self.store.merge(batch_ids)
         members = self.store.members(batch_id)
         for seq in members:
             seq.blocks.extend(extensions.get(seq.request_id, []))
         self._check_blocks([b for seq in members for b in extensions.get(seq.request_id, [])])
-        # Sequences still mid-prompt (chunked prefill) advance through Prefill only.
-        work = [(seq, 1) for seq in members if seq.decoding]
-        return self._result(batch_id, *self._timed_run(work))
+        prompt_work = [(self._admit(batch_id, r), r.chunk_len) for r in chunks or []]
+        chunked = {seq.request_id for seq, _ in prompt_work}
+        # Sequences still mid-prompt advance only through the chunks the router sends.
+        work = [(seq, 1) for seq in members if seq.decoding and seq.request_id not in chunked]
+        return self._result(batch_id, *self._timed_run(work + prompt_work))
 
     def filter(self, batch_id: int, keep: list[int]) -> StepResult:
         self.store.filter(batch_id, keep)

@@ -126,9 +126,11 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         started = time.perf_counter_ns()
         batch_ids = [b.id for b in request.batches]
         extensions = {x.request_id: list(x.blocks) for x in request.extensions}
+        chunks = [request_from_pb(r) for r in request.prefill]
         with self.tracer.start_as_current_span("shard.decode") as span:
-            result = await self._on_model_thread(lambda: self.engine.decode(batch_ids, extensions))
+            result = await self._on_model_thread(lambda: self.engine.decode(batch_ids, extensions, chunks))
             span.set_attribute("switchyard.requests", len(result.generations))
+            span.set_attribute("switchyard.prompt_tokens", sum(r.chunk_len for r in chunks))
             span.set_attribute("switchyard.forward_ns", result.forward_ns)
         return pb.DecodeResponse(
             generations=generations_pb(result),

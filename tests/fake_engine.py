@@ -36,7 +36,10 @@ class FakeEngine:
         self.device = torch.device("cpu")
         self.store = BatchStore()
         self.kv: dict[int, tuple[int, int]] = {}
-        self.steps: list[tuple[str, int, int]] = []  # (kind, tokens computed, sequences)
+        #: (kind, tokens computed, sequences): the prompt work and the decode work of each call.
+        self.steps: list[tuple[str, int, int]] = []
+        #: The step calls received, in order ("prefill" or "decode"): one per router step.
+        self.calls: list[str] = []
         #: Makes the next step raise, as a crashing model would.
         self.fail_next_step = False
 
@@ -44,6 +47,25 @@ class FakeEngine:
         return self.num_blocks
 
     def prefill(self, batch_id: int, requests: list[NewRequest]) -> StepResult:
+        self.calls.append("prefill")
+        work = self._admit(batch_id, requests)
+        return self._result(batch_id, self._run(work))
+
+    def decode(
+        self, batch_ids: list[int], extensions: dict[int, list[int]], chunks: list[NewRequest] | None = None
+    ) -> StepResult:
+        self.calls.append("decode")
+        batch_id = self.store.merge(batch_ids)
+        members = self.store.members(batch_id)
+        for seq in members:
+            seq.blocks.extend(extensions.get(seq.request_id, []))
+        prompt_work = self._admit(batch_id, chunks or [])
+        chunked = {seq.request_id for seq, _ in prompt_work}
+        work = [(seq, 1) for seq in members if seq.decoding and seq.request_id not in chunked]
+        self.steps.append(("decode", len(work), len(work)))
+        return self._result(batch_id, self._run(work + prompt_work))
+
+    def _admit(self, batch_id: int, requests: list[NewRequest]) -> list[tuple[Sequence, int]]:
         work = []
         for r in requests:
             if r.cache_len + r.chunk_len > len(r.input_ids) or r.chunk_len < 1:
@@ -51,17 +73,9 @@ class FakeEngine:
             seq = Sequence(r.request_id, list(r.input_ids), list(r.blocks), r.cache_len, r.params, r.sampled_before)
             self.store.add(batch_id, seq)
             work.append((seq, r.chunk_len))
-        self.steps.append(("prefill", sum(n for _, n in work), len(work)))
-        return self._result(batch_id, self._run(work))
-
-    def decode(self, batch_ids: list[int], extensions: dict[int, list[int]]) -> StepResult:
-        batch_id = self.store.merge(batch_ids)
-        members = self.store.members(batch_id)
-        for seq in members:
-            seq.blocks.extend(extensions.get(seq.request_id, []))
-        work = [(seq, 1) for seq in members if seq.decoding]
-        self.steps.append(("decode", len(work), len(work)))
-        return self._result(batch_id, self._run(work))
+        if work:
+            self.steps.append(("prefill", sum(n for _, n in work), len(work)))
+        return work
 
     def filter(self, batch_id: int, keep: list[int]) -> StepResult:
         self.store.filter(batch_id, keep)

@@ -7,10 +7,10 @@ import os
 from launcher.__main__ import shard_threads
 
 
-def test_shards_leave_one_core_to_the_other_services():
+def test_shards_share_every_core():
     cores = len(os.sched_getaffinity(0))
-    assert shard_threads(1, {}) == ["--threads", str(max(1, cores - 1))]
-    assert shard_threads(4, {}) == ["--threads", str(max(1, (cores - 1) // 4))]
+    assert shard_threads(1, {}) == ["--threads", str(cores)]
+    assert shard_threads(4, {}) == ["--threads", str(max(1, cores // 4))]
 
 
 def test_explicit_thread_settings_win():

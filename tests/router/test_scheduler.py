@@ -198,9 +198,26 @@ async def test_arrivals_wait_for_the_ratio_or_max_waiting_tokens(tokenizer, tmp_
             await s.step()
             waited += 1
         # ... until max_waiting_tokens (3) decode steps ran since the last admission.
-        assert waited == 2 + 1  # two steps of pure decode, admitted at the third
+        assert waited == 3 + 1  # three steps of pure decode, admitted (mixed into decode) at the fourth
         crowd = [h.request(f"crowd {i}", max_new_tokens=5) for i in range(4)]
         for r in crowd:
             s.submit(r)
         await s.step()  # 4 waiting >= 1.2 * 3 running: admitted at the next step
         assert all(r.phase is not Phase.WAITING for r in crowd)
+
+
+async def test_a_prompt_arriving_during_decode_rides_in_the_same_call(tokenizer, tmp_path):
+    async with fake_router(tokenizer, tmp_path) as h:
+        s = h.scheduler
+        first = h.request("the first request", max_new_tokens=6)
+        s.submit(first)
+        await s.step()  # nothing decodes yet: a plain Prefill
+        second = h.request("a second request arrives", max_new_tokens=4)
+        s.submit(second)
+        await s.step()  # one Decode call: first's next token and second's whole prompt
+        assert h.engine.calls == ["prefill", "decode"]
+        assert h.engine.steps[-2:] == [("prefill", len(second.prompt_ids), 1), ("decode", 1, 1)]
+        assert len(first.generated) == 2 and len(second.generated) == 1
+        await drain(h)
+        assert first.generated == expected_tokens(first) and second.generated == expected_tokens(second)
+        assert h.engine.calls.count("prefill") == 1  # every later step was a single Decode
