@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint protos check-protos bench clean
+.PHONY: serve test lint protos check-protos bench bench-peers clean
 
 $(STAMP): pyproject.toml tests/js/package.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ check-protos: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
+
+# Switchyard, vLLM's CPU build and llama.cpp's server under the shared workload, one
+# table (sets the peers up under build/peers first; not part of make test).
+bench-peers: $(STAMP)
+	$(BIN)/python -m benchmarks.peers
 
 clean:
 	rm -rf $(VENV) build

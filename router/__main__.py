@@ -39,7 +39,7 @@ async def serve(config: RouterConfig) -> None:
     tracing = setup_tracing(config.otlp_service_name, config.otlp_endpoint)
     shards = await ShardClient.connect(config.shard_entry, SHARD_CONNECT_TIMEOUT_S, tracing.grpc_client_interceptors())
     info = await shards.info()
-    limits = Limits.resolve(config, info.max_position_embeddings)
+    limits = Limits.resolve(config, info.max_position_embeddings, info.device)
     warm = await shards.warmup(
         limits.max_batch_prefill_tokens, limits.max_batch_size, config.max_batch_total_tokens or 0
     )

