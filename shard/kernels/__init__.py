@@ -33,10 +33,14 @@ from common.disk_cache import cache_root, digest, host_fingerprint
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
+FLAGS = [
+    "-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-shared",
+    "-fPIC",
+]  # fmt: skip
 # No -fassociative-math or -ffast-math: every kernel spells out its order of operations
 # (fixed_order.h), which is what makes a token's result independent of its step, and the
-# compiler gets no licence to change it.
+# compiler gets no licence to change it. -ffp-contract=off: GCC's default would fuse a
+# written a * b + c into one FMA where it sees fit; fused multiply-adds are written as such.
 
 
 def cache_dir() -> Path:

@@ -18,10 +18,14 @@
  *   x      [M, K] row-major, fp32 or bf16 (converted to fp32 once per call)
  *   packed [N / TILE rounded up][K][TILE] in the storage type, columns past N zero;
  *          TILE is what linear_tile_columns() returns for this build. Storage types:
- *          fp32, bf16, and the quantized ones, whose weight is fmaf(q, scale, offset)
- *          with scale/offset [tiles][K / 32][TILE] fp32 (groups of 32 along K):
- *          INT4 q in 0..15, two columns a byte (low nibble first), [tiles][K][TILE / 2];
- *          INT8 q in -128..127, [tiles][K][TILE]. The weights are unpacked to fp32 before
+ *          fp32, bf16, and the quantized ones, whose weight is (q * scale) + offset in
+ *          fp32 with two roundings, exactly as GGUF's de-quantization computes it (so a
+ *          Q4_1 or Q8_0 checkpoint's weights come back bit for bit, and a float32 model
+ *          stored this way is the float32 model), scale/offset [tiles][K / 32][TILE] fp32
+ *          (groups of 32 along K): INT4 q in 0..15, [tiles][K][TILE / 2] bytes, byte j
+ *          holding column j (low nibble) and column j + TILE / 2 (high nibble), so that
+ *          each half unpacks with contiguous vector loads and stores; INT8 q in
+ *          -128..127, [tiles][K][TILE]. The weights are unpacked to fp32 before
  *          any product, so a quantized layer computes with the same values at every step
  *          size (no kernel switch by size, as library int4 kernels need).
  *   bias   [N] fp32 or NULL (added after the chain)
@@ -29,7 +33,8 @@
  *
  * Built at run time by shard/kernels/__init__.py for the host (-march=native). The
  * arithmetic is spelled with explicit FMA intrinsics (or fmaf), so no compiler flag
- * can reassociate it.
+ * can reassociate it, and built with -ffp-contract=off, so that a written a * b + c
+ * stays two roundings.
  */
 #include <math.h>
 #include <stdint.h>
@@ -103,6 +108,8 @@ typedef struct {
     int wtype;
 } Weights;
 
+/* Plain loops over contiguous columns: the compiler vectorises them, and -ffp-contract=off
+ * (FLAGS) keeps the multiply and the add two roundings, as GGUF's de-quantization has them. */
 static void unpack_quantized(const Weights *wt, int64_t t, int64_t K, float *buf) {
     const float *scale = wt->scales + t * (K / GROUP) * TILE, *offset = wt->offsets + t * (K / GROUP) * TILE;
     for (int64_t k = 0; k < K; k++) {
@@ -110,13 +117,11 @@ static void unpack_quantized(const Weights *wt, int64_t t, int64_t K, float *buf
         float *row = buf + k * TILE;
         if (wt->wtype == INT4) {
             const uint8_t *q = (const uint8_t *)wt->packed + (t * K + k) * (TILE / 2);
-            for (int j = 0; j < TILE / 2; j++) {
-                row[2 * j] = fmaf((float)(q[j] & 15), sk[2 * j], ok[2 * j]);
-                row[2 * j + 1] = fmaf((float)(q[j] >> 4), sk[2 * j + 1], ok[2 * j + 1]);
-            }
+            for (int j = 0; j < TILE / 2; j++) row[j] = (float)(q[j] & 15) * sk[j] + ok[j];
+            for (int j = 0; j < TILE / 2; j++) row[j + TILE / 2] = (float)(q[j] >> 4) * sk[j + TILE / 2] + ok[j + TILE / 2];
         } else {
             const int8_t *q = (const int8_t *)wt->packed + (t * K + k) * TILE;
-            for (int j = 0; j < TILE; j++) row[j] = fmaf((float)q[j], sk[j], ok[j]);
+            for (int j = 0; j < TILE; j++) row[j] = (float)q[j] * sk[j] + ok[j];
         }
     }
 }

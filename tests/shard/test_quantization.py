@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from shard.invariant_linear import InvariantLinear, linear_kernel, make_linears_invariant
-from shard.quantization import GROUP, plan_storage, quantize_int4, quantize_int8
+from shard.quantization import GROUP, exact_grid, plan_storage, quantize_int4, quantize_int8
 from tests.models import SMOLLM
 
 
@@ -18,6 +18,33 @@ def _on_grid(out_features: int, in_features: int, generator: torch.Generator) ->
     scale = torch.rand(out_features, in_features // GROUP, 1, generator=generator) * 0.01 + 0.001
     offset = -8 * scale + torch.randn(out_features, in_features // GROUP, 1, generator=generator) * 0.002
     return (q * scale + offset).reshape(out_features, in_features)
+
+
+def _gguf_blocks(out_features: int, in_features: int, bits: int, generator: torch.Generator) -> torch.Tensor:
+    """Weights as GGUF de-quantizes Q4_1 ((q * d) + m) or Q8_0 (d * q) blocks: float16 d and m, fp32 math."""
+    shape = (out_features, in_features // GROUP, GROUP)
+    if bits == 4:
+        q = torch.randint(0, 16, shape, generator=generator).float()
+        q[..., 0], q[..., 1] = 0, 15  # the reference quantizer maps the group's minimum to 0, its maximum to 15
+    else:
+        q = torch.randint(-127, 128, shape, generator=generator).float()
+        q[..., 0] = 127
+    d = (torch.rand(*shape[:2], 1, generator=generator) * 0.01 + 0.001).half().float()
+    m = (torch.randn(*shape[:2], 1, generator=generator) * 0.05).half().float() if bits == 4 else 0.0
+    return ((q * d) + m).reshape(out_features, in_features)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gguf_blocks_are_recovered_bit_for_bit(bits):
+    weight = _gguf_blocks(96, 128, bits, torch.Generator().manual_seed(bits))
+    grid = exact_grid(weight, bits)
+    assert grid is not None and grid.bits == bits
+    assert torch.equal(grid.dequantize(), weight)
+    # Off the grid by one float32 ulp in one weight: no exact storage.
+    nudged = weight.clone()
+    nudged[5, 7] = torch.nextafter(nudged[5, 7], torch.tensor(1.0))
+    assert exact_grid(nudged, bits) is None
+    assert exact_grid(torch.randn(64, 64), bits) is None
 
 
 def test_a_4bit_grid_is_recovered():
@@ -68,15 +95,20 @@ def test_auto_stores_only_layers_on_a_grid():
     on_grid = nn.Linear(64, 64)
     with torch.no_grad():
         on_grid.weight.copy_(_on_grid(64, 64, generator))
-    model = nn.Sequential(on_grid, nn.Linear(64, 64), nn.Linear(48, 8))  # [1]: full-precision random weights
-    assert set(plan_storage(model, "auto", torch.bfloat16)) == {"0"}
-    assert plan_storage(model, "auto", torch.float32) == {}  # float32 reproduces transformers: as loaded
-    assert set(plan_storage(model, "int4", torch.float32)) == {"0", "1"}  # 48 inputs: not a multiple of 32
+    gguf = nn.Linear(64, 64)
+    with torch.no_grad():
+        gguf.weight.copy_(_gguf_blocks(64, 64, 4, generator))
+    model = nn.Sequential(on_grid, nn.Linear(64, 64), nn.Linear(48, 8), gguf)  # [1]: full-precision random weights
+    assert set(plan_storage(model, "auto", torch.bfloat16)) == {"0", "3"}
+    assert plan_storage(model, "auto", torch.float32) == {}  # float32 as loaded (fastest on AVX2)
+    lossless = plan_storage(model, "int4", torch.float32)["3"]  # GGUF blocks, found exactly
+    assert torch.equal(lossless.dequantize(), gguf.weight)
+    assert set(plan_storage(model, "int4", torch.float32)) == {"0", "1", "3"}  # 48 inputs: not a multiple of 32
     assert plan_storage(model, "none", torch.bfloat16) == {}
     with pytest.raises(ValueError, match="QUANTIZE"):
         plan_storage(model, "int3", torch.float32)
-    assert make_linears_invariant(model, plan_storage(model, "auto", torch.bfloat16)) == 3
-    assert [m.storage for m in model] == ["int4", "float32", "float32"]  # type: ignore[union-attr]
+    assert make_linears_invariant(model, plan_storage(model, "auto", torch.bfloat16)) == 4
+    assert [m.storage for m in model] == ["int4", "float32", "float32", "int4"]  # type: ignore[union-attr]
 
 
 def test_smollm2_q4_1_is_stored_on_its_own_4bit_values():
@@ -94,3 +126,23 @@ def test_smollm2_q4_1_is_stored_on_its_own_4bit_values():
     x = torch.randn(3, plain.config.hidden_size).to(torch.bfloat16)
     want = plain.get_output_embeddings()(x).float()
     assert (head(x).float() - want).norm() / want.norm() < 0.02
+
+
+def test_smollm2_int4_in_float32_is_lossless():
+    """QUANTIZE=int4 in float32 stores the Q4_1 layers and the Q8_0 head as their GGUF blocks:
+    every layer's output is bit for bit the de-quantized float32 layer's (transformers' weights)."""
+    from shard.model_loader import load_model
+
+    stored = load_model(SMOLLM, torch.float32, torch.device("cpu"), quantize="int4")
+    plain = load_model(SMOLLM, torch.float32, torch.device("cpu"), quantize="none")
+    layers = dict(stored.named_modules())
+    x = torch.randn(5, 1536, generator=torch.Generator().manual_seed(0))
+    checked = 0
+    for name, layer in plain.named_modules():
+        if isinstance(layer, InvariantLinear):
+            twin = layers[name]
+            assert isinstance(twin, InvariantLinear) and twin.storage in ("int4", "int8")
+            inputs = x[:, : layer.in_features]
+            assert torch.equal(twin(inputs), layer(inputs)), name
+            checked += 1
+    assert checked == 4 * plain.config.num_hidden_layers + 1
