@@ -79,7 +79,8 @@ def _children_cpu() -> float:
 def serving(name: str, argv: Sequence[str], port: int, env: dict[str, str] | None = None,
             timeout_s: float = 900.0) -> Iterator[str]:  # fmt: skip
     """Starts a server in its own process group; yields its base URL once /v1/models answers."""
-    log = Path(tempfile.gettempdir()) / f"bench-{name}-{port}.log"
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    log = Path(tempfile.gettempdir()) / f"bench-{slug}-{port}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
             list(argv), cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
