@@ -77,12 +77,15 @@ def _message(i: int, m: Any) -> pb.ChatMessage:
     name = m.get("name") or ""
     if not isinstance(name, str):
         raise invalid(f"messages[{i}].name must be a string", f"messages[{i}].name")
-    calls = [_history_call(i, j, c) for j, c in enumerate(m.get("tool_calls") or [])]
+    history = m.get("tool_calls") or []
+    if not isinstance(history, list):
+        raise invalid(f"messages[{i}].tool_calls must be an array", f"messages[{i}].tool_calls")
+    calls = [_history_call(i, j, c) for j, c in enumerate(history)]
     content = m.get("content")
     if content is None and (calls or role == "assistant"):
         content = ""
     tool_call_id = m.get("tool_call_id") or ""
-    if role == "tool" and not isinstance(tool_call_id, str):
+    if not isinstance(tool_call_id, str):
         raise invalid(f"messages[{i}].tool_call_id must be a string", f"messages[{i}].tool_call_id")
     return pb.ChatMessage(
         role=role, content=_content(i, content), name=name, tool_calls=calls, tool_call_id=tool_call_id
@@ -130,7 +133,11 @@ def _tools(body: dict, chat: pb.Chat) -> None:
         chat.tool_choice = pb.TOOL_CHOICE_MODE_NONE
     elif choice == "required":
         chat.tool_choice = pb.TOOL_CHOICE_MODE_REQUIRED
-    elif isinstance(choice, dict) and isinstance((choice.get("function") or {}).get("name"), str):
+    elif (
+        isinstance(choice, dict)
+        and isinstance(choice.get("function"), dict)
+        and isinstance(choice["function"].get("name"), str)
+    ):
         chat.tool_choice = pb.TOOL_CHOICE_MODE_FUNCTION
         chat.tool_choice_function = choice["function"]["name"]
     else:

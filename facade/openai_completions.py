@@ -37,13 +37,16 @@ def _prompts(body: dict) -> list[str | list[int]]:
     if isinstance(prompt, str):
         return [prompt]
     if isinstance(prompt, list) and prompt:
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if params.token_ids(prompt):
             return [list(prompt)]
         if all(isinstance(p, str) for p in prompt):
             return list(prompt)
-        if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
+        if all(p and params.token_ids(p) for p in prompt):
             return [list(p) for p in prompt]
-    raise invalid("'prompt' must be a string, an array of strings, or token ids", "prompt")
+    raise invalid(
+        f"'prompt' must be a string, an array of strings, or token ids (integers in 0..{params.UINT32_MAX})",
+        "prompt",
+    )
 
 
 def parse_completion(body: Any) -> CompletionRequest:
@@ -59,6 +62,12 @@ def parse_completion(body: Any) -> CompletionRequest:
             raise invalid("'logprobs' must be between 0 and 5", "logprobs")
         p.logprobs, p.top_n_tokens = True, logprobs
     n = params.choices_count(body)
+    if len(prompts) * n > params.MAX_SEQUENCES:
+        raise invalid(
+            f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} sequences; at most "
+            f"{params.MAX_SEQUENCES} per request",
+            "prompt",
+        )
     requests = []
     for prompt in prompts:
         for choice in params.per_choice(p, n):

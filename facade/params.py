@@ -24,6 +24,10 @@ SAMPLING_FIELDS = frozenset(
 #: Purely informational: accepted, change nothing.
 INFORMATIONAL = frozenset({"user", "metadata", "store", "service_tier"})
 MAX_N = 128  # as OpenAI
+#: Largest value of the protobuf uint32 fields counts and token ids travel in.
+UINT32_MAX = (1 << 32) - 1
+#: Most sequences one request may ask for (prompts x n): each is a router call.
+MAX_SEQUENCES = 256
 
 
 def typed(body: dict, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
@@ -37,6 +41,23 @@ def typed(body: dict, key: str, kind: type | tuple[type, ...], default: Any = No
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise invalid(f"'{key}' must be of type {names}, got {type(value).__name__}", key)
     return value
+
+
+def count(body: dict, key: str, low: int, default: int | None = None) -> int | None:
+    """An integer field in [low, 2^32 - 1] (what its protobuf field holds), or a 400 naming it."""
+    value = typed(body, key, int)
+    if value is None:
+        return default
+    if not low <= value <= UINT32_MAX:
+        raise invalid(f"'{key}' must be between {low} and {UINT32_MAX}, got {value}", key)
+    return value
+
+
+def token_ids(value: Any) -> bool:
+    """Whether ``value`` is a list of token ids (integers a uint32 holds)."""
+    return isinstance(value, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= UINT32_MAX for t in value
+    )
 
 
 #: OpenAI parameters that would change the output and are not implemented yet.
@@ -81,25 +102,20 @@ def parameters(body: dict, max_tokens_key: str = "max_tokens") -> pb.GenerationP
             setattr(p, key, float(value))
     for key in ("min_p", "frequency_penalty", "presence_penalty"):
         setattr(p, key, float(typed(body, key, (int, float), 0.0)))
-    if (top_k := typed(body, "top_k", int)) is not None:
-        if top_k < 0 and top_k != -1:  # -1 means off, as in vLLM
-            raise invalid("'top_k' must be >= 0 (or -1 for off)", "top_k")
-        p.top_k = max(top_k, 0)
+    if body.get("top_k") == -1:  # -1 means off, as in vLLM
+        p.top_k = 0
+    elif (top_k := count(body, "top_k", 0)) is not None:
+        p.top_k = top_k
     if (seed := typed(body, "seed", int)) is not None:
         p.seed = seed % (1 << 64)
-    max_tokens = typed(body, max_tokens_key, int)
+    max_tokens = count(body, max_tokens_key, 1)
     if max_tokens is None and max_tokens_key != "max_tokens":
-        max_tokens_key = "max_tokens"
-        max_tokens = typed(body, max_tokens_key, int)
+        max_tokens = count(body, "max_tokens", 1)
     if max_tokens is not None:
-        if max_tokens < 1:
-            raise invalid(f"'{max_tokens_key}' must be at least 1", max_tokens_key)
         p.max_new_tokens = max_tokens
     p.stop.extend(_stop(body))
     p.ignore_eos = typed(body, "ignore_eos", bool, False)
-    if (min_tokens := typed(body, "min_tokens", int)) is not None:
-        if min_tokens < 0:
-            raise invalid("'min_tokens' must be >= 0", "min_tokens")
+    if (min_tokens := count(body, "min_tokens", 0)) is not None:
         p.min_new_tokens = min_tokens
     for token, bias in _logit_bias(body).items():
         p.logit_bias[token] = bias
@@ -125,7 +141,7 @@ def _logit_bias(body: dict) -> dict[int, float]:
             token = int(key)
         except ValueError:
             raise invalid(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
-        if token < 0 or isinstance(value, bool) or not isinstance(value, int | float):
+        if not 0 <= token <= UINT32_MAX or isinstance(value, bool) or not isinstance(value, int | float):
             raise invalid("logit_bias maps token ids to numbers in [-100, 100]", "logit_bias")
         result[token] = float(value)
     return result

@@ -14,7 +14,7 @@ from facade import sse
 from facade.choices import StreamSet, generate_all, router_info
 from facade.errors import invalid
 from facade.json_body import json_response, read_json
-from facade.params import response_format, typed
+from facade.params import count, response_format, typed
 from facade.state import ROUTER
 from protos import router_pb2 as pb
 
@@ -55,16 +55,16 @@ def _parameters(body: dict) -> tuple[pb.GenerateRequest, dict]:
         if key in given:
             setattr(p, key, float(typed(given, key, (int, float))))
     p.frequency_penalty = float(typed(given, "frequency_penalty", (int, float), 0.0))
-    p.top_k = typed(given, "top_k", int, 0)
+    p.top_k = count(given, "top_k", 0, 0) or 0
     if "seed" in given:
         p.seed = typed(given, "seed", int) % (1 << 64)
-    if "max_new_tokens" in given:
-        p.max_new_tokens = typed(given, "max_new_tokens", int)
+    if (max_new_tokens := count(given, "max_new_tokens", 1)) is not None:
+        p.max_new_tokens = max_new_tokens
     stops = typed(given, "stop", list, [])
     if not all(isinstance(s, str) for s in stops):
         raise invalid("'stop' must be a list of strings", "stop")
     p.stop.extend(stops)
-    p.top_n_tokens = typed(given, "top_n_tokens", int, 0)
+    p.top_n_tokens = count(given, "top_n_tokens", 0, 0) or 0
     p.logprobs = True  # TGI reports every token's text
     p.response_format.CopyFrom(response_format(given.get("grammar"), "grammar"))
     return pb.GenerateRequest(prompt=inputs, parameters=p), given

@@ -9,7 +9,7 @@ from facade.choices import router_info
 from facade.errors import from_grpc, invalid
 from facade.json_body import json_response, read_json
 from facade.openai_chat import parse_chat
-from facade.params import typed
+from facade.params import UINT32_MAX, token_ids, typed
 from facade.state import ROUTER
 from protos import router_pb2 as pb
 
@@ -38,8 +38,8 @@ async def tokenize(request: web.Request) -> web.Response:
 async def detokenize(request: web.Request) -> web.Response:
     body = await read_json(request)
     tokens = body.get("tokens") if isinstance(body, dict) else None
-    if not isinstance(tokens, list) or not all(isinstance(t, int) and t >= 0 for t in tokens):
-        raise invalid("'tokens' must be an array of token ids", "tokens")
+    if not token_ids(tokens):
+        raise invalid(f"'tokens' must be an array of token ids (integers in 0..{UINT32_MAX})", "tokens")
     try:
         answer = await request.app[ROUTER].Detokenize(pb.DetokenizeRequest(ids=tokens))
     except grpc.aio.AioRpcError as exc:
