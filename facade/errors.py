@@ -17,6 +17,8 @@ _GRPC_TO_HTTP = {
     grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_exceeded"),
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    # The router dropped the call (shutting down, or its own deadline): retry, not a server bug.
+    grpc.StatusCode.CANCELLED: (503, "service_unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
 }
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import grpc
 import pytest
 
-from facade.errors import ApiError
+from facade.errors import ApiError, from_grpc
 from facade.openai_chat import parse_chat
 from facade.openai_completions import parse_completion
 from facade.params import MAX_SEQUENCES, UINT32_MAX, token_ids
@@ -87,3 +88,12 @@ def test_valid_requests_still_pass():
     assert chat.requests[0].parameters.max_new_tokens == UINT32_MAX and chat.requests[0].parameters.top_k == 0
     call = {"type": "function", "function": {"name": "f"}}
     assert parse_chat({"messages": CHAT, "tools": TOOLS, "tool_choice": call}).requests[0].chat.tool_choice_function
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [(grpc.StatusCode.CANCELLED, 503), (grpc.StatusCode.RESOURCE_EXHAUSTED, 429), (grpc.StatusCode.UNAVAILABLE, 503)],
+)
+def test_router_refusals_are_never_a_500(code, status):
+    error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="dropped")
+    assert from_grpc(error).status == status
