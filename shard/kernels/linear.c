@@ -36,6 +36,7 @@
  * can reassociate it, and built with -ffp-contract=off, so that a written a * b + c
  * stays two roundings.
  */
+#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -108,22 +109,58 @@ typedef struct {
     int wtype;
 } Weights;
 
-/* Plain loops over contiguous columns: the compiler vectorises them, and -ffp-contract=off
- * (FLAGS) keeps the multiply and the add two roundings, as GGUF's de-quantization has them. */
+/* One k-row of TILE quantized weights to fp32: (float)q * scale + offset, the multiply and
+ * the add rounded separately (as GGUF's de-quantization; -ffp-contract=off keeps the plain
+ * C form from being fused). The vector forms compute exactly the same values. */
+#if defined(__AVX512F__)
+static inline void unpack_row(int wtype, const void *q, const float *sk, const float *ok, float *row) {
+    __m512i lo, hi;
+    if (wtype == INT4) {
+        const __m128i bytes = _mm_loadu_si128((const __m128i *)q), nibble = _mm_set1_epi8(15);
+        lo = _mm512_cvtepu8_epi32(_mm_and_si128(bytes, nibble));
+        hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
+    } else {
+        lo = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q));
+        hi = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)q + 16)));
+    }
+    _mm512_storeu_ps(row, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), _mm512_loadu_ps(sk)), _mm512_loadu_ps(ok)));
+    _mm512_storeu_ps(row + 16, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), _mm512_loadu_ps(sk + 16)),
+                                             _mm512_loadu_ps(ok + 16)));
+}
+#elif defined(__AVX2__)
+static inline void unpack_row(int wtype, const void *q, const float *sk, const float *ok, float *row) {
+    __m256i lo, hi;
+    if (wtype == INT4) {
+        const __m128i bytes = _mm_loadl_epi64((const __m128i *)q), nibble = _mm_set1_epi8(15);
+        lo = _mm256_cvtepu8_epi32(_mm_and_si128(bytes, nibble));
+        hi = _mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
+    } else {
+        lo = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q));
+        hi = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)q + 8)));
+    }
+    _mm256_storeu_ps(row, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(lo), _mm256_loadu_ps(sk)), _mm256_loadu_ps(ok)));
+    _mm256_storeu_ps(row + 8, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(hi), _mm256_loadu_ps(sk + 8)),
+                                            _mm256_loadu_ps(ok + 8)));
+}
+#else
+static inline void unpack_row(int wtype, const void *q, const float *sk, const float *ok, float *row) {
+    if (wtype == INT4) {
+        const uint8_t *b = (const uint8_t *)q;
+        for (int j = 0; j < TILE / 2; j++) row[j] = (float)(b[j] & 15) * sk[j] + ok[j];
+        for (int j = 0; j < TILE / 2; j++) row[j + TILE / 2] = (float)(b[j] >> 4) * sk[j + TILE / 2] + ok[j + TILE / 2];
+    } else {
+        const int8_t *b = (const int8_t *)q;
+        for (int j = 0; j < TILE; j++) row[j] = (float)b[j] * sk[j] + ok[j];
+    }
+}
+#endif
+
 static void unpack_quantized(const Weights *wt, int64_t t, int64_t K, float *buf) {
     const float *scale = wt->scales + t * (K / GROUP) * TILE, *offset = wt->offsets + t * (K / GROUP) * TILE;
-    for (int64_t k = 0; k < K; k++) {
-        const float *sk = scale + (k / GROUP) * TILE, *ok = offset + (k / GROUP) * TILE;
-        float *row = buf + k * TILE;
-        if (wt->wtype == INT4) {
-            const uint8_t *q = (const uint8_t *)wt->packed + (t * K + k) * (TILE / 2);
-            for (int j = 0; j < TILE / 2; j++) row[j] = (float)(q[j] & 15) * sk[j] + ok[j];
-            for (int j = 0; j < TILE / 2; j++) row[j + TILE / 2] = (float)(q[j] >> 4) * sk[j + TILE / 2] + ok[j + TILE / 2];
-        } else {
-            const int8_t *q = (const int8_t *)wt->packed + (t * K + k) * TILE;
-            for (int j = 0; j < TILE; j++) row[j] = (float)q[j] * sk[j] + ok[j];
-        }
-    }
+    const int64_t row_bytes = wt->wtype == INT4 ? TILE / 2 : TILE;
+    const uint8_t *q = (const uint8_t *)wt->packed + t * K * row_bytes;
+    for (int64_t k = 0; k < K; k++)
+        unpack_row(wt->wtype, q + k * row_bytes, scale + (k / GROUP) * TILE, offset + (k / GROUP) * TILE, buf + k * TILE);
 }
 
 /* Tile t of the weights as fp32 [K][TILE]: in place for fp32, unpacked into buf otherwise. */
