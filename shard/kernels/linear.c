@@ -112,22 +112,9 @@ typedef struct {
 /* One k-row of TILE quantized weights to fp32: (float)q * scale + offset, the multiply and
  * the add rounded separately (as GGUF's de-quantization; -ffp-contract=off keeps the plain
  * C form from being fused). The vector forms compute exactly the same values. */
-#if defined(__AVX512F__)
-static inline void unpack_row(int wtype, const void *q, const float *sk, const float *ok, float *row) {
-    __m512i lo, hi;
-    if (wtype == INT4) {
-        const __m128i bytes = _mm_loadu_si128((const __m128i *)q), nibble = _mm_set1_epi8(15);
-        lo = _mm512_cvtepu8_epi32(_mm_and_si128(bytes, nibble));
-        hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
-    } else {
-        lo = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q));
-        hi = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)q + 16)));
-    }
-    _mm512_storeu_ps(row, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), _mm512_loadu_ps(sk)), _mm512_loadu_ps(ok)));
-    _mm512_storeu_ps(row + 16, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), _mm512_loadu_ps(sk + 16)),
-                                             _mm512_loadu_ps(ok + 16)));
-}
-#elif defined(__AVX2__)
+/* AVX-512 builds (32-column tiles) use the portable loops until a machine with AVX-512 can test
+ * an explicit version bit for bit. */
+#if defined(__AVX2__) && TILE == 16
 static inline void unpack_row(int wtype, const void *q, const float *sk, const float *ok, float *row) {
     __m256i lo, hi;
     if (wtype == INT4) {
