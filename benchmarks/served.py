@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 #: The workplace's shared load generator; LOADGEN overrides where it lives.
 LOADGEN = Path(os.environ.get("LOADGEN") or ROOT.parent / "shared" / "bench" / "loadgen.py")
@@ -127,14 +129,6 @@ def switchyard_argv(port: int) -> list[str]:
 
 def measure(url: str, concurrencies: Sequence[int], seed: int) -> list[Figures]:
     return [loadgen(url, c, seed + i) for i, c in enumerate(concurrencies)]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def row(server: str, f: Figures) -> str:

@@ -14,7 +14,9 @@ import functools
 import hashlib
 import os
 import platform
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 SHARD_PACKAGE = Path(__file__).parent.parent / "shard"
@@ -55,3 +57,19 @@ def file_identity(path: Path) -> str:
     """Name, size and modification time: cheap, and changed by any rewrite of the file."""
     stat = path.stat()
     return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+@contextmanager
+def written_atomically(target: Path, suffix: str) -> Iterator[Path]:
+    """A scratch path beside ``target``, renamed onto it if the block succeeds, removed if not.
+
+    The rename is atomic: a crash, or a concurrent start writing the same entry (tensor-parallel
+    ranks, two stacks), never leaves a half-written file under the final name."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=suffix, delete=False) as tmp:
+        partial = Path(tmp.name)
+    try:
+        yield partial
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)

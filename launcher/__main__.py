@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 
+from common.ports import free_port
 from common.settings import env_int, env_str, process_env
 from launcher.supervisor import Supervisor
 
@@ -81,7 +81,7 @@ def start_services(args: argparse.Namespace, supervisor: Supervisor, sockets: st
     model = ["--model-id", args.model_id] if args.model_id else []
     shard_prefix = os.path.join(sockets, "shard")
     router_socket = f"unix://{os.path.join(sockets, 'router.sock')}"
-    rendezvous = ["--master-port", str(_free_port())] if args.num_shard > 1 else []
+    rendezvous = ["--master-port", str(free_port())] if args.num_shard > 1 else []
     threads = shard_threads(args.num_shard, process_env())
     for rank in range(args.num_shard):
         shard = ["-m", "shard", *model, *threads, "--uds-path", shard_prefix, "--rank", str(rank)]
@@ -95,17 +95,11 @@ def start_shards_over_tcp(args: argparse.Namespace, supervisor: Supervisor) -> N
     """All ranks of one model replica, rank r on port base + r (their host comes from SHARD_ADVERTISE_HOST)."""
     model = ["--model-id", args.model_id] if args.model_id else []
     host, port = args.shard_listen.rsplit(":", 1)
-    rendezvous = ["--master-port", str(_free_port())] if args.num_shard > 1 else []
+    rendezvous = ["--master-port", str(free_port())] if args.num_shard > 1 else []
     for rank in range(args.num_shard):
         listen = f"{host}:{int(port) + rank}"
         shard = ["-m", "shard", *model, "--listen", listen, "--rank", str(rank), "--world-size", str(args.num_shard)]
         supervisor.start(f"shard-{rank}", [*shard, *rendezvous])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_ready(url: str, supervisor: Supervisor, timeout_s: float, phase: Callable[[], str]) -> None:

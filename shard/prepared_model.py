@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +25,14 @@ import torch
 import transformers
 from transformers import PreTrainedModel
 
-from common.disk_cache import cache_root, code_fingerprint, digest, file_identity, host_fingerprint
+from common.disk_cache import (
+    cache_root,
+    code_fingerprint,
+    digest,
+    file_identity,
+    host_fingerprint,
+    written_atomically,
+)
 from common.model_source import ModelSource
 from shard import attention
 from shard.model_loader import load_model
@@ -85,18 +91,12 @@ def _save(model: PreTrainedModel, path: Path) -> None:
     if shutil.disk_usage(path.parent).free < MIN_FREE_BYTES:
         log.warning("not caching the prepared model: less than %d GiB free in %s", MIN_FREE_BYTES >> 30, path.parent)
         return
-    # Written aside and renamed into place (atomic): a crash or a concurrent start
-    # never leaves a half-written entry under the final name.
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as tmp:
-        partial = Path(tmp.name)
     try:
-        torch.save(model, partial)
-        partial.replace(path)
+        with written_atomically(path, ".part") as partial:
+            torch.save(model, partial)
     except Exception as exc:  # not picklable, disk full, ...: serve anyway, just slower next time
         log.warning("could not cache the prepared model: %s", exc)
         return
-    finally:
-        partial.unlink(missing_ok=True)
     log.info("prepared model cached in %s (%.1f s)", path, time.perf_counter() - started)
     _evict(path.parent, keep=path)
 

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from common.model_source import resolve_model
+from common.ports import free_port
 from router.tokenization import Tokenizer
 from tests.models import build_tiny_model
 
@@ -35,12 +35,6 @@ def tiny_model_dir(tmp_path_factory) -> Callable[[str], Path]:
 def tokenizer(tiny_model_dir) -> Tokenizer:
     """SmolLM2's tokenizer and chat template, as saved with the tiny models."""
     return Tokenizer.load(resolve_model(str(tiny_model_dir("llama"))))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -23,12 +23,11 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-from common.disk_cache import cache_root, digest, host_fingerprint
+from common.disk_cache import cache_root, digest, host_fingerprint, written_atomically
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +64,11 @@ def _build(compiler: str, name: str) -> Path:
     target = cache_dir() / f"{name}-{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Concurrent shards (tensor-parallel ranks) may build at once: each writes its
-    # own file and renames it into place, which is atomic.
-    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
-        partial = Path(tmp.name)
-    try:
+    # Concurrent shards (tensor-parallel ranks) may build at once: each writes its own file.
+    with written_atomically(target, ".so") as partial:
         subprocess.run(
             [compiler, *FLAGS, "-I", str(HERE), "-o", str(partial), str(source), "-lm"], check=True, capture_output=True
         )
-        partial.replace(target)
-    finally:
-        partial.unlink(missing_ok=True)
     return target
 
 
