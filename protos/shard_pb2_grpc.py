@@ -87,7 +87,8 @@ class ShardServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Health(self, request, context):
-        """/ Liveness: answers once the model is loaded.
+        """/ Liveness: answers once the model is loaded, saying whether it is warm and which
+        / process it is (a restarted shard has a new instance id and an empty KV cache).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

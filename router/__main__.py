@@ -16,6 +16,7 @@ from router.blocks import BlockAllocator
 from router.config import Limits, RouterConfig, parse_config
 from router.generation_defaults import load_defaults
 from router.metrics import RouterMetrics
+from router.recovery import ShardLink, WarmupPlan
 from router.scheduler import Scheduler
 from router.server import RouterServicer, ServedModel, create_server
 from router.shard_client import ShardClient
@@ -40,9 +41,10 @@ async def serve(config: RouterConfig) -> None:
     shards = await ShardClient.connect(config.shard_entry, SHARD_CONNECT_TIMEOUT_S, tracing.grpc_client_interceptors())
     info = await shards.info()
     limits = Limits.resolve(config, info.max_position_embeddings, info.device)
-    warm = await shards.warmup(
-        limits.max_batch_prefill_tokens, limits.max_batch_size, config.max_batch_total_tokens or 0
+    link = ShardLink(
+        shards, WarmupPlan(limits.max_batch_prefill_tokens, limits.max_batch_size, config.max_batch_total_tokens or 0)
     )
+    warm = await link.warm_up()
     limits = _fit_to_cache(config, limits, warm.max_supported_total_tokens)
     log.info(
         "shards warm: %d KV blocks of %d tokens; limits %s",
@@ -52,7 +54,7 @@ async def serve(config: RouterConfig) -> None:
     )
     allocator = BlockAllocator(warm.num_blocks, warm.block_size)
     tracer = tracing.tracer("switchyard.router")
-    scheduler = Scheduler(shards, allocator, limits, tokenizer, RouterMetrics(), tracer)
+    scheduler = Scheduler(link, allocator, limits, tokenizer, RouterMetrics(), tracer, config.shard_recovery_timeout)
     validator = Validator(
         tokenizer, limits, config.max_stop_sequences, config.max_top_n_tokens, info.vocab_size, load_defaults(source)
     )

@@ -35,6 +35,8 @@ class RouterConfig:
     max_waiting_tokens: int
     otlp_endpoint: str | None = None
     otlp_service_name: str = "switchyard-router"
+    #: Seconds a request waits for a restarted shard before it fails.
+    shard_recovery_timeout: float = 60.0
 
     @property
     def shard_entry(self) -> str:
@@ -120,6 +122,12 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> RouterCo
         default=env_float(env, "WAITING_SERVED_RATIO", default=1.2),
     )
     p.add_argument("--max-waiting-tokens", type=int, default=env_int(env, "MAX_WAITING_TOKENS", default=20))
+    p.add_argument(
+        "--shard-recovery-timeout",
+        type=float,
+        default=env_float(env, "SHARD_RECOVERY_TIMEOUT", default=60.0),
+        help="seconds a request waits for a restarted shard before it fails [SHARD_RECOVERY_TIMEOUT]",
+    )
     add_tracing_args(p, env, "switchyard-router")
     a = p.parse_args(argv)
     for name in ("max_batch_size", "max_concurrent_requests"):
@@ -142,4 +150,5 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> RouterCo
         max_waiting_tokens=a.max_waiting_tokens,
         otlp_endpoint=a.otlp_endpoint,
         otlp_service_name=a.otlp_service_name,
+        shard_recovery_timeout=a.shard_recovery_timeout,
     )

@@ -18,7 +18,7 @@ from typing import Any
 
 import xgrammar as xgr
 
-from router.validation_error import ValidationError
+from router.errors import ValidationError
 
 TOOL_CALL_MARKER = "<tool_call>"
 #: UTF-16 surrogates: code points that xgrammar's negated classes admit, but that UTF-8

@@ -34,6 +34,9 @@ class RouterMetrics:
             "switchyard_prefill_tokens", "Prompt tokens computed by prefill steps", registry=r
         )
         self.preemptions = Counter("switchyard_preemptions", "Requests preempted for lack of KV blocks", registry=r)
+        self.shard_recoveries = Counter(
+            "switchyard_shard_recoveries", "Shard restarts the router recovered from (re-warm, recompute)", registry=r
+        )
         self.requests = Counter("tgi_request_count", "Requests received", registry=r)
         self.outcomes = Counter("switchyard_request_outcome", "Finished requests by outcome", ["outcome"], registry=r)
         self.step_duration = Histogram(

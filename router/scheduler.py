@@ -10,7 +10,10 @@ bounds how long a step with a new prompt holds back the running streams. Request
 are served first come, first served: nobody overtakes the head of the queue. When
 KV blocks run out mid-generation the youngest running request is preempted: it
 returns to the head of the queue keeping its tokens, and is recomputed (mostly
-from the prefix cache) when blocks free up.
+from the prefix cache) when blocks free up. When a shard process dies, every
+running request is treated the same way once the restarted shard is warm again
+(``_recover``): its caller sees the stream pause, never an error, unless the
+shard stays away longer than the recovery timeout.
 """
 
 from __future__ import annotations
@@ -18,38 +21,47 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import deque
 
 from opentelemetry import trace
 
-from common.grpc_errors import ServiceError
 from router.blocks import NEW_CHAIN, BlockAllocator, OutOfBlocks
 from router.config import Limits
+from router.errors import ShardFailure, ShardsUnavailable
 from router.grammar import parse_tool_calls
 from router.metrics import RouterMetrics
+from router.recovery import ShardLink
 from router.request import Phase, Request, StreamEvent, TokenInfo
-from router.shard_client import PrefillItem, ShardClient, ShardGeneration, StepAnswer
+from router.shard_client import PrefillItem, ShardGeneration, StepAnswer
 from router.tokenization import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
-class ShardFailure(ServiceError):
-    """A shard call failed; the requests it carried end with this error."""
+#: How often an idle router checks that its shards are still the ones it warmed up.
+IDLE_CHECK_INTERVAL_S = 1.0
+#: How long a request waits for a restarted shard before it ends with an error (SHARD_RECOVERY_TIMEOUT).
+DEFAULT_RECOVERY_TIMEOUT_S = 60.0
 
 
 class Scheduler:
     def __init__(
         self,
-        shards: ShardClient,
+        link: ShardLink,
         allocator: BlockAllocator,
         limits: Limits,
         tokenizer: Tokenizer,
         metrics: RouterMetrics | None = None,
         tracer: trace.Tracer | None = None,
+        recovery_timeout_s: float = DEFAULT_RECOVERY_TIMEOUT_S,
     ):
         self.tracer = tracer or trace.NoOpTracer()
-        self.shards = shards
+        self.link = link
+        self.shards = link.shards
+        self.recovery_timeout_s = recovery_timeout_s
+        #: Why the shards cannot serve right now (a restart being recovered), or None.
+        self.unavailable: str | None = None
         self.allocator = allocator
         self.limits = limits
         self.tokenizer = tokenizer
@@ -83,12 +95,36 @@ class Scheduler:
     async def run(self) -> None:
         while True:
             if not self.waiting and not self.active:
-                self._wake.clear()
-                await self._wake.wait()
+                await self._idle()
+                continue
             try:
                 await self.step()
-            except Exception as exc:  # a shard fault: fail the batch, keep serving
-                await self._fail_active(exc)
+            except Exception as exc:
+                why = await self.link.problem()
+                if why is None:  # the shard is fine: a fault of this step, fail its requests
+                    await self._fail_active(exc)
+                else:
+                    log.warning("shard step failed (%s): %s", why, exc)
+                    await self._recover(why)
+
+    async def _idle(self) -> None:
+        """Sleeps until work arrives, checking meanwhile that the shards were not restarted."""
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), IDLE_CHECK_INTERVAL_S)
+        except TimeoutError:
+            why = await self.link.problem()
+            if why is not None:
+                await self._recover(why)
+
+    async def check_shards(self) -> None:
+        """For Health: raises ShardsUnavailable while the shards cannot serve (and starts recovering them)."""
+        if self.unavailable is None:
+            why = await self.link.problem()
+            if why is None:
+                return
+            self.unavailable = why  # the loop notices it at its next idle check or failed step
+        raise ShardsUnavailable(self.unavailable)
 
     async def step(self) -> None:
         """One shard call and one forward: prompt chunks and decode tokens together."""
@@ -314,9 +350,53 @@ class Scheduler:
                 await self.shards.clear(self.batch_id)
         self._shard_members = keep
 
+    # --- shard restarts -----------------------------------------------------------
+
+    async def _recover(self, why: str) -> None:
+        """Warms the restarted shards and queues every running request for recomputation.
+
+        The shards' KV is gone, so the allocator starts empty (its prefix cache
+        described that KV) and each running request goes back to the head of the
+        queue, oldest first, keeping its generated tokens. Requests that wait longer
+        than the recovery timeout meanwhile end with an error.
+        """
+        self.unavailable = why
+        self.metrics.shard_recoveries.inc()
+        started = time.monotonic()
+        log.warning("%s: recomputing %d running requests once it is warm", why, len(self.active))
+        for r in reversed(self.active):
+            r.blocks, r.computed, r.chain, r.phase = [], 0, NEW_CHAIN, Phase.WAITING
+            self.waiting.appendleft(r)
+        self.active = []
+        self._shard_members = []
+        self.batch_id += 1
+        restore = asyncio.create_task(self.link.restore())
+        while not restore.done():
+            self._expire_waiting(started)
+            self._update_gauges()
+            await asyncio.wait([restore], timeout=0.5)
+        warm = restore.result()
+        self.allocator = BlockAllocator(warm.num_blocks, warm.block_size)
+        for r in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(r)
+            self._finish(r, "cancelled")
+        self.unavailable = None
+        log.info("shards warm again after %.1fs; resuming %d requests", time.monotonic() - started, len(self.waiting))
+        self._update_gauges()
+
+    def _expire_waiting(self, recovery_started: float) -> None:
+        now = time.monotonic()
+        for r in list(self.waiting):
+            if now - max(r.arrived_at, recovery_started) > self.recovery_timeout_s:
+                error = ShardsUnavailable(f"the model server did not recover within {self.recovery_timeout_s:.0f}s")
+                r.events.put_nowait(StreamEvent("", (), error=error))
+                self.waiting.remove(r)
+                self._finish(r, "error")
+
     async def _fail_active(self, exc: Exception) -> None:
-        log.error("shard step failed, failing %d requests: %s", len(self.active), exc)
-        error = ShardFailure(f"the model shard failed: {exc}")
+        fault_id = uuid.uuid4().hex[:12]
+        log.error("fault %s: shard step failed, failing %d requests: %s", fault_id, len(self.active), exc)
+        error = ShardFailure(f"the model failed to compute this request (fault id {fault_id})")
         for r in list(self.active):
             r.events.put_nowait(StreamEvent("", (), error=error))
             self._finish(r, "error")

@@ -17,6 +17,7 @@ from common.grpc_errors import ErrorInterceptor, ServiceError
 from common.tracing import Tracing
 from protos import router_pb2 as pb
 from protos import router_pb2_grpc as pb_grpc
+from router.errors import Overloaded, ShuttingDown
 from router.request import Request, StreamEvent
 from router.scheduler import Scheduler
 from router.validation import Validator
@@ -31,10 +32,6 @@ FINISH_REASONS = {
     "stop_sequence": pb.FINISH_REASON_STOP_SEQUENCE,
     "tool_calls": pb.FINISH_REASON_TOOL_CALLS,
 }
-
-
-class Overloaded(ServiceError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 @dataclass(frozen=True)
@@ -68,7 +65,7 @@ class RouterServicer(pb_grpc.RouterServicer):
     async def _events(self, message: pb.GenerateRequest) -> AsyncIterator[StreamEvent]:
         """Admits a request and yields its events; a caller that goes away cancels it."""
         if self.draining:
-            raise ServiceError("the server is shutting down", code=grpc.StatusCode.UNAVAILABLE)
+            raise ShuttingDown("the server is shutting down; retry on another replica or after the restart")
         if self.in_flight >= self.max_concurrent:
             raise Overloaded(f"the server is overloaded: {self.max_concurrent} requests are in flight; retry later")
         with self.tracer.start_as_current_span("validate"):
@@ -155,7 +152,9 @@ class RouterServicer(pb_grpc.RouterServicer):
         )
 
     async def Health(self, request, context):
-        await self.scheduler.shards.health()
+        if self.draining:
+            raise ShuttingDown("shutting down")
+        await self.scheduler.check_shards()
         return pb.HealthResponse()
 
     async def Metrics(self, request, context):

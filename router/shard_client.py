@@ -74,8 +74,10 @@ class ShardClient:
     async def info(self) -> pb.InfoResponse:
         return await self._stubs[0].Info(pb.InfoRequest())
 
-    async def health(self) -> None:
-        await self._all("Health", pb.HealthRequest())
+    async def health(self, timeout_s: float) -> list[pb.HealthResponse]:
+        """Every rank's health (raises AioRpcError if one does not answer within ``timeout_s``)."""
+        request = pb.HealthRequest()
+        return list(await asyncio.gather(*(stub.Health(request, timeout=timeout_s) for stub in self._stubs)))
 
     async def warmup(self, prefill_tokens: int, batch_size: int, total_tokens: int) -> pb.WarmupResponse:
         message = pb.WarmupRequest(

@@ -16,7 +16,7 @@ from router.grammar import TOOL_CALL_MARKER, json_object_grammar, json_schema_gr
 from router.request import Request
 from router.stopping import StopCondition, TextStream
 from router.tokenization import NoChatTemplate, Tokenizer
-from router.validation_error import ValidationError
+from router.errors import ValidationError
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 

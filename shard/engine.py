@@ -81,6 +81,8 @@ class Engine:
         self.vocab_size = int(text_config.vocab_size)
         self.store = BatchStore()
         self.cache: PagedKVCache | None = None
+        #: Warmup completed: steps can run (Health reports it).
+        self.warm = False
         #: Set by the server when constrained decoding is available (it needs the tokenizer).
         self.grammar_compiler: Any = None
 
@@ -116,9 +118,11 @@ class Engine:
                 f"out of memory for the KV cache: a budget of {budget / 2**20:.1f} MiB "
                 f"({self.kv_fraction:.0%} of free memory) holds fewer than 2 blocks; raise --kv-cache-fraction"
             )
+        self.warm = False
         self.store.clear(None)
         self.cache = PagedKVCache(layout, int(wanted), self.block_size, self.device)
         self._warmup_step(min(max_prefill_tokens, self.cache.num_slots, self.max_positions))
+        self.warm = True
         return int(wanted)
 
     def _warmup_step(self, tokens: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
+import uuid
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -68,6 +69,8 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         self.config = config
         self.model_name = model_name
         self.architecture = architecture
+        #: Tells the router this process from the one before it at the same address.
+        self.instance_id = uuid.uuid4().hex
         # torch work runs on one thread so the event loop keeps answering Health;
         # one thread also serialises steps, which share the batch store.
         self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
@@ -89,7 +92,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         )
 
     async def Health(self, request, context):
-        return pb.HealthResponse()
+        return pb.HealthResponse(warm=self.engine.warm, instance_id=self.instance_id)
 
     async def ServiceDiscovery(self, request, context):
         urls = [self.config.address_of(r) for r in range(self.config.world_size)]

@@ -42,8 +42,11 @@ class FakeEngine:
         self.calls: list[str] = []
         #: Makes the next step raise, as a crashing model would.
         self.fail_next_step = False
+        self.warm = False
 
     def warmup(self, max_prefill_tokens: int, max_batch_size: int, max_total_tokens: int) -> int:
+        self.store.clear(None)
+        self.warm = True
         return self.num_blocks
 
     def prefill(self, batch_id: int, requests: list[NewRequest]) -> StepResult:
@@ -94,6 +97,8 @@ class FakeEngine:
         return block * self.block_size + position % self.block_size
 
     def _run(self, work: list[tuple[Sequence, int]]) -> list[Generation]:
+        if not self.warm:
+            raise CapacityError("the shard is not warmed up: call Warmup first")
         if self.fail_next_step:
             self.fail_next_step = False
             raise RuntimeError("injected fault")

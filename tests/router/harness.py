@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -9,10 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from common.tracing import Tracing
 from protos import router_pb2 as pb
 from router.blocks import BlockAllocator
 from router.config import Limits
+from router.recovery import ShardLink, WarmupPlan
 from router.request import Request
 from router.scheduler import Scheduler
 from router.shard_client import ShardClient
@@ -29,6 +33,14 @@ class Harness:
     validator: Validator
     engine: FakeEngine
     ids: itertools.count
+    shard: ShardProcess
+
+    async def restart_shard(self, down_s: float = 0.0) -> None:
+        """The shard dies (its calls in flight fail, its KV is gone) and a new one starts at the same address."""
+        await self.shard.stop()
+        await asyncio.sleep(down_s)
+        self.engine = FakeEngine(self.engine.num_blocks, self.engine.block_size, verify=self.engine.verify)
+        await self.shard.start(self.engine)
 
     def request(self, prompt: str, max_new_tokens: int = 8, seed: int = 0) -> Request:
         # Greedy: tests compare with transformers' greedy generate.
@@ -56,6 +68,25 @@ def expected_tokens(r: Request) -> list[int]:
     return tokens[len(r.prompt_ids) :]
 
 
+@dataclass
+class ShardProcess:
+    """A shard server in this process, standing in for one shard process."""
+
+    config: ShardConfig
+    tracing: Tracing
+    server: grpc.aio.Server | None = None
+
+    async def start(self, engine: Any) -> None:
+        servicer = ShardServicer(engine, self.config, "fake", "FakeForCausalLM", self.tracing)
+        self.server = create_server(servicer, self.config.address, self.tracing)
+        await self.server.start()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(None)
+            self.server = None
+
+
 @asynccontextmanager
 async def fake_router(
     tokenizer: Tokenizer,
@@ -75,9 +106,8 @@ async def fake_router(
     engine = engine or FakeEngine(num_blocks, block_size, verify=verify)
     config = ShardConfig(None, None, "cpu", 0, 1, str(sockets / "shard"), None, block_size, 0.1)
     tracing = tracing or Tracing()
-    servicer = ShardServicer(engine, config, "fake", "FakeForCausalLM", tracing)  # type: ignore[arg-type]
-    server = create_server(servicer, config.address, tracing)
-    await server.start()
+    shard = ShardProcess(config, tracing)
+    await shard.start(engine)
     shards = await ShardClient.connect(config.address, timeout=10, interceptors=tracing.grpc_client_interceptors())
     try:
         limits = Limits(
@@ -88,10 +118,12 @@ async def fake_router(
             waiting_served_ratio,
             max_waiting_tokens,
         )
+        link = ShardLink(shards, WarmupPlan(max_batch_prefill_tokens, max_batch_size, 0))
+        await link.warm_up()
         allocator = BlockAllocator(num_blocks, block_size)
-        scheduler = Scheduler(shards, allocator, limits, tokenizer, tracer=tracing.tracer("switchyard.router"))
+        scheduler = Scheduler(link, allocator, limits, tokenizer, tracer=tracing.tracer("switchyard.router"))
         validator = Validator(tokenizer, limits, max_stop_sequences=4)
-        yield Harness(scheduler, validator, engine, itertools.count(1))
+        yield Harness(scheduler, validator, engine, itertools.count(1), shard)
     finally:
         await shards.close()
-        await server.stop(None)
+        await shard.stop()

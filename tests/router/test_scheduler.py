@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from router.errors import ShardsUnavailable
 from router.request import Phase
 from tests.router.harness import expected_tokens, fake_router
 
@@ -102,13 +103,91 @@ async def test_shard_failure_fails_requests_and_keeps_serving(tokenizer, tmp_pat
             events: list = []
             while not events or (events[-1].error is None and events[-1].finish_reason is None):
                 events.append(await asyncio.wait_for(doomed.events.get(), 5))
-            assert events[-1].error is not None and "shard failed" in str(events[-1].error)
+            assert events[-1].error is not None and "fault id" in str(events[-1].error)
             assert h.scheduler.allocator.used_blocks == 0
             fine = h.request("second", max_new_tokens=4)
             h.scheduler.submit(fine)
             while (event := await asyncio.wait_for(fine.events.get(), 5)).finish_reason is None:
                 assert event.error is None
             assert fine.generated == expected_tokens(fine)
+        finally:
+            loop.cancel()
+
+
+async def _collect(r, timeout_s: float = 10.0) -> list:
+    events: list = []
+    while not events or (events[-1].error is None and events[-1].finish_reason is None):
+        events.append(await asyncio.wait_for(r.events.get(), timeout_s))
+    return events
+
+
+async def test_a_shard_restart_mid_stream_is_invisible_to_callers(tokenizer, tmp_path):
+    """The shard dies with requests prefilling and decoding: every stream continues with the tokens of
+    an uninterrupted run (recomputed on the new shard), and no caller sees an error."""
+    async with fake_router(tokenizer, tmp_path, num_blocks=64, max_batch_prefill_tokens=8) as h:
+        loop = asyncio.create_task(h.scheduler.run())
+        try:
+            rng = random.Random(7)
+            requests = [h.request(prompt(rng, 6 + 4 * i), max_new_tokens=30, seed=i) for i in range(4)]
+            collectors = []
+            for r in requests:
+                h.scheduler.submit(r)
+                collectors.append(asyncio.create_task(_collect(r)))
+            while not any(len(r.generated) >= 5 for r in requests):
+                await asyncio.sleep(0.001)
+            assert all(len(r.generated) < 30 for r in requests)  # all in flight when the shard dies
+            await h.restart_shard(down_s=0.3)
+            for r, events in zip(requests, await asyncio.gather(*collectors), strict=True):
+                assert all(e.error is None for e in events), [e.error for e in events if e.error]
+                assert events[-1].finish_reason == "length"
+                assert r.generated == expected_tokens(r)
+                assert [t.id for e in events for t in e.tokens] == r.generated  # nothing repeated or missing
+            assert h.scheduler.metrics.shard_recoveries._value.get() == 1
+            assert h.engine.warm and h.scheduler.allocator.used_blocks == 0
+            await h.scheduler.check_shards()  # healthy again
+        finally:
+            loop.cancel()
+
+
+async def test_an_idle_router_warms_a_restarted_shard(tokenizer, tmp_path):
+    async with fake_router(tokenizer, tmp_path) as h:
+        loop = asyncio.create_task(h.scheduler.run())
+        try:
+            await h.restart_shard()
+            with pytest.raises(ShardsUnavailable):
+                await h.scheduler.check_shards()
+            for _ in range(50):
+                if h.engine.warm and h.scheduler.unavailable is None:
+                    break
+                await asyncio.sleep(0.1)
+            await h.scheduler.check_shards()
+            r = h.request("after the restart", max_new_tokens=4)
+            h.scheduler.submit(r)
+            events = await _collect(r)
+            assert events[-1].finish_reason == "length" and r.generated == expected_tokens(r)
+        finally:
+            loop.cancel()
+
+
+async def test_requests_fail_cleanly_when_the_shard_stays_away(tokenizer, tmp_path):
+    async with fake_router(tokenizer, tmp_path) as h:
+        h.scheduler.recovery_timeout_s = 0.5
+        loop = asyncio.create_task(h.scheduler.run())
+        try:
+            await h.shard.stop()
+            r = h.request("a story", max_new_tokens=20)
+            h.scheduler.submit(r)
+            events = await _collect(r)
+            assert isinstance(events[-1].error, ShardsUnavailable)
+            assert "did not recover within" in str(events[-1].error)
+            await h.shard.start(h.engine)  # the same process again: warm, same instance id
+            for _ in range(50):
+                if h.scheduler.unavailable is None:
+                    break
+                await asyncio.sleep(0.1)
+            late = h.request("later", max_new_tokens=3)
+            h.scheduler.submit(late)
+            assert (await _collect(late))[-1].finish_reason == "length"
         finally:
             loop.cancel()
 

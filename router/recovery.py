@@ -1,0 +1,73 @@
+"""Which shard processes the router warmed, and bringing back ones that restarted.
+
+A shard that dies loses every sequence's KV; the launcher (or compose) starts a
+new process at the same address. The router tells the two apart by the
+``instance_id`` each shard process reports in Health, re-runs Warmup on the new
+one, and the scheduler recomputes what the lost KV held (prompt plus the tokens
+already generated, as after a preemption), so the streams continue unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from protos import shard_pb2 as pb
+from router.shard_client import ShardClient
+
+log = logging.getLogger(__name__)
+
+#: Health probes answer from the shard's event loop, even during a long step.
+HEALTH_TIMEOUT_S = 2.0
+#: How often a lost shard is probed while it restarts.
+RETRY_INTERVAL_S = 0.2
+
+
+@dataclass(frozen=True)
+class WarmupPlan:
+    """The Warmup arguments, kept so a restarted shard is warmed exactly like the first one."""
+
+    prefill_tokens: int
+    batch_size: int
+    total_tokens: int
+
+
+class ShardLink:
+    def __init__(self, shards: ShardClient, plan: WarmupPlan):
+        self.shards = shards
+        self.plan = plan
+        #: Instance id of every rank as of the last Warmup.
+        self.instances: list[str] = []
+
+    async def warm_up(self) -> pb.WarmupResponse:
+        """Warms every rank and remembers which processes hold the cache."""
+        answer = await self.shards.warmup(self.plan.prefill_tokens, self.plan.batch_size, self.plan.total_tokens)
+        # A rank that restarted between the two calls reports warm=False at the next check.
+        self.instances = [h.instance_id for h in await self.shards.health(HEALTH_TIMEOUT_S)]
+        return answer
+
+    async def problem(self) -> str | None:
+        """Why the warmed shards can no longer serve (unreachable, restarted, cold), or None."""
+        try:
+            answers = await self.shards.health(HEALTH_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("shard health: %s", exc)
+            return "a model shard is unavailable"
+        if [a.instance_id for a in answers] != self.instances:
+            return "a model shard restarted"
+        if not all(a.warm for a in answers):
+            return "a model shard is not warmed up"
+        return None
+
+    async def restore(self) -> pb.WarmupResponse:
+        """Waits until every rank answers again, then warms them up; retried until it succeeds."""
+        while True:
+            try:
+                await self.shards.health(HEALTH_TIMEOUT_S)
+                return await self.warm_up()
+            except grpc.aio.AioRpcError as exc:
+                log.debug("shards not back yet: %s", exc.code().name)
+            await asyncio.sleep(RETRY_INTERVAL_S)
