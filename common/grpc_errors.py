@@ -3,7 +3,10 @@
 Services raise ``ServiceError`` subclasses with the status they mean; anything
 else is a fault, logged with an id and reported as INTERNAL without a stack
 trace. ``PARAM_KEY`` trailing metadata names the offending request field so the
-facade can fill OpenAI's ``error.param``.
+facade can fill OpenAI's ``error.param``; ``MESSAGE_KEY`` marks a status whose
+message our service wrote for the end user (a status gRPC itself made, such as
+"failed to connect to all addresses; ... unix:/tmp/...", carries debug text the
+facade must not pass on).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import grpc
 log = logging.getLogger(__name__)
 
 PARAM_KEY = "switchyard-param"
+MESSAGE_KEY = "switchyard-message"
 
 
 class ServiceError(Exception):
@@ -30,7 +34,8 @@ class ServiceError(Exception):
             self.code = code
 
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
-        return ((PARAM_KEY, self.param),) if self.param else ()
+        mark = ((MESSAGE_KEY, "1"),)
+        return ((PARAM_KEY, self.param), *mark) if self.param else mark
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
@@ -38,7 +43,9 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
         await context.abort(exc.code, str(exc), trailing_metadata=exc.trailing_metadata())
     fault_id = uuid.uuid4().hex[:12]
     log.exception("internal fault %s", fault_id, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (fault id {fault_id})")
+    await context.abort(
+        grpc.StatusCode.INTERNAL, f"internal error (fault id {fault_id})", trailing_metadata=((MESSAGE_KEY, "1"),)
+    )
 
 
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -86,9 +93,18 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-def param_of(error: grpc.aio.AioRpcError) -> str | None:
-    """The request field a status names, if any."""
+def _metadata(error: grpc.aio.AioRpcError, wanted: str) -> str | None:
     for key, value in error.trailing_metadata() or ():
-        if key == PARAM_KEY:
+        if key == wanted:
             return str(value)
     return None
+
+
+def param_of(error: grpc.aio.AioRpcError) -> str | None:
+    """The request field a status names, if any."""
+    return _metadata(error, PARAM_KEY)
+
+
+def written_for_users(error: grpc.aio.AioRpcError) -> bool:
+    """Whether the status message came from our services (else it is gRPC's own, for logs only)."""
+    return _metadata(error, MESSAGE_KEY) == "1"

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from common.grpc_channels import RECONNECT_OPTIONS
 from common.tracing import Tracing
+from facade import sse
 from facade.config import FacadeConfig
 from facade.errors import ApiError
 from facade.metrics import FacadeMetrics
@@ -32,7 +33,7 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
     try:
         return await handler(request)
     except ApiError as exc:
-        return exc.response()
+        return await sse.end_with_error(request, exc) or exc.response()
     except web.HTTPRequestEntityTooLarge as exc:
         return ApiError(413, f"the request body is too large: {exc.text}", "invalid_request_error").response()
     except web.HTTPException as exc:
@@ -44,7 +45,8 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
     except Exception:
         fault_id = uuid.uuid4().hex[:12]
         log.exception("fault %s handling %s %s", fault_id, request.method, request.path)
-        return ApiError(500, f"internal error (fault id {fault_id})", "internal_error").response()
+        error = ApiError(500, f"internal error (fault id {fault_id})", "internal_error")
+        return await sse.end_with_error(request, error) or error.response()
 
 
 def create_app(config: FacadeConfig, tracing: Tracing | None = None) -> web.Application:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import uuid
+
 import grpc
 import orjson
 from aiohttp import web
 
-from common.grpc_errors import param_of
+from common.grpc_errors import param_of, written_for_users
+
+log = logging.getLogger(__name__)
 
 #: Router field names that OpenAI clients know under another name.
 _OPENAI_PARAM = {"max_new_tokens": "max_tokens"}
@@ -21,6 +26,18 @@ _GRPC_TO_HTTP = {
     grpc.StatusCode.CANCELLED: (503, "service_unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
 }
+
+#: What a client reads when gRPC itself ended the call (its text names sockets and
+#: transport internals, which go to the log with a fault id instead).
+_TRANSPORT_MESSAGE = {
+    grpc.StatusCode.UNAVAILABLE: "the model server is unavailable (starting or restarting); retry shortly",
+    grpc.StatusCode.CANCELLED: "the model server dropped the request (it restarted or is stopping); retry it",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the model server did not answer in time",
+}
+
+#: Seconds a client is asked to wait before retrying a 503 or 429: a restarted service
+#: is back within seconds, and the facade reconnects within one.
+RETRY_AFTER_S = 1
 
 
 class ApiError(Exception):
@@ -40,6 +57,7 @@ class ApiError(Exception):
         self.type = type_
         self.param = param
         self.code = code
+        self.headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else {}
 
     def body(self) -> dict:
         return {
@@ -52,7 +70,9 @@ class ApiError(Exception):
         }
 
     def response(self) -> web.Response:
-        return web.Response(status=self.status, body=orjson.dumps(self.body()), content_type="application/json")
+        return web.Response(
+            status=self.status, body=orjson.dumps(self.body()), content_type="application/json", headers=self.headers
+        )
 
 
 def invalid(message: str, param: str | None = None) -> ApiError:
@@ -62,7 +82,11 @@ def invalid(message: str, param: str | None = None) -> ApiError:
 def from_grpc(error: grpc.aio.AioRpcError) -> ApiError:
     status, type_ = _GRPC_TO_HTTP.get(error.code(), (500, "internal_error"))
     param = param_of(error)
-    message = error.details() or error.code().name
-    if status == 500:
-        message = f"the server failed to process the request: {message}"
+    if written_for_users(error):
+        message = error.details() or error.code().name
+    else:
+        fault_id = uuid.uuid4().hex[:12]
+        log.warning("fault %s: router call ended by gRPC: %s %s", fault_id, error.code().name, error.details())
+        generic = _TRANSPORT_MESSAGE.get(error.code(), "internal error")
+        message = f"{generic} (fault id {fault_id})"
     return ApiError(status, message, type_, _OPENAI_PARAM.get(param or "", param), error.code().name.lower())

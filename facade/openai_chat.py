@@ -261,7 +261,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         for i in range(len(chat.requests)):
             await sse.send(response, responder.chunk(i, {"role": "assistant", "content": ""}))
-        async for i, message in sse.guarded(response, streams.messages()):
+        async for i, message in streams.messages():
             if message.text or (chat.logprobs and message.tokens):
                 await sse.send(response, responder.chunk(i, {"content": message.text}, tokens=message.tokens))
             if message.finish_reason:

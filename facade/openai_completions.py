@@ -162,7 +162,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     usages: dict[int, pb.Usage] = {}
     started: set[int] = set()
     try:
-        async for i, m in sse.guarded(response, streams.messages()):
+        async for i, m in streams.messages():
             finish = FINISH_REASON[m.finish_reason] if m.finish_reason else None
             await sse.send(response, responder.chunk(responder.choice(i, m.text, m.tokens, finish, i not in started)))
             started.add(i)

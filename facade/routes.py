@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 from aiohttp import web
 
+from common.grpc_errors import written_for_users
 from facade import openai_chat, openai_completions, openapi, tgi, tokenize
 from facade.choices import router_info
 from facade.errors import ApiError, from_grpc
@@ -31,7 +32,9 @@ async def health(request: web.Request) -> web.Response:
     try:
         await request.app[ROUTER].Health(pb.HealthRequest(), timeout=5)
     except grpc.aio.AioRpcError as exc:
-        raise ApiError(503, f"not ready: {exc.details()}", "service_unavailable", None, "unavailable") from exc
+        # A probe runs every few seconds: one line, never a traceback.
+        why = exc.details() if written_for_users(exc) else "the router is not reachable (starting or restarting)"
+        raise ApiError(503, f"not ready: {why}", "service_unavailable", None, "unavailable") from exc
     return json_response({"status": "ok"})
 
 

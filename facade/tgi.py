@@ -74,6 +74,11 @@ def _token(t: Any) -> dict[str, Any]:
     return {"id": t.id, "text": t.text, "logprob": t.logprob, "special": t.special}
 
 
+def _top_token(t: Any) -> dict[str, Any]:
+    # router TopToken has no ``special``: the alternatives are reported as TGI does, as plain text.
+    return {"id": t.id, "text": t.text, "logprob": t.logprob, "special": False}
+
+
 def _details(answer: Any, tokens: list, seed: int | None, top_n: int) -> dict[str, Any]:
     details: dict[str, Any] = {
         "finish_reason": TGI_FINISH[answer.finish_reason],
@@ -83,7 +88,7 @@ def _details(answer: Any, tokens: list, seed: int | None, top_n: int) -> dict[st
         "tokens": [_token(t) for t in tokens],
     }
     if top_n:
-        details["top_tokens"] = [[{**_token(a), "special": False} for a in t.top] for t in tokens]
+        details["top_tokens"] = [[_top_token(a) for a in t.top] for t in tokens]
     return details
 
 
@@ -105,16 +110,16 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
 async def _stream(request: web.Request, message: pb.GenerateRequest, given: dict) -> web.StreamResponse:
     streams = StreamSet(request.app[ROUTER], [message])
     await streams.start()
-    response = await sse.open_stream(request)
+    response = await sse.open_stream(request, sse.TGI)
     text = message.prompt if given.get("return_full_text") else ""
     try:
-        async for _, m in sse.guarded(response, streams.messages()):
+        async for _, m in streams.messages():
             text += m.text
             for k, t in enumerate(m.tokens):
                 last = m.finish_reason and k == len(m.tokens) - 1
                 event: dict[str, Any] = {"index": 0, "token": _token(t), "generated_text": None, "details": None}
                 if message.parameters.top_n_tokens:
-                    event["top_tokens"] = [_token(a) for a in t.top]
+                    event["top_tokens"] = [_top_token(a) for a in t.top]
                 if last:
                     event["generated_text"] = text
                     event["details"] = {

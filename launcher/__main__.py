@@ -2,7 +2,10 @@
 
 Starts one shard per rank, the router and the facade as separate processes
 talking over Unix sockets, waits until ``/health`` answers, prints the URL, and
-stops every process on Ctrl-C, on SIGTERM, or as soon as any one of them dies.
+stops every process on Ctrl-C or SIGTERM. A process that dies once the stack is
+up is restarted (the router re-warms a restarted shard and resumes its requests;
+the facade reconnects to a restarted router); one that dies while starting, or
+keeps dying, stops the stack.
 Configuration is the services' own: TGI's environment variables (MODEL_ID,
 MAX_TOTAL_TOKENS, ...) reach every child.
 """
@@ -22,7 +25,7 @@ from types import FrameType
 
 from common.ports import free_port
 from common.settings import env_int, env_str, process_env
-from launcher.supervisor import Supervisor
+from launcher.supervisor import CrashLoop, Supervisor
 
 READY_TIMEOUT_S = 900.0
 
@@ -85,7 +88,7 @@ def start_services(args: argparse.Namespace, supervisor: Supervisor, sockets: st
     threads = shard_threads(args.num_shard, process_env())
     for rank in range(args.num_shard):
         shard = ["-m", "shard", *model, *threads, "--uds-path", shard_prefix, "--rank", str(rank)]
-        supervisor.start(f"shard-{rank}", [*shard, "--world-size", str(args.num_shard), *rendezvous])
+        supervisor.start(f"shard-{rank}", [*shard, "--world-size", str(args.num_shard), *rendezvous], group="shards")
     supervisor.start("router", ["-m", "router", *model, "--listen", router_socket, "--shard-uds-path", shard_prefix])
     facade = ["-m", "facade", "--hostname", args.hostname, "--port", str(args.port), "--router", router_socket]
     supervisor.start("facade", facade)
@@ -99,7 +102,7 @@ def start_shards_over_tcp(args: argparse.Namespace, supervisor: Supervisor) -> N
     for rank in range(args.num_shard):
         listen = f"{host}:{int(port) + rank}"
         shard = ["-m", "shard", *model, "--listen", listen, "--rank", str(rank), "--world-size", str(args.num_shard)]
-        supervisor.start(f"shard-{rank}", [*shard, *rendezvous])
+        supervisor.start(f"shard-{rank}", [*shard, *rendezvous], group="shards")
 
 
 def wait_ready(url: str, supervisor: Supervisor, timeout_s: float, phase: Callable[[], str]) -> None:
@@ -150,16 +153,18 @@ def supervise(
     timeout_s: float,
     phase: Callable[[], str] = lambda: "starting",
 ) -> int:
-    """Starts the children, (waits until ready_url answers), then stops them all on a signal or a death."""
-    supervisor = Supervisor()
+    """Starts the children, (waits until ready_url answers), then restarts any that dies until a signal."""
+    supervisor = Supervisor(say=_say)
     try:
         start(supervisor)
         if ready_url:
             wait_ready(ready_url, supervisor, timeout_s, phase)
             _say(f"switchyard: ready. OpenAI API at {ready_url}/v1/ (Ctrl-C stops)")
-        while (dead := supervisor.dead()) is None:
-            time.sleep(0.5)
-        _say(f"switchyard: {dead[0]} exited with code {dead[1]}; stopping")
+        while True:
+            supervisor.restart_dead()
+            time.sleep(0.1)
+    except CrashLoop as why:
+        _say(f"switchyard: {why}; stopping")
         return 1
     except Interrupted as why:
         _say(f"switchyard: {why}, stopping")

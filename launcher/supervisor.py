@@ -1,4 +1,4 @@
-"""Child processes that live and die together."""
+"""Child processes, restarted when they die once the stack is up."""
 
 from __future__ import annotations
 
@@ -8,9 +8,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 _PR_SET_PDEATHSIG = 1
+
+#: A service that died this many times within CRASH_LOOP_WINDOW_S is broken, not unlucky: the stack stops.
+CRASH_LOOP_RESTARTS = 5
+CRASH_LOOP_WINDOW_S = 120.0
+#: Pause before the n-th restart in a row: FIRST * 2**(n-1), at most MAX (a crash loop must not spin).
+FIRST_RESTART_DELAY_S = 0.25
+MAX_RESTART_DELAY_S = 8.0
 
 
 def _die_with_parent() -> None:
@@ -20,14 +28,42 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+class CrashLoop(Exception):
+    """A service keeps dying right after each restart."""
+
+
+@dataclass
+class Service:
+    name: str
+    args: list[str]
+    env: dict[str, str] | None
+    #: Services restarted together with this one (the ranks of one tensor-parallel replica
+    #: share collectives: a rank alone cannot rejoin the others).
+    group: str
+    process: subprocess.Popen | None = None
+    deaths: list[float] = field(default_factory=list)
+
+
 @dataclass
 class Supervisor:
-    children: dict[str, subprocess.Popen] = field(default_factory=dict)
+    services: dict[str, Service] = field(default_factory=dict)
+    #: Called with a line for the operator on every restart.
+    say: Callable[[str], None] = print
 
-    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.children[name] = subprocess.Popen(
-            [sys.executable, *args], env=env, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None, group: str | None = None) -> None:
+        service = Service(name, args, env, group or name)
+        self.services[name] = service
+        self._spawn(service)
+
+    @staticmethod
+    def _spawn(service: Service) -> None:
+        service.process = subprocess.Popen(
+            [sys.executable, *service.args], env=service.env, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL
         )
+
+    @property
+    def children(self) -> dict[str, subprocess.Popen]:
+        return {name: s.process for name, s in self.services.items() if s.process is not None}
 
     def dead(self) -> tuple[str, int] | None:
         """A child that exited, with its exit code."""
@@ -36,6 +72,24 @@ class Supervisor:
             if code is not None:
                 return name, code
         return None
+
+    def restart_dead(self) -> None:
+        """Restarts every service that exited (with its group); raises CrashLoop for one that keeps dying."""
+        while (dead := self.dead()) is not None:
+            name, code = dead
+            service = self.services[name]
+            now = time.monotonic()
+            service.deaths = [t for t in service.deaths if now - t < CRASH_LOOP_WINDOW_S] + [now]
+            if len(service.deaths) >= CRASH_LOOP_RESTARTS:
+                raise CrashLoop(f"{name} exited {len(service.deaths)} times within {CRASH_LOOP_WINDOW_S:.0f}s")
+            group = [s for s in self.services.values() if s.group == service.group]
+            others = [s.name for s in group if s is not service]
+            with_others = f" with {', '.join(others)}" if others else ""
+            self.say(f"switchyard: {name} exited with code {code}; restarting it{with_others}")
+            self._stop_group([s.process for s in group if s.process is not None], grace_s=10.0)
+            time.sleep(min(MAX_RESTART_DELAY_S, FIRST_RESTART_DELAY_S * 2 ** (len(service.deaths) - 1)))
+            for member in group:
+                self._spawn(member)
 
     def stop(self, grace_s: float = 70.0, first: tuple[str, ...] = ("facade", "router")) -> None:
         """Stops the ``first`` services, then the rest, each group SIGTERM then SIGKILL after ``grace_s``.
