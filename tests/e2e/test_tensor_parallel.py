@@ -1,4 +1,4 @@
-"""Tensor parallelism on CPU (gloo): 2 ranks give the 1-rank tokens; a dying rank never hangs anything."""
+"""Tensor parallelism on CPU (gloo): 2 ranks give the 1-rank tokens; a dying rank restarts its group unseen."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import time
 
 import openai
 import pytest
@@ -92,21 +91,27 @@ def _child_pid(parent: int, needle: str) -> int:
     return int(out.stdout.split()[0])
 
 
-def test_a_dying_rank_fails_requests_and_stops_the_group(tiny_model_dir):
+def test_a_dying_rank_restarts_the_group_and_the_stream_continues(tiny_model_dir):
     env = {"MODEL_ID": str(tiny_model_dir("llama")), "NUM_SHARD": "2"}
     with launched_stack(env) as (url, launcher):
-        client = openai.OpenAI(base_url=f"{url}/v1/", api_key="-", max_retries=0, timeout=60)
-        stream = client.chat.completions.create(
-            model="tgi",
-            messages=[{"role": "user", "content": "Go on forever."}],
-            max_tokens=900,
-            stream=True,
-            extra_body={"ignore_eos": True},
-        )
-        started = time.monotonic()
-        with pytest.raises(openai.APIError):  # an SSE error event, or the connection closing
-            for i, _ in enumerate(stream):
-                if i == 3:
-                    os.kill(_child_pid(launcher.pid, "shard.*--rank 1"), signal.SIGKILL)
-        assert time.monotonic() - started < 60, "the stream hung after a rank died"
-        assert launcher.wait(timeout=60) != 0  # the launcher stopped the whole group
+        client = openai.OpenAI(base_url=f"{url}/v1/", api_key="-", max_retries=0, timeout=120)
+        request = {
+            "model": "tgi",
+            "messages": [{"role": "user", "content": "Go on for a while."}],
+            "max_tokens": 60,
+            "stream": True,
+            "extra_body": {"ignore_eos": True},
+            "temperature": 0.0,
+        }
+        expected = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**request))
+        rank1 = _child_pid(launcher.pid, "shard.*--rank 1")
+        text, finish = [], None
+        for i, chunk in enumerate(client.chat.completions.create(**request)):
+            if i == 3:
+                os.kill(rank1, signal.SIGKILL)
+            text.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+        assert finish == "length"
+        assert "".join(text) == expected  # both ranks restarted, the request recomputed, nothing lost
+        assert _child_pid(launcher.pid, "shard.*--rank 1") != rank1
+        assert launcher.poll() is None
