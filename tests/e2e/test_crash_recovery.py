@@ -85,7 +85,7 @@ def _run_streams(url: str, after_tokens: int = 0, kill=None) -> list[tuple[str, 
 
 def _wait_healthy(url: str, timeout_s: float = 90.0) -> tuple[float, list[httpx.Response]]:
     """Seconds until /health is 200, and the non-200 answers seen meanwhile."""
-    started, refusals = time.monotonic(), []
+    started, refusals = time.monotonic(), list[httpx.Response]()
     while time.monotonic() - started < timeout_s:
         try:
             r = httpx.get(f"{url}/health", timeout=2)
