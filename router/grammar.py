@@ -13,12 +13,16 @@ so the model decides in one pass.
 from __future__ import annotations
 
 import json
+import logging
+import re
 from functools import lru_cache
 from typing import Any
 
 import xgrammar as xgr
 
 from router.errors import ValidationError
+
+log = logging.getLogger(__name__)
 
 TOOL_CALL_MARKER = "<tool_call>"
 #: UTF-16 surrogates: code points that xgrammar's negated classes admit, but that UTF-8
@@ -132,6 +136,15 @@ def parse_tool_calls(text: str) -> list[tuple[str, str]] | None:
     return [(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in calls]
 
 
+#: xgrammar prefixes its messages with "[15:56:29] /project/cpp/json_schema_converter.cc:5082: ":
+#: the time and its C++ source position mean nothing to a client.
+_XGRAMMAR_PREFIX = re.compile(r"^\s*(\[[0-9:]+\]\s*)?(\S+\.(cc|cpp|h):\d+:\s*)?")
+
+
 def _first_line(exc: Exception) -> str:
+    """The first line of a grammar compiler's message, without its time stamp and source position."""
     lines = [line for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+    if not lines:
+        return type(exc).__name__
+    log.info("grammar rejected: %s", lines[0])
+    return _XGRAMMAR_PREFIX.sub("", lines[0]) or type(exc).__name__
