@@ -7,16 +7,17 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import grpc
 from aiohttp import web
 
 from common.grpc_channels import RECONNECT_OPTIONS
+from common.grpc_security import api_key_interceptors
 from common.tracing import Tracing
 from facade import sse
 from facade.config import FacadeConfig
 from facade.errors import ApiError
 from facade.metrics import FacadeMetrics
 from facade.routes import ROUTES
+from facade.routes import metrics as metrics_route
 from facade.security import Cors, api_key_middleware
 from facade.state import METRICS, ROUTER, STARTED_AT
 from facade.tracing import tracing_middleware
@@ -57,7 +58,7 @@ def create_app(config: FacadeConfig, tracing: Tracing | None = None) -> web.Appl
     # preflight requests are answered before authentication.
     middlewares = [metrics.middleware(), openai_errors, cors.middleware()]
     if config.api_key:
-        middlewares.append(api_key_middleware(config.api_key))
+        middlewares.append(api_key_middleware(config.api_key, config.metrics_api_key))
     if tracing.provider is not None:
         middlewares.insert(0, tracing_middleware(tracing))
     app = web.Application(middlewares=middlewares, client_max_size=config.payload_limit)
@@ -67,12 +68,30 @@ def create_app(config: FacadeConfig, tracing: Tracing | None = None) -> web.Appl
 
     async def router_channel(app: web.Application) -> AsyncIterator[None]:
         # The trace context travels to the router in gRPC metadata.
-        async with grpc.aio.insecure_channel(
-            config.router, options=RECONNECT_OPTIONS, interceptors=tracing.grpc_client_interceptors()
-        ) as channel:
+        # The router honours the same API_KEY as the HTTP API.
+        interceptors = [*tracing.grpc_client_interceptors(), *api_key_interceptors(config.api_key)]
+        async with config.tls.channel(config.router, list(RECONNECT_OPTIONS), interceptors) as channel:
             app[ROUTER] = router_pb2_grpc.RouterStub(channel)
             yield
 
     app.cleanup_ctx.append(router_channel)
+    if config.metrics_port is not None:
+        app.cleanup_ctx.append(_metrics_listener(config.hostname, config.metrics_port))
     app.router.add_routes(ROUTES)
     return app
+
+
+def _metrics_listener(host: str, port: int) -> Callable[[web.Application], AsyncIterator[None]]:
+    """METRICS_PORT: /metrics alone, without a key, for a scraper on the private network."""
+
+    async def serve(app: web.Application) -> AsyncIterator[None]:
+        metrics_app = web.Application()
+        metrics_app[ROUTER], metrics_app[METRICS] = app[ROUTER], app[METRICS]
+        metrics_app.router.add_get("/metrics", metrics_route)
+        runner = web.AppRunner(metrics_app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        yield
+        await runner.cleanup()
+
+    return serve

@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from common.grpc_security import TlsConfig
 from common.settings import env_int, env_str
 from common.tracing import add_tracing_args
 
@@ -24,6 +25,12 @@ class FacadeConfig:
     cors_allow_origin: list[str] = field(default_factory=list)
     otlp_endpoint: str | None = None
     otlp_service_name: str = "switchyard-facade"
+    #: A second key that opens only /metrics (for a Prometheus scraping the public port).
+    metrics_api_key: str | None = None
+    #: A second listener serving only /metrics without a key (keep it off the public network); None = none.
+    metrics_port: int | None = None
+    #: TLS of the channel to the router (GRPC_TLS_*).
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
 
 def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> FacadeConfig:
@@ -38,9 +45,21 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> FacadeCo
     p.add_argument("--payload-limit", type=int, default=env_int(env, "PAYLOAD_LIMIT", default=2_000_000))
     p.add_argument("--api-key", default=env_str(env, "API_KEY"), help="[API_KEY]")
     p.add_argument("--cors-allow-origin", default=env_str(env, "CORS_ALLOW_ORIGIN", default=""))
+    p.add_argument("--metrics-api-key", default=env_str(env, "METRICS_API_KEY"), help="[METRICS_API_KEY]")
+    p.add_argument("--metrics-port", type=int, default=env_int(env, "METRICS_PORT"), help="[METRICS_PORT]")
     add_tracing_args(p, env, "switchyard-facade")
     a = p.parse_args(argv)
     origins = [o.strip() for o in a.cors_allow_origin.split(",") if o.strip()]
     return FacadeConfig(
-        a.hostname, a.port, a.router, a.payload_limit, a.api_key, origins, a.otlp_endpoint, a.otlp_service_name
+        a.hostname,
+        a.port,
+        a.router,
+        a.payload_limit,
+        a.api_key,
+        origins,
+        a.otlp_endpoint,
+        a.otlp_service_name,
+        a.metrics_api_key,
+        a.metrics_port,
+        TlsConfig.from_env(env),
     )

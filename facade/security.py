@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from common.grpc_security import bearer_matches
 from facade.errors import ApiError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -16,16 +16,22 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/health"})
 
 
-def api_key_middleware(api_key: str) -> Middleware:
-    expected = f"Bearer {api_key}".encode()
+#: The route a metrics key (METRICS_API_KEY) opens.
+METRICS_PATH = "/metrics"
+
+
+def api_key_middleware(api_key: str, metrics_api_key: str | None = None) -> Middleware:
+    """Requires ``Authorization: Bearer <api_key>`` (scheme in any case); /metrics also takes the metrics key."""
 
     @web.middleware
     async def require_key(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.method == "OPTIONS" or request.path in OPEN_PATHS:
             return await handler(request)
-        given = request.headers.get("Authorization", "").encode()
-        # Constant time, so the key cannot be guessed byte by byte from timings.
-        if not hmac.compare_digest(given, expected):
+        given = request.headers.get("Authorization", "")
+        allowed = bearer_matches(given, api_key)
+        if metrics_api_key and request.path == METRICS_PATH:
+            allowed = bearer_matches(given, metrics_api_key) or allowed
+        if not allowed:
             raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
                            "invalid_request_error", None, "invalid_api_key")  # fmt: skip
         return await handler(request)

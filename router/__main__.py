@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from common.grpc_security import TlsConfig
 from common.model_source import ModelNotFound, resolve_model, tokenizer_source
 from common.settings import process_env
 from common.tracing import setup_tracing
@@ -38,7 +39,9 @@ async def serve(config: RouterConfig) -> None:
     tokenizer = Tokenizer.load(tokenizer_source(source))
     log.info("connecting to shards at %s", config.shard_entry)
     tracing = setup_tracing(config.otlp_service_name, config.otlp_endpoint)
-    shards = await ShardClient.connect(config.shard_entry, SHARD_CONNECT_TIMEOUT_S, tracing.grpc_client_interceptors())
+    tls = TlsConfig.from_env(process_env())
+    interceptors = tracing.grpc_client_interceptors()
+    shards = await ShardClient.connect(config.shard_entry, SHARD_CONNECT_TIMEOUT_S, interceptors, tls)
     info = await shards.info()
     limits = Limits.resolve(config, info.max_position_embeddings, info.device)
     link = ShardLink(
@@ -66,7 +69,7 @@ async def serve(config: RouterConfig) -> None:
         warm.max_supported_total_tokens,
     )
     servicer = RouterServicer(scheduler, validator, model, config.max_concurrent_requests, tracer)
-    server = create_server(servicer, config.listen, tracing)
+    server = create_server(servicer, config.listen, tracing, tls, config.api_key)
     await server.start()
     loop_task = asyncio.create_task(scheduler.run())
     log.info("router serving on %s", config.listen)

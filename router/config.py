@@ -37,6 +37,8 @@ class RouterConfig:
     otlp_service_name: str = "switchyard-router"
     #: Seconds a request waits for a restarted shard before it fails.
     shard_recovery_timeout: float = 60.0
+    #: Bearer key every public call but Health must carry; None = open.
+    api_key: str | None = None
 
     @property
     def shard_entry(self) -> str:
@@ -99,9 +101,10 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> RouterCo
     )
     p.add_argument(
         "--listen",
-        default=env_str(env, "ROUTER_LISTEN", default="0.0.0.0:50051"),
-        help="public gRPC address, host:port or unix:///path [ROUTER_LISTEN]",
+        default=env_str(env, "ROUTER_LISTEN", default="127.0.0.1:50051"),
+        help="public gRPC address, host:port or unix:///path; loopback unless set [ROUTER_LISTEN]",
     )
+    p.add_argument("--api-key", default=env_str(env, "API_KEY"), help="bearer key of the public API [API_KEY]")
     p.add_argument("--shard-uds-path", default=env_str(env, "SHARD_UDS_PATH", default="/tmp/switchyard-shard"))
     p.add_argument("--shard-address", default=env_str(env, "SHARD_ADDRESS"), help="rank 0 over TCP, host:port")
     p.add_argument("--max-input-tokens", type=int, default=env_int(env, "MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"))
@@ -151,4 +154,5 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> RouterCo
         otlp_endpoint=a.otlp_endpoint,
         otlp_service_name=a.otlp_service_name,
         shard_recovery_timeout=a.shard_recovery_timeout,
+        api_key=a.api_key,
     )

@@ -72,6 +72,7 @@ class Scheduler:
         self._shard_members: list[int] = []
         self._decodes_since_admission = 0
         self._wake = asyncio.Event()
+        self._update_gauges()  # the KV gauges are right before the first request
 
     # --- called by the API ------------------------------------------------------
 

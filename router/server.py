@@ -14,6 +14,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from common.grpc_errors import ErrorInterceptor, ServiceError
+from common.grpc_security import ApiKeyInterceptor, TlsConfig
 from common.tracing import Tracing
 from protos import router_pb2 as pb
 from protos import router_pb2_grpc as pb_grpc
@@ -201,9 +202,16 @@ def _token_pb(t) -> pb.Token:  # type: ignore[no-untyped-def]
     return pb.Token(id=t.id, logprob=t.logprob, special=t.special, text=t.text, top=top)
 
 
-def create_server(servicer: RouterServicer, address: str, tracing: Tracing | None = None) -> grpc.aio.Server:
+def create_server(
+    servicer: RouterServicer,
+    address: str,
+    tracing: Tracing | None = None,
+    tls: TlsConfig | None = None,
+    api_key: str | None = None,
+) -> grpc.aio.Server:
     tracing = tracing or Tracing()
-    server = grpc.aio.server(interceptors=[*tracing.grpc_server_interceptors(), ErrorInterceptor()])
+    auth = [ApiKeyInterceptor(api_key)] if api_key else []
+    server = grpc.aio.server(interceptors=[*tracing.grpc_server_interceptors(), *auth, ErrorInterceptor()])
     pb_grpc.add_RouterServicer_to_server(servicer, server)
-    server.add_insecure_port(address)
+    (tls or TlsConfig()).add_port(server, address)
     return server

@@ -10,6 +10,7 @@ import grpc
 
 from common import sampling_params
 from common.grpc_channels import RECONNECT_OPTIONS
+from common.grpc_security import TlsConfig
 from protos import shard_pb2 as pb
 from protos import shard_pb2_grpc as pb_grpc
 from router.request import Request
@@ -45,11 +46,13 @@ class ShardClient:
         self._stubs = [pb_grpc.ShardServiceStub(c) for c in channels]
 
     @classmethod
-    async def connect(cls, entry: str, timeout: float, interceptors: list | None = None) -> ShardClient:
+    async def connect(
+        cls, entry: str, timeout: float, interceptors: list | None = None, tls: TlsConfig | None = None
+    ) -> ShardClient:
         """Connects to rank 0, then to every rank it lists (``interceptors``: e.g. trace propagation)."""
 
         def channel(target: str) -> grpc.aio.Channel:
-            return grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS, interceptors=interceptors or None)
+            return (tls or TlsConfig()).channel(target, _CHANNEL_OPTIONS, interceptors)
 
         first = channel(entry)
         await asyncio.wait_for(first.channel_ready(), timeout)
@@ -113,7 +116,7 @@ class ShardClient:
         await self._all("ClearCache", message)
 
 
-_CHANNEL_OPTIONS = [
+_CHANNEL_OPTIONS: list[tuple[str, object]] = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
     *RECONNECT_OPTIONS,

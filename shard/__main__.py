@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from common.grpc_security import TlsConfig
 from common.model_source import ModelNotFound, resolve_model
 from common.settings import process_env
 from common.tracing import setup_tracing
@@ -82,7 +83,7 @@ async def serve(config: ShardConfig) -> None:
         path = config.address.removeprefix("unix://")
         if os.path.exists(path):
             os.unlink(path)
-    server = create_server(servicer, config.address, tracing)
+    server = create_server(servicer, config.address, tracing, TlsConfig.from_env(process_env()))
     await server.start()
     log.info(
         "shard %d/%d serving %s on %s",

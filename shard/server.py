@@ -13,6 +13,7 @@ import grpc
 
 from common import sampling_params
 from common.grpc_errors import ErrorInterceptor
+from common.grpc_security import TlsConfig
 from common.tracing import Tracing
 from protos import shard_pb2 as pb
 from protos import shard_pb2_grpc as pb_grpc
@@ -154,7 +155,9 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         return pb.ClearCacheResponse()
 
 
-def create_server(servicer: ShardServicer, address: str, tracing: Tracing | None = None) -> grpc.aio.Server:
+def create_server(
+    servicer: ShardServicer, address: str, tracing: Tracing | None = None, tls: TlsConfig | None = None
+) -> grpc.aio.Server:
     tracing = tracing or Tracing()
     server = grpc.aio.server(
         # Tracing outermost: the span records the status the error interceptor chose.
@@ -165,5 +168,5 @@ def create_server(servicer: ShardServicer, address: str, tracing: Tracing | None
         ],
     )
     pb_grpc.add_ShardServiceServicer_to_server(servicer, server)
-    server.add_insecure_port(address)
+    (tls or TlsConfig()).add_port(server, address)
     return server
