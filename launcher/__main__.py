@@ -13,6 +13,7 @@ MAX_TOTAL_TOKENS, ...) reach every child.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -113,32 +114,42 @@ def wait_ready(url: str, supervisor: Supervisor, timeout_s: float, phase: Callab
         dead = supervisor.dead()
         if dead:
             raise SystemExit(f"switchyard: {dead[0]} exited with code {dead[1]} while starting")
+        told = None
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
                 if answer.status == 200:
                     return
+        except urllib.error.HTTPError as answer:  # the facade is up: its 503 says what the router is doing
+            told = _not_ready_reason(answer)
         except (urllib.error.URLError, OSError):
             pass
         waited = time.monotonic() - started
+        now_phase = told or phase()
         if waited > timeout_s:
-            raise SystemExit(f"switchyard: not healthy after {timeout_s:.0f}s ({phase()})")
-        now_phase = phase()
+            raise SystemExit(f"switchyard: not healthy after {timeout_s:.0f}s ({now_phase})")
         if now_phase != last_phase or waited - last_note >= 10:
             _say(f"switchyard: {now_phase} ({waited:.0f}s)")
             last_note, last_phase = waited, now_phase
         time.sleep(0.2)
 
 
+def _not_ready_reason(answer: urllib.error.HTTPError) -> str | None:
+    """The sentence of a 503 from /health ("not ready: warming up the shards" -> "warming up the shards")."""
+    try:
+        message = json.loads(answer.read())["error"]["message"]
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
+    return str(message).removeprefix("not ready: ")
+
+
 def start_phase(sockets: str, num_shard: int) -> Callable[[], str]:
-    """The phase of a start, read off which services listen on their sockets yet."""
+    """The phase of a start before the facade answers, read off which shards listen on their sockets yet."""
 
     def phase() -> str:
         listening = [os.path.exists(os.path.join(sockets, f"shard-{r}")) for r in range(num_shard)]
         if not all(listening):
             return f"loading the model ({sum(listening)}/{num_shard} shards up)"
-        if not os.path.exists(os.path.join(sockets, "router.sock")):
-            return "router: loading the tokenizer, warming up the shards"
-        return "starting the HTTP facade"
+        return "starting the router and the HTTP facade"
 
     return phase
 

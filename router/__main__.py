@@ -12,14 +12,14 @@ from collections.abc import Sequence
 from common.grpc_security import TlsConfig
 from common.model_source import ModelNotFound, resolve_model, tokenizer_source
 from common.settings import process_env
-from common.tracing import setup_tracing
+from common.tracing import Tracing, setup_tracing
 from router.blocks import BlockAllocator
 from router.config import Limits, RouterConfig, parse_config
 from router.generation_defaults import load_defaults
 from router.metrics import RouterMetrics
 from router.recovery import ShardLink, WarmupPlan
 from router.scheduler import Scheduler
-from router.server import RouterServicer, ServedModel, create_server
+from router.server import RouterServicer, ServedModel, Serving, create_server
 from router.shard_client import ShardClient
 from router.tokenization import Tokenizer
 from router.validation import Validator
@@ -32,45 +32,16 @@ DRAIN_TIMEOUT_S = 60.0
 
 
 async def serve(config: RouterConfig) -> None:
-    try:
-        source = resolve_model(config.model_id)
-    except ModelNotFound as exc:
-        raise SystemExit(str(exc)) from exc
-    tokenizer = Tokenizer.load(tokenizer_source(source))
-    log.info("connecting to shards at %s", config.shard_entry)
     tracing = setup_tracing(config.otlp_service_name, config.otlp_endpoint)
     tls = TlsConfig.from_env(process_env())
-    interceptors = tracing.grpc_client_interceptors()
-    shards = await ShardClient.connect(config.shard_entry, SHARD_CONNECT_TIMEOUT_S, interceptors, tls)
-    info = await shards.info()
-    limits = Limits.resolve(config, info.max_position_embeddings, info.device)
-    link = ShardLink(
-        shards, WarmupPlan(limits.max_batch_prefill_tokens, limits.max_batch_size, config.max_batch_total_tokens or 0)
-    )
-    warm = await link.warm_up()
-    limits = _fit_to_cache(config, limits, warm.max_supported_total_tokens)
-    log.info(
-        "shards warm: %d KV blocks of %d tokens; limits %s",
-        warm.num_blocks,
-        warm.block_size,
-        limits,
-    )
-    allocator = BlockAllocator(warm.num_blocks, warm.block_size)
     tracer = tracing.tracer("switchyard.router")
-    scheduler = Scheduler(link, allocator, limits, tokenizer, RouterMetrics(), tracer, config.shard_recovery_timeout)
-    validator = Validator(
-        tokenizer, limits, config.max_stop_sequences, config.max_top_n_tokens, info.vocab_size, load_defaults(source)
-    )
-    model = ServedModel(
-        source.display_name,
-        info.dtype,
-        info.device,
-        shards.world_size,
-        warm.max_supported_total_tokens,
-    )
-    servicer = RouterServicer(scheduler, validator, model, config.max_concurrent_requests, tracer)
+    # Listening from the start: until the shards are warm, Health says which phase we are in.
+    servicer = RouterServicer(config.max_concurrent_requests, tracer)
     server = create_server(servicer, config.listen, tracing, tls, config.api_key)
     await server.start()
+    serving = await connect_and_warm(config, servicer, tracing, tls)
+    scheduler, shards = serving.scheduler, serving.scheduler.shards
+    servicer.start(serving)
     loop_task = asyncio.create_task(scheduler.run())
     log.info("router serving on %s", config.listen)
     stop = asyncio.Event()
@@ -84,6 +55,38 @@ async def serve(config: RouterConfig) -> None:
     loop_task.cancel()
     await shards.close()
     tracing.shutdown()
+
+
+async def connect_and_warm(config: RouterConfig, servicer: RouterServicer, tracing: Tracing, tls: TlsConfig) -> Serving:
+    """Loads the tokenizer, connects to the shards once they have loaded the model, warms them up."""
+    try:
+        source = resolve_model(config.model_id)
+    except ModelNotFound as exc:
+        raise SystemExit(str(exc)) from exc
+    servicer.phase = "loading the tokenizer"
+    tokenizer = await asyncio.to_thread(lambda: Tokenizer.load(tokenizer_source(source)))
+    servicer.phase = "waiting for the shards to load the model"
+    log.info("connecting to shards at %s", config.shard_entry)
+    interceptors = tracing.grpc_client_interceptors()
+    shards = await ShardClient.connect(config.shard_entry, SHARD_CONNECT_TIMEOUT_S, interceptors, tls)
+    info = await shards.info()
+    limits = Limits.resolve(config, info.max_position_embeddings, info.device)
+    plan = WarmupPlan(limits.max_batch_prefill_tokens, limits.max_batch_size, config.max_batch_total_tokens or 0)
+    link = ShardLink(shards, plan)
+    servicer.phase = "warming up the shards"
+    warm = await link.warm_up()
+    limits = _fit_to_cache(config, limits, warm.max_supported_total_tokens)
+    log.info("shards warm: %d KV blocks of %d tokens; limits %s", warm.num_blocks, warm.block_size, limits)
+    allocator = BlockAllocator(warm.num_blocks, warm.block_size)
+    tracer = tracing.tracer("switchyard.router")
+    scheduler = Scheduler(link, allocator, limits, tokenizer, RouterMetrics(), tracer, config.shard_recovery_timeout)
+    validator = Validator(
+        tokenizer, limits, config.max_stop_sequences, config.max_top_n_tokens, info.vocab_size, load_defaults(source)
+    )
+    model = ServedModel(
+        source.display_name, info.dtype, info.device, shards.world_size, warm.max_supported_total_tokens
+    )
+    return Serving(scheduler, validator, model)
 
 
 def _fit_to_cache(config: RouterConfig, limits: Limits, capacity: int) -> Limits:

@@ -18,7 +18,7 @@ from common.grpc_security import ApiKeyInterceptor, TlsConfig
 from common.tracing import Tracing
 from protos import router_pb2 as pb
 from protos import router_pb2_grpc as pb_grpc
-from router.errors import Overloaded, ShuttingDown
+from router.errors import Overloaded, ShardsUnavailable, ShuttingDown
 from router.request import Request, StreamEvent
 from router.scheduler import Scheduler
 from router.validation import Validator
@@ -44,24 +44,42 @@ class ServedModel:
     max_batch_total_tokens: int
 
 
+@dataclass(frozen=True)
+class Serving:
+    """What the API needs once the shards are warm."""
+
+    scheduler: Scheduler
+    validator: Validator
+    model: ServedModel
+
+
 class RouterServicer(pb_grpc.RouterServicer):
+    """The public API. It listens from the router's first second: until ``start``, every call
+    (Health included) is UNAVAILABLE saying which phase the start is in."""
+
     def __init__(
         self,
-        scheduler: Scheduler,
-        validator: Validator,
-        model: ServedModel,
         max_concurrent_requests: int,
         tracer: trace.Tracer | None = None,
+        serving: Serving | None = None,
     ):
         self.tracer = tracer or trace.NoOpTracer()
         #: Set on SIGTERM: new requests are refused, those in flight finish.
         self.draining = False
-        self.scheduler = scheduler
-        self.validator = validator
-        self.model = model
+        #: What the start is doing, for Health until ``start``.
+        self.phase = "starting"
+        self.serving = serving
         self.max_concurrent = max_concurrent_requests
         self.in_flight = 0
         self._ids = itertools.count(1)
+
+    def start(self, serving: Serving) -> None:
+        self.serving = serving
+
+    def _ready(self) -> Serving:
+        if self.serving is None:
+            raise ShardsUnavailable(f"starting: {self.phase}")
+        return self.serving
 
     async def _events(self, message: pb.GenerateRequest) -> AsyncIterator[StreamEvent]:
         """Admits a request and yields its events; a caller that goes away cancels it."""
@@ -69,13 +87,14 @@ class RouterServicer(pb_grpc.RouterServicer):
             raise ShuttingDown("the server is shutting down; retry on another replica or after the restart")
         if self.in_flight >= self.max_concurrent:
             raise Overloaded(f"the server is overloaded: {self.max_concurrent} requests are in flight; retry later")
+        serving = self._ready()
         with self.tracer.start_as_current_span("validate"):
-            request: Request = self.validator.request(next(self._ids), message)
+            request: Request = serving.validator.request(next(self._ids), message)
         request.trace_context = otel_context.get_current()
         self.in_flight += 1
         finished = False
         try:
-            self.scheduler.submit(request)
+            serving.scheduler.submit(request)
             while True:
                 event = _coalesce(await request.events.get(), request.events)
                 if event.error is not None:
@@ -88,7 +107,7 @@ class RouterServicer(pb_grpc.RouterServicer):
         finally:
             self.in_flight -= 1
             if not finished:
-                self.scheduler.cancel(request)
+                serving.scheduler.cancel(request)
 
     async def drain(self, timeout_s: float) -> None:
         """Refuses new requests and waits (up to ``timeout_s``) for those in flight to finish."""
@@ -124,42 +143,44 @@ class RouterServicer(pb_grpc.RouterServicer):
             yield message
 
     async def Tokenize(self, request, context):
-        ids, text = self.validator.prompt_ids(request)
+        ids, text = self._ready().validator.prompt_ids(request)
         return pb.TokenizeResponse(ids=ids, text=text)
 
     async def Detokenize(self, request, context):
+        validator = self._ready().validator
         ids = list(request.ids)
-        vocab = self.validator.vocab_size
+        vocab = validator.vocab_size
         if ids and max(ids) >= vocab:
             raise ServiceError(f"token ids must be below {vocab}", "ids", grpc.StatusCode.INVALID_ARGUMENT)
-        return pb.DetokenizeResponse(text=self.validator.tokenizer.decode(ids, request.skip_special_tokens))
+        return pb.DetokenizeResponse(text=validator.tokenizer.decode(ids, request.skip_special_tokens))
 
     async def Info(self, request, context):
-        limits = self.validator.limits
+        serving = self._ready()
+        validator, model, limits = serving.validator, serving.model, serving.validator.limits
         return pb.InfoResponse(
-            model_id=self.model.model_id,
-            dtype=self.model.dtype,
-            device=self.model.device,
-            num_shard=self.model.num_shard,
+            model_id=model.model_id,
+            dtype=model.dtype,
+            device=model.device,
+            num_shard=model.num_shard,
             max_input_tokens=limits.max_input_tokens,
             max_total_tokens=limits.max_total_tokens,
             max_concurrent_requests=self.max_concurrent,
             max_batch_size=limits.max_batch_size,
-            max_batch_total_tokens=self.model.max_batch_total_tokens,
-            has_chat_template=self.validator.tokenizer.has_chat_template,
+            max_batch_total_tokens=model.max_batch_total_tokens,
+            has_chat_template=validator.tokenizer.has_chat_template,
             version=VERSION,
-            max_top_n_tokens=self.validator.max_top_n_tokens,
-            max_stop_sequences=self.validator.max_stop_sequences,
+            max_top_n_tokens=validator.max_top_n_tokens,
+            max_stop_sequences=validator.max_stop_sequences,
         )
 
     async def Health(self, request, context):
         if self.draining:
             raise ShuttingDown("shutting down")
-        await self.scheduler.check_shards()
+        await self._ready().scheduler.check_shards()
         return pb.HealthResponse()
 
     async def Metrics(self, request, context):
-        return pb.MetricsResponse(text=self.scheduler.metrics.exposition().decode())
+        return pb.MetricsResponse(text=self._ready().scheduler.metrics.exposition().decode())
 
 
 def _tool_calls_pb(event: StreamEvent) -> list[pb.ToolCall]:

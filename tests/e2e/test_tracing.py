@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from common.tracing import setup_tracing
 from facade.app import create_app
 from facade.config import FacadeConfig
-from router.server import RouterServicer, ServedModel, create_server
+from router.server import RouterServicer, ServedModel, Serving, create_server
 from tests.router.harness import fake_router
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -28,7 +28,7 @@ async def test_one_trace_across_facade_router_and_shard(tokenizer, aiohttp_clien
         loop = asyncio.create_task(h.scheduler.run())
         router_address = f"unix://{tmp_path / 'router.sock'}"
         model = ServedModel("fake", "float32", "cpu", 1, 256)
-        servicer = RouterServicer(h.scheduler, h.validator, model, 8, tracing.tracer("switchyard.router"))
+        servicer = RouterServicer(8, tracing.tracer("switchyard.router"), Serving(h.scheduler, h.validator, model))
         server = create_server(servicer, router_address, tracing)
         await server.start()
         try:

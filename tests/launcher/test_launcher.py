@@ -11,6 +11,4 @@ def test_the_start_phase_follows_the_services_sockets(tmp_path):
     (tmp_path / "shard-0").touch()
     assert phase() == "loading the model (1/2 shards up)"
     (tmp_path / "shard-1").touch()
-    assert phase().startswith("router:")
-    (tmp_path / "router.sock").touch()
-    assert phase() == "starting the HTTP facade"
+    assert phase() == "starting the router and the HTTP facade"

@@ -16,7 +16,7 @@ from common.ports import free_port
 from protos import router_pb2 as pb
 from protos import router_pb2_grpc as pb_grpc
 from router.config import parse_config
-from router.server import RouterServicer, ServedModel, create_server
+from router.server import RouterServicer, ServedModel, Serving, create_server
 from tests.router.harness import fake_router
 
 KEY = "sk-router-key"
@@ -67,7 +67,9 @@ def _tls(d: Path, name: str | None, ca: bool = True) -> TlsConfig:
 async def serving(h, address: str, tls: TlsConfig | None = None, api_key: str | None = None) -> AsyncIterator[None]:
     """The public router API over the harness' scheduler, its batching loop running."""
     model = ServedModel("fake", "float32", "cpu", 1, 256)
-    server = create_server(RouterServicer(h.scheduler, h.validator, model, 8), address, tls=tls, api_key=api_key)
+    server = create_server(
+        RouterServicer(8, serving=Serving(h.scheduler, h.validator, model)), address, tls=tls, api_key=api_key
+    )
     await server.start()
     loop = asyncio.create_task(h.scheduler.run())
     try:
