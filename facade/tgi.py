@@ -35,7 +35,8 @@ _NEUTRAL: dict[str, Any] = {
 }  # fmt: skip
 
 
-def _parameters(body: dict) -> tuple[pb.GenerateRequest, dict]:
+def parse_generate(body: dict) -> tuple[pb.GenerateRequest, dict]:
+    """A TGI body (``inputs``, ``parameters``) -> the router request, and the parameters given."""
     inputs = body.get("inputs")
     if not isinstance(inputs, str) or not inputs:
         raise invalid("'inputs' must be a non-empty string", "inputs")
@@ -93,7 +94,7 @@ def _details(answer: Any, tokens: list, seed: int | None, top_n: int) -> dict[st
 
 
 async def generate(request: web.Request) -> web.Response:
-    message, given = _parameters(await read_json(request))
+    message, given = parse_generate(await read_json(request))
     [answer] = await generate_all(request.app[ROUTER], [message])
     text = (message.prompt if given.get("return_full_text") else "") + answer.text
     body: dict[str, Any] = {"generated_text": text}
@@ -104,7 +105,7 @@ async def generate(request: web.Request) -> web.Response:
 
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
-    return await _stream(request, *_parameters(await read_json(request)))
+    return await _stream(request, *parse_generate(await read_json(request)))
 
 
 async def _stream(request: web.Request, message: pb.GenerateRequest, given: dict) -> web.StreamResponse:
@@ -136,7 +137,7 @@ async def _stream(request: web.Request, message: pb.GenerateRequest, given: dict
 async def compat(request: web.Request) -> web.StreamResponse:
     """``POST /``: /generate_stream when ``stream`` is true, else /generate."""
     body = await read_json(request)
-    message, given = _parameters(body)
+    message, given = parse_generate(body)
     if isinstance(body, dict) and body.get("stream"):
         return await _stream(request, message, given)
     [answer] = await generate_all(request.app[ROUTER], [message])

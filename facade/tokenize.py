@@ -14,18 +14,25 @@ from facade.state import ROUTER
 from protos import router_pb2 as pb
 
 
-async def tokenize(request: web.Request) -> web.Response:
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object")
+def parse_tokenize(body: dict) -> pb.TokenizeRequest:
     if "messages" in body:
         chat = parse_chat({"messages": body["messages"], "model": body.get("model", "tgi")})
-        message = pb.TokenizeRequest(chat=chat.requests[0].chat)
-    else:
-        prompt = typed(body, "prompt", str)
-        if prompt is None:
-            raise invalid("'prompt' (a string) or 'messages' is required", "prompt")
-        message = pb.TokenizeRequest(prompt=prompt)
+        return pb.TokenizeRequest(chat=chat.requests[0].chat)
+    prompt = typed(body, "prompt", str)
+    if prompt is None:
+        raise invalid("'prompt' (a string) or 'messages' is required", "prompt")
+    return pb.TokenizeRequest(prompt=prompt)
+
+
+def parse_detokenize(body: dict) -> pb.DetokenizeRequest:
+    tokens = body.get("tokens")
+    if not token_ids(tokens):
+        raise invalid(f"'tokens' must be an array of token ids (integers in 0..{UINT32_MAX})", "tokens")
+    return pb.DetokenizeRequest(ids=tokens)
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    message = parse_tokenize(await read_json(request))
     try:
         router = request.app[ROUTER]
         answer = await router.Tokenize(message)
@@ -36,12 +43,9 @@ async def tokenize(request: web.Request) -> web.Response:
 
 
 async def detokenize(request: web.Request) -> web.Response:
-    body = await read_json(request)
-    tokens = body.get("tokens") if isinstance(body, dict) else None
-    if not token_ids(tokens):
-        raise invalid(f"'tokens' must be an array of token ids (integers in 0..{UINT32_MAX})", "tokens")
+    message = parse_detokenize(await read_json(request))
     try:
-        answer = await request.app[ROUTER].Detokenize(pb.DetokenizeRequest(ids=tokens))
+        answer = await request.app[ROUTER].Detokenize(message)
     except grpc.aio.AioRpcError as exc:
         raise from_grpc(exc) from exc
     return json_response({"prompt": answer.text})

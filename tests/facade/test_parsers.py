@@ -1,0 +1,198 @@
+"""The facade's pure parsers, without a stack: HTTP bodies -> router requests, or a 400 naming the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+
+from facade import params
+from facade.errors import ApiError
+from facade.openai_chat import parse_chat
+from facade.openai_completions import parse_completion
+from facade.tgi import parse_generate
+from facade.tokenize import parse_detokenize, parse_tokenize
+from protos import router_pb2 as pb
+from tests.request_bodies import CHAT, COMPLETION, DETOKENIZE, GENERATE, TOKENIZE
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def rejected(parse, body: Any) -> ApiError:  # type: ignore[no-untyped-def]
+    with pytest.raises(ApiError) as error:
+        parse(body)
+    assert error.value.status == 400
+    return error.value
+
+
+# --- generated bodies: a result or a 400, nothing else -------------------------------------
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=CHAT)
+def test_any_chat_body_parses_or_is_a_400(body):
+    _parses_or_400(parse_chat, body)
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=COMPLETION)
+def test_any_completion_body_parses_or_is_a_400(body):
+    _parses_or_400(parse_completion, body)
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=GENERATE)
+def test_any_tgi_body_parses_or_is_a_400(body):
+    _parses_or_400(parse_generate, body)
+
+
+@settings(max_examples=200, deadline=None)
+@given(tokenize=TOKENIZE, detokenize=DETOKENIZE)
+def test_any_tokenize_body_parses_or_is_a_400(tokenize, detokenize):
+    _parses_or_400(parse_tokenize, tokenize)
+    _parses_or_400(parse_detokenize, detokenize)
+
+
+def _parses_or_400(parse, body: dict) -> None:  # type: ignore[no-untyped-def]
+    try:
+        parsed = parse(body)
+    except ApiError as error:
+        assert error.status == 400 and error.message
+        return
+    # What was accepted must also fit the protobuf messages it travels in.
+    for message in _messages(parsed):
+        message.SerializeToString()
+
+
+def _messages(parsed: Any) -> list[Any]:
+    if isinstance(parsed, tuple):  # parse_generate
+        return [parsed[0]]
+    return list(getattr(parsed, "requests", [parsed]))
+
+
+# --- shared sampling fields -----------------------------------------------------------------
+
+
+def test_sampling_fields_map_to_router_parameters():
+    body = {"temperature": 0.5, "top_p": 0.9, "top_k": -1, "seed": -1, "stop": "x", "max_tokens": 7,
+            "logit_bias": {"42": -100}, "min_tokens": 2, "ignore_eos": True}  # fmt: skip
+    p = params.parameters(body)
+    assert (p.temperature, p.top_k, p.seed, list(p.stop), p.max_new_tokens) == (0.5, 0, (1 << 64) - 1, ["x"], 7)
+    assert dict(p.logit_bias) == {42: -100.0} and p.min_new_tokens == 2 and p.ignore_eos
+    assert not params.parameters({}).HasField("temperature")  # absent: the model's defaults apply
+    assert params.parameters({"max_completion_tokens": 3, "max_tokens": 9}, "max_completion_tokens").max_new_tokens == 3
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [({"max_tokens": 10**12}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": True}, "max_tokens"),
+     ({"top_k": 2**40}, "top_k"), ({"min_tokens": -1}, "min_tokens"), ({"temperature": "hot"}, "temperature"),
+     ({"seed": 1.5}, "seed"), ({"stop": [1]}, "stop"), ({"logit_bias": {"10000000000": 5}}, "logit_bias"),
+     ({"logit_bias": {"x": 5}}, "logit_bias"), ({"logit_bias": {"5": True}}, "logit_bias")],
+)  # fmt: skip
+def test_wrong_sampling_fields_are_400s_naming_them(body, param):
+    assert rejected(params.parameters, body).param == param
+
+
+def test_fields_accepted_ignored_or_refused():
+    params.check_fields({"user": "u", "metadata": {}, "best_of": 1}, frozenset())
+    assert "not supported yet" in rejected(lambda b: params.check_fields(b, frozenset()), {"audio": {}}).message
+    assert "Unrecognized" in rejected(lambda b: params.check_fields(b, frozenset()), {"bogus": 1}).message
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [({"type": "text"}, pb.RESPONSE_FORMAT_TYPE_TEXT), ({"type": "json_object"}, pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT),
+     ({"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}, pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA),
+     ({"type": "json", "value": {"type": "object"}}, pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA),
+     ({"type": "regex", "value": "a+"}, pb.RESPONSE_FORMAT_TYPE_REGEX)],
+)  # fmt: skip
+def test_response_formats(value, kind):
+    assert params.response_format(value).type == kind
+
+
+@pytest.mark.parametrize("value", ["json", {"type": 3}, {"type": "json_schema", "json_schema": 5},
+                                   {"type": "regex"}, {"type": "yaml"}])  # fmt: skip
+def test_wrong_response_formats_are_400s(value):
+    assert rejected(params.response_format, value).param.startswith("response_format")
+
+
+# --- chat -------------------------------------------------------------------------------------
+
+
+def test_chat_makes_one_request_per_choice_with_distinct_seeds():
+    chat = parse_chat({"messages": USER, "n": 3, "seed": 5, "stream": True, "stream_options": {"include_usage": True}})
+    assert [r.parameters.seed for r in chat.requests] == [5, 6, 7]
+    assert chat.stream and chat.include_usage and chat.requests[0].chat.messages[0].content == "hi"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [({"messages": []}, "messages"),
+     ({"messages": [*USER, {"role": "tool", "tool_call_id": 5, "content": "x"}]}, "messages[1].tool_call_id"),
+     ({"messages": [*USER, {"role": "assistant", "tool_calls": 5}]}, "messages[1].tool_calls"),
+     ({"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}],
+       "tool_choice": {"type": "function", "function": "f"}}, "tool_choice"),
+     ({"messages": USER, "top_logprobs": 3}, "top_logprobs"),
+     ({"messages": USER, "n": 0}, "n"),
+     ({"messages": USER, "stream_options": {"include_usage": True}}, "stream_options"),
+     ({"messages": USER, "functions": []}, "functions")],
+)  # fmt: skip
+def test_wrong_chat_bodies_are_400s_naming_the_field(body, param):
+    assert rejected(parse_chat, body).param == param
+
+
+# --- completions ------------------------------------------------------------------------------
+
+
+def test_completion_prompt_forms():
+    assert parse_completion({"prompt": "a"}).prompts == ["a"]
+    assert parse_completion({"prompt": ["a", "b"], "n": 2}).requests[3].prompt == "b"
+    assert parse_completion({"prompt": [1, 2]}).requests[0].prompt_ids.ids == [1, 2]
+    assert parse_completion({"prompt": [[1], [2, 3]]}).prompts == [[1], [2, 3]]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"prompt": [1099511627776]}, {"prompt": [-1]}, {"prompt": []}, {"prompt": [[]]}, {"prompt": 5},
+     {"prompt": ["a"] * 1000, "n": 128}, {"prompt": ["a"] * 5000}],
+)  # fmt: skip
+def test_wrong_or_too_many_prompts_are_400s(body):
+    assert rejected(parse_completion, body).param == "prompt"
+
+
+# --- TGI and tokenize -------------------------------------------------------------------------
+
+
+def test_tgi_parameters():
+    message, given = parse_generate({"inputs": "x", "parameters": {"do_sample": True, "top_n_tokens": 2, "seed": 3}})
+    p = message.parameters
+    assert p.temperature == 1.0 and p.top_n_tokens == 2 and p.seed == 3 and given["do_sample"]
+    assert parse_generate({"inputs": "x", "parameters": {"best_of": 1, "watermark": False}})[0].prompt == "x"
+    greedy, _ = parse_generate({"inputs": "x"})
+    assert greedy.parameters.temperature == 0.0
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [({"inputs": ""}, "inputs"), ({"inputs": "x", "parameters": {"max_new_tokens": -1}}, "max_new_tokens"),
+     ({"inputs": "x", "parameters": {"top_k": -5}}, "top_k"),
+     ({"inputs": "x", "parameters": {"top_n_tokens": -1}}, "top_n_tokens"),
+     ({"inputs": "x", "parameters": {"best_of": 2}}, "best_of"), ({"inputs": "x", "parameters": {"bogus": 1}}, "bogus"),
+     ({"inputs": "x", "parameters": 3}, "parameters")],
+)  # fmt: skip
+def test_wrong_tgi_bodies_are_400s_naming_the_field(body, param):
+    assert rejected(parse_generate, body).param == param
+
+
+def test_tokenize_bodies():
+    assert parse_tokenize({"prompt": "hi"}).prompt == "hi"
+    assert parse_tokenize({"messages": USER}).chat.messages[0].content == "hi"
+    assert (
+        rejected(parse_tokenize, {"messages": [{"role": "tool", "tool_call_id": 3}]}).param
+        == "messages[0].tool_call_id"
+    )
+    assert rejected(parse_tokenize, {}).param == "prompt"
+    assert parse_detokenize({"tokens": [1, 2]}).ids == [1, 2]
+    assert rejected(parse_detokenize, {"tokens": [1099511627776]}).param == "tokens"
