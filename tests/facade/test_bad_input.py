@@ -14,7 +14,7 @@ from facade.errors import ApiError, from_grpc
 from facade.openai_chat import parse_chat
 from facade.openai_completions import parse_completion
 from facade.params import MAX_SEQUENCES, UINT32_MAX, token_ids
-from facade.tgi import _parameters as tgi_parameters
+from facade.tgi import parse_generate as tgi_parameters
 
 CHAT = [{"role": "user", "content": "hi"}]
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
