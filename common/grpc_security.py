@@ -128,21 +128,28 @@ def _refusal(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | N
     )
 
 
-class _BearerCall(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+# One class per call kind: grpc.aio files an interceptor under the first kind it is an
+# instance of, so a class implementing both would never see streaming calls.
+class _BearerUnary(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self, api_key: str):
         self.pair = ("authorization", f"Bearer {api_key}")
 
-    def _with_key(self, details):  # type: ignore[no-untyped-def]
-        metadata = [*(details.metadata or ()), self.pair]
-        return details._replace(metadata=grpc.aio.Metadata(*metadata))
-
     async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
-        return await continuation(self._with_key(client_call_details), request)
+        return await continuation(_with_metadata(client_call_details, self.pair), request)
+
+
+class _BearerStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, api_key: str):
+        self.pair = ("authorization", f"Bearer {api_key}")
 
     async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
-        return await continuation(self._with_key(client_call_details), request)
+        return await continuation(_with_metadata(client_call_details, self.pair), request)
+
+
+def _with_metadata(details, pair: tuple[str, str]):  # type: ignore[no-untyped-def]
+    return details._replace(metadata=grpc.aio.Metadata(*(details.metadata or ()), pair))
 
 
 def api_key_interceptors(api_key: str | None) -> list:
-    """Client interceptors that send ``api_key`` with every call (none without a key)."""
-    return [_BearerCall(api_key)] if api_key else []
+    """Client interceptors that send ``api_key`` with every call, streaming or not (none without a key)."""
+    return [_BearerUnary(api_key), _BearerStream(api_key)] if api_key else []

@@ -99,6 +99,8 @@ async def test_api_key_is_required_except_for_health(tokenizer, tmp_path):
             params = pb.GenerationParameters(max_new_tokens=3, temperature=0)
             answer = await stub.Generate(pb.GenerateRequest(prompt="hi", parameters=params))
             assert answer.usage.completion_tokens == 3
+            streamed = [m async for m in stub.GenerateStream(pb.GenerateRequest(prompt="hi", parameters=params))]
+            assert streamed[-1].usage.completion_tokens == 3  # streaming calls carry the key too
 
 
 async def test_tls_and_mutual_tls(tokenizer, tmp_path, certificates):
