@@ -22,9 +22,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-
-class OutOfBlocks(RuntimeError):
-    pass
+from router.errors import OutOfBlocks
 
 
 @dataclass

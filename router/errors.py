@@ -1,7 +1,8 @@
-"""Every error the router reports to its callers, with the gRPC status it means.
+"""Every exception of the router: those it reports to callers, with the gRPC status they
+mean, and the two it raises and catches internally.
 
-The messages are written for the end user (the facade passes them on): no gRPC
-debug strings, addresses or stack traces; those go to the router's log.
+The messages of reported errors are written for the end user (the facade passes
+them on): no gRPC debug strings, addresses or stack traces; those go to the log.
 """
 
 from __future__ import annotations
@@ -37,3 +38,11 @@ class ShardsUnavailable(ServiceError):
 
 class ShardFailure(ServiceError):
     """A shard step failed although the shard is up; the requests it carried end with this error."""
+
+
+class OutOfBlocks(RuntimeError):
+    """Internal: the KV block allocator cannot satisfy a request now (the scheduler waits or preempts)."""
+
+
+class NoChatTemplate(ValueError):
+    """Internal: the tokenizer has no chat template (validation turns it into a ValidationError)."""

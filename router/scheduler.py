@@ -26,9 +26,9 @@ from collections import deque
 
 from opentelemetry import trace
 
-from router.blocks import NEW_CHAIN, BlockAllocator, OutOfBlocks
+from router.blocks import NEW_CHAIN, BlockAllocator
 from router.config import Limits
-from router.errors import ShardFailure, ShardsUnavailable
+from router.errors import OutOfBlocks, ShardFailure, ShardsUnavailable
 from router.grammar import parse_tool_calls
 from router.metrics import RouterMetrics
 from router.recovery import ShardLink

@@ -12,16 +12,13 @@ from tokenizers.decoders import DecodeStream
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from common.model_source import ModelSource
+from router.errors import NoChatTemplate
 
 log = logging.getLogger(__name__)
 
 #: Prompt tokens kept as context when detokenizing, so that tokenizers which
 #: mark word starts (SentencePiece's "▁") decode the first new token's space.
 _DETOKENIZE_CONTEXT = 5
-
-
-class NoChatTemplate(ValueError):
-    pass
 
 
 @dataclass

@@ -11,12 +11,12 @@ from typing import Any
 from common.sampling_params import SamplingParams
 from protos import router_pb2 as pb
 from router.config import Limits
-from router.errors import ValidationError
+from router.errors import NoChatTemplate, ValidationError
 from router.generation_defaults import GenerationDefaults
 from router.grammar import TOOL_CALL_MARKER, json_object_grammar, json_schema_grammar, regex_grammar, tool_call_grammar
 from router.request import Request
 from router.stopping import StopCondition, TextStream
-from router.tokenization import NoChatTemplate, Tokenizer
+from router.tokenization import Tokenizer
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from router.blocks import NEW_CHAIN, BlockAllocator, OutOfBlocks
+from router.blocks import NEW_CHAIN, BlockAllocator
+from router.errors import OutOfBlocks
 
 BLOCK = 4
 
