@@ -24,6 +24,7 @@ import time
 import uuid
 from collections import deque
 
+import grpc
 from opentelemetry import trace
 
 from router.blocks import NEW_CHAIN, BlockAllocator
@@ -105,7 +106,7 @@ class Scheduler:
                 if why is None:  # the shard is fine: a fault of this step, fail its requests
                     await self._fail_active(exc)
                 else:
-                    log.warning("shard step failed (%s): %s", why, exc)
+                    log.warning("shard step failed (%s): %s", why, _one_line(exc))
                     await self._recover(why)
 
     async def _idle(self) -> None:
@@ -396,7 +397,7 @@ class Scheduler:
 
     async def _fail_active(self, exc: Exception) -> None:
         fault_id = uuid.uuid4().hex[:12]
-        log.error("fault %s: shard step failed, failing %d requests: %s", fault_id, len(self.active), exc)
+        log.error("fault %s: shard step failed, failing %d requests: %s", fault_id, len(self.active), _one_line(exc))
         error = ShardFailure(f"the model failed to compute this request (fault id {fault_id})")
         for r in list(self.active):
             r.events.put_nowait(StreamEvent("", (), error=error))
@@ -430,3 +431,10 @@ class Scheduler:
         m.blocks_used.set(a.used_blocks)
         m.blocks_free.set(a.free_blocks)
         m.blocks_cached.set(a.cached_blocks)
+
+
+def _one_line(exc: Exception) -> str:
+    """A shard call's failure for the log: gRPC's status and details, not its multi-line repr."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"
