@@ -300,3 +300,9 @@ async def test_a_prompt_arriving_during_decode_rides_in_the_same_call(tokenizer,
         await drain(h)
         assert first.generated == expected_tokens(first) and second.generated == expected_tokens(second)
         assert h.engine.calls.count("prefill") == 1  # every later step was a single Decode
+
+
+async def test_kv_gauges_are_right_before_the_first_request(tokenizer, tmp_path):
+    async with fake_router(tokenizer, tmp_path, num_blocks=40) as h:
+        assert h.scheduler.metrics.blocks_free._value.get() == 40
+        assert h.scheduler.metrics.blocks_used._value.get() == 0
