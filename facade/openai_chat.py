@@ -241,11 +241,20 @@ def tool_call_deltas(calls: Any) -> list[dict[str, Any]]:
     return deltas
 
 
-def usage(usages: list[pb.Usage]) -> dict[str, int]:
+def usage(usages: list[pb.Usage]) -> dict[str, Any]:
     # Every choice saw the same prompt: count it once, as OpenAI does.
-    prompt = usages[0].prompt_tokens if usages else 0
-    completion = sum(u.completion_tokens for u in usages)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    first = usages[0] if usages else pb.Usage()
+    return usage_body(first.prompt_tokens, sum(u.completion_tokens for u in usages), first.cached_tokens)
+
+
+def usage_body(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+    """OpenAI's usage object; cached_tokens: prompt tokens served from the prefix cache (as vLLM reports)."""
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

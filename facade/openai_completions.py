@@ -13,7 +13,7 @@ from facade import params, sse
 from facade.choices import StreamSet, generate_all
 from facade.errors import invalid
 from facade.json_body import json_response, read_json
-from facade.openai_chat import FINISH_REASON, SYSTEM_FINGERPRINT
+from facade.openai_chat import FINISH_REASON, SYSTEM_FINGERPRINT, usage_body
 from facade.state import ROUTER
 from protos import router_pb2 as pb
 
@@ -125,11 +125,11 @@ class CompletionResponder:
         body["usage"] = self.usage([a.usage for a in answers])
         return body
 
-    def usage(self, usages: list[pb.Usage]) -> dict[str, int]:
+    def usage(self, usages: list[pb.Usage]) -> dict[str, Any]:
         """Usage over choices in request order: each prompt counted once, every completion counted."""
-        prompt = sum(usages[k * self.parsed.n].prompt_tokens for k in range(len(self.parsed.prompts)))
+        firsts = [usages[k * self.parsed.n] for k in range(len(self.parsed.prompts))]
         completion = sum(u.completion_tokens for u in usages)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return usage_body(sum(u.prompt_tokens for u in firsts), completion, sum(u.cached_tokens for u in firsts))
 
     def chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
         body = self._envelope()

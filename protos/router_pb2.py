@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/router.proto\x12\x14switchyard.router.v1\"\x84\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x32\n\ntool_calls\x18\x04 \x03(\x0b\x32\x1e.switchyard.router.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"\xdc\x01\n\x04\x43hat\x12\x33\n\x08messages\x18\x01 \x03(\x0b\x32!.switchyard.router.v1.ChatMessage\x12)\n\x05tools\x18\x02 \x03(\x0b\x32\x1a.switchyard.router.v1.Tool\x12\x39\n\x0btool_choice\x18\x03 \x01(\x0e\x32$.switchyard.router.v1.ToolChoiceMode\x12\x1c\n\x14tool_choice_function\x18\x04 \x01(\t\x12\x1b\n\x13parallel_tool_calls\x18\x05 \x01(\x08\"\x8c\x05\n\x14GenerationParameters\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\r\n\x05min_p\x18\x08 \x01(\x02\x12\x16\n\ttypical_p\x18\t \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12M\n\nlogit_bias\x18\r \x03(\x0b\x32\x39.switchyard.router.v1.GenerationParameters.LogitBiasEntry\x12\x14\n\x0ctop_n_tokens\x18\x0e \x01(\r\x12\x16\n\x0emin_new_tokens\x18\x0f \x01(\r\x12\x10\n\x08logprobs\x18\x10 \x01(\x08\x12=\n\x0fresponse_format\x18\x11 \x01(\x0b\x32$.switchyard.router.v1.ResponseFormat\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x11\n\x0f_max_new_tokensB\x0c\n\n_typical_pB\x15\n\x13_repetition_penalty\"W\n\x0eResponseFormat\x12\x36\n\x04type\x18\x01 \x01(\x0e\x32(.switchyard.router.v1.ResponseFormatType\x12\r\n\x05value\x18\x02 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\xce\x01\n\x0fGenerateRequest\x12*\n\x04\x63hat\x18\x01 \x01(\x0b\x32\x1a.switchyard.router.v1.ChatH\x00\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x34\n\nprompt_ids\x18\x04 \x01(\x0b\x32\x1e.switchyard.router.v1.TokenIdsH\x00\x12>\n\nparameters\x18\x03 \x01(\x0b\x32*.switchyard.router.v1.GenerationParametersB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"p\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0f\n\x07special\x18\x03 \x01(\x08\x12\x0c\n\x04text\x18\x04 \x01(\t\x12+\n\x03top\x18\x05 \x03(\x0b\x32\x1e.switchyard.router.v1.TopToken\"5\n\x08TopToken\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xe8\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x39\n\rfinish_reason\x18\x02 \x01(\x0e\x32\".switchyard.router.v1.FinishReason\x12*\n\x05usage\x18\x03 \x01(\x0b\x32\x1b.switchyard.router.v1.Usage\x12+\n\x06tokens\x18\x04 \x03(\x0b\x32\x1b.switchyard.router.v1.Token\x12\x32\n\ntool_calls\x18\x05 \x03(\x0b\x32\x1e.switchyard.router.v1.ToolCall\"\xee\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x06tokens\x18\x02 \x03(\x0b\x32\x1b.switchyard.router.v1.Token\x12\x39\n\rfinish_reason\x18\x03 \x01(\x0e\x32\".switchyard.router.v1.FinishReason\x12*\n\x05usage\x18\x04 \x01(\x0b\x32\x1b.switchyard.router.v1.Usage\x12\x32\n\ntool_calls\x18\x05 \x03(\x0b\x32\x1e.switchyard.router.v1.ToolCall\"X\n\x0fTokenizeRequest\x12*\n\x04\x63hat\x18\x01 \x01(\x0b\x32\x1a.switchyard.router.v1.ChatH\x00\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x42\x07\n\x05input\"-\n\x10TokenizeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"=\n\x11\x44\x65tokenizeRequest\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\r\n\x0bInfoRequest\"\xc1\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tnum_shard\x18\x04 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x05 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x06 \x01(\r\x12\x1f\n\x17max_concurrent_requests\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x1e\n\x16max_batch_total_tokens\x18\t \x01(\x04\x12\x19\n\x11has_chat_template\x18\n \x01(\x08\x12\x0f\n\x07version\x18\x0b \x01(\t\x12\x18\n\x10max_top_n_tokens\x18\x0c \x01(\r\x12\x1a\n\x12max_stop_sequences\x18\r \x01(\r\"\x0f\n\rHealthRequest\"\x10\n\x0eHealthResponse\"\x10\n\x0eMetricsRequest\"\x1f\n\x0fMetricsResponse\x12\x0c\n\x04text\x18\x01 \x01(\t*\x9f\x01\n\x12ResponseFormatType\x12\x1d\n\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x00\x12$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x01\x12$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x02\x12\x1e\n\x1aRESPONSE_FORMAT_TYPE_REGEX\x10\x03*\x84\x01\n\x0eToolChoiceMode\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x01\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_FUNCTION\x10\x03*\x9e\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04\x32\x84\x05\n\x06Router\x12Y\n\x08Generate\x12%.switchyard.router.v1.GenerateRequest\x1a&.switchyard.router.v1.GenerateResponse\x12g\n\x0eGenerateStream\x12%.switchyard.router.v1.GenerateRequest\x1a,.switchyard.router.v1.GenerateStreamResponse0\x01\x12Y\n\x08Tokenize\x12%.switchyard.router.v1.TokenizeRequest\x1a&.switchyard.router.v1.TokenizeResponse\x12_\n\nDetokenize\x12\'.switchyard.router.v1.DetokenizeRequest\x1a(.switchyard.router.v1.DetokenizeResponse\x12M\n\x04Info\x12!.switchyard.router.v1.InfoRequest\x1a\".switchyard.router.v1.InfoResponse\x12S\n\x06Health\x12#.switchyard.router.v1.HealthRequest\x1a$.switchyard.router.v1.HealthResponse\x12V\n\x07Metrics\x12$.switchyard.router.v1.MetricsRequest\x1a%.switchyard.router.v1.MetricsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/router.proto\x12\x14switchyard.router.v1\"\x84\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x32\n\ntool_calls\x18\x04 \x03(\x0b\x32\x1e.switchyard.router.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"\xdc\x01\n\x04\x43hat\x12\x33\n\x08messages\x18\x01 \x03(\x0b\x32!.switchyard.router.v1.ChatMessage\x12)\n\x05tools\x18\x02 \x03(\x0b\x32\x1a.switchyard.router.v1.Tool\x12\x39\n\x0btool_choice\x18\x03 \x01(\x0e\x32$.switchyard.router.v1.ToolChoiceMode\x12\x1c\n\x14tool_choice_function\x18\x04 \x01(\t\x12\x1b\n\x13parallel_tool_calls\x18\x05 \x01(\x08\"\x8c\x05\n\x14GenerationParameters\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\r\n\x05min_p\x18\x08 \x01(\x02\x12\x16\n\ttypical_p\x18\t \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12M\n\nlogit_bias\x18\r \x03(\x0b\x32\x39.switchyard.router.v1.GenerationParameters.LogitBiasEntry\x12\x14\n\x0ctop_n_tokens\x18\x0e \x01(\r\x12\x16\n\x0emin_new_tokens\x18\x0f \x01(\r\x12\x10\n\x08logprobs\x18\x10 \x01(\x08\x12=\n\x0fresponse_format\x18\x11 \x01(\x0b\x32$.switchyard.router.v1.ResponseFormat\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x11\n\x0f_max_new_tokensB\x0c\n\n_typical_pB\x15\n\x13_repetition_penalty\"W\n\x0eResponseFormat\x12\x36\n\x04type\x18\x01 \x01(\x0e\x32(.switchyard.router.v1.ResponseFormatType\x12\r\n\x05value\x18\x02 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\xce\x01\n\x0fGenerateRequest\x12*\n\x04\x63hat\x18\x01 \x01(\x0b\x32\x1a.switchyard.router.v1.ChatH\x00\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x34\n\nprompt_ids\x18\x04 \x01(\x0b\x32\x1e.switchyard.router.v1.TokenIdsH\x00\x12>\n\nparameters\x18\x03 \x01(\x0b\x32*.switchyard.router.v1.GenerationParametersB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"p\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0f\n\x07special\x18\x03 \x01(\x08\x12\x0c\n\x04text\x18\x04 \x01(\t\x12+\n\x03top\x18\x05 \x03(\x0b\x32\x1e.switchyard.router.v1.TopToken\"5\n\x08TopToken\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xe8\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x39\n\rfinish_reason\x18\x02 \x01(\x0e\x32\".switchyard.router.v1.FinishReason\x12*\n\x05usage\x18\x03 \x01(\x0b\x32\x1b.switchyard.router.v1.Usage\x12+\n\x06tokens\x18\x04 \x03(\x0b\x32\x1b.switchyard.router.v1.Token\x12\x32\n\ntool_calls\x18\x05 \x03(\x0b\x32\x1e.switchyard.router.v1.ToolCall\"\xee\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x06tokens\x18\x02 \x03(\x0b\x32\x1b.switchyard.router.v1.Token\x12\x39\n\rfinish_reason\x18\x03 \x01(\x0e\x32\".switchyard.router.v1.FinishReason\x12*\n\x05usage\x18\x04 \x01(\x0b\x32\x1b.switchyard.router.v1.Usage\x12\x32\n\ntool_calls\x18\x05 \x03(\x0b\x32\x1e.switchyard.router.v1.ToolCall\"X\n\x0fTokenizeRequest\x12*\n\x04\x63hat\x18\x01 \x01(\x0b\x32\x1a.switchyard.router.v1.ChatH\x00\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x42\x07\n\x05input\"a\n\x10TokenizeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x32\n\x07offsets\x18\x03 \x03(\x0b\x32!.switchyard.router.v1.TokenOffset\"*\n\x0bTokenOffset\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0c\n\x04stop\x18\x02 \x01(\r\"=\n\x11\x44\x65tokenizeRequest\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\r\n\x0bInfoRequest\"\xc1\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tnum_shard\x18\x04 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x05 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x06 \x01(\r\x12\x1f\n\x17max_concurrent_requests\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x1e\n\x16max_batch_total_tokens\x18\t \x01(\x04\x12\x19\n\x11has_chat_template\x18\n \x01(\x08\x12\x0f\n\x07version\x18\x0b \x01(\t\x12\x18\n\x10max_top_n_tokens\x18\x0c \x01(\r\x12\x1a\n\x12max_stop_sequences\x18\r \x01(\r\"\x0f\n\rHealthRequest\"\x10\n\x0eHealthResponse\"\x10\n\x0eMetricsRequest\"\x1f\n\x0fMetricsResponse\x12\x0c\n\x04text\x18\x01 \x01(\t*\x9f\x01\n\x12ResponseFormatType\x12\x1d\n\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x00\x12$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x01\x12$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x02\x12\x1e\n\x1aRESPONSE_FORMAT_TYPE_REGEX\x10\x03*\x84\x01\n\x0eToolChoiceMode\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x01\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_FUNCTION\x10\x03*\x9e\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04\x32\x84\x05\n\x06Router\x12Y\n\x08Generate\x12%.switchyard.router.v1.GenerateRequest\x1a&.switchyard.router.v1.GenerateResponse\x12g\n\x0eGenerateStream\x12%.switchyard.router.v1.GenerateRequest\x1a,.switchyard.router.v1.GenerateStreamResponse0\x01\x12Y\n\x08Tokenize\x12%.switchyard.router.v1.TokenizeRequest\x1a&.switchyard.router.v1.TokenizeResponse\x12_\n\nDetokenize\x12\'.switchyard.router.v1.DetokenizeRequest\x1a(.switchyard.router.v1.DetokenizeResponse\x12M\n\x04Info\x12!.switchyard.router.v1.InfoRequest\x1a\".switchyard.router.v1.InfoResponse\x12S\n\x06Health\x12#.switchyard.router.v1.HealthRequest\x1a$.switchyard.router.v1.HealthResponse\x12V\n\x07Metrics\x12$.switchyard.router.v1.MetricsRequest\x1a%.switchyard.router.v1.MetricsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATIONPARAMETERS_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATIONPARAMETERS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_RESPONSEFORMATTYPE']._serialized_start=2867
-  _globals['_RESPONSEFORMATTYPE']._serialized_end=3026
-  _globals['_TOOLCHOICEMODE']._serialized_start=3029
-  _globals['_TOOLCHOICEMODE']._serialized_end=3161
-  _globals['_FINISHREASON']._serialized_start=3164
-  _globals['_FINISHREASON']._serialized_end=3322
+  _globals['_RESPONSEFORMATTYPE']._serialized_start=2986
+  _globals['_RESPONSEFORMATTYPE']._serialized_end=3145
+  _globals['_TOOLCHOICEMODE']._serialized_start=3148
+  _globals['_TOOLCHOICEMODE']._serialized_end=3280
+  _globals['_FINISHREASON']._serialized_start=3283
+  _globals['_FINISHREASON']._serialized_end=3441
   _globals['_CHATMESSAGE']._serialized_start=46
   _globals['_CHATMESSAGE']._serialized_end=178
   _globals['_CHAT']._serialized_start=181
@@ -62,31 +62,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOPTOKEN']._serialized_start=1615
   _globals['_TOPTOKEN']._serialized_end=1668
   _globals['_USAGE']._serialized_start=1670
-  _globals['_USAGE']._serialized_end=1727
-  _globals['_GENERATERESPONSE']._serialized_start=1730
-  _globals['_GENERATERESPONSE']._serialized_end=1962
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1965
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2203
-  _globals['_TOKENIZEREQUEST']._serialized_start=2205
-  _globals['_TOKENIZEREQUEST']._serialized_end=2293
-  _globals['_TOKENIZERESPONSE']._serialized_start=2295
-  _globals['_TOKENIZERESPONSE']._serialized_end=2340
-  _globals['_DETOKENIZEREQUEST']._serialized_start=2342
-  _globals['_DETOKENIZEREQUEST']._serialized_end=2403
-  _globals['_DETOKENIZERESPONSE']._serialized_start=2405
-  _globals['_DETOKENIZERESPONSE']._serialized_end=2439
-  _globals['_INFOREQUEST']._serialized_start=2441
-  _globals['_INFOREQUEST']._serialized_end=2454
-  _globals['_INFORESPONSE']._serialized_start=2457
-  _globals['_INFORESPONSE']._serialized_end=2778
-  _globals['_HEALTHREQUEST']._serialized_start=2780
-  _globals['_HEALTHREQUEST']._serialized_end=2795
-  _globals['_HEALTHRESPONSE']._serialized_start=2797
-  _globals['_HEALTHRESPONSE']._serialized_end=2813
-  _globals['_METRICSREQUEST']._serialized_start=2815
-  _globals['_METRICSREQUEST']._serialized_end=2831
-  _globals['_METRICSRESPONSE']._serialized_start=2833
-  _globals['_METRICSRESPONSE']._serialized_end=2864
-  _globals['_ROUTER']._serialized_start=3325
-  _globals['_ROUTER']._serialized_end=3969
+  _globals['_USAGE']._serialized_end=1750
+  _globals['_GENERATERESPONSE']._serialized_start=1753
+  _globals['_GENERATERESPONSE']._serialized_end=1985
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1988
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2226
+  _globals['_TOKENIZEREQUEST']._serialized_start=2228
+  _globals['_TOKENIZEREQUEST']._serialized_end=2316
+  _globals['_TOKENIZERESPONSE']._serialized_start=2318
+  _globals['_TOKENIZERESPONSE']._serialized_end=2415
+  _globals['_TOKENOFFSET']._serialized_start=2417
+  _globals['_TOKENOFFSET']._serialized_end=2459
+  _globals['_DETOKENIZEREQUEST']._serialized_start=2461
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2522
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2524
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2558
+  _globals['_INFOREQUEST']._serialized_start=2560
+  _globals['_INFOREQUEST']._serialized_end=2573
+  _globals['_INFORESPONSE']._serialized_start=2576
+  _globals['_INFORESPONSE']._serialized_end=2897
+  _globals['_HEALTHREQUEST']._serialized_start=2899
+  _globals['_HEALTHREQUEST']._serialized_end=2914
+  _globals['_HEALTHRESPONSE']._serialized_start=2916
+  _globals['_HEALTHRESPONSE']._serialized_end=2932
+  _globals['_METRICSREQUEST']._serialized_start=2934
+  _globals['_METRICSREQUEST']._serialized_end=2950
+  _globals['_METRICSRESPONSE']._serialized_start=2952
+  _globals['_METRICSRESPONSE']._serialized_end=2983
+  _globals['_ROUTER']._serialized_start=3444
+  _globals['_ROUTER']._serialized_end=4088
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,8 @@ class StreamEvent:
     error: Exception | None = None
     #: (name, arguments JSON) of the calls, on the last event of a tool-call answer.
     tool_calls: tuple[tuple[str, str], ...] = ()
+    #: Prompt tokens served from the prefix cache, on the last event.
+    cached_tokens: int = 0
 
 
 class Phase(enum.Enum):
@@ -77,6 +79,8 @@ class Request:
     #: Open while the request waits in the queue.
     queue_span: Span | None = None
     last_token_at: float | None = None
+    #: Prompt tokens the prefix cache served when the prompt was first admitted.
+    cached_tokens: int = 0
 
     @property
     def token_ids(self) -> list[int]:

@@ -242,6 +242,8 @@ class Scheduler:
             r.blocks, r.chain, r.computed = [], NEW_CHAIN, 0
             return None
         self.metrics.prefix_hit_tokens.inc(r.computed)
+        if not r.generated:  # the prompt's first admission (a recomputation's hits are not the client's)
+            r.cached_tokens = min(r.computed, len(r.prompt_ids))
         return item
 
     def _next_chunk(self, r: Request, budget: int) -> PrefillItem | None:
@@ -311,9 +313,11 @@ class Scheduler:
         if r.stream.calling:
             calls = parse_tool_calls(r.stream.text)
             if calls is not None:
-                return StreamEvent("", (token,), "tool_calls", *counts, tool_calls=tuple(calls))
+                return StreamEvent(
+                    "", (token,), "tool_calls", *counts, tool_calls=tuple(calls), cached_tokens=r.cached_tokens
+                )
             text = r.stream.text  # cut short before the call was complete: return what there is
-        return StreamEvent(text, (token,), finish, *counts)
+        return StreamEvent(text, (token,), finish, *counts, cached_tokens=r.cached_tokens)
 
     def _token_info(self, r: Request, g: ShardGeneration) -> TokenInfo:
         special = self.tokenizer.is_special(g.token_id)

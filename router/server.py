@@ -126,7 +126,11 @@ class RouterServicer(pb_grpc.RouterServicer):
                 return pb.GenerateResponse(
                     text="".join(text),
                     finish_reason=FINISH_REASONS[event.finish_reason],
-                    usage=pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
+                    usage=pb.Usage(
+                        prompt_tokens=event.prompt_tokens,
+                        completion_tokens=event.completion_tokens,
+                        cached_tokens=event.cached_tokens,
+                    ),
                     tokens=tokens,
                     tool_calls=_tool_calls_pb(event),
                 )
@@ -139,6 +143,7 @@ class RouterServicer(pb_grpc.RouterServicer):
                 message.finish_reason = FINISH_REASONS[event.finish_reason]
                 message.usage.prompt_tokens = event.prompt_tokens
                 message.usage.completion_tokens = event.completion_tokens
+                message.usage.cached_tokens = event.cached_tokens
                 message.tool_calls.extend(_tool_calls_pb(event))
             yield message
 
@@ -212,6 +217,7 @@ def _coalesce(first: StreamEvent, queue: asyncio.Queue[StreamEvent]) -> StreamEv
         last.prompt_tokens,
         last.completion_tokens,
         tool_calls=last.tool_calls,
+        cached_tokens=last.cached_tokens,
     )
 
 

@@ -6,6 +6,7 @@ import asyncio
 import time
 import urllib.request
 
+import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -51,21 +52,30 @@ def test_shared_system_prompt_is_served_from_the_prefix_cache(stack):
     system = "You are a meticulous railway historian. " * 30
     c = client(stack)
 
-    def ask(question: str) -> None:
-        c.chat.completions.create(
-            model="tgi",
-            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
-            max_tokens=2,
+    def ask(question: str, stream: bool = False) -> int:
+        """Sends the question; returns usage.prompt_tokens_details.cached_tokens."""
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        if not stream:
+            answer = c.chat.completions.create(model="tgi", messages=messages, max_tokens=2)
+            return answer.usage.prompt_tokens_details.cached_tokens
+        chunks = c.chat.completions.create(
+            model="tgi", messages=messages, max_tokens=2, stream=True, stream_options={"include_usage": True}
         )
+        return next(ch.usage for ch in chunks if ch.usage).prompt_tokens_details.cached_tokens
 
-    ask("When did steam end?")
+    assert ask("When did steam end?") == 0
     before = metrics(stack)
-    ask("Who built the first tunnel?")
+    cached = ask("Who built the first tunnel?")
     after = metrics(stack)
     hits = after["switchyard_prefix_cache_hit_tokens_total"] - before["switchyard_prefix_cache_hit_tokens_total"]
     computed = after["switchyard_prefill_tokens_total"] - before["switchyard_prefill_tokens_total"]
     assert hits >= 200  # the system prompt is ~240 tokens
     assert computed < 60  # only the question and template tail were computed
+    assert cached == hits  # reported to the client as OpenAI does
+    assert ask("Who dug the second tunnel?", stream=True) >= 200
+    for expected_min in (0, 200):  # the same raw prompt twice: the second is served from the cache
+        completion = httpx.post(f"{stack}/v1/completions", json={"prompt": system, "max_tokens": 1}).json()
+        assert completion["usage"]["prompt_tokens_details"]["cached_tokens"] >= expected_min
 
 
 def test_disconnect_mid_stream_frees_blocks(stack):
