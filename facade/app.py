@@ -14,7 +14,7 @@ from common.grpc_security import api_key_interceptors
 from common.tracing import Tracing
 from facade import sse
 from facade.config import FacadeConfig
-from facade.errors import ApiError
+from facade.errors import ApiError, error_shape
 from facade.metrics import FacadeMetrics
 from facade.routes import ROUTES
 from facade.routes import metrics as metrics_route
@@ -34,9 +34,10 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
     try:
         return await handler(request)
     except ApiError as exc:
-        return await sse.end_with_error(request, exc) or exc.response()
+        return await sse.end_with_error(request, exc) or exc.response(error_shape(request))
     except web.HTTPRequestEntityTooLarge as exc:
-        return ApiError(413, f"the request body is too large: {exc.text}", "invalid_request_error").response()
+        too_large = ApiError(413, f"the request body is too large: {exc.text}", "invalid_request_error")
+        return too_large.response(error_shape(request))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -47,7 +48,7 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
         fault_id = uuid.uuid4().hex[:12]
         log.exception("fault %s handling %s %s", fault_id, request.method, request.path)
         error = ApiError(500, f"internal error (fault id {fault_id})", "internal_error")
-        return await sse.end_with_error(request, error) or error.response()
+        return await sse.end_with_error(request, error) or error.response(error_shape(request))
 
 
 def create_app(config: FacadeConfig, tracing: Tracing | None = None) -> web.Application:

@@ -35,6 +35,14 @@ _TRANSPORT_MESSAGE = {
     grpc.StatusCode.DEADLINE_EXCEEDED: "the model server did not answer in time",
 }
 
+#: OpenAI error types -> TGI's error_type values.
+_TGI_ERROR_TYPE = {
+    "invalid_request_error": "validation",
+    "rate_limit_exceeded": "overloaded",
+    "service_unavailable": "unavailable",
+    "internal_error": "generation",
+}
+
 #: Seconds a client is asked to wait before retrying a 503 or 429: a restarted service
 #: is back within seconds, and the facade reconnects within one.
 RETRY_AFTER_S = 1
@@ -69,9 +77,14 @@ class ApiError(Exception):
             }
         }
 
-    def response(self) -> web.Response:
+    def tgi_body(self) -> dict:
+        """TGI's error shape, which its clients (text-generation, huggingface_hub) parse."""
+        return {"error": self.message, "error_type": _TGI_ERROR_TYPE.get(self.type, self.type)}
+
+    def response(self, shape: str = "openai") -> web.Response:
+        body = self.tgi_body() if shape == "tgi" else self.body()
         return web.Response(
-            status=self.status, body=orjson.dumps(self.body()), content_type="application/json", headers=self.headers
+            status=self.status, body=orjson.dumps(body), content_type="application/json", headers=self.headers
         )
 
 
@@ -92,3 +105,16 @@ def from_grpc(error: grpc.aio.AioRpcError) -> ApiError:
         generic = _TRANSPORT_MESSAGE.get(error.code(), "internal error")
         message = f"{generic} (fault id {fault_id})"
     return ApiError(status, message, type_, _OPENAI_PARAM.get(param or "", param), error.code().name.lower())
+
+
+#: TGI's native routes answer errors in TGI's shape; /tokenize does when given TGI's body.
+TGI_PATHS = frozenset({"/generate", "/generate_stream", "/"})
+_SHAPE = web.RequestKey("error_shape", str)
+
+
+def use_tgi_errors(request: web.Request) -> None:
+    request[_SHAPE] = "tgi"
+
+
+def error_shape(request: web.Request) -> str:
+    return "tgi" if request.path in TGI_PATHS else request.get(_SHAPE, "openai")

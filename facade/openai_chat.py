@@ -140,8 +140,14 @@ def _tools(body: dict, chat: pb.Chat) -> None:
     ):
         chat.tool_choice = pb.TOOL_CHOICE_MODE_FUNCTION
         chat.tool_choice_function = choice["function"]["name"]
+    elif isinstance(choice, str) and choice in {t.name for t in chat.tools}:
+        # TGI also takes a bare function name.
+        chat.tool_choice = pb.TOOL_CHOICE_MODE_FUNCTION
+        chat.tool_choice_function = choice
     else:
-        raise invalid("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', ...}", "tool_choice")
+        raise invalid(
+            "tool_choice must be 'none', 'auto', 'required', a tool's name or {'type': 'function', ...}", "tool_choice"
+        )
 
 
 def _content(i: int, content: Any) -> str:

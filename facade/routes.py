@@ -14,18 +14,30 @@ from facade.state import METRICS, ROUTER, STARTED_AT
 from protos import router_pb2 as pb
 
 
-async def models(request: web.Request) -> web.Response:
-    info = await router_info(request.app[ROUTER])
-    card = {
+def _card(info: pb.InfoResponse, created: int) -> dict:
+    return {
         "id": info.model_id,
         "object": "model",
-        "created": request.app[STARTED_AT],
+        "created": created,
         "owned_by": "switchyard",
         "root": info.model_id,
         "parent": None,
         "max_model_len": info.max_total_tokens,
     }
+
+
+async def models(request: web.Request) -> web.Response:
+    card = _card(await router_info(request.app[ROUTER]), request.app[STARTED_AT])
     return json_response({"object": "list", "data": [card]})
+
+
+async def model(request: web.Request) -> web.Response:
+    """``GET /v1/models/{model}``: the served model under its own name or "tgi" (TGI's convention)."""
+    info = await router_info(request.app[ROUTER])
+    name = request.match_info["model"]
+    if name not in (info.model_id, "tgi"):
+        raise ApiError(404, f"The model '{name}' does not exist", "invalid_request_error", "model", "model_not_found")
+    return json_response(_card(info, request.app[STARTED_AT]) | {"id": name})
 
 
 async def health(request: web.Request) -> web.Response:
@@ -52,6 +64,7 @@ ROUTES = [
     web.post("/v1/chat/completions", openai_chat.chat_completions),
     web.post("/v1/completions", openai_completions.completions),
     web.get("/v1/models", models),
+    web.get("/v1/models/{model:.+}", model),
     web.post("/tokenize", tokenize.tokenize),
     web.post("/detokenize", tokenize.detokenize),
     web.post("/generate", tgi.generate),

@@ -24,7 +24,7 @@ class StreamFormat:
 
 OPENAI = StreamFormat(ApiError.body, b"data: [DONE]\n\n")
 #: TGI's shape (huggingface_hub raises on it): {"error": message, "error_type": kind}.
-TGI = StreamFormat(lambda e: {"error": e.message, "error_type": e.type}, None)
+TGI = StreamFormat(ApiError.tgi_body, None)
 
 _OPEN_STREAM = web.RequestKey("open_stream", tuple)
 

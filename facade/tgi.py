@@ -145,7 +145,7 @@ async def compat(request: web.Request) -> web.StreamResponse:
     result: dict[str, Any] = {"generated_text": text}
     if given.get("details"):
         result["details"] = _details(answer, list(answer.tokens), None, message.parameters.top_n_tokens)
-    return json_response(result)
+    return json_response([result])  # TGI's compat route answers a one-element list (its client reads [0])
 
 
 async def info(request: web.Request) -> web.Response:

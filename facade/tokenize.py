@@ -6,7 +6,7 @@ import grpc
 from aiohttp import web
 
 from facade.choices import router_info
-from facade.errors import from_grpc, invalid
+from facade.errors import from_grpc, invalid, use_tgi_errors
 from facade.json_body import json_response, read_json
 from facade.openai_chat import parse_chat
 from facade.params import UINT32_MAX, token_ids, typed
@@ -32,7 +32,10 @@ def parse_detokenize(body: dict) -> pb.DetokenizeRequest:
 
 
 async def tokenize(request: web.Request) -> web.Response:
-    message = parse_tokenize(await read_json(request))
+    body = await read_json(request)
+    if "inputs" in body:
+        return await _tgi_tokenize(request, body)
+    message = parse_tokenize(body)
     try:
         router = request.app[ROUTER]
         answer = await router.Tokenize(message)
@@ -49,3 +52,19 @@ async def detokenize(request: web.Request) -> web.Response:
     except grpc.aio.AioRpcError as exc:
         raise from_grpc(exc) from exc
     return json_response({"prompt": answer.text})
+
+
+async def _tgi_tokenize(request: web.Request, body: dict) -> web.Response:
+    """TGI's shape: ``{"inputs": text}`` -> ``[{"id", "text", "start", "stop"}, ...]`` (character offsets)."""
+    use_tgi_errors(request)
+    inputs = body.get("inputs")
+    if not isinstance(inputs, str) or not inputs:
+        raise invalid("'inputs' must be a non-empty string", "inputs")
+    try:
+        answer = await request.app[ROUTER].Tokenize(pb.TokenizeRequest(prompt=inputs))
+    except grpc.aio.AioRpcError as exc:
+        raise from_grpc(exc) from exc
+    spans = [(o.start, o.stop) for o in answer.offsets] or [(0, 0)] * len(answer.ids)
+    return json_response(
+        [{"id": i, "text": inputs[a:b], "start": a, "stop": b} for i, (a, b) in zip(answer.ids, spans, strict=True)]
+    )

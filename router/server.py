@@ -148,8 +148,12 @@ class RouterServicer(pb_grpc.RouterServicer):
             yield message
 
     async def Tokenize(self, request, context):
-        ids, text = self._ready().validator.prompt_ids(request)
-        return pb.TokenizeResponse(ids=ids, text=text)
+        validator = self._ready().validator
+        ids, text = validator.prompt_ids(request)
+        # A raw prompt is encoded with the tokenizer's special tokens (BOS...), a rendered chat without.
+        spans = validator.tokenizer.offsets(text, add_special_tokens=request.WhichOneof("input") == "prompt")
+        offsets = [pb.TokenOffset(start=a, stop=b) for a, b in spans] if len(spans) == len(ids) else []
+        return pb.TokenizeResponse(ids=ids, text=text, offsets=offsets)
 
     async def Detokenize(self, request, context):
         validator = self._ready().validator

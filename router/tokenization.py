@@ -61,6 +61,14 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
+    def offsets(self, text: str, add_special_tokens: bool) -> list[tuple[int, int]]:
+        """Character span of every token ``encode`` gives for ``text`` ((0, 0) for added special
+        tokens); empty for a tokenizer without offsets (a slow one)."""
+        if not self.hf.is_fast:
+            return []
+        encoding = self.hf(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        return [(int(a), int(b)) for a, b in encoding["offset_mapping"]]
+
     def token_text(self, token_id: int) -> str:
         """One token decoded alone, special tokens included (as OpenAI's logprobs show them)."""
         return str(self.hf.decode([token_id], skip_special_tokens=False))

@@ -93,6 +93,49 @@ def test_huggingface_inference_client(stack):
     assert details.generated_text == text and details.details.generated_tokens == 6
 
 
+def test_tgi_text_generation_client(stack):
+    """TGI's own Python client (``text-generation``): generate, stream, tokens' details, errors."""
+    from text_generation import AsyncClient, Client
+    from text_generation.errors import ValidationError
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    client = Client(stack, headers=headers, timeout=60)
+    answer = client.generate("Once upon a time", max_new_tokens=6, top_n_tokens=2, decoder_input_details=False)
+    assert answer.generated_text and answer.details.generated_tokens == 6
+    assert len(answer.details.tokens) == 6 and len(answer.details.top_tokens[0]) == 2
+    streamed = list(client.generate_stream("Once upon a time", max_new_tokens=6))
+    assert "".join(r.token.text for r in streamed) == answer.generated_text
+    assert streamed[-1].details.finish_reason.value == "length"
+    with pytest.raises(ValidationError, match="max_new_tokens"):  # TGI's error shape, parsed by its client
+        client.generate("Once upon a time", max_new_tokens=0)
+
+    async def both() -> tuple[str, str]:
+        aclient = AsyncClient(stack, headers=headers, timeout=60)
+        whole = await aclient.generate("Once upon a time", max_new_tokens=6)
+        parts = [r.token.text async for r in aclient.generate_stream("Once upon a time", max_new_tokens=6)]
+        return whole.generated_text, "".join(parts)
+
+    whole, joined = asyncio.run(both())
+    assert whole == joined == answer.generated_text
+    tokens = httpx.post(f"{stack}/tokenize", json={"inputs": "Hello railway world"}, headers=headers).json()
+    assert [t["text"] for t in tokens] == ["Hello", " railway", " world"]
+    assert tokens[1]["start"] == 5 and tokens[1]["stop"] == 13 and all(isinstance(t["id"], int) for t in tokens)
+    bad = httpx.post(f"{stack}/generate", json={"inputs": ""}, headers=headers)
+    assert bad.status_code == 400 and bad.json() == {
+        "error": "'inputs' must be a non-empty string",
+        "error_type": "validation",
+    }
+
+
+def test_models_retrieve(stack):
+    client = openai.OpenAI(base_url=f"{stack}/v1/", api_key=KEY, max_retries=0)
+    served = client.models.list().data[0].id
+    assert client.models.retrieve("tgi").id == "tgi"
+    assert client.models.retrieve(served).root == served
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
+
+
 def test_facade_without_router_is_503_not_500(tmp_path: Path):
     port = free_port()
     dead_router = f"unix://{tmp_path / 'nobody.sock'}"
