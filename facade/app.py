@@ -16,6 +16,8 @@ from facade import sse
 from facade.config import FacadeConfig
 from facade.errors import ApiError, error_shape
 from facade.metrics import FacadeMetrics
+from facade.openai_responses import STORE as RESPONSES
+from facade.responses_request import ResponseStore
 from facade.routes import ROUTES
 from facade.routes import metrics as metrics_route
 from facade.security import Cors, api_key_middleware
@@ -66,6 +68,7 @@ def create_app(config: FacadeConfig, tracing: Tracing | None = None) -> web.Appl
     app.on_response_prepare.append(cors.on_prepare)
     app[STARTED_AT] = int(time.time())
     app[METRICS] = metrics
+    app[RESPONSES] = ResponseStore(config.responses_store_size)
 
     async def router_channel(app: web.Application) -> AsyncIterator[None]:
         # The trace context travels to the router in gRPC metadata.

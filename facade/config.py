@@ -31,6 +31,8 @@ class FacadeConfig:
     metrics_port: int | None = None
     #: TLS of the channel to the router (GRPC_TLS_*).
     tls: TlsConfig = field(default_factory=TlsConfig)
+    #: Responses kept in memory for previous_response_id and GET /v1/responses/{id}.
+    responses_store_size: int = 1000
 
 
 def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> FacadeConfig:
@@ -47,6 +49,12 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> FacadeCo
     p.add_argument("--cors-allow-origin", default=env_str(env, "CORS_ALLOW_ORIGIN", default=""))
     p.add_argument("--metrics-api-key", default=env_str(env, "METRICS_API_KEY"), help="[METRICS_API_KEY]")
     p.add_argument("--metrics-port", type=int, default=env_int(env, "METRICS_PORT"), help="[METRICS_PORT]")
+    p.add_argument(
+        "--responses-store-size",
+        type=int,
+        default=env_int(env, "RESPONSES_STORE_SIZE", default=1000),
+        help="responses kept for previous_response_id [RESPONSES_STORE_SIZE]",
+    )
     add_tracing_args(p, env, "switchyard-facade")
     a = p.parse_args(argv)
     origins = [o.strip() for o in a.cors_allow_origin.split(",") if o.strip()]
@@ -62,4 +70,5 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> FacadeCo
         a.metrics_api_key,
         a.metrics_port,
         TlsConfig.from_env(env),
+        a.responses_store_size,
     )

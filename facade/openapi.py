@@ -71,6 +71,27 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["prompt"],
         "properties": {**_SAMPLING, "prompt": {}, "echo": {"type": "boolean"}, "logprobs": {"type": "integer"}},
     },
+    "CreateResponse": {
+        "type": "object",
+        "required": ["input"],
+        "properties": {
+            "model": {"type": "string"},
+            "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+            "instructions": {"type": "string"},
+            "max_output_tokens": {"type": "integer", "minimum": 1},
+            "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+            "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+            "stream": {"type": "boolean"},
+            "tools": {"type": "array", "items": {"type": "object"}},
+            "tool_choice": {"oneOf": [{"type": "string"}, {"type": "object"}]},
+            "parallel_tool_calls": {"type": "boolean"},
+            "text": {"type": "object", "properties": {"format": {"type": "object"}}},
+            "previous_response_id": {"type": "string"},
+            "store": {"type": "boolean"},
+            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+            "seed": {"type": "integer"},
+        },
+    },
     "GenerateRequest": {
         "type": "object",
         "required": ["inputs"],
@@ -81,6 +102,9 @@ _SCHEMAS: dict[str, Any] = {
 _ROUTES: list[tuple[str, str, str, str | None]] = [
     ("post", "/v1/chat/completions", "OpenAI chat completion (SSE when stream is true)", "ChatCompletionRequest"),
     ("post", "/v1/completions", "OpenAI text completion (SSE when stream is true)", "CompletionRequest"),
+    ("post", "/v1/responses", "OpenAI Responses API (typed SSE events when stream is true)", "CreateResponse"),
+    ("get", "/v1/responses/{response_id}", "A stored response (kept in memory, RESPONSES_STORE_SIZE)", None),
+    ("delete", "/v1/responses/{response_id}", "Forget a stored response", None),
     ("get", "/v1/models", "The served model, as OpenAI and vLLM list it", None),
     ("get", "/v1/models/{model}", 'The served model by name (its id, or "tgi")', None),
     (

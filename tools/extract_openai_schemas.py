@@ -19,7 +19,10 @@ ROOTS = [
     "CreateChatCompletionStreamResponse",
     "CreateCompletionResponse",
     "ListModelsResponse",
+    "Model",
     "ErrorResponse",
+    "Response",
+    "ResponseStreamEvent",
 ]
 
 
