@@ -70,6 +70,9 @@ class Validator:
 
     def request(self, request_id: int, message: pb.GenerateRequest) -> Request:
         ids, _text = self.prompt_ids(message)
+        if not ids:  # e.g. only control characters, which the tokenizer drops
+            param = "messages" if message.WhichOneof("input") == "chat" else "prompt"
+            raise ValidationError("the prompt is empty once tokenized: it has no text the model can read", param)
         p = message.parameters
         sampling = self._sampling(p)
         max_new = self._max_new_tokens(p, len(ids))

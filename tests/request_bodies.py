@@ -148,9 +148,44 @@ TOKENIZE = st.fixed_dictionaries(
 )
 DETOKENIZE = st.fixed_dictionaries({"tokens": field(st.lists(SMALL, max_size=5))})
 
+RESPONSE_ITEM = st.one_of(
+    MESSAGE,
+    st.fixed_dictionaries(
+        {"type": st.just("function_call"), "call_id": field(st.text(max_size=6)), "name": field(st.text(max_size=6)),
+         "arguments": field(st.text(max_size=12))}
+    ),
+    st.fixed_dictionaries(
+        {"type": st.just("function_call_output"), "call_id": field(st.text(max_size=6)),
+         "output": field(st.text(max_size=12))}
+    ),
+)  # fmt: skip
+RESPONSE_TOOL = st.fixed_dictionaries(
+    {"type": field(st.just("function")), "name": field(st.text(min_size=1, max_size=6))}
+)
+RESPONSES = st.fixed_dictionaries(
+    {"input": field(st.text(max_size=20) | st.lists(RESPONSE_ITEM, max_size=3))},
+    optional={
+        "model": field(st.text(max_size=6)),
+        "instructions": field(st.text(max_size=10)),
+        "max_output_tokens": field(SMALL),
+        "temperature": field(UNIT),
+        "top_p": field(UNIT),
+        "stream": field(st.booleans()),
+        "tools": field(st.lists(RESPONSE_TOOL, max_size=2)),
+        "tool_choice": field(st.sampled_from(["none", "auto", "required", {"type": "function", "name": "f"}])),
+        "text": field(st.fixed_dictionaries({"format": RESPONSE_FORMAT})),
+        "previous_response_id": field(st.text(max_size=8)),
+        "store": field(st.booleans()),
+        "metadata": field(st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2)),
+        "reasoning": field(st.just({})),
+        "truncation": field(st.sampled_from(["disabled", "auto"])),
+    },
+)  # fmt: skip
+
 ROUTES = {
     "/v1/chat/completions": CHAT,
     "/v1/completions": COMPLETION,
+    "/v1/responses": RESPONSES,
     "/generate": GENERATE,
     "/generate_stream": GENERATE,
     "/": GENERATE,

@@ -11,10 +11,11 @@ from facade import params
 from facade.errors import ApiError
 from facade.openai_chat import parse_chat
 from facade.openai_completions import parse_completion
+from facade.responses_request import ResponseStore, parse_responses
 from facade.tgi import parse_generate
 from facade.tokenize import parse_detokenize, parse_tokenize
 from protos import router_pb2 as pb
-from tests.request_bodies import CHAT, COMPLETION, DETOKENIZE, GENERATE, TOKENIZE
+from tests.request_bodies import CHAT, COMPLETION, DETOKENIZE, GENERATE, RESPONSES, TOKENIZE
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -45,6 +46,12 @@ def test_any_completion_body_parses_or_is_a_400(body):
 @given(body=GENERATE)
 def test_any_tgi_body_parses_or_is_a_400(body):
     _parses_or_400(parse_generate, body)
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=RESPONSES)
+def test_any_responses_body_parses_or_is_a_400(body):
+    _parses_or_400(lambda b: parse_responses(b, ResponseStore()).chat, body)
 
 
 @settings(max_examples=200, deadline=None)
