@@ -136,3 +136,18 @@ def test_sigterm_lets_an_in_flight_stream_finish(tiny_model_dir):
                 finish.append(chunk.choices[0].finish_reason)
         assert finish == ["length"]  # the stream ran to its end, not cut by the shutdown
         assert launcher.wait(timeout=60) == 0
+
+
+def test_the_docker_build_context_is_only_what_the_image_copies():
+    """.dockerignore is an allowlist: every COPY source is in it, and the 2+ GB .venv and build/ are not."""
+    lines = [
+        x.strip() for x in (ROOT / ".dockerignore").read_text().splitlines() if x.strip() and not x.startswith("#")
+    ]
+    assert lines[0] == "*"
+    allowed = {x[1:] for x in lines if x.startswith("!")}
+    copied = set()
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY ") and "--from=" not in line:
+            copied |= set(line.split()[1:-1])
+    assert copied and copied <= allowed, copied - allowed
+    assert not allowed & {".venv", "build", "tests", ".git", "models"}
