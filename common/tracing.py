@@ -34,18 +34,25 @@ class Tracing:
             return []
         from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-        return [aio_server_interceptor(tracer_provider=self.provider)]
+        return [aio_server_interceptor(tracer_provider=self.provider, filter_=_traced_methods())]
 
     def grpc_client_interceptors(self) -> list:
         if self.provider is None:
             return []
         from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-        return list(aio_client_interceptors(tracer_provider=self.provider))
+        return list(aio_client_interceptors(tracer_provider=self.provider, filter_=_traced_methods()))
 
     def shutdown(self) -> None:
         if self.provider is not None:
             self.provider.shutdown()
+
+
+def _traced_methods():  # type: ignore[no-untyped-def]
+    """Every RPC but Health and Metrics: probes and scrapes every few seconds would bury real traces."""
+    from opentelemetry.instrumentation.grpc import filters
+
+    return filters.negate(filters.any_of(filters.method_name("Health"), filters.method_name("Metrics")))
 
 
 def add_tracing_args(p: argparse.ArgumentParser, env: Mapping[str, str], service: str) -> None:

@@ -21,12 +21,17 @@ from common.tracing import Tracing
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+#: Probed and scraped every few seconds: a trace each would bury the requests that matter.
+UNTRACED_PATHS = frozenset({"/health", "/metrics"})
+
 
 def tracing_middleware(tracing: Tracing) -> Middleware:
     tracer = tracing.tracer("switchyard.facade")
 
     @web.middleware
     async def traced(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in UNTRACED_PATHS:
+            return await handler(request)
         resource = request.match_info.route.resource
         route = resource.canonical if resource else request.path
         with tracer.start_as_current_span(

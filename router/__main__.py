@@ -79,7 +79,8 @@ async def connect_and_warm(config: RouterConfig, servicer: RouterServicer, traci
     log.info("shards warm: %d KV blocks of %d tokens; limits %s", warm.num_blocks, warm.block_size, limits)
     allocator = BlockAllocator(warm.num_blocks, warm.block_size)
     tracer = tracing.tracer("switchyard.router")
-    scheduler = Scheduler(link, allocator, limits, tokenizer, RouterMetrics(), tracer, config.shard_recovery_timeout)
+    metrics = RouterMetrics(model_name=source.display_name)
+    scheduler = Scheduler(link, allocator, limits, tokenizer, metrics, tracer, config.shard_recovery_timeout)
     validator = Validator(
         tokenizer, limits, config.max_stop_sequences, config.max_top_n_tokens, info.vocab_size, load_defaults(source)
     )

@@ -79,6 +79,8 @@ class Request:
     #: Open while the request waits in the queue.
     queue_span: Span | None = None
     last_token_at: float | None = None
+    #: When the request first joined the batch (TGI's inference duration starts there).
+    admitted_at: float | None = None
     #: Prompt tokens the prefix cache served when the prompt was first admitted.
     cached_tokens: int = 0
 

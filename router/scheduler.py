@@ -73,14 +73,15 @@ class Scheduler:
         self._shard_members: list[int] = []
         self._decodes_since_admission = 0
         self._wake = asyncio.Event()
+        #: The kind of shard call in progress ("prefill" or "decode"), for the failure counter.
+        self._step_method = "decode"
         self._update_gauges()  # the KV gauges are right before the first request
 
     # --- called by the API ------------------------------------------------------
 
     def submit(self, request: Request) -> None:
         request.queue_span = self.tracer.start_span("queue", context=request.trace_context)
-        self.metrics.requests.inc()
-        self.metrics.input_length.observe(len(request.prompt_ids))
+        self.metrics.request_arrived(len(request.prompt_ids), request.max_new_tokens)
         self.waiting.append(request)
         self._wake.set()
 
@@ -102,6 +103,7 @@ class Scheduler:
             try:
                 await self.step()
             except Exception as exc:
+                self.metrics.step_finished(self._step_method, ok=False)
                 why = await self.link.problem()
                 if why is None:  # the shard is fine: a fault of this step, fail its requests
                     await self._fail_active(exc)
@@ -148,23 +150,25 @@ class Scheduler:
 
     async def _prefill(self, items: list[PrefillItem]) -> None:
         started = time.perf_counter()
+        self._step_method = "prefill"
         with self._step_span("prefill", [i.request for i in items]):
             answer = await self.shards.prefill(self.batch_id, items)
         self._observe_step("prefill", started, answer)
         self._shard_members = answer.request_ids
         self._chunks_computed(items)
-        self._postprocess(answer.generations)
+        self._postprocess(answer.generations, "prefill")
 
     async def _decode(self, extensions: dict[int, list[int]], items: list[PrefillItem]) -> None:
         started = time.perf_counter()
         stepping = [r for r in self.active if r.phase is Phase.DECODING] + [i.request for i in items]
+        self._step_method = "decode"
         with self._step_span("decode", stepping):
             answer = await self.shards.decode([self.batch_id], extensions, items)
         self._decodes_since_admission += 1
         self._observe_step("decode", started, answer)
         self._shard_members = answer.request_ids
         self._chunks_computed(items)
-        self._postprocess(answer.generations)
+        self._postprocess(answer.generations, "decode")
 
     def _chunks_computed(self, items: list[PrefillItem]) -> None:
         for item in items:
@@ -190,6 +194,7 @@ class Scheduler:
         if not self._admission_due():
             return items
         self._decodes_since_admission = 0
+        admitted = False
         while self.waiting and budget > 0 and len(self.active) < self.limits.max_batch_size:
             item = self._admit(self.waiting[0], budget)
             if item is None:
@@ -197,12 +202,22 @@ class Scheduler:
             r = self.waiting.popleft()
             r.phase = Phase.PREFILLING
             self.active.append(r)
-            self.metrics.queue_duration.observe(time.monotonic() - r.arrived_at)
+            self._admitted(r)
+            admitted = True
             if r.queue_span is not None:
                 r.queue_span.end()
             items.append(item)
             budget -= item.chunk_len
+        if admitted:
+            self.metrics.batch_next_size.observe(len(self.active))
         return items
+
+    def _admitted(self, r: Request) -> None:
+        now = time.monotonic()
+        if r.admitted_at is None:  # the first admission (not a preempted request coming back)
+            r.admitted_at = now
+            self.metrics.queue_duration.observe(now - r.arrived_at)
+            self.metrics.vllm_queue_time.observe(now - r.arrived_at)
 
     def _step_span(self, name: str, requests: list[Request]):  # type: ignore[no-untyped-def]
         """A span for one batch step, in the trace of its oldest request and linked to every other one.
@@ -244,6 +259,9 @@ class Scheduler:
         self.metrics.prefix_hit_tokens.inc(r.computed)
         if not r.generated:  # the prompt's first admission (a recomputation's hits are not the client's)
             r.cached_tokens = min(r.computed, len(r.prompt_ids))
+            self.metrics.prompt_tokens.inc(len(r.prompt_ids))
+            self.metrics.prefix_queries.inc(len(r.prompt_ids))
+            self.metrics.prefix_hits.inc(r.cached_tokens)
         return item
 
     def _next_chunk(self, r: Request, budget: int) -> PrefillItem | None:
@@ -286,7 +304,14 @@ class Scheduler:
 
     # --- results ----------------------------------------------------------------
 
-    def _postprocess(self, generations: list[ShardGeneration]) -> None:
+    def _postprocess(self, generations: list[ShardGeneration], method: str) -> None:
+        started = time.perf_counter()
+        self._emit(generations)
+        self.metrics.generation_tokens.inc(len(generations))
+        self.metrics.filter_duration.labels(method).observe(time.perf_counter() - started)
+
+    def _emit(self, generations: list[ShardGeneration]) -> None:
+        """Each generated token to its request's stream; requests that are done finish."""
         by_id = {r.id: r for r in self.active}
         now = time.monotonic()
         for g in generations:
@@ -336,8 +361,9 @@ class Scheduler:
         if r.blocks:
             self.allocator.release(r.blocks)
             r.blocks = []
-        self.metrics.outcomes.labels(outcome).inc()
-        self.metrics.generated_tokens.observe(len(r.generated))
+        now = time.monotonic()
+        inference_s = now - r.admitted_at if r.admitted_at is not None else None
+        self.metrics.request_finished(outcome, len(r.generated), now - r.arrived_at, inference_s)
 
     def _drop_cancelled(self) -> None:
         for r in [r for r in self.active if r.cancelled]:
@@ -419,6 +445,8 @@ class Scheduler:
     def _observe_step(self, method: str, started: float, answer: StepAnswer) -> None:
         self.metrics.step_duration.labels(method).observe(time.perf_counter() - started)
         self.metrics.forward_duration.labels(method).observe(answer.forward_ns / 1e9)
+        self.metrics.decode_duration.labels(method).observe(answer.decode_ns / 1e9)
+        self.metrics.step_finished(method, ok=True)
 
     def _observe_token(self, r: Request, now: float) -> None:
         if r.last_token_at is None:
@@ -435,6 +463,9 @@ class Scheduler:
         m.blocks_used.set(a.used_blocks)
         m.blocks_free.set(a.free_blocks)
         m.blocks_cached.set(a.cached_blocks)
+        m.running.set(len(self.active))
+        m.waiting.set(len(self.waiting))
+        m.kv_usage.set(a.used_blocks / a.num_blocks)
 
 
 def _one_line(exc: Exception) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from common.grpc_security import ApiKeyInterceptor, TlsConfig
 from common.tracing import Tracing
 from protos import router_pb2 as pb
 from protos import router_pb2_grpc as pb_grpc
-from router.errors import Overloaded, ShardsUnavailable, ShuttingDown
+from router.errors import Overloaded, ShardsUnavailable, ShuttingDown, ValidationError
 from router.request import Request, StreamEvent
 from router.scheduler import Scheduler
 from router.validation import Validator
@@ -85,11 +86,19 @@ class RouterServicer(pb_grpc.RouterServicer):
         """Admits a request and yields its events; a caller that goes away cancels it."""
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry on another replica or after the restart")
-        if self.in_flight >= self.max_concurrent:
-            raise Overloaded(f"the server is overloaded: {self.max_concurrent} requests are in flight; retry later")
         serving = self._ready()
-        with self.tracer.start_as_current_span("validate"):
-            request: Request = serving.validator.request(next(self._ids), message)
+        metrics = serving.scheduler.metrics
+        if self.in_flight >= self.max_concurrent:
+            metrics.request_refused("overloaded")
+            raise Overloaded(f"the server is overloaded: {self.max_concurrent} requests are in flight; retry later")
+        started = time.perf_counter()
+        try:
+            with self.tracer.start_as_current_span("validate"):
+                request: Request = serving.validator.request(next(self._ids), message)
+        except ValidationError:
+            metrics.request_refused("validation")
+            raise
+        metrics.validation_duration.observe(time.perf_counter() - started)
         request.trace_context = otel_context.get_current()
         self.in_flight += 1
         finished = False

@@ -29,6 +29,8 @@ class StepAnswer:
     generations: list[ShardGeneration]
     request_ids: list[int]
     forward_ns: int
+    #: Shard time spent sampling (TGI's batch decode duration).
+    decode_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -146,4 +148,4 @@ def _step_answer(answer) -> StepAnswer:  # type: ignore[no-untyped-def]
         )
         for g in answer.generations
     ]
-    return StepAnswer(generations, list(answer.batch.request_ids), answer.forward_ns)
+    return StepAnswer(generations, list(answer.batch.request_ids), answer.forward_ns, answer.decode_ns)

@@ -44,7 +44,7 @@ def test_metrics_are_exposed_and_move(stack):
         assert name in before
     client(stack).chat.completions.create(model="tgi", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     after = metrics(stack)
-    assert after["tgi_request_count_total"] == before["tgi_request_count_total"] + 1
+    assert after["tgi_request_count_total"] == before["tgi_request_count_total"] + 1  # the parser adds _total
     assert after["switchyard_prefill_tokens_total"] > before["switchyard_prefill_tokens_total"]
 
 

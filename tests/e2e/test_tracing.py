@@ -33,6 +33,7 @@ async def test_one_trace_across_facade_router_and_shard(tokenizer, aiohttp_clien
         await server.start()
         try:
             client = await aiohttp_client(create_app(FacadeConfig("127.0.0.1", 0, router_address, 100_000), tracing))
+            assert (await client.get("/health")).status == 200 and (await client.get("/metrics")).status == 200
             r = await client.post(
                 "/v1/chat/completions",
                 json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
@@ -49,3 +50,5 @@ async def test_one_trace_across_facade_router_and_shard(tokenizer, aiohttp_clien
     assert {"validate", "queue", "prefill", "decode"} <= in_trace  # router internals
     assert "/switchyard.shard.v1.ShardService/Prefill" in in_trace  # shard RPC (server side)
     assert {"shard.prefill", "shard.decode"} <= in_trace  # shard work
+    probes = [s.name for s in spans if "Health" in s.name or "Metrics" in s.name or s.name.startswith("GET")]
+    assert not probes, probes  # health probes and scrapes make no spans, at any hop
