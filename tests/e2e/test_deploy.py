@@ -151,3 +151,17 @@ def test_the_docker_build_context_is_only_what_the_image_copies():
             copied |= set(line.split()[1:-1])
     assert copied and copied <= allowed, copied - allowed
     assert not allowed & {".venv", "build", "tests", ".git", "models"}
+
+
+def test_every_documented_setting_reaches_compose():
+    """Each variable of the README's settings table is passed through docker-compose.yml (those the
+    services take as command-line flags there excepted), and no host folder is needed for the default model."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| variable | meaning | default |") :]
+    table = table[: table.index("\n\n")]
+    names = {n for line in table.splitlines()[2:] for n in re.findall(r"`([A-Z][A-Z0-9_]+)`", line.split("|")[1])}
+    compose = (ROOT / "docker-compose.yml").read_text()
+    set_by_flags = {"PORT", "HOSTNAME", "ROUTER_LISTEN"}  # facade --port/--hostname, router --listen
+    assert len(names) > 20
+    assert sorted(n for n in names - set_by_flags if f"{n}:" not in compose) == []
+    assert ":-./models" not in compose  # the default is the named volume
