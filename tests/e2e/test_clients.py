@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import openai
 import pytest
 
 from tests.conftest import ROOT, free_port, running_stack
+from tests.js.run import run_script
 
 KEY = "sk-clients"
 QUESTION = "Say something about trains."
@@ -46,11 +46,7 @@ def test_openai_python_sync_and_async(stack):
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 def test_openai_javascript_client(stack):
-    script = ROOT / "tests" / "js" / "chat.mjs"
-    assert (ROOT / "tests" / "js" / "node_modules" / "openai").exists(), "run `make test` (it installs the npm client)"
-    out = subprocess.run(["node", str(script), f"{stack}/v1", KEY], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+    result = run_script("chat.mjs", f"{stack}/v1", KEY)
     assert result["streamed"] == result["whole"] and result["whole"]
 
 

@@ -4,15 +4,16 @@ answer and streamed event checked against OpenAI's own schemas."""
 from __future__ import annotations
 
 import json
-import subprocess
+import shutil
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT, running_stack
+from tests.conftest import running_stack
 from tests.e2e.openai_schema import validate
+from tests.js.run import run_script
 
 KEY = "sk-responses"
 TOOLS = [
@@ -136,11 +137,8 @@ def test_wrong_requests_are_400s_naming_the_field(stack, body, param):
     assert answer.json()["error"]["param"] == param
 
 
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 def test_openai_javascript_client_responses(stack):
-    script = ROOT / "tests" / "js" / "responses.mjs"
-    assert (ROOT / "tests" / "js" / "node_modules" / "openai").exists(), "run `make test` (it installs the npm client)"
-    out = subprocess.run(["node", str(script), f"{stack}/v1", KEY], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+    result = run_script("responses.mjs", f"{stack}/v1", KEY)
     assert result["streamed"] == result["whole"] and result["whole"] and result["status"] == "incomplete"
     assert result["events"][0] == "response.created" and result["events"][-1] == "response.incomplete"

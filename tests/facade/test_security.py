@@ -11,6 +11,7 @@ from facade.app import create_app
 from facade.config import FacadeConfig, parse_config
 from protos import router_pb2 as pb
 from protos import router_pb2_grpc as pb_grpc
+from tests.facade.fake_router import serving
 
 KEY, METRICS_KEY = "sk-api", "sk-metrics"
 
@@ -30,13 +31,8 @@ class MetricsRouter(pb_grpc.RouterServicer):
 
 @pytest.fixture
 async def router_address(tmp_path):
-    address = f"unix://{tmp_path / 'router.sock'}"
-    server = grpc.aio.server()
-    pb_grpc.add_RouterServicer_to_server(MetricsRouter(), server)
-    server.add_insecure_port(address)
-    await server.start()
-    yield address
-    await server.stop(None)
+    async with serving(MetricsRouter(), tmp_path) as (address, _):
+        yield address
 
 
 def _config(router: str, **overrides) -> FacadeConfig:

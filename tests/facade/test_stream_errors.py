@@ -13,6 +13,7 @@ from facade.app import create_app
 from facade.config import FacadeConfig
 from protos import router_pb2 as pb
 from protos import router_pb2_grpc as pb_grpc
+from tests.facade.fake_router import serving
 
 USER_MESSAGE = ((MESSAGE_KEY, "1"),)
 TOP = [pb.TopToken(id=7, logprob=-0.5, text="x"), pb.TopToken(id=8, logprob=-1.5, text="y")]
@@ -37,13 +38,8 @@ class FailingRouter(pb_grpc.RouterServicer):
 
 @pytest.fixture
 async def router_server(tmp_path):
-    address = f"unix://{tmp_path / 'router.sock'}"
-    server = grpc.aio.server()
-    pb_grpc.add_RouterServicer_to_server(FailingRouter(), server)
-    server.add_insecure_port(address)
-    await server.start()
-    yield address, server
-    await server.stop(None)
+    async with serving(FailingRouter(), tmp_path) as running:
+        yield running
 
 
 @pytest.fixture
