@@ -33,6 +33,30 @@ _MESSAGE = {
         "name": {"type": "string"},
     },
 }
+_TOOL = {
+    "type": "object",
+    "required": ["type", "function"],
+    "properties": {
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string"},
+                "description": {"type": "string"},
+                "parameters": {"type": "object"},
+            },
+        },
+    },
+}
+_RESPONSE_FORMAT = {
+    "type": "object",
+    "required": ["type"],
+    "properties": {
+        "type": {"enum": ["text", "json_object", "json_schema"]},
+        "json_schema": {"type": "object", "properties": {"name": {"type": "string"}, "schema": {"type": "object"}}},
+    },
+}
 _SAMPLING = {
     "model": {"type": "string"},
     "stream": {"type": "boolean"},
@@ -64,6 +88,20 @@ _SCHEMAS: dict[str, Any] = {
             "max_completion_tokens": {"type": "integer", "minimum": 1},
             "logprobs": {"type": "boolean"},
             "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+            "tools": {"type": "array", "items": _TOOL},
+            "tool_choice": {
+                "oneOf": [
+                    {"enum": ["none", "auto", "required"]},
+                    {"type": "string", "description": "a tool's name (as TGI accepts)"},
+                    {
+                        "type": "object",
+                        "required": ["type", "function"],
+                        "properties": {"type": {"const": "function"}, "function": {"type": "object"}},
+                    },
+                ]
+            },
+            "parallel_tool_calls": {"type": "boolean"},
+            "response_format": _RESPONSE_FORMAT,
         },
     },
     "CompletionRequest": {

@@ -203,3 +203,18 @@ def test_tokenize_bodies():
     assert rejected(parse_tokenize, {}).param == "prompt"
     assert parse_detokenize({"tokens": [1, 2]}).ids == [1, 2]
     assert rejected(parse_detokenize, {"tokens": [1099511627776]}).param == "tokens"
+
+
+def test_openapi_documents_every_field_the_parsers_accept():
+    """The hand-written /openapi.json cannot drift from what the handlers take."""
+    from facade import openai_chat, openai_completions, responses_request
+    from facade.openapi import document
+
+    schemas = document()["components"]["schemas"]
+    for name, accepted in [
+        ("ChatCompletionRequest", openai_chat._FIELDS),
+        ("CompletionRequest", openai_completions._FIELDS),
+        ("CreateResponse", responses_request.FIELDS),
+    ]:
+        documented = set(schemas[name]["properties"])
+        assert set(accepted) <= documented, (name, sorted(set(accepted) - documented))
