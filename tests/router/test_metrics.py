@@ -76,3 +76,26 @@ async def test_series_move_with_traffic(tokenizer, tmp_path):
         assert _value(f, "vllm:generation_tokens_total", model_name="fake") == 8
         assert _value(f, "vllm:time_to_first_token_seconds_count", model_name="fake") == 2
         assert _value(f, "vllm:num_requests_running", model_name="fake") == 0
+
+
+def test_the_shipped_dashboard_queries_only_series_we_export():
+    """Every metric name in deploy/grafana's dashboard is a sample name of our /metrics (router and facade)."""
+    import json
+    import re
+    from pathlib import Path
+
+    from facade.metrics import FacadeMetrics
+
+    facade = FacadeMetrics()
+    facade.requests.labels("/v1/chat/completions", "200").inc()  # labelled series appear once used
+    router = RouterMetrics(model_name="m")
+    router.step_duration.labels("decode").observe(0.01)
+    router.forward_duration.labels("decode").observe(0.01)
+    router.request_finished("error", 1, 0.1, 0.1)
+    text = (router.exposition() + facade.exposition()).decode()
+    exported = {re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines() if line and line[0] != "#"}
+    dashboard = json.loads((Path(__file__).parents[2] / "deploy/grafana/dashboards/switchyard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    queried = {m for e in exprs for m in re.findall(r"\b(?:tgi_|vllm:|switchyard_)[A-Za-z0-9_:]+", e)}
+    assert len(queried) >= 15
+    assert sorted(queried - exported) == []
