@@ -35,7 +35,8 @@ class FacadeConfig:
     responses_store_size: int = 1000
 
 
-def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> FacadeConfig:
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The facade's settings: flags whose defaults come from the environment names in their help."""
     p = argparse.ArgumentParser(prog="python -m facade", description="OpenAI-compatible HTTP API over the router.")
     p.add_argument("--hostname", default=env_str(env, "HOSTNAME", default="0.0.0.0"), help="[HOSTNAME]")
     p.add_argument("--port", type=int, default=env_int(env, "PORT", default=8080), help="[PORT]")
@@ -44,9 +45,13 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> FacadeCo
         default=env_str(env, "ROUTER_ADDRESS", default="127.0.0.1:50051"),
         help="[ROUTER_ADDRESS]",
     )
-    p.add_argument("--payload-limit", type=int, default=env_int(env, "PAYLOAD_LIMIT", default=2_000_000))
+    p.add_argument(
+        "--payload-limit", type=int, default=env_int(env, "PAYLOAD_LIMIT", default=2_000_000), help="[PAYLOAD_LIMIT]"
+    )
     p.add_argument("--api-key", default=env_str(env, "API_KEY"), help="[API_KEY]")
-    p.add_argument("--cors-allow-origin", default=env_str(env, "CORS_ALLOW_ORIGIN", default=""))
+    p.add_argument(
+        "--cors-allow-origin", default=env_str(env, "CORS_ALLOW_ORIGIN", default=""), help="[CORS_ALLOW_ORIGIN]"
+    )
     p.add_argument("--metrics-api-key", default=env_str(env, "METRICS_API_KEY"), help="[METRICS_API_KEY]")
     p.add_argument("--metrics-port", type=int, default=env_int(env, "METRICS_PORT"), help="[METRICS_PORT]")
     p.add_argument(
@@ -56,6 +61,11 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> FacadeCo
         help="responses kept for previous_response_id [RESPONSES_STORE_SIZE]",
     )
     add_tracing_args(p, env, "switchyard-facade")
+    return p
+
+
+def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> FacadeConfig:
+    p = build_parser(env)
     a = p.parse_args(argv)
     origins = [o.strip() for o in a.cors_allow_origin.split(",") if o.strip()]
     return FacadeConfig(

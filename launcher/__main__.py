@@ -39,18 +39,42 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
 
+def services_settings(env: Mapping[str, str]) -> str:
+    """Every setting of the services the launcher starts, with its environment name, for ``--help``."""
+    from facade.config import build_parser as facade_parser
+    from router.config import build_parser as router_parser
+    from shard.config import build_parser as shard_parser
+
+    lines = ["settings of the services (environment variables reach every process started; in brackets):"]
+    for name, build in (("shard", shard_parser), ("router", router_parser), ("facade", facade_parser)):
+        lines.append(f"\n  {name}:")
+        for action in build(env)._actions:
+            if action.option_strings and action.dest != "help":
+                default = "" if action.default in (None, "", False) else f" (now: {action.default})"
+                lines.append(f"    {action.option_strings[0]:<28} {action.help}{default}")
+    lines.append("\n  every service, read from the environment only:")
+    lines.append("    [SWITCHYARD_CACHE] kernels, prepared models, converted tokenizers (default ~/.cache/switchyard)")
+    lines.append("    [GRPC_TLS_CERT | GRPC_TLS_KEY | GRPC_TLS_CA | GRPC_TLS_SERVER_NAME] TLS between the services")
+    return "\n".join(lines)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     env = process_env()
-    p = argparse.ArgumentParser(prog="python -m launcher", description=__doc__.splitlines()[0] if __doc__ else None)
+    p = argparse.ArgumentParser(
+        prog="python -m launcher",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        epilog=services_settings(env),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument(
         "--model-id",
         default=env_str(env, "MODEL_ID"),
         help="[MODEL_ID]; default: SmolLM2-135M-Instruct",
     )
-    p.add_argument("--hostname", default=env_str(env, "HOSTNAME", default="0.0.0.0"))
-    p.add_argument("--port", type=int, default=env_int(env, "PORT", default=8080))
-    p.add_argument("--num-shard", type=int, default=env_int(env, "NUM_SHARD", default=1))
-    p.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S)
+    p.add_argument("--hostname", default=env_str(env, "HOSTNAME", default="0.0.0.0"), help="[HOSTNAME]")
+    p.add_argument("--port", type=int, default=env_int(env, "PORT", default=8080), help="[PORT]")
+    p.add_argument("--num-shard", type=int, default=env_int(env, "NUM_SHARD", default=1), help="[NUM_SHARD]")
+    p.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S, help="seconds to wait for /health")
     p.add_argument(
         "role",
         nargs="?",

@@ -92,7 +92,8 @@ def default_prefill_budget(max_input_tokens: int, device: str) -> int:
     return max(max_input_tokens, 4096)
 
 
-def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> RouterConfig:
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The router's settings: flags whose defaults come from the environment names in their help."""
     p = argparse.ArgumentParser(prog="python -m router", description="Batch requests onto the model shards.")
     p.add_argument(
         "--model-id",
@@ -105,26 +106,63 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> RouterCo
         help="public gRPC address, host:port or unix:///path; loopback unless set [ROUTER_LISTEN]",
     )
     p.add_argument("--api-key", default=env_str(env, "API_KEY"), help="bearer key of the public API [API_KEY]")
-    p.add_argument("--shard-uds-path", default=env_str(env, "SHARD_UDS_PATH", default="/tmp/switchyard-shard"))
-    p.add_argument("--shard-address", default=env_str(env, "SHARD_ADDRESS"), help="rank 0 over TCP, host:port")
-    p.add_argument("--max-input-tokens", type=int, default=env_int(env, "MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"))
-    p.add_argument("--max-total-tokens", type=int, default=env_int(env, "MAX_TOTAL_TOKENS"))
-    p.add_argument("--max-batch-prefill-tokens", type=int, default=env_int(env, "MAX_BATCH_PREFILL_TOKENS"))
-    p.add_argument("--max-batch-total-tokens", type=int, default=env_int(env, "MAX_BATCH_TOTAL_TOKENS"))
-    p.add_argument("--max-batch-size", type=int, default=env_int(env, "MAX_BATCH_SIZE", default=128))
+    p.add_argument(
+        "--shard-uds-path",
+        default=env_str(env, "SHARD_UDS_PATH", default="/tmp/switchyard-shard"),
+        help="[SHARD_UDS_PATH]",
+    )
+    p.add_argument(
+        "--shard-address", default=env_str(env, "SHARD_ADDRESS"), help="rank 0 over TCP, host:port [SHARD_ADDRESS]"
+    )
+    p.add_argument(
+        "--max-input-tokens",
+        type=int,
+        default=env_int(env, "MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"),
+        help="[MAX_INPUT_TOKENS | MAX_INPUT_LENGTH]",
+    )
+    p.add_argument("--max-total-tokens", type=int, default=env_int(env, "MAX_TOTAL_TOKENS"), help="[MAX_TOTAL_TOKENS]")
+    p.add_argument(
+        "--max-batch-prefill-tokens",
+        type=int,
+        default=env_int(env, "MAX_BATCH_PREFILL_TOKENS"),
+        help="[MAX_BATCH_PREFILL_TOKENS]",
+    )
+    p.add_argument(
+        "--max-batch-total-tokens",
+        type=int,
+        default=env_int(env, "MAX_BATCH_TOTAL_TOKENS"),
+        help="[MAX_BATCH_TOTAL_TOKENS]",
+    )
+    p.add_argument(
+        "--max-batch-size", type=int, default=env_int(env, "MAX_BATCH_SIZE", default=128), help="[MAX_BATCH_SIZE]"
+    )
     p.add_argument(
         "--max-concurrent-requests",
         type=int,
         default=env_int(env, "MAX_CONCURRENT_REQUESTS", default=128),
+        help="requests in flight before new ones are refused (HTTP 429) [MAX_CONCURRENT_REQUESTS]",
     )
-    p.add_argument("--max-stop-sequences", type=int, default=env_int(env, "MAX_STOP_SEQUENCES", default=4))
-    p.add_argument("--max-top-n-tokens", type=int, default=env_int(env, "MAX_TOP_N_TOKENS", default=20))
+    p.add_argument(
+        "--max-stop-sequences",
+        type=int,
+        default=env_int(env, "MAX_STOP_SEQUENCES", default=4),
+        help="[MAX_STOP_SEQUENCES]",
+    )
+    p.add_argument(
+        "--max-top-n-tokens", type=int, default=env_int(env, "MAX_TOP_N_TOKENS", default=20), help="[MAX_TOP_N_TOKENS]"
+    )
     p.add_argument(
         "--waiting-served-ratio",
         type=float,
         default=env_float(env, "WAITING_SERVED_RATIO", default=1.2),
+        help="arrivals join a running batch once this many times its size wait [WAITING_SERVED_RATIO]",
     )
-    p.add_argument("--max-waiting-tokens", type=int, default=env_int(env, "MAX_WAITING_TOKENS", default=20))
+    p.add_argument(
+        "--max-waiting-tokens",
+        type=int,
+        default=env_int(env, "MAX_WAITING_TOKENS", default=20),
+        help="[MAX_WAITING_TOKENS]",
+    )
     p.add_argument(
         "--shard-recovery-timeout",
         type=float,
@@ -132,6 +170,11 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> RouterCo
         help="seconds a request waits for a restarted shard before it fails [SHARD_RECOVERY_TIMEOUT]",
     )
     add_tracing_args(p, env, "switchyard-router")
+    return p
+
+
+def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> RouterConfig:
+    p = build_parser(env)
     a = p.parse_args(argv)
     for name in ("max_batch_size", "max_concurrent_requests"):
         if getattr(a, name) < 1:

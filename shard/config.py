@@ -52,11 +52,17 @@ class ShardConfig:
         return f"unix://{self.uds_path}-{rank}"
 
 
-def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardConfig:
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The shard's settings: flags whose defaults come from the environment names in their help."""
     p = argparse.ArgumentParser(prog="python -m shard", description="Serve one model shard over gRPC.")
     _add_placement_args(p, env)
     _add_engine_args(p, env)
     add_tracing_args(p, env, "switchyard-shard")
+    return p
+
+
+def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardConfig:
+    p = build_parser(env)
     a = p.parse_args(argv)
     if a.threads < 0:
         p.error("--threads must be >= 0")
@@ -71,14 +77,21 @@ def _add_placement_args(p: argparse.ArgumentParser, env: Mapping[str, str]) -> N
     p.add_argument("--model-id", default=env_str(env, "MODEL_ID"), help="folder, .gguf file or hub id [MODEL_ID]")
     p.add_argument("--dtype", default=env_str(env, "DTYPE"), help="float32, bfloat16 or float16 [DTYPE]")
     p.add_argument("--device", default=env_str(env, "DEVICE", default="auto"), help="cpu, cuda or auto [DEVICE]")
-    p.add_argument("--rank", type=int, default=env_int(env, "RANK", default=0))
-    p.add_argument("--world-size", type=int, default=env_int(env, "WORLD_SIZE", "NUM_SHARD", default=1))
+    p.add_argument("--rank", type=int, default=env_int(env, "RANK", default=0), help="[RANK]")
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=env_int(env, "WORLD_SIZE", "NUM_SHARD", default=1),
+        help="[WORLD_SIZE | NUM_SHARD]",
+    )
     p.add_argument(
         "--uds-path",
         default=env_str(env, "SHARD_UDS_PATH", default="/tmp/switchyard-shard"),
         help="[SHARD_UDS_PATH]",
     )
-    p.add_argument("--listen", default=env_str(env, "SHARD_LISTEN"), help="TCP host:port instead of a socket")
+    p.add_argument(
+        "--listen", default=env_str(env, "SHARD_LISTEN"), help="TCP host:port instead of a socket [SHARD_LISTEN]"
+    )
     p.add_argument("--advertise-host", default=env_str(env, "SHARD_ADVERTISE_HOST"), help="[SHARD_ADVERTISE_HOST]")
     p.add_argument("--master-addr", default=env_str(env, "MASTER_ADDR", default="127.0.0.1"), help="[MASTER_ADDR]")
     p.add_argument("--master-port", type=int, default=env_int(env, "MASTER_PORT", default=29500), help="[MASTER_PORT]")
@@ -86,12 +99,12 @@ def _add_placement_args(p: argparse.ArgumentParser, env: Mapping[str, str]) -> N
 
 def _add_engine_args(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
     """KV cache shape and the speed switches (see README, "CPU performance")."""
-    p.add_argument("--block-size", type=int, default=env_int(env, "BLOCK_SIZE", default=16))
+    p.add_argument("--block-size", type=int, default=env_int(env, "BLOCK_SIZE", default=16), help="[BLOCK_SIZE]")
     p.add_argument(
         "--kv-cache-fraction",
         type=float,
         default=env_float(env, "KV_CACHE_FRACTION", default=0.25),
-        help="share of free memory for the KV cache when the router does not fix its size",
+        help="share of free memory for the KV cache when the router does not fix its size [KV_CACHE_FRACTION]",
     )
     p.add_argument(
         "--attention-backend",
