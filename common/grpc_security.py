@@ -112,11 +112,13 @@ def _refusal(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | N
         return None
     message = "incorrect or missing API key: send metadata 'authorization: Bearer <key>'"
 
+    # Not marked as a message for end users: behind the facade, a refused key is the facade's own
+    # misconfiguration (API_KEY differs between them), which it reports as a fault.
     async def unary(request, context):  # type: ignore[no-untyped-def]
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message, trailing_metadata=(("switchyard-message", "1"),))
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     async def stream(request, context):  # type: ignore[no-untyped-def]
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message, trailing_metadata=(("switchyard-message", "1"),))
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # an async generator, as the streaming handler it replaces
 
     if handler.unary_stream:

@@ -8,8 +8,10 @@ deployment's env block works unchanged.
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Mapping
+from typing import Any
 
 
 def env_str(env: Mapping[str, str], *names: str, default: str | None = None) -> str | None:
@@ -39,6 +41,30 @@ def env_float(env: Mapping[str, str], *names: str, default: float | None = None)
         return float(value)
     except ValueError as exc:
         raise SystemExit(f"{names[0]} must be a number, got {value!r}") from exc
+
+
+def env_option(
+    p: argparse.ArgumentParser,
+    env: Mapping[str, str],
+    flag: str,
+    *names: str,
+    kind: type = str,
+    default: Any = None,
+    help: str = "",
+    **extra: Any,
+) -> None:
+    """A flag whose default is the first of the environment ``names`` set (else ``default``); its help
+    ends with those names, so ``--help`` (and the launcher's) always says which variable sets it."""
+    value: Any
+    if kind is int:
+        value = env_int(env, *names, default=default)
+    elif kind is float:
+        value = env_float(env, *names, default=default)
+    else:
+        value = env_str(env, *names, default=default)
+    if kind is not str:
+        extra["type"] = kind
+    p.add_argument(flag, default=value, help=f"{help} [{' | '.join(names)}]".lstrip(), **extra)
 
 
 def process_env() -> Mapping[str, str]:

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from common.grpc_security import TlsConfig
-from common.settings import env_int, env_str
+from common.settings import env_option
 from common.tracing import add_tracing_args
 
 
@@ -38,28 +38,16 @@ class FacadeConfig:
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     """The facade's settings: flags whose defaults come from the environment names in their help."""
     p = argparse.ArgumentParser(prog="python -m facade", description="OpenAI-compatible HTTP API over the router.")
-    p.add_argument("--hostname", default=env_str(env, "HOSTNAME", default="0.0.0.0"), help="[HOSTNAME]")
-    p.add_argument("--port", type=int, default=env_int(env, "PORT", default=8080), help="[PORT]")
-    p.add_argument(
-        "--router",
-        default=env_str(env, "ROUTER_ADDRESS", default="127.0.0.1:50051"),
-        help="[ROUTER_ADDRESS]",
-    )
-    p.add_argument(
-        "--payload-limit", type=int, default=env_int(env, "PAYLOAD_LIMIT", default=2_000_000), help="[PAYLOAD_LIMIT]"
-    )
-    p.add_argument("--api-key", default=env_str(env, "API_KEY"), help="[API_KEY]")
-    p.add_argument(
-        "--cors-allow-origin", default=env_str(env, "CORS_ALLOW_ORIGIN", default=""), help="[CORS_ALLOW_ORIGIN]"
-    )
-    p.add_argument("--metrics-api-key", default=env_str(env, "METRICS_API_KEY"), help="[METRICS_API_KEY]")
-    p.add_argument("--metrics-port", type=int, default=env_int(env, "METRICS_PORT"), help="[METRICS_PORT]")
-    p.add_argument(
-        "--responses-store-size",
-        type=int,
-        default=env_int(env, "RESPONSES_STORE_SIZE", default=1000),
-        help="responses kept for previous_response_id [RESPONSES_STORE_SIZE]",
-    )
+    env_option(p, env, "--hostname", "HOSTNAME", default="0.0.0.0")
+    env_option(p, env, "--port", "PORT", kind=int, default=8080)
+    env_option(p, env, "--router", "ROUTER_ADDRESS", default="127.0.0.1:50051", help="the router's public gRPC address")
+    env_option(p, env, "--payload-limit", "PAYLOAD_LIMIT", kind=int, default=2_000_000, help="largest body, bytes")
+    env_option(p, env, "--api-key", "API_KEY", help="bearer key every route but /health requires")
+    env_option(p, env, "--cors-allow-origin", "CORS_ALLOW_ORIGIN", default="", help="comma-separated origins, or *")
+    env_option(p, env, "--metrics-api-key", "METRICS_API_KEY", help="a key that opens /metrics only")
+    env_option(p, env, "--metrics-port", "METRICS_PORT", kind=int, help="a key-less listener serving /metrics only")
+    env_option(p, env, "--responses-store-size", "RESPONSES_STORE_SIZE", kind=int, default=1000,
+               help="responses kept for previous_response_id")  # fmt: skip
     add_tracing_args(p, env, "switchyard-facade")
     return p
 

@@ -95,9 +95,7 @@ def invalid(message: str, param: str | None = None) -> ApiError:
 def from_grpc(error: grpc.aio.AioRpcError) -> ApiError:
     status, type_ = _GRPC_TO_HTTP.get(error.code(), (500, "internal_error"))
     param = param_of(error)
-    # UNAUTHENTICATED is the facade's own key refused by the router (API_KEY differs between them):
-    # a server misconfiguration, reported like any fault.
-    if written_for_users(error) and error.code() != grpc.StatusCode.UNAUTHENTICATED:
+    if written_for_users(error):
         message = error.details() or error.code().name
     else:
         fault_id = uuid.uuid4().hex[:12]

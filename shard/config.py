@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from common.settings import env_float, env_int, env_str
+from common.settings import env_float, env_int, env_option, env_str
 from common.tracing import add_tracing_args
 
 
@@ -74,27 +74,16 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardCon
 
 def _add_placement_args(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
     """Which model, on which device, as which rank, reachable where."""
-    p.add_argument("--model-id", default=env_str(env, "MODEL_ID"), help="folder, .gguf file or hub id [MODEL_ID]")
-    p.add_argument("--dtype", default=env_str(env, "DTYPE"), help="float32, bfloat16 or float16 [DTYPE]")
-    p.add_argument("--device", default=env_str(env, "DEVICE", default="auto"), help="cpu, cuda or auto [DEVICE]")
-    p.add_argument("--rank", type=int, default=env_int(env, "RANK", default=0), help="[RANK]")
-    p.add_argument(
-        "--world-size",
-        type=int,
-        default=env_int(env, "WORLD_SIZE", "NUM_SHARD", default=1),
-        help="[WORLD_SIZE | NUM_SHARD]",
-    )
-    p.add_argument(
-        "--uds-path",
-        default=env_str(env, "SHARD_UDS_PATH", default="/tmp/switchyard-shard"),
-        help="[SHARD_UDS_PATH]",
-    )
-    p.add_argument(
-        "--listen", default=env_str(env, "SHARD_LISTEN"), help="TCP host:port instead of a socket [SHARD_LISTEN]"
-    )
-    p.add_argument("--advertise-host", default=env_str(env, "SHARD_ADVERTISE_HOST"), help="[SHARD_ADVERTISE_HOST]")
-    p.add_argument("--master-addr", default=env_str(env, "MASTER_ADDR", default="127.0.0.1"), help="[MASTER_ADDR]")
-    p.add_argument("--master-port", type=int, default=env_int(env, "MASTER_PORT", default=29500), help="[MASTER_PORT]")
+    env_option(p, env, "--model-id", "MODEL_ID", help="folder, .gguf file or hub id")
+    env_option(p, env, "--dtype", "DTYPE", help="float32, bfloat16 or float16")
+    env_option(p, env, "--device", "DEVICE", default="auto", help="cpu, cuda or auto")
+    env_option(p, env, "--rank", "RANK", kind=int, default=0)
+    env_option(p, env, "--world-size", "WORLD_SIZE", "NUM_SHARD", kind=int, default=1)
+    env_option(p, env, "--uds-path", "SHARD_UDS_PATH", default="/tmp/switchyard-shard")
+    env_option(p, env, "--listen", "SHARD_LISTEN", help="TCP host:port instead of a socket")
+    env_option(p, env, "--advertise-host", "SHARD_ADVERTISE_HOST")
+    env_option(p, env, "--master-addr", "MASTER_ADDR", default="127.0.0.1")
+    env_option(p, env, "--master-port", "MASTER_PORT", kind=int, default=29500)
 
 
 def _add_engine_args(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
