@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml tests/js/package.json
 	$(BIN)/pip install -q --no-deps text-generation==0.7.0
 	# The OpenAI JavaScript client, for the client tests (run with node).
 	cd tests/js && npm install --no-audit --no-fund --silent
+	# Debian's chromium, for the playground's browser test (driven by Playwright, no browser download).
+	command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null \
+	  || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
 	touch $(STAMP)
 
 serve: $(STAMP)

@@ -159,6 +159,8 @@ _ROUTES: list[tuple[str, str, str, str | None]] = [
     ("get", "/health", "200 once the shards are loaded and warm, 503 before", None),
     ("get", "/metrics", "Prometheus metrics of the facade and router", None),
     ("get", "/openapi.json", "This document", None),
+    ("get", "/", "The playground: a chat page with streaming, sampling, JSON-schema and tool controls", None),
+    ("get", "/docs", "Swagger UI over this document", None),
 ]
 
 

@@ -6,7 +6,7 @@ import grpc
 from aiohttp import web
 
 from common.grpc_errors import written_for_users
-from facade import openai_chat, openai_completions, openai_responses, openapi, tgi, tokenize
+from facade import openai_chat, openai_completions, openai_responses, openapi, pages, tgi, tokenize
 from facade.choices import router_info
 from facade.errors import ApiError, from_grpc
 from facade.json_body import json_response
@@ -77,4 +77,5 @@ ROUTES = [
     web.get("/health", health),
     web.get("/metrics", metrics),
     web.get("/openapi.json", openapi.openapi_json),
+    *pages.ROUTES,
 ]

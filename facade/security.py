@@ -9,6 +9,7 @@ from aiohttp.typedefs import Middleware
 
 from common.grpc_security import bearer_matches
 from facade.errors import ApiError
+from facade.pages import is_open_page
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -25,7 +26,7 @@ def api_key_middleware(api_key: str, metrics_api_key: str | None = None) -> Midd
 
     @web.middleware
     async def require_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method == "OPTIONS" or request.path in OPEN_PATHS:
+        if request.method == "OPTIONS" or request.path in OPEN_PATHS or is_open_page(request):
             return await handler(request)
         given = request.headers.get("Authorization", "")
         allowed = bearer_matches(given, api_key)
