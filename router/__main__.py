@@ -22,6 +22,7 @@ from router.scheduler import Scheduler
 from router.server import RouterServicer, ServedModel, Serving, create_server
 from router.shard_client import ShardClient
 from router.tokenization import Tokenizer
+from router.tools import choose_format
 from router.validation import Validator
 
 log = logging.getLogger("router")
@@ -82,7 +83,13 @@ async def connect_and_warm(config: RouterConfig, servicer: RouterServicer, traci
     metrics = RouterMetrics(model_name=source.display_name)
     scheduler = Scheduler(link, allocator, limits, tokenizer, metrics, tracer, config.shard_recovery_timeout)
     validator = Validator(
-        tokenizer, limits, config.max_stop_sequences, config.max_top_n_tokens, info.vocab_size, load_defaults(source)
+        tokenizer,
+        limits,
+        config.max_stop_sequences,
+        config.max_top_n_tokens,
+        info.vocab_size,
+        load_defaults(source),
+        choose_format(config.tool_call_format, tokenizer.chat_template_text),
     )
     model = ServedModel(
         source.display_name, info.dtype, info.device, shards.world_size, warm.max_supported_total_tokens

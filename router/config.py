@@ -39,6 +39,8 @@ class RouterConfig:
     shard_recovery_timeout: float = 60.0
     #: Bearer key every public call but Health must carry; None = open.
     api_key: str | None = None
+    #: How the model writes tool calls: "auto" (from its chat template) or a router.tools format.
+    tool_call_format: str = "auto"
 
     @property
     def shard_entry(self) -> str:
@@ -112,6 +114,8 @@ def _add_service_args(p: argparse.ArgumentParser, env: Mapping[str, str]) -> Non
     env_option(p, env, "--shard-address", "SHARD_ADDRESS", help="rank 0 over TCP, host:port")
     env_option(p, env, "--shard-recovery-timeout", "SHARD_RECOVERY_TIMEOUT", kind=float, default=60.0,
                help="seconds a request waits for a restarted shard before it fails")  # fmt: skip
+    env_option(p, env, "--tool-call-format", "TOOL_CALL_FORMAT", default="auto",
+               help="auto (from the chat template), hermes, llama3_json or mistral")  # fmt: skip
 
 
 def _add_limit_args(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
@@ -159,4 +163,5 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> RouterCo
         otlp_service_name=a.otlp_service_name,
         shard_recovery_timeout=a.shard_recovery_timeout,
         api_key=a.api_key,
+        tool_call_format=a.tool_call_format,
     )

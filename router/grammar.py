@@ -1,22 +1,15 @@
-"""Output constraints as xgrammar grammars: response formats and tool calls.
+"""Output constraints as xgrammar grammars: response formats (tool calls: router.tools).
 
 Everything becomes one grammar text (xgrammar's EBNF) that the shards compile
-and cache. Building it here validates it: a schema, regex or tool the engine
-cannot compile is a 400 naming the field, before the request is queued.
-
-Tool calls are written ``<tool_call>`` then JSON: ``{"name": ..., "arguments": {...}}``,
-or a JSON array of those with parallel calls. With ``tool_choice: auto`` the
-grammar admits either that or plain text (which then may not start with ``<``),
-so the model decides in one pass.
+and cache. Building it here validates it: a schema or regex the engine cannot
+compile is a 400 naming the field, before the request is queued.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from functools import lru_cache
-from typing import Any
 
 import xgrammar as xgr
 
@@ -24,7 +17,6 @@ from router.errors import ValidationError
 
 log = logging.getLogger(__name__)
 
-TOOL_CALL_MARKER = "<tool_call>"
 #: UTF-16 surrogates: code points that xgrammar's negated classes admit, but that UTF-8
 #: text cannot hold (their 3-byte encodings decode to three U+FFFD each).
 _SURROGATES = r"\uD800-\uDFFF"
@@ -68,7 +60,6 @@ _BOUNDED_STRING_CHAR = r"[^\"\\\r\n]"
 _JSON_STRING_CHAR = r"[^\0-\x1f\"\\\r\n]"
 _ANY_CODE_POINT = r"[\0-\U0010ffff]"
 _ANY_SCALAR = r"[\0-\uD7FF\uE000-\U0010ffff]"
-_PLAIN_TEXT = unicode_scalars_only(r"root ::= [^<] [^]*")
 
 
 @lru_cache(maxsize=256)
@@ -77,9 +68,14 @@ def json_schema_grammar(schema: str, param: str = "response_format.json_schema.s
         text = str(xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True))
     except (RuntimeError, ValueError, TypeError) as exc:
         raise ValidationError(f"invalid JSON schema: {_first_line(exc)}", param=param) from exc
-    # xgrammar's class for strings with a length bound admits control characters, which
-    # JSON strings may not hold unescaped (its unbounded string class excludes them).
-    return unicode_scalars_only(text.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR))
+    return json_strings_only(text)
+
+
+def json_strings_only(ebnf: str) -> str:
+    """An EBNF text whose JSON strings hold only what JSON text may: no raw control characters
+    (xgrammar's class for length-bounded strings admits them; its unbounded class does not), no
+    surrogates."""
+    return unicode_scalars_only(ebnf.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR))
 
 
 @lru_cache(maxsize=1)
@@ -93,47 +89,6 @@ def regex_grammar(pattern: str) -> str:
         return unicode_scalars_only(str(xgr.Grammar.from_regex(pattern)))
     except (RuntimeError, ValueError) as exc:
         raise ValidationError(f"invalid regex: {_first_line(exc)}", param="response_format") from exc
-
-
-def tool_call_grammar(tools: list[tuple[str, str]], allow_text: bool, parallel: bool) -> str:
-    """``tools``: (name, parameters JSON schema text) of the functions the model may call."""
-    options = [_call_schema(name, parameters, i) for i, (name, parameters) in enumerate(tools)]
-    call: dict[str, Any] = options[0] if len(options) == 1 else {"anyOf": options}
-    if parallel:
-        call = {"type": "array", "items": call, "minItems": 1}
-    body = xgr.Grammar.from_ebnf(json_schema_grammar(json.dumps(call), "tools"))
-    grammar = xgr.Grammar.concat(xgr.Grammar.from_ebnf(f'root ::= "{TOOL_CALL_MARKER}"'), body)
-    if allow_text:
-        grammar = xgr.Grammar.union(grammar, xgr.Grammar.from_ebnf(_PLAIN_TEXT))
-    return str(grammar)
-
-
-def _call_schema(name: str, parameters: str, index: int) -> dict[str, Any]:
-    try:
-        arguments = json.loads(parameters) if parameters else {"type": "object"}
-    except json.JSONDecodeError as exc:
-        raise ValidationError(
-            f"tool parameters are not JSON: {exc}", param=f"tools[{index}].function.parameters"
-        ) from exc
-    json_schema_grammar(json.dumps(arguments), f"tools[{index}].function.parameters")  # validates alone
-    return {
-        "type": "object",
-        "properties": {"name": {"const": name}, "arguments": arguments},
-        "required": ["name", "arguments"],
-        "additionalProperties": False,
-    }
-
-
-def parse_tool_calls(text: str) -> list[tuple[str, str]] | None:
-    """(name, arguments JSON) of the calls in a constrained output, or None when it is plain text."""
-    if not text.startswith(TOOL_CALL_MARKER):
-        return None
-    try:
-        payload = json.loads(text[len(TOOL_CALL_MARKER) :])
-    except json.JSONDecodeError:
-        return None  # cut short (max_tokens): not a complete call
-    calls = payload if isinstance(payload, list) else [payload]
-    return [(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in calls]
 
 
 #: xgrammar prefixes its messages with "[15:56:29] /project/cpp/json_schema_converter.cc:5082: ":

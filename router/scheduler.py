@@ -30,7 +30,6 @@ from opentelemetry import trace
 from router.blocks import NEW_CHAIN, BlockAllocator
 from router.config import Limits
 from router.errors import OutOfBlocks, ShardFailure, ShardsUnavailable
-from router.grammar import parse_tool_calls
 from router.metrics import RouterMetrics
 from router.recovery import ShardLink
 from router.request import Phase, Request, StreamEvent, TokenInfo
@@ -335,13 +334,13 @@ class Scheduler:
 
     def _final_event(self, r: Request, text: str, token: TokenInfo, finish: str) -> StreamEvent:
         counts = (len(r.prompt_ids), len(r.generated))
-        if r.stream.calling:
-            calls = parse_tool_calls(r.stream.text)
-            if calls is not None:
-                return StreamEvent(
-                    "", (token,), "tool_calls", *counts, tool_calls=tuple(calls), cached_tokens=r.cached_tokens
-                )
-            text = r.stream.text  # cut short before the call was complete: return what there is
+        made = r.stream.tool_calls()
+        if made is not None:
+            after, calls = made
+            return StreamEvent(
+                text + after, (token,), "tool_calls", *counts, tool_calls=tuple(calls), cached_tokens=r.cached_tokens
+            )
+        text += r.stream.unreleased()  # a call cut short (max_tokens): what there is goes out as text
         return StreamEvent(text, (token,), finish, *counts, cached_tokens=r.cached_tokens)
 
     def _token_info(self, r: Request, g: ShardGeneration) -> TokenInfo:

@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from protos import router_pb2_grpc as pb_grpc
 from router.errors import Overloaded, ShardsUnavailable, ShuttingDown, ValidationError
 from router.request import Request, StreamEvent
 from router.scheduler import Scheduler
+from router.tools import tool_calls_pb
 from router.validation import Validator
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class RouterServicer(pb_grpc.RouterServicer):
                         cached_tokens=event.cached_tokens,
                     ),
                     tokens=tokens,
-                    tool_calls=_tool_calls_pb(event),
+                    tool_calls=tool_calls_pb(event.tool_calls),
                 )
         raise ServiceError("generation ended without a finish event")
 
@@ -153,7 +153,7 @@ class RouterServicer(pb_grpc.RouterServicer):
                 message.usage.prompt_tokens = event.prompt_tokens
                 message.usage.completion_tokens = event.completion_tokens
                 message.usage.cached_tokens = event.cached_tokens
-                message.tool_calls.extend(_tool_calls_pb(event))
+                message.tool_calls.extend(tool_calls_pb(event.tool_calls))
             yield message
 
     async def Tokenize(self, request, context):
@@ -199,10 +199,6 @@ class RouterServicer(pb_grpc.RouterServicer):
 
     async def Metrics(self, request, context):
         return pb.MetricsResponse(text=self._ready().scheduler.metrics.exposition().decode())
-
-
-def _tool_calls_pb(event: StreamEvent) -> list[pb.ToolCall]:
-    return [pb.ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=n, arguments=a) for n, a in event.tool_calls]
 
 
 def _coalesce(first: StreamEvent, queue: asyncio.Queue[StreamEvent]) -> StreamEvent:

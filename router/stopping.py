@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from router.tokenization import Detokenizer, StreamingDetokenizer
+from router.tools import Call, CallWatch
 
 
 @dataclass
@@ -29,9 +30,8 @@ class TextStream:
     emitted: int = 0
     generated: int = 0
     finish: str | None = field(default=None)
-    #: When set, output starting with it is a tool call: held back, never streamed as text.
-    call_marker: str | None = None
-    calling: bool = False
+    #: Set when the output may hold tool calls: they are held back, never streamed as text.
+    calls: CallWatch | None = None
 
     def push(self, token_id: int) -> str:
         """Adds a token; returns the text it releases. Sets ``finish`` when done."""
@@ -47,13 +47,19 @@ class TextStream:
         elif self.generated >= self.condition.max_new_tokens:
             self.finish = "length"
         end = len(self.text) if self.finish else len(self.text) - self._held_back()
-        if self.call_marker and self.emitted == 0:
-            if self.text.startswith(self.call_marker):
-                self.calling = True
-            if self.calling or self.call_marker.startswith(self.text):
-                return ""  # a call, or maybe the start of one: not content
+        if self.calls is not None:
+            end = self.calls.releasable(self.text, self.emitted, end, final=self.finish is not None)
         delta, self.emitted = self.text[self.emitted : end], max(self.emitted, end)
         return delta
+
+    def tool_calls(self) -> tuple[str, list[Call]] | None:
+        """Once finished: (the text after the calls, the calls) when the output made complete calls."""
+        return self.calls.split(self.text) if self.calls is not None else None
+
+    def unreleased(self) -> str:
+        """Once finished: the text held back as a call that was cut short (it goes out as text)."""
+        rest, self.emitted = self.text[self.emitted :], len(self.text)
+        return rest
 
     def _find_stop(self) -> int | None:
         # Only the unreleased tail can hold a new match: released text held none.

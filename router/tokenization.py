@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from common.model_source import ModelSource
 from router.errors import NoChatTemplate
+from router.tools import HERMES, ToolCallFormat, with_tools_in_text
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,23 @@ class Tokenizer:
         return bool(getattr(self.hf, "chat_template", None))
 
     @property
-    def template_knows_tools(self) -> bool:
-        return "tools" in str(getattr(self.hf, "chat_template", "") or "")
+    def chat_template_text(self) -> str:
+        template = getattr(self.hf, "chat_template", "") or ""
+        return template if isinstance(template, str) else json.dumps(template)
 
-    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
-        """The prompt of a chat; tools go through the template when it renders them, else the fallback."""
+    @property
+    def template_knows_tools(self) -> bool:
+        return "tools" in self.chat_template_text
+
+    def is_special_text(self, text: str) -> bool:
+        """Whether ``text`` is one special token (which plain detokenization drops)."""
+        return text in self.hf.all_special_tokens
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, fmt: ToolCallFormat = HERMES
+    ) -> str:
+        """The prompt of a chat; tools go through the template when it renders them, else in the
+        system prompt, with calls written in ``fmt``."""
         if not self.has_chat_template:
             raise NoChatTemplate(
                 "this model has no chat template; send a raw prompt (/v1/completions or /generate) instead"
@@ -54,7 +67,7 @@ class Tokenizer:
             rendered = self.hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)  # type: ignore[arg-type]
         else:
             rendered = self.hf.apply_chat_template(
-                with_tools_in_text(messages, tools or []), tokenize=False, add_generation_prompt=True
+                with_tools_in_text(messages, tools or [], fmt), tokenize=False, add_generation_prompt=True
             )
         return str(rendered)
 
@@ -79,12 +92,12 @@ class Tokenizer:
     def is_special(self, token_id: int) -> bool:
         return token_id in self.special_ids
 
-    def detokenizer(self, prompt_ids: list[int]) -> Detokenizer | StreamingDetokenizer:
+    def detokenizer(self, prompt_ids: list[int], keep_special: bool = False) -> Detokenizer | StreamingDetokenizer:
         context = list(prompt_ids[-_DETOKENIZE_CONTEXT:])
         backend = getattr(self.hf, "backend_tokenizer", None)
         if backend is not None:
-            return StreamingDetokenizer(backend, DecodeStream(ids=context, skip_special_tokens=True))
-        return Detokenizer(self.hf, context)
+            return StreamingDetokenizer(backend, DecodeStream(ids=context, skip_special_tokens=not keep_special))
+        return Detokenizer(self.hf, context, keep_special)
 
 
 def _eos_ids(source: ModelSource, hf: PreTrainedTokenizerBase) -> frozenset[int]:
@@ -122,6 +135,7 @@ class Detokenizer:
 
     hf: PreTrainedTokenizerBase
     ids: list[int]
+    keep_special: bool = False
     prefix_offset: int = 0
     read_offset: int = field(default=-1)
 
@@ -131,41 +145,10 @@ class Detokenizer:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        before = str(self.hf.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True))
-        after = str(self.hf.decode(self.ids[self.prefix_offset :], skip_special_tokens=True))
+        skip = not self.keep_special
+        before = str(self.hf.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=skip))
+        after = str(self.hf.decode(self.ids[self.prefix_offset :], skip_special_tokens=skip))
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return after[len(before) :]
         return ""
-
-
-#: How tools reach a model whose chat template does not render them (documented in the README).
-TOOLS_SYSTEM_PROMPT = (
-    "You can call these functions:\n{tools}\n"
-    "To call one, answer with <tool_call> followed by a JSON object "
-    '{{"name": <function name>, "arguments": <arguments object>}}, and nothing else.'
-)
-
-
-def with_tools_in_text(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The fallback for templates without tool support: tools in the system prompt, calls and results as text."""
-    out = []
-    for m in messages:
-        m = dict(m)
-        if m.get("tool_calls"):
-            calls = [
-                {"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in m.pop("tool_calls")
-            ]
-            m["content"] = (m.get("content") or "") + "<tool_call>" + json.dumps(calls[0] if len(calls) == 1 else calls)
-        if m.get("role") == "tool":
-            m = {"role": "user", "content": f"Result of call {m.pop('tool_call_id', '')}: {m.get('content', '')}"}
-        m["content"] = m.get("content") or ""
-        out.append(m)
-    if not tools:
-        return out
-    prompt = TOOLS_SYSTEM_PROMPT.format(tools=json.dumps([t["function"] for t in tools], indent=1))
-    if out and out[0]["role"] == "system":
-        out[0] = {**out[0], "content": out[0]["content"] + "\n\n" + prompt}
-    else:
-        out.insert(0, {"role": "system", "content": prompt})
-    return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -13,10 +12,11 @@ from protos import router_pb2 as pb
 from router.config import Limits
 from router.errors import NoChatTemplate, ValidationError
 from router.generation_defaults import GenerationDefaults
-from router.grammar import TOOL_CALL_MARKER, json_object_grammar, json_schema_grammar, regex_grammar, tool_call_grammar
+from router.grammar import json_object_grammar, json_schema_grammar, regex_grammar
 from router.request import Request
 from router.stopping import StopCondition, TextStream
 from router.tokenization import Tokenizer
+from router.tools import HERMES, CallWatch, ToolCallFormat, calls_possible, template_calls, template_tools, tool_grammar
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
@@ -31,6 +31,8 @@ class Validator:
     vocab_size: int = 1 << 31
     #: Sampling values used when a request leaves them out.
     defaults: GenerationDefaults = dataclasses.field(default_factory=GenerationDefaults)
+    #: How this model writes tool calls (router.tools).
+    tool_format: ToolCallFormat = HERMES
 
     def prompt_ids(self, request: pb.GenerateRequest | pb.TokenizeRequest) -> tuple[list[int], str]:
         """Token ids and text of the prompt (a rendered chat or raw text)."""
@@ -60,9 +62,8 @@ class Validator:
                     param=f"messages[{i}].role",
                 )
             messages.append(_template_message(m))
-        tools = [_template_tool(t) for t in chat.tools] if chat.tool_choice != pb.TOOL_CHOICE_MODE_NONE else []
         try:
-            return self.tokenizer.render_chat(messages, tools)
+            return self.tokenizer.render_chat(messages, template_tools(chat), self.tool_format)
         except NoChatTemplate as exc:
             raise ValidationError(str(exc), param="messages") from exc
         except Exception as exc:  # templates raise their own errors (e.g. role order)
@@ -82,23 +83,24 @@ class Validator:
         if any(not s for s in stops):
             raise ValidationError("stop sequences must not be empty", param="stop")
         condition = StopCondition(self.tokenizer.eos_token_ids, max_new, tuple(stops), p.ignore_eos)
-        grammar, calls_possible = self._grammar(message)
+        grammar, may_call = self._grammar(message)
         if grammar:
             sampling = dataclasses.replace(sampling, grammar=grammar)
-        stream = TextStream(self.tokenizer.detokenizer(ids), condition)
-        if calls_possible:
-            stream.call_marker = TOOL_CALL_MARKER
+        # A trigger that is a special token ([TOOL_CALLS]) must stay in the text to be found.
+        keep_special = may_call and self.tokenizer.is_special_text(self.tool_format.trigger)
+        stream = TextStream(self.tokenizer.detokenizer(ids, keep_special), condition)
+        if may_call:
+            stream.calls = CallWatch(self.tool_format)
         return Request(id=request_id, prompt_ids=ids, sampling=sampling, stream=stream, want_logprobs=p.logprobs)
 
     def _grammar(self, message: pb.GenerateRequest) -> tuple[str, bool]:
         """The output constraint (EBNF, or empty) and whether the answer may be a tool call."""
         fmt = message.parameters.response_format
         chat = message.chat if message.WhichOneof("input") == "chat" else None
-        calls = chat is not None and chat.tools and chat.tool_choice != pb.TOOL_CHOICE_MODE_NONE
-        if calls and fmt.type != pb.RESPONSE_FORMAT_TYPE_TEXT:
+        if calls_possible(chat) and fmt.type != pb.RESPONSE_FORMAT_TYPE_TEXT:
             raise ValidationError("response_format cannot be combined with tool calls", param="response_format")
-        if calls:
-            return self._tool_grammar(chat), True  # type: ignore[arg-type]
+        if chat is not None and calls_possible(chat):
+            return tool_grammar(self.tool_format, chat), True
         if fmt.type == pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
             return json_object_grammar(), False
         if fmt.type == pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
@@ -106,17 +108,6 @@ class Validator:
         if fmt.type == pb.RESPONSE_FORMAT_TYPE_REGEX:
             return regex_grammar(fmt.value), False
         return "", False
-
-    def _tool_grammar(self, chat: pb.Chat) -> str:
-        tools = [(t.name, t.parameters) for t in chat.tools]
-        if chat.tool_choice == pb.TOOL_CHOICE_MODE_FUNCTION:
-            tools = [t for t in tools if t[0] == chat.tool_choice_function]
-            if not tools:
-                raise ValidationError(
-                    f"tool_choice names {chat.tool_choice_function!r}, which is not among the tools", "tool_choice"
-                )
-        allow_text = chat.tool_choice == pb.TOOL_CHOICE_MODE_AUTO
-        return tool_call_grammar(tools, allow_text, chat.parallel_tool_calls)
 
     def _sampling(self, p: pb.GenerationParameters) -> SamplingParams:
         d = self.defaults
@@ -192,15 +183,7 @@ def _template_message(m: pb.ChatMessage) -> dict[str, Any]:
     if m.name:
         message["name"] = m.name
     if m.tool_calls:
-        message["tool_calls"] = [
-            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.loads(c.arguments or "{}")}}
-            for c in m.tool_calls
-        ]
+        message["tool_calls"] = template_calls(list(m.tool_calls))
     if m.tool_call_id:
         message["tool_call_id"] = m.tool_call_id
     return message
-
-
-def _template_tool(t: pb.Tool) -> dict[str, Any]:
-    parameters = json.loads(t.parameters) if t.parameters else {"type": "object", "properties": {}}
-    return {"type": "function", "function": {"name": t.name, "description": t.description, "parameters": parameters}}

@@ -245,3 +245,22 @@ def test_tiny_random_model_outputs_still_parse(tiny_model_dir):
         assert calls.choices[0].finish_reason == "tool_calls"
         for call in calls.choices[0].message.tool_calls:
             _check_call(call)
+
+
+@pytest.mark.parametrize("tool_format", ["llama3_json", "mistral"])
+def test_configured_tool_call_format_streams_calls_and_no_markup(tiny_model_dir, tool_format):
+    """TOOL_CALL_FORMAT: a Llama 3 or Mistral format on a model whose template names none."""
+    env = {"MODEL_ID": str(tiny_model_dir("llama")), "TOOL_CALL_FORMAT": tool_format}
+    with running_stack(env) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1/", api_key="-", max_retries=0)
+        common = {"model": "tgi", "messages": ASK, "tools": TOOLS, "max_tokens": 300, "temperature": 1.0, "seed": 3}
+        common |= {"tool_choice": "required", "parallel_tool_calls": False}  # a random model would go on talking
+        out = client.chat.completions.create(**common)
+        assert out.choices[0].finish_reason == "tool_calls" and len(out.choices[0].message.tool_calls) == 1
+        _check_call(out.choices[0].message.tool_calls[0])
+        chunks = list(client.chat.completions.create(**common, stream=True))
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        names = [
+            t.function.name for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or [] if t.function.name
+        ]
+        assert names and content.strip() == "" and chunks[-1].choices[0].finish_reason == "tool_calls"

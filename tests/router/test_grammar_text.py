@@ -7,9 +7,17 @@ import json
 import pytest
 import xgrammar as xgr
 
-from router.grammar import json_schema_grammar, regex_grammar, tool_call_grammar, unicode_scalars_only
+from protos import router_pb2 as pb
+from router.grammar import json_schema_grammar, regex_grammar, unicode_scalars_only
+from router.tools import FORMATS, ToolCallFormat, tool_grammar
 
 SURROGATE = b"\xed\xa0\x80"  # U+D800 encoded as UTF-8 would: not valid UTF-8
+_CHAT = pb.Chat(tools=[pb.Tool(name="f", parameters='{"type": "object"}')], tool_choice=pb.TOOL_CHOICE_MODE_AUTO)
+
+
+def _arguments_string_start(fmt: ToolCallFormat) -> bytes:
+    call = fmt.write([("f", '{"k": "v"}')])
+    return call[: call.index('"v"') + 1].encode()
 
 
 def _accepts(grammar: str, data: bytes) -> bool:
@@ -30,7 +38,8 @@ def test_negated_classes_lose_surrogates_and_literals_are_untouched():
         (json_schema_grammar('{"type": "string"}'), b'"'),
         (json_schema_grammar('{"type": "string", "maxLength": 5}'), b'"'),
         (regex_grammar("a.b"), b"a"),
-        (tool_call_grammar([("f", '{"type": "object"}')], allow_text=True, parallel=False), b""),
+        # Inside a call's arguments (free text around calls is the model's own, as without a grammar).
+        *[(tool_grammar(fmt, _CHAT), _arguments_string_start(fmt)) for fmt in FORMATS.values()],
     ],
 )
 def test_no_grammar_admits_a_surrogate(grammar, prefix):
