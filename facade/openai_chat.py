@@ -14,6 +14,7 @@ from facade import params, sse
 from facade.choices import StreamSet, generate_all
 from facade.errors import invalid
 from facade.json_body import json_response, read_json
+from facade.request_models import ChatCompletionRequest, fields_of, validate_body
 from facade.state import ROUTER
 from protos import router_pb2 as pb
 
@@ -26,10 +27,7 @@ FINISH_REASON = {
 }
 ROLES_WITH_TEXT = frozenset({"system", "developer", "user", "assistant", "tool"})
 
-_FIELDS = params.SAMPLING_FIELDS | {
-    "messages", "max_completion_tokens", "top_logprobs", "parallel_tool_calls", "tools", "tool_choice",
-    "response_format",
-}  # fmt: skip
+_FIELDS = fields_of(ChatCompletionRequest)
 
 
 @dataclass(frozen=True)
@@ -45,6 +43,7 @@ def parse_chat(body: Any) -> ChatRequest:
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object")
     params.check_fields(body, _FIELDS)
+    validate_body(ChatCompletionRequest, body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("'messages' is required and must be a non-empty array", "messages")

@@ -14,10 +14,12 @@ from facade.choices import StreamSet, generate_all
 from facade.errors import invalid
 from facade.json_body import json_response, read_json
 from facade.openai_chat import FINISH_REASON, SYSTEM_FINGERPRINT, usage_body
+from facade.request_models import CompletionRequest as CompletionBody
+from facade.request_models import fields_of, validate_body
 from facade.state import ROUTER
 from protos import router_pb2 as pb
 
-_FIELDS = params.SAMPLING_FIELDS | {"prompt", "echo"}
+_FIELDS = fields_of(CompletionBody)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ def parse_completion(body: Any) -> CompletionRequest:
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object")
     params.check_fields(body, _FIELDS)
+    validate_body(CompletionBody, body)
     prompts = _prompts(body)
     stream = params.typed(body, "stream", bool, False)
     p = params.parameters(body)

@@ -12,17 +12,6 @@ from typing import Any
 from facade.errors import invalid
 from protos import router_pb2 as pb
 
-#: Accepted and honoured by both chat and text completions.
-SAMPLING_FIELDS = frozenset(
-    {
-        "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed", "stop", "n",
-        "frequency_penalty", "presence_penalty", "logit_bias", "logprobs",
-        # Extras other OpenAI-compatible servers accept.
-        "top_k", "min_p", "repetition_penalty", "typical_p", "ignore_eos", "min_tokens",
-    }
-)  # fmt: skip
-#: Purely informational: accepted, change nothing.
-INFORMATIONAL = frozenset({"user", "metadata", "store", "service_tier"})
 MAX_N = 128  # as OpenAI
 #: Largest value of the protobuf uint32 fields counts and token ids travel in.
 UINT32_MAX = (1 << 32) - 1
@@ -68,12 +57,13 @@ NOT_SUPPORTED = frozenset(
 
 
 def check_fields(body: dict, allowed: frozenset[str]) -> None:
+    """Names unknown and unsupported fields (``allowed``: a request model's fields)."""
     for key, value in body.items():
-        if key in allowed or key in INFORMATIONAL:
+        if key == "best_of" and value not in (None, 1, body.get("n", 1)):
+            raise invalid(f"'{key}' is not supported yet", key)
+        if key in allowed:
             continue
-        if key == "best_of" and value in (None, 1, body.get("n", 1)):
-            continue
-        if key in NOT_SUPPORTED or key in ("response_format", "best_of"):
+        if key in NOT_SUPPORTED or key == "response_format":
             raise invalid(f"'{key}' is not supported yet", key)
         raise invalid(f"Unrecognized request argument supplied: {key}", key)
 

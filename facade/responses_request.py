@@ -16,16 +16,10 @@ from typing import Any
 from facade import params
 from facade.errors import ApiError, invalid
 from facade.openai_chat import ChatRequest, parse_chat
+from facade.request_models import CreateResponse, fields_of, validate_body
 
-#: Accepted and honoured.
-FIELDS = frozenset(
-    {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "tools", "tool_choice",
-     "parallel_tool_calls", "text", "previous_response_id", "store", "metadata", "seed"}
-)  # fmt: skip
-#: Accepted, change nothing (echoed where the Response object has them).
-INFORMATIONAL = frozenset(
-    {"user", "service_tier", "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "stream_options"}
-)
+#: Accepted (some only at a neutral value, below).
+FIELDS = fields_of(CreateResponse)
 #: Accepted only at these values: anything else would change the output and is not implemented.
 NEUTRAL: dict[str, tuple[Any, ...]] = {
     "truncation": (None, "disabled"),
@@ -115,15 +109,13 @@ def parse_responses(body: dict[str, Any], store: ResponseStore) -> ResponsesRequ
 
 def _check_fields(body: dict[str, Any]) -> None:
     for key, value in body.items():
-        if key in FIELDS or key in INFORMATIONAL:
-            continue
-        if key in NEUTRAL:
-            if value not in NEUTRAL[key]:
-                raise invalid(f"'{key}' is not supported yet", key)
-            continue
-        raise invalid(f"Unrecognized request argument supplied: {key}", key)
+        if key in NEUTRAL and value not in NEUTRAL[key]:
+            raise invalid(f"'{key}' is not supported yet", key)
+        if key not in FIELDS:
+            raise invalid(f"Unrecognized request argument supplied: {key}", key)
     if "input" not in body:
         raise invalid("'input' is required", "input")
+    validate_body(CreateResponse, body)
     metadata = params.typed(body, "metadata", dict, {})
     if not all(isinstance(v, str) for v in metadata.values()):
         raise invalid("'metadata' maps keys to strings", "metadata")

@@ -15,6 +15,7 @@ from facade.choices import StreamSet, generate_all, router_info
 from facade.errors import invalid
 from facade.json_body import json_response, read_json
 from facade.params import count, response_format, typed
+from facade.request_models import GenerateParameters, GenerateRequest, fields_of, validate_body
 from facade.state import ROUTER
 from protos import router_pb2 as pb
 
@@ -24,11 +25,7 @@ TGI_FINISH = {
     pb.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
     pb.FINISH_REASON_LENGTH: "length",
 }
-_ACCEPTED = frozenset(
-    {"best_of", "decoder_input_details", "details", "do_sample", "frequency_penalty", "max_new_tokens",
-     "repetition_penalty", "return_full_text", "seed", "stop", "temperature", "top_k", "top_n_tokens", "top_p",
-     "typical_p", "truncate", "watermark", "grammar", "adapter_id"}
-)  # fmt: skip
+_ACCEPTED = fields_of(GenerateParameters)
 #: Accepted only at their neutral value: anything else would change the output and is not implemented.
 _NEUTRAL: dict[str, Any] = {
     "best_of": 1, "decoder_input_details": False, "truncate": None, "watermark": False, "adapter_id": None,
@@ -44,9 +41,10 @@ def parse_generate(body: dict) -> tuple[pb.GenerateRequest, dict]:
     given = {k: v for k, v in raw.items() if v is not None}
     for key, value in given.items():
         if key not in _ACCEPTED:
-            raise invalid(f"unknown parameter '{key}'", key)
+            raise invalid(f"unknown parameter '{key}'", f"parameters.{key}")
         if key in _NEUTRAL and value != _NEUTRAL[key]:
-            raise invalid(f"'{key}' is not supported yet", key)
+            raise invalid(f"'{key}' is not supported yet", f"parameters.{key}")
+    validate_body(GenerateRequest, body)
     sampling = given.get("do_sample", False) or any(
         key in given and given[key] != neutral
         for key, neutral in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0), ("typical_p", 1.0))

@@ -10,11 +10,13 @@ from facade.errors import from_grpc, invalid, use_tgi_errors
 from facade.json_body import json_response, read_json
 from facade.openai_chat import parse_chat
 from facade.params import UINT32_MAX, token_ids, typed
+from facade.request_models import DetokenizeRequest, TokenizeRequest, validate_body
 from facade.state import ROUTER
 from protos import router_pb2 as pb
 
 
 def parse_tokenize(body: dict) -> pb.TokenizeRequest:
+    validate_body(TokenizeRequest, body)
     if "messages" in body:
         chat = parse_chat({"messages": body["messages"], "model": body.get("model", "tgi")})
         return pb.TokenizeRequest(chat=chat.requests[0].chat)
@@ -25,6 +27,7 @@ def parse_tokenize(body: dict) -> pb.TokenizeRequest:
 
 
 def parse_detokenize(body: dict) -> pb.DetokenizeRequest:
+    validate_body(DetokenizeRequest, body)
     tokens = body.get("tokens")
     if not token_ids(tokens):
         raise invalid(f"'tokens' must be an array of token ids (integers in 0..{UINT32_MAX})", "tokens")
@@ -57,6 +60,7 @@ async def detokenize(request: web.Request) -> web.Response:
 async def _tgi_tokenize(request: web.Request, body: dict) -> web.Response:
     """TGI's shape: ``{"inputs": text}`` -> ``[{"id", "text", "start", "stop"}, ...]`` (character offsets)."""
     use_tgi_errors(request)
+    validate_body(TokenizeRequest, body)
     inputs = body.get("inputs")
     if not isinstance(inputs, str) or not inputs:
         raise invalid("'inputs' must be a non-empty string", "inputs")

@@ -11,6 +11,7 @@ from facade import params
 from facade.errors import ApiError
 from facade.openai_chat import parse_chat
 from facade.openai_completions import parse_completion
+from facade.request_models import ChatCompletionRequest, fields_of
 from facade.responses_request import ResponseStore, parse_responses
 from facade.tgi import parse_generate
 from facade.tokenize import parse_detokenize, parse_tokenize
@@ -103,7 +104,8 @@ def test_wrong_sampling_fields_are_400s_naming_them(body, param):
 
 
 def test_fields_accepted_ignored_or_refused():
-    params.check_fields({"user": "u", "metadata": {}, "best_of": 1}, frozenset())
+    params.check_fields({"user": "u", "metadata": {}, "best_of": 1}, fields_of(ChatCompletionRequest))
+    assert "not supported yet" in rejected(lambda b: params.check_fields(b, frozenset()), {"best_of": 3}).message
     assert "not supported yet" in rejected(lambda b: params.check_fields(b, frozenset()), {"audio": {}}).message
     assert "Unrecognized" in rejected(lambda b: params.check_fields(b, frozenset()), {"bogus": 1}).message
 
@@ -140,7 +142,7 @@ def test_chat_makes_one_request_per_choice_with_distinct_seeds():
      ({"messages": [*USER, {"role": "tool", "tool_call_id": 5, "content": "x"}]}, "messages[1].tool_call_id"),
      ({"messages": [*USER, {"role": "assistant", "tool_calls": 5}]}, "messages[1].tool_calls"),
      ({"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}],
-       "tool_choice": {"type": "function", "function": "f"}}, "tool_choice"),
+       "tool_choice": {"type": "function", "function": "f"}}, "tool_choice.function"),
      ({"messages": USER, "top_logprobs": 3}, "top_logprobs"),
      ({"messages": USER, "n": 0}, "n"),
      ({"messages": USER, "stream_options": {"include_usage": True}}, "stream_options"),
@@ -183,10 +185,11 @@ def test_tgi_parameters():
 
 @pytest.mark.parametrize(
     ("body", "param"),
-    [({"inputs": ""}, "inputs"), ({"inputs": "x", "parameters": {"max_new_tokens": -1}}, "max_new_tokens"),
-     ({"inputs": "x", "parameters": {"top_k": -5}}, "top_k"),
-     ({"inputs": "x", "parameters": {"top_n_tokens": -1}}, "top_n_tokens"),
-     ({"inputs": "x", "parameters": {"best_of": 2}}, "best_of"), ({"inputs": "x", "parameters": {"bogus": 1}}, "bogus"),
+    [({"inputs": ""}, "inputs"), ({"inputs": "x", "parameters": {"max_new_tokens": -1}}, "parameters.max_new_tokens"),
+     ({"inputs": "x", "parameters": {"top_k": -5}}, "parameters.top_k"),
+     ({"inputs": "x", "parameters": {"top_n_tokens": -1}}, "parameters.top_n_tokens"),
+     ({"inputs": "x", "parameters": {"best_of": 2}}, "parameters.best_of"),
+     ({"inputs": "x", "parameters": {"bogus": 1}}, "parameters.bogus"),
      ({"inputs": "x", "parameters": 3}, "parameters")],
 )  # fmt: skip
 def test_wrong_tgi_bodies_are_400s_naming_the_field(body, param):
@@ -206,7 +209,7 @@ def test_tokenize_bodies():
 
 
 def test_openapi_documents_every_field_the_parsers_accept():
-    """The hand-written /openapi.json cannot drift from what the handlers take."""
+    """/openapi.json is generated from the request models, whose fields are what the parsers accept."""
     from facade import openai_chat, openai_completions, responses_request
     from facade.openapi import document
 
