@@ -1,17 +1,153 @@
-"""Typed reading of flags with environment fallbacks, shared by every process.
+"""Every setting of every service, in one table, read from flags and the environment.
 
-Each process builds one frozen config dataclass in its ``__main__`` from
-``argparse`` flags whose defaults come from here; nothing reads the
-environment at import time. Environment names follow TGI's so that a TGI
-deployment's env block works unchanged.
+``SETTINGS`` is the one place a setting is declared: its flag, the environment
+names that set it (TGI's, so that a TGI deployment's env block works
+unchanged), its type and default, which services read it, and what it means.
+Each service builds its argument parser from the rows it reads
+(``parser_for``), ``python -m launcher --help`` prints the whole table, and the
+tests check the README's table and docker-compose.yml against it. Nothing reads
+the environment at import time: a process reads it once when it starts
+(``process_env``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
+
+SHARD, ROUTER, FACADE, LAUNCHER = "shard", "router", "facade", "launcher"
+SERVICES = (SHARD, ROUTER, FACADE, LAUNCHER)
+
+
+@dataclass(frozen=True)
+class Setting:
+    flag: str
+    #: Environment names, first set wins (aliases after the main name).
+    env: tuple[str, ...]
+    services: tuple[str, ...]
+    help: str = ""
+    kind: type = str
+    default: Any = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+def _s(flag: str, env: str | tuple[str, ...], services: str | tuple[str, ...], help: str = "", **kw: Any) -> Setting:
+    envs = (env,) if isinstance(env, str) else env
+    return Setting(flag, envs, (services,) if isinstance(services, str) else services, help, **kw)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # --- what is served, where the services listen ------------------------------------
+    _s("--model-id", "MODEL_ID", (SHARD, ROUTER, LAUNCHER),
+       "folder, .gguf file or hub id; default: SmolLM2-135M-Instruct"),
+    _s("--hostname", "HOSTNAME", (FACADE, LAUNCHER), "HTTP address", default="0.0.0.0"),
+    _s("--port", "PORT", (FACADE, LAUNCHER), "HTTP port", kind=int, default=8080),
+    _s("--num-shard", "NUM_SHARD", LAUNCHER, "shards (ranks) of the model replica", kind=int, default=1),
+    _s("--ready-timeout", "READY_TIMEOUT", LAUNCHER, "seconds to wait for /health", kind=float, default=900.0),
+    _s("--shard-listen", "SHARD_LISTEN", LAUNCHER, "shards role: rank r listens on this port + r",
+       default="0.0.0.0:50060"),
+    _s("--listen", "SHARD_LISTEN", SHARD, "TCP host:port instead of a Unix socket"),
+    _s("--uds-path", "SHARD_UDS_PATH", SHARD, "Unix socket prefix (rank appended)", default="/tmp/switchyard-shard"),
+    _s("--advertise-host", "SHARD_ADVERTISE_HOST", SHARD, "host the other ranks and the router reach this rank at"),
+    _s("--rank", "RANK", SHARD, kind=int, default=0),
+    _s("--world-size", ("WORLD_SIZE", "NUM_SHARD"), SHARD, "ranks of the replica", kind=int, default=1),
+    _s("--master-addr", "MASTER_ADDR", SHARD, "tensor-parallel rendezvous host", default="127.0.0.1"),
+    _s("--master-port", "MASTER_PORT", SHARD, "tensor-parallel rendezvous port", kind=int, default=29500),
+    _s("--listen", "ROUTER_LISTEN", ROUTER, "public gRPC address, host:port or unix:///path; loopback unless set",
+       default="127.0.0.1:50051"),
+    _s("--shard-uds-path", "SHARD_UDS_PATH", ROUTER, "the shards' Unix socket prefix", default="/tmp/switchyard-shard"),
+    _s("--shard-address", "SHARD_ADDRESS", ROUTER, "rank 0 over TCP, host:port"),
+    _s("--router", "ROUTER_ADDRESS", FACADE, "the router's public gRPC address", default="127.0.0.1:50051"),
+    # --- the model on its device ------------------------------------------------------
+    _s("--dtype", "DTYPE", SHARD, "float32, bfloat16 or float16"),
+    _s("--device", "DEVICE", SHARD, "cpu, cuda or auto", default="auto"),
+    _s("--block-size", "BLOCK_SIZE", SHARD, "KV cache block, tokens", kind=int, default=16),
+    _s("--kv-cache-fraction", "KV_CACHE_FRACTION", SHARD,
+       "share of free memory for the KV cache when the router does not fix its size", kind=float, default=0.25),
+    _s("--attention-backend", "ATTENTION_BACKEND", SHARD, "attention: the C kernel on CPU (auto) or gathered SDPA",
+       default="auto", choices=("auto", "sdpa", "cpu-paged")),
+    _s("--quantize", "QUANTIZE", SHARD,
+       "4-bit weight storage: auto (4-bit checkpoints, not in float32), int4 (any), none",
+       default="auto", choices=("auto", "int4", "none")),
+    _s("--threads", "SHARD_THREADS", SHARD,
+       "CPU compute threads; 0: one per core (the launcher divides the cores among its shards)", kind=int, default=0),
+    _s("--prepared-cache", "PREPARED_MODEL_CACHE", SHARD,
+       "keep the prepared model under SWITCHYARD_CACHE for fast restarts", kind=bool, default=True),
+    # --- limits and batching (router) -------------------------------------------------
+    _s("--max-input-tokens", ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), ROUTER, "longest prompt", kind=int),
+    _s("--max-total-tokens", "MAX_TOTAL_TOKENS", ROUTER, "longest prompt + output", kind=int),
+    _s("--max-concurrent-requests", "MAX_CONCURRENT_REQUESTS", ROUTER,
+       "requests in flight before new ones are refused (HTTP 429)", kind=int, default=128),
+    _s("--max-stop-sequences", "MAX_STOP_SEQUENCES", ROUTER, kind=int, default=4),
+    _s("--max-top-n-tokens", "MAX_TOP_N_TOKENS", ROUTER, kind=int, default=20),
+    _s("--max-batch-prefill-tokens", "MAX_BATCH_PREFILL_TOKENS", ROUTER, "prompt tokens per step", kind=int),
+    _s("--max-batch-total-tokens", "MAX_BATCH_TOTAL_TOKENS", ROUTER, "KV cache size, tokens", kind=int),
+    _s("--max-batch-size", "MAX_BATCH_SIZE", ROUTER, "sequences per step", kind=int, default=128),
+    _s("--waiting-served-ratio", "WAITING_SERVED_RATIO", ROUTER,
+       "arrivals join a running batch once this many times its size wait", kind=float, default=1.2),
+    _s("--max-waiting-tokens", "MAX_WAITING_TOKENS", ROUTER, kind=int, default=20),
+    _s("--shard-recovery-timeout", "SHARD_RECOVERY_TIMEOUT", ROUTER,
+       "seconds a request waits for a restarted shard before it fails", kind=float, default=60.0),
+    _s("--tool-call-format", "TOOL_CALL_FORMAT", ROUTER,
+       "how the model writes tool calls; auto: from its chat template",
+       default="auto", choices=("auto", "hermes", "llama3_json", "mistral")),
+    # --- the HTTP API (facade) ----------------------------------------------------------
+    _s("--api-key", "API_KEY", (ROUTER, FACADE), "bearer key of the HTTP API and the router's gRPC API"),
+    _s("--payload-limit", "PAYLOAD_LIMIT", FACADE, "largest body, bytes", kind=int, default=2_000_000),
+    _s("--cors-allow-origin", "CORS_ALLOW_ORIGIN", FACADE, "comma-separated origins, or *", default=""),
+    _s("--metrics-api-key", "METRICS_API_KEY", FACADE, "a key that opens /metrics only"),
+    _s("--metrics-port", "METRICS_PORT", FACADE, "a key-less listener serving /metrics only", kind=int),
+    _s("--responses-store-size", "RESPONSES_STORE_SIZE", FACADE, "responses kept for previous_response_id",
+       kind=int, default=1000),
+    # --- tracing ------------------------------------------------------------------------
+    _s("--otlp-endpoint", "OTLP_ENDPOINT", (SHARD, ROUTER, FACADE), "OTLP/gRPC collector"),
+    _s("--otlp-service-name", "OTLP_SERVICE_NAME", (SHARD, ROUTER, FACADE), "default: switchyard-<service>"),
+)  # fmt: skip
+
+#: Read from the environment only, by every service (no flag).
+ENVIRONMENT_ONLY: tuple[tuple[str, str], ...] = (
+    ("SWITCHYARD_CACHE", "kernels, prepared models, converted tokenizers (default ~/.cache/switchyard)"),
+    ("GRPC_TLS_CERT | GRPC_TLS_KEY | GRPC_TLS_CA | GRPC_TLS_SERVER_NAME", "TLS between the services"),
+)
+
+
+def settings_of(service: str) -> Iterable[Setting]:
+    return (s for s in SETTINGS if service in s.services)
+
+
+def parser_for(service: str, env: Mapping[str, str], description: str) -> argparse.ArgumentParser:
+    """The ``service``'s flags, their defaults read from ``env``; each help ends with its variables."""
+    p = argparse.ArgumentParser(prog=f"python -m {service}", description=description)
+    for s in settings_of(service):
+        default = s.default if s.dest != "otlp_service_name" else f"switchyard-{service}"
+        extra: dict[str, Any] = {"choices": s.choices} if s.choices else {}
+        if s.kind is bool:
+            extra["action"] = argparse.BooleanOptionalAction
+        elif s.kind is not str:
+            extra["type"] = s.kind
+        help_text = f"{s.help} [{' | '.join(s.env)}]".lstrip()
+        p.add_argument(s.flag, default=read(env, s, default), help=help_text, **extra)
+    return p
+
+
+def read(env: Mapping[str, str], setting: Setting, default: Any = None) -> Any:
+    """The setting's value from the first of its environment names that is set, else ``default``."""
+    value = env_str(env, *setting.env)
+    if value is None:
+        return default
+    if setting.kind is bool:
+        return value.lower() not in {"0", "false", "no", "off"}
+    try:
+        return setting.kind(value)
+    except ValueError as exc:
+        raise SystemExit(f"{setting.env[0]} must be {setting.kind.__name__}, got {value!r}") from exc
 
 
 def env_str(env: Mapping[str, str], *names: str, default: str | None = None) -> str | None:
@@ -21,50 +157,6 @@ def env_str(env: Mapping[str, str], *names: str, default: str | None = None) -> 
         if value:
             return value
     return default
-
-
-def env_int(env: Mapping[str, str], *names: str, default: int | None = None) -> int | None:
-    value = env_str(env, *names)
-    if value is None:
-        return default
-    try:
-        return int(value)
-    except ValueError as exc:
-        raise SystemExit(f"{names[0]} must be an integer, got {value!r}") from exc
-
-
-def env_float(env: Mapping[str, str], *names: str, default: float | None = None) -> float | None:
-    value = env_str(env, *names)
-    if value is None:
-        return default
-    try:
-        return float(value)
-    except ValueError as exc:
-        raise SystemExit(f"{names[0]} must be a number, got {value!r}") from exc
-
-
-def env_option(
-    p: argparse.ArgumentParser,
-    env: Mapping[str, str],
-    flag: str,
-    *names: str,
-    kind: type = str,
-    default: Any = None,
-    help: str = "",
-    **extra: Any,
-) -> None:
-    """A flag whose default is the first of the environment ``names`` set (else ``default``); its help
-    ends with those names, so ``--help`` (and the launcher's) always says which variable sets it."""
-    value: Any
-    if kind is int:
-        value = env_int(env, *names, default=default)
-    elif kind is float:
-        value = env_float(env, *names, default=default)
-    else:
-        value = env_str(env, *names, default=default)
-    if kind is not str:
-        extra["type"] = kind
-    p.add_argument(flag, default=value, help=f"{help} [{' | '.join(names)}]".lstrip(), **extra)
 
 
 def process_env() -> Mapping[str, str]:

@@ -9,16 +9,12 @@ several services in one process with an in-memory exporter.
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-from common.settings import env_str
 
 
 @dataclass(frozen=True)
@@ -53,13 +49,6 @@ def _traced_methods():  # type: ignore[no-untyped-def]
     from opentelemetry.instrumentation.grpc import filters
 
     return filters.negate(filters.any_of(filters.method_name("Health"), filters.method_name("Metrics")))
-
-
-def add_tracing_args(p: argparse.ArgumentParser, env: Mapping[str, str], service: str) -> None:
-    p.add_argument("--otlp-endpoint", default=env_str(env, "OTLP_ENDPOINT"), help="OTLP/gRPC collector [OTLP_ENDPOINT]")
-    p.add_argument(
-        "--otlp-service-name", default=env_str(env, "OTLP_SERVICE_NAME", default=service), help="[OTLP_SERVICE_NAME]"
-    )
 
 
 def setup_tracing(service_name: str, otlp_endpoint: str | None, processor: SpanProcessor | None = None) -> Tracing:

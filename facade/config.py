@@ -7,8 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from common.grpc_security import TlsConfig
-from common.settings import env_option
-from common.tracing import add_tracing_args
+from common.settings import FACADE, parser_for
 
 
 @dataclass(frozen=True)
@@ -36,20 +35,8 @@ class FacadeConfig:
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
-    """The facade's settings: flags whose defaults come from the environment names in their help."""
-    p = argparse.ArgumentParser(prog="python -m facade", description="OpenAI-compatible HTTP API over the router.")
-    env_option(p, env, "--hostname", "HOSTNAME", default="0.0.0.0")
-    env_option(p, env, "--port", "PORT", kind=int, default=8080)
-    env_option(p, env, "--router", "ROUTER_ADDRESS", default="127.0.0.1:50051", help="the router's public gRPC address")
-    env_option(p, env, "--payload-limit", "PAYLOAD_LIMIT", kind=int, default=2_000_000, help="largest body, bytes")
-    env_option(p, env, "--api-key", "API_KEY", help="bearer key every route but /health requires")
-    env_option(p, env, "--cors-allow-origin", "CORS_ALLOW_ORIGIN", default="", help="comma-separated origins, or *")
-    env_option(p, env, "--metrics-api-key", "METRICS_API_KEY", help="a key that opens /metrics only")
-    env_option(p, env, "--metrics-port", "METRICS_PORT", kind=int, help="a key-less listener serving /metrics only")
-    env_option(p, env, "--responses-store-size", "RESPONSES_STORE_SIZE", kind=int, default=1000,
-               help="responses kept for previous_response_id")  # fmt: skip
-    add_tracing_args(p, env, "switchyard-facade")
-    return p
+    """The facade's settings (common.settings.SETTINGS), defaults read from ``env``."""
+    return parser_for(FACADE, env, "OpenAI-compatible HTTP API over the router.")
 
 
 def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> FacadeConfig:

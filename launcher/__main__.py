@@ -25,10 +25,19 @@ from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 
 from common.ports import free_port
-from common.settings import env_int, env_str, process_env
+from common.settings import (
+    ENVIRONMENT_ONLY,
+    FACADE,
+    LAUNCHER,
+    ROUTER,
+    SHARD,
+    env_str,
+    parser_for,
+    process_env,
+    read,
+    settings_of,
+)
 from launcher.supervisor import CrashLoop, Supervisor
-
-READY_TIMEOUT_S = 900.0
 
 
 class Interrupted(Exception):
@@ -40,41 +49,24 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def services_settings(env: Mapping[str, str]) -> str:
-    """Every setting of the services the launcher starts, with its environment name, for ``--help``."""
-    from facade.config import build_parser as facade_parser
-    from router.config import build_parser as router_parser
-    from shard.config import build_parser as shard_parser
-
+    """Every setting of the services the launcher starts (the table in common.settings), for ``--help``."""
     lines = ["settings of the services (environment variables reach every process started; in brackets):"]
-    for name, build in (("shard", shard_parser), ("router", router_parser), ("facade", facade_parser)):
-        lines.append(f"\n  {name}:")
-        for action in build(env)._actions:
-            if action.option_strings and action.dest != "help":
-                default = "" if action.default in (None, "", False) else f" (now: {action.default})"
-                lines.append(f"    {action.option_strings[0]:<28} {action.help}{default}")
+    for service in (SHARD, ROUTER, FACADE):
+        lines.append(f"\n  {service}:")
+        for s in settings_of(service):
+            value = read(env, s, s.default)
+            now = "" if value in (None, "") else f" (now: {value})"
+            lines.append(f"    {s.flag:<28} {s.help} [{' | '.join(s.env)}]{now}")
     lines.append("\n  every service, read from the environment only:")
-    lines.append("    [SWITCHYARD_CACHE] kernels, prepared models, converted tokenizers (default ~/.cache/switchyard)")
-    lines.append("    [GRPC_TLS_CERT | GRPC_TLS_KEY | GRPC_TLS_CA | GRPC_TLS_SERVER_NAME] TLS between the services")
+    lines.extend(f"    [{names}] {meaning}" for names, meaning in ENVIRONMENT_ONLY)
     return "\n".join(lines)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     env = process_env()
-    p = argparse.ArgumentParser(
-        prog="python -m launcher",
-        description=__doc__.splitlines()[0] if __doc__ else None,
-        epilog=services_settings(env),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--model-id",
-        default=env_str(env, "MODEL_ID"),
-        help="[MODEL_ID]; default: SmolLM2-135M-Instruct",
-    )
-    p.add_argument("--hostname", default=env_str(env, "HOSTNAME", default="0.0.0.0"), help="[HOSTNAME]")
-    p.add_argument("--port", type=int, default=env_int(env, "PORT", default=8080), help="[PORT]")
-    p.add_argument("--num-shard", type=int, default=env_int(env, "NUM_SHARD", default=1), help="[NUM_SHARD]")
-    p.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S, help="seconds to wait for /health")
+    p = parser_for(LAUNCHER, env, __doc__.splitlines()[0] if __doc__ else "")
+    p.epilog = services_settings(env)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument(
         "role",
         nargs="?",
@@ -83,8 +75,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="all: shards, router and facade (default); shards: only the ranks of one replica, over TCP "
         "(the docker compose shard service)",
     )
-    p.add_argument("--shard-listen", default=env_str(env, "SHARD_LISTEN", default="0.0.0.0:50060"),
-                   help="shards role: rank r listens on this port + r [SHARD_LISTEN]")  # fmt: skip
     return p.parse_args(argv)
 
 

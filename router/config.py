@@ -11,8 +11,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from common.settings import env_option
-from common.tracing import add_tracing_args
+from common.settings import ROUTER, parser_for
 
 log = logging.getLogger(__name__)
 
@@ -95,47 +94,8 @@ def default_prefill_budget(max_input_tokens: int, device: str) -> int:
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
-    """The router's settings: flags whose defaults come from the environment names in their help."""
-    p = argparse.ArgumentParser(prog="python -m router", description="Batch requests onto the model shards.")
-    _add_service_args(p, env)
-    _add_limit_args(p, env)
-    _add_batching_args(p, env)
-    add_tracing_args(p, env, "switchyard-router")
-    return p
-
-
-def _add_service_args(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
-    """Which model, where the shards are, where the public API listens and who may call it."""
-    env_option(p, env, "--model-id", "MODEL_ID", help="tokenizer source, as the shards")
-    env_option(p, env, "--listen", "ROUTER_LISTEN", default="127.0.0.1:50051",
-               help="public gRPC address, host:port or unix:///path; loopback unless set")  # fmt: skip
-    env_option(p, env, "--api-key", "API_KEY", help="bearer key of the public API")
-    env_option(p, env, "--shard-uds-path", "SHARD_UDS_PATH", default="/tmp/switchyard-shard")
-    env_option(p, env, "--shard-address", "SHARD_ADDRESS", help="rank 0 over TCP, host:port")
-    env_option(p, env, "--shard-recovery-timeout", "SHARD_RECOVERY_TIMEOUT", kind=float, default=60.0,
-               help="seconds a request waits for a restarted shard before it fails")  # fmt: skip
-    env_option(p, env, "--tool-call-format", "TOOL_CALL_FORMAT", default="auto",
-               help="auto (from the chat template), hermes, llama3_json or mistral")  # fmt: skip
-
-
-def _add_limit_args(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
-    """Token and request limits (TGI's names); unset ones are derived from the shards (``Limits.resolve``)."""
-    env_option(p, env, "--max-input-tokens", "MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH", kind=int)
-    env_option(p, env, "--max-total-tokens", "MAX_TOTAL_TOKENS", kind=int)
-    env_option(p, env, "--max-concurrent-requests", "MAX_CONCURRENT_REQUESTS", kind=int, default=128,
-               help="requests in flight before new ones are refused (HTTP 429)")  # fmt: skip
-    env_option(p, env, "--max-stop-sequences", "MAX_STOP_SEQUENCES", kind=int, default=4)
-    env_option(p, env, "--max-top-n-tokens", "MAX_TOP_N_TOKENS", kind=int, default=20)
-
-
-def _add_batching_args(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
-    """Continuous batching: budgets per step and when arrivals join the running batch."""
-    env_option(p, env, "--max-batch-prefill-tokens", "MAX_BATCH_PREFILL_TOKENS", kind=int)
-    env_option(p, env, "--max-batch-total-tokens", "MAX_BATCH_TOTAL_TOKENS", kind=int)
-    env_option(p, env, "--max-batch-size", "MAX_BATCH_SIZE", kind=int, default=128)
-    env_option(p, env, "--waiting-served-ratio", "WAITING_SERVED_RATIO", kind=float, default=1.2,
-               help="arrivals join a running batch once this many times its size wait")  # fmt: skip
-    env_option(p, env, "--max-waiting-tokens", "MAX_WAITING_TOKENS", kind=int, default=20)
+    """The router's settings (common.settings.SETTINGS), defaults read from ``env``."""
+    return parser_for(ROUTER, env, "Batch requests onto the model shards.")
 
 
 def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> RouterConfig:

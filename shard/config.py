@@ -7,8 +7,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from common.settings import env_float, env_int, env_option, env_str
-from common.tracing import add_tracing_args
+from common.settings import SHARD, parser_for
 
 
 @dataclass(frozen=True)
@@ -53,12 +52,8 @@ class ShardConfig:
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
-    """The shard's settings: flags whose defaults come from the environment names in their help."""
-    p = argparse.ArgumentParser(prog="python -m shard", description="Serve one model shard over gRPC.")
-    _add_placement_args(p, env)
-    _add_engine_args(p, env)
-    add_tracing_args(p, env, "switchyard-shard")
-    return p
+    """The shard's settings (common.settings.SETTINGS), defaults read from ``env``."""
+    return parser_for(SHARD, env, "Serve one model shard over gRPC.")
 
 
 def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardConfig:
@@ -70,52 +65,3 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardCon
         p.error("--block-size must be >= 1 and --kv-cache-fraction in (0, 1]")
     # Every flag's dest is a ShardConfig field of the same name.
     return ShardConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(ShardConfig)})
-
-
-def _add_placement_args(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
-    """Which model, on which device, as which rank, reachable where."""
-    env_option(p, env, "--model-id", "MODEL_ID", help="folder, .gguf file or hub id")
-    env_option(p, env, "--dtype", "DTYPE", help="float32, bfloat16 or float16")
-    env_option(p, env, "--device", "DEVICE", default="auto", help="cpu, cuda or auto")
-    env_option(p, env, "--rank", "RANK", kind=int, default=0)
-    env_option(p, env, "--world-size", "WORLD_SIZE", "NUM_SHARD", kind=int, default=1)
-    env_option(p, env, "--uds-path", "SHARD_UDS_PATH", default="/tmp/switchyard-shard")
-    env_option(p, env, "--listen", "SHARD_LISTEN", help="TCP host:port instead of a socket")
-    env_option(p, env, "--advertise-host", "SHARD_ADVERTISE_HOST")
-    env_option(p, env, "--master-addr", "MASTER_ADDR", default="127.0.0.1")
-    env_option(p, env, "--master-port", "MASTER_PORT", kind=int, default=29500)
-
-
-def _add_engine_args(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
-    """KV cache shape and the speed switches (see README, "CPU performance")."""
-    p.add_argument("--block-size", type=int, default=env_int(env, "BLOCK_SIZE", default=16), help="[BLOCK_SIZE]")
-    p.add_argument(
-        "--kv-cache-fraction",
-        type=float,
-        default=env_float(env, "KV_CACHE_FRACTION", default=0.25),
-        help="share of free memory for the KV cache when the router does not fix its size [KV_CACHE_FRACTION]",
-    )
-    p.add_argument(
-        "--attention-backend",
-        choices=("auto", "sdpa", "cpu-paged"),
-        default=env_str(env, "ATTENTION_BACKEND", default="auto"),
-        help="attention: the C kernel on CPU (auto) or gathered SDPA [ATTENTION_BACKEND]",
-    )
-    p.add_argument(
-        "--quantize",
-        choices=("auto", "int4", "none"),
-        default=env_str(env, "QUANTIZE", default="auto"),
-        help="4-bit weight storage: auto (4-bit checkpoints, not in float32), int4 (any), none [QUANTIZE]",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=env_int(env, "SHARD_THREADS", default=0),
-        help="CPU compute threads; 0: one per core (the launcher divides the cores among its shards) [SHARD_THREADS]",
-    )
-    p.add_argument(
-        "--prepared-cache",
-        action=argparse.BooleanOptionalAction,
-        default=env_str(env, "PREPARED_MODEL_CACHE", default="1") not in {"0", "false", "no"},
-        help="keep the prepared model under SWITCHYARD_CACHE for fast restarts [PREPARED_MODEL_CACHE=1|0]",
-    )
