@@ -229,7 +229,7 @@ class ChatResponder:
 def _assistant_message(a: pb.GenerateResponse) -> dict[str, Any]:
     if not a.tool_calls:
         return {"role": "assistant", "content": a.text, "refusal": None}
-    # Text the model wrote around its calls (a thought, "Let me check") stays as content.
+    # Text the model wrote before its calls (a thought, "Let me check") stays as content.
     calls = [_call(c) for c in a.tool_calls]
     return {"role": "assistant", "content": a.text or None, "refusal": None, "tool_calls": calls}
 

@@ -6,14 +6,14 @@ whose template cannot render them, the grammar that constrains a call, how a
 stream holds a call back from the text it releases, and how a finished output
 splits into text and calls.
 
-The grammar is one of xgrammar's structural tags: the output is free text until
-the format's trigger appears (``<tool_call>``, ``[TOOL_CALLS]``, ``{"name": ``),
-and from there a call whose function name is forced and whose arguments follow
-the tool's JSON schema; after a call, free text again. So under
-``tool_choice: auto`` the model may think aloud (``<think>…</think>``) or answer
-in plain text, and only the arguments of a call are constrained.
-``required`` (or a named function) asks for at least one call and no text
-before it; ``parallel_tool_calls: false`` ends the output after the first call.
+The grammar is one of xgrammar's structural tags: under ``tool_choice: auto``
+the output is free text until the format's trigger appears (``<tool_call>``,
+``[TOOL_CALLS]``, ``{"name": ``), then calls whose function names are forced and
+whose arguments follow the tools' JSON schemas, then the end: no text after the
+calls (a model would invent the tools' results there). So the model may think
+aloud (``<think>…</think>``) or answer in plain text, and only the calls are
+constrained. ``required`` (or a named function) is calls only;
+``parallel_tool_calls: false`` ends the output after the first call.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ class ToolCallFormat:
     #: An assistant message's calls as the model would have written them (for templates
     #: without tool support).
     write: Callable[[list[Call]], str]
+    #: Between two calls; None when one tag holds every call (Mistral's array).
+    separator: str | None
 
 
 _JSON = json.JSONDecoder()
@@ -153,6 +155,7 @@ HERMES = ToolCallFormat(
     lambda calls: "\n".join(
         f"<tool_call>\n{json.dumps(c)}\n</tool_call>" for c in _write_json_calls(calls, "arguments")
     ),
+    "\n",
 )
 LLAMA3_JSON = ToolCallFormat(
     "llama3_json",
@@ -160,6 +163,7 @@ LLAMA3_JSON = ToolCallFormat(
     _named_tags("", "", "parameters"),
     _read_llama3,
     lambda calls: "; ".join(json.dumps(c) for c in _write_json_calls(calls, "parameters")),
+    "; ",
 )
 MISTRAL = ToolCallFormat(
     "mistral",
@@ -167,6 +171,7 @@ MISTRAL = ToolCallFormat(
     _mistral_tags,
     _read_mistral,
     lambda calls: "[TOOL_CALLS]" + json.dumps(_write_json_calls(calls, "arguments")),
+    None,
 )
 FORMATS = {f.name: f for f in (HERMES, LLAMA3_JSON, MISTRAL)}
 
@@ -225,18 +230,21 @@ def tool_grammar(fmt: ToolCallFormat, chat: pb.Chat) -> str:
             raise ValidationError(
                 f"tool_choice names {chat.tool_choice_function!r}, which is not among the tools", "tool_choice"
             )
-    structural_tag = {
-        "type": "structural_tag",
-        "format": {
-            "type": "triggered_tags",
-            "triggers": [fmt.trigger],
-            "tags": fmt.tags(tools, chat.parallel_tool_calls),
-            "at_least_one": chat.tool_choice != pb.TOOL_CHOICE_MODE_AUTO,
-            "stop_after_first": not chat.parallel_tool_calls,
-        },
+    calls = {
+        "type": "tags_with_separator",
+        "tags": fmt.tags(tools, chat.parallel_tool_calls),
+        "separator": fmt.separator or "",
+        "at_least_one": True,
+        "stop_after_first": fmt.separator is None or not chat.parallel_tool_calls,
     }
+    if chat.tool_choice == pb.TOOL_CHOICE_MODE_AUTO:
+        # Text (a thought, an answer) until the trigger, then optionally the calls.
+        text = {"type": "any_text", "excludes": [fmt.trigger]}
+        output = {"type": "sequence", "elements": [text, {"type": "optional", "content": calls}]}
+    else:
+        output = calls
     try:
-        grammar = xgr.Grammar.from_structural_tag(json.dumps(structural_tag))
+        grammar = xgr.Grammar.from_structural_tag(json.dumps({"type": "structural_tag", "format": output}))
     except (RuntimeError, ValueError, TypeError) as exc:
         raise ValidationError(f"the tools cannot be compiled: {str(exc).splitlines()[0]}", "tools") from exc
     return json_strings_only(str(grammar))

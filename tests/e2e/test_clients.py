@@ -17,6 +17,7 @@ from tests.js.run import run_script
 
 KEY = "sk-clients"
 QUESTION = "Say something about trains."
+WEATHER_PARAMETERS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,24 @@ def test_llamaindex_openai_like(stack):
     chatted = llm.chat([ChatMessage(role="user", content=QUESTION)])
     streamed = "".join(r.delta or "" for r in llm.stream_complete(QUESTION))
     assert completed.text and chatted.message.content == completed.text and streamed == completed.text
+
+
+def test_litellm_chat_stream_tools_and_responses(stack, monkeypatch):
+    """LiteLLM's OpenAI-compatible provider: chat (whole and streamed), a tool call, and the Responses API."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch of its price list at import
+    import litellm
+
+    target = {"model": "openai/tgi", "api_base": f"{stack}/v1", "api_key": KEY}
+    messages = [{"role": "user", "content": QUESTION}]
+    whole = litellm.completion(**target, messages=messages, max_tokens=12, temperature=0)
+    parts = litellm.completion(**target, messages=messages, max_tokens=12, temperature=0, stream=True)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in parts)
+    assert whole.choices[0].message.content and streamed == whole.choices[0].message.content
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_PARAMETERS}}
+    called = litellm.completion(**target, messages=messages, tools=[weather], tool_choice="required", max_tokens=60)
+    assert called.choices[0].message.tool_calls[0].function.name == "get_weather"
+    response = litellm.responses(**target, input=QUESTION, max_output_tokens=12, temperature=0)
+    assert response.status == "completed" and response.output[0].content[0].text == whole.choices[0].message.content
 
 
 def test_huggingface_inference_client(stack):

@@ -65,6 +65,7 @@ def test_auto_admits_text_and_thinking_around_native_calls(fmt):
     wrong_name = fmt.write([("get_wether", '{"city": "Paris"}')])
     wrong_args = fmt.write([("get_weather", '{"town": "Paris"}')])
     assert not accepts(grammar, wrong_name) and not accepts(grammar, wrong_args)
+    assert not accepts(grammar, call + " It is sunny in Paris.")  # no invented results after the calls
 
 
 @pytest.mark.parametrize("fmt", FORMATS.values(), ids=FORMATS.keys())
