@@ -17,7 +17,12 @@ from tests.js.run import run_script
 
 KEY = "sk-clients"
 QUESTION = "Say something about trains."
-WEATHER_PARAMETERS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+# Bounded, so that the tiny random model's call ends within max_tokens.
+WEATHER_PARAMETERS = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 12}},
+    "required": ["city"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +83,20 @@ def test_litellm_chat_stream_tools_and_responses(stack, monkeypatch):
 
     target = {"model": "openai/tgi", "api_base": f"{stack}/v1", "api_key": KEY}
     messages = [{"role": "user", "content": QUESTION}]
-    whole = litellm.completion(**target, messages=messages, max_tokens=12, temperature=0)
-    parts = litellm.completion(**target, messages=messages, max_tokens=12, temperature=0, stream=True)
+    # 16 tokens: LiteLLM raises a smaller max_output_tokens to OpenAI's minimum, 16.
+    whole = litellm.completion(**target, messages=messages, max_tokens=16, temperature=0)
+    parts = litellm.completion(**target, messages=messages, max_tokens=16, temperature=0, stream=True)
     streamed = "".join(chunk.choices[0].delta.content or "" for chunk in parts)
     assert whole.choices[0].message.content and streamed == whole.choices[0].message.content
     weather = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_PARAMETERS}}
-    called = litellm.completion(**target, messages=messages, tools=[weather], tool_choice="required", max_tokens=60)
+    called = litellm.completion(
+        **target, messages=messages, tools=[weather], tool_choice="required", parallel_tool_calls=False, max_tokens=200
+    )
     assert called.choices[0].message.tool_calls[0].function.name == "get_weather"
-    response = litellm.responses(**target, input=QUESTION, max_output_tokens=12, temperature=0)
-    assert response.status == "completed" and response.output[0].content[0].text == whole.choices[0].message.content
+    response = litellm.responses(**target, input=QUESTION, max_output_tokens=16, temperature=0)
+    assert response.output[0].content[0].text == whole.choices[0].message.content
+    # Cut at max_output_tokens, as OpenAI reports it.
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
 
 
 def test_huggingface_inference_client(stack):
