@@ -108,7 +108,9 @@ def test_streams_the_same_answer_as_the_api(page, stack):
 
 
 def test_json_schema_mode_answers_matching_json(page):
+    assert not page.is_visible("#schema") and not page.is_visible("#tools")  # only the chosen mode's fields
     page.select_option("#mode", "json_schema")
+    assert page.is_visible("#schema") and not page.is_visible("#tools")
     page.fill("#max-tokens", "60")
     ask(page, "Answer in JSON: what colour is the sky?")
     answer = json.loads(wait_done(page))
