@@ -230,7 +230,7 @@ def tool_grammar(fmt: ToolCallFormat, chat: pb.Chat) -> str:
             raise ValidationError(
                 f"tool_choice names {chat.tool_choice_function!r}, which is not among the tools", "tool_choice"
             )
-    calls = {
+    calls: dict[str, Any] = {
         "type": "tags_with_separator",
         "tags": fmt.tags(tools, chat.parallel_tool_calls),
         "separator": fmt.separator or "",
@@ -240,7 +240,7 @@ def tool_grammar(fmt: ToolCallFormat, chat: pb.Chat) -> str:
     if chat.tool_choice == pb.TOOL_CHOICE_MODE_AUTO:
         # Text (a thought, an answer) until the trigger, then optionally the calls.
         text = {"type": "any_text", "excludes": [fmt.trigger]}
-        output = {"type": "sequence", "elements": [text, {"type": "optional", "content": calls}]}
+        output: dict[str, Any] = {"type": "sequence", "elements": [text, {"type": "optional", "content": calls}]}
     else:
         output = calls
     try:
