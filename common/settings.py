@@ -49,7 +49,9 @@ SETTINGS: tuple[Setting, ...] = (
        "folder, .gguf file or hub id; default: SmolLM2-135M-Instruct"),
     _s("--hostname", "HOSTNAME", (FACADE, LAUNCHER), "HTTP address", default="0.0.0.0"),
     _s("--port", "PORT", (FACADE, LAUNCHER), "HTTP port", kind=int, default=8080),
-    _s("--num-shard", "NUM_SHARD", LAUNCHER, "shards (ranks) of the model replica", kind=int, default=1),
+    _s("--num-shard", "NUM_SHARD", LAUNCHER, "shards (ranks) of each model replica", kind=int, default=1),
+    _s("--num-replicas", "NUM_REPLICAS", LAUNCHER, "model replicas behind the router (make serve)", kind=int,
+       default=1),
     _s("--ready-timeout", "READY_TIMEOUT", LAUNCHER, "seconds to wait for /health", kind=float, default=900.0),
     _s("--shard-listen", "SHARD_LISTEN", LAUNCHER, "shards role: rank r listens on this port + r",
        default="0.0.0.0:50060"),
@@ -64,6 +66,11 @@ SETTINGS: tuple[Setting, ...] = (
        default="127.0.0.1:50051"),
     _s("--shard-uds-path", "SHARD_UDS_PATH", ROUTER, "the shards' Unix socket prefix", default="/tmp/switchyard-shard"),
     _s("--shard-address", "SHARD_ADDRESS", ROUTER, "rank 0 over TCP, host:port"),
+    _s("--shard-addresses", "SHARD_ADDRESSES", ROUTER,
+       "several model replicas: rank 0 of each, comma-separated (host:port or unix:///path)"),
+    _s("--placement-load-margin", "PLACEMENT_LOAD_MARGIN", ROUTER,
+       "a request goes to the replica caching most of its prompt unless that one is busier than the least "
+       "loaded by more than this share of KV capacity", kind=float, default=0.25),
     _s("--router", "ROUTER_ADDRESS", FACADE, "the router's public gRPC address", default="127.0.0.1:50051"),
     # --- the model on its device ------------------------------------------------------
     _s("--dtype", "DTYPE", SHARD, "float32, bfloat16 or float16"),

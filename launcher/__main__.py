@@ -95,16 +95,28 @@ def shard_threads(num_shard: int, env: Mapping[str, str]) -> list[str]:
     return ["--threads", str(max(1, cores // num_shard))]
 
 
+def shard_prefixes(sockets: str, num_replicas: int) -> list[str]:
+    """The Unix socket prefix of each model replica's shards (rank r listens on ``<prefix>-r``)."""
+    if num_replicas == 1:
+        return [os.path.join(sockets, "shard")]
+    return [os.path.join(sockets, f"replica{i}-shard") for i in range(num_replicas)]
+
+
 def start_services(args: argparse.Namespace, supervisor: Supervisor, sockets: str) -> None:
     model = ["--model-id", args.model_id] if args.model_id else []
-    shard_prefix = os.path.join(sockets, "shard")
+    prefixes = shard_prefixes(sockets, args.num_replicas)
     router_socket = f"unix://{os.path.join(sockets, 'router.sock')}"
-    rendezvous = ["--master-port", str(free_port())] if args.num_shard > 1 else []
-    threads = shard_threads(args.num_shard, process_env())
-    for rank in range(args.num_shard):
-        shard = ["-m", "shard", *model, *threads, "--uds-path", shard_prefix, "--rank", str(rank)]
-        supervisor.start(f"shard-{rank}", [*shard, "--world-size", str(args.num_shard), *rendezvous], group="shards")
-    supervisor.start("router", ["-m", "router", *model, "--listen", router_socket, "--shard-uds-path", shard_prefix])
+    threads = shard_threads(args.num_shard * args.num_replicas, process_env())
+    for replica, prefix in enumerate(prefixes):
+        # The ranks of one replica restart together (a tensor-parallel group); replicas independently.
+        group = "shards" if args.num_replicas == 1 else f"replica{replica}"
+        rendezvous = ["--master-port", str(free_port())] if args.num_shard > 1 else []
+        for rank in range(args.num_shard):
+            shard = ["-m", "shard", *model, *threads, "--uds-path", prefix, "--rank", str(rank)]
+            name = f"shard-{rank}" if args.num_replicas == 1 else f"replica{replica}-shard-{rank}"
+            supervisor.start(name, [*shard, "--world-size", str(args.num_shard), *rendezvous], group=group)
+    entries = ",".join(f"unix://{prefix}-0" for prefix in prefixes)
+    supervisor.start("router", ["-m", "router", *model, "--listen", router_socket, "--shard-addresses", entries])
     facade = ["-m", "facade", "--hostname", args.hostname, "--port", str(args.port), "--router", router_socket]
     supervisor.start("facade", facade)
 
@@ -156,13 +168,14 @@ def _not_ready_reason(answer: urllib.error.HTTPError) -> str | None:
     return str(message).removeprefix("not ready: ")
 
 
-def start_phase(sockets: str, num_shard: int) -> Callable[[], str]:
+def start_phase(sockets: str, num_shard: int, num_replicas: int = 1) -> Callable[[], str]:
     """The phase of a start before the facade answers, read off which shards listen on their sockets yet."""
+    paths = [f"{prefix}-{r}" for prefix in shard_prefixes(sockets, num_replicas) for r in range(num_shard)]
 
     def phase() -> str:
-        listening = [os.path.exists(os.path.join(sockets, f"shard-{r}")) for r in range(num_shard)]
+        listening = [os.path.exists(path) for path in paths]
         if not all(listening):
-            return f"loading the model ({sum(listening)}/{num_shard} shards up)"
+            return f"loading the model ({sum(listening)}/{len(paths)} shards up)"
         return "starting the router and the HTTP facade"
 
     return phase
@@ -215,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             lambda sup: start_services(args, sup, sockets),
             f"http://{host}:{args.port}",
             args.ready_timeout,
-            start_phase(sockets, args.num_shard),
+            start_phase(sockets, args.num_shard, args.num_replicas),
         )
     sys.exit(code)
 

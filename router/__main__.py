@@ -18,6 +18,7 @@ from router.config import Limits, RouterConfig, parse_config
 from router.generation_defaults import load_defaults
 from router.metrics import RouterMetrics
 from router.recovery import ShardLink, WarmupPlan
+from router.replicas import Replica, ReplicaSet
 from router.scheduler import Scheduler
 from router.server import RouterServicer, ServedModel, Serving, create_server
 from router.shard_client import ShardClient
@@ -41,10 +42,9 @@ async def serve(config: RouterConfig) -> None:
     server = create_server(servicer, config.listen, tracing, tls, config.api_key)
     await server.start()
     serving = await connect_and_warm(config, servicer, tracing, tls)
-    scheduler, shards = serving.scheduler, serving.scheduler.shards
     servicer.start(serving)
-    loop_task = asyncio.create_task(scheduler.run())
-    log.info("router serving on %s", config.listen)
+    loop_task = asyncio.create_task(serving.replicas.run())
+    log.info("router serving on %s (%d model replicas)", config.listen, len(serving.replicas.replicas))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -54,12 +54,13 @@ async def serve(config: RouterConfig) -> None:
     await servicer.drain(DRAIN_TIMEOUT_S)
     await server.stop(grace=5)
     loop_task.cancel()
-    await shards.close()
+    for replica in serving.replicas.replicas:
+        await replica.scheduler.shards.close()
     tracing.shutdown()
 
 
 async def connect_and_warm(config: RouterConfig, servicer: RouterServicer, tracing: Tracing, tls: TlsConfig) -> Serving:
-    """Loads the tokenizer, connects to the shards once they have loaded the model, warms them up."""
+    """Loads the tokenizer, connects to every replica's shards once loaded, warms them up."""
     try:
         source = resolve_model(config.model_id)
     except ModelNotFound as exc:
@@ -67,21 +68,32 @@ async def connect_and_warm(config: RouterConfig, servicer: RouterServicer, traci
     servicer.phase = "loading the tokenizer"
     tokenizer = await asyncio.to_thread(lambda: Tokenizer.load(tokenizer_source(source)))
     servicer.phase = "waiting for the shards to load the model"
-    log.info("connecting to shards at %s", config.shard_entry)
+    log.info("connecting to shards at %s", ", ".join(config.shard_entries))
     interceptors = tracing.grpc_client_interceptors()
-    shards = await ShardClient.connect(config.shard_entry, SHARD_CONNECT_TIMEOUT_S, interceptors, tls)
-    info = await shards.info()
+    clients = await asyncio.gather(
+        *(ShardClient.connect(entry, SHARD_CONNECT_TIMEOUT_S, interceptors, tls) for entry in config.shard_entries)
+    )
+    infos = [await shards.info() for shards in clients]
+    info = infos[0]
+    if any((i.model_id, i.vocab_size) != (info.model_id, info.vocab_size) for i in infos):
+        raise SystemExit(f"the replicas serve different models: {sorted({i.model_id for i in infos})}")
     limits = Limits.resolve(config, info.max_position_embeddings, info.device)
     plan = WarmupPlan(limits.max_batch_prefill_tokens, limits.max_batch_size, config.max_batch_total_tokens or 0)
-    link = ShardLink(shards, plan)
+    links = [ShardLink(shards, plan) for shards in clients]
     servicer.phase = "warming up the shards"
-    warm = await link.warm_up()
-    limits = _fit_to_cache(config, limits, warm.max_supported_total_tokens)
-    log.info("shards warm: %d KV blocks of %d tokens; limits %s", warm.num_blocks, warm.block_size, limits)
-    allocator = BlockAllocator(warm.num_blocks, warm.block_size)
+    warms = await asyncio.gather(*(link.warm_up() for link in links))
+    capacity = min(w.max_supported_total_tokens for w in warms)
+    limits = _fit_to_cache(config, limits, capacity)
     tracer = tracing.tracer("switchyard.router")
-    metrics = RouterMetrics(model_name=source.display_name)
-    scheduler = Scheduler(link, allocator, limits, tokenizer, metrics, tracer, config.shard_recovery_timeout)
+    replicas = []
+    for index, (link, warm) in enumerate(zip(links, warms, strict=True)):
+        log.info(
+            "replica %d warm: %d KV blocks of %d tokens; limits %s", index, warm.num_blocks, warm.block_size, limits
+        )
+        allocator = BlockAllocator(warm.num_blocks, warm.block_size)
+        metrics = RouterMetrics(model_name=source.display_name)
+        scheduler = Scheduler(link, allocator, limits, tokenizer, metrics, tracer, config.shard_recovery_timeout)
+        replicas.append(Replica(str(index), scheduler))
     validator = Validator(
         tokenizer,
         limits,
@@ -91,10 +103,8 @@ async def connect_and_warm(config: RouterConfig, servicer: RouterServicer, traci
         load_defaults(source),
         choose_format(config.tool_call_format, tokenizer.chat_template_text),
     )
-    model = ServedModel(
-        source.display_name, info.dtype, info.device, shards.world_size, warm.max_supported_total_tokens
-    )
-    return Serving(scheduler, validator, model)
+    model = ServedModel(source.display_name, info.dtype, info.device, clients[0].world_size, capacity)
+    return Serving(ReplicaSet(replicas, config.placement_load_margin), validator, model)
 
 
 def _fit_to_cache(config: RouterConfig, limits: Limits, capacity: int) -> Limits:

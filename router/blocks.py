@@ -104,6 +104,16 @@ class BlockAllocator:
         produces the logits of the next token. Returns the blocks and the
         registration chain they amount to.
         """
+        hits, previous = self._cached_prefix(token_ids)
+        for block_id in hits:
+            self._hold(block_id)
+        return hits, (len(hits), previous)
+
+    def cached_prefix_tokens(self, token_ids: Sequence[int]) -> int:
+        """How many leading tokens of ``token_ids`` the prefix cache holds (no reference taken)."""
+        return len(self._cached_prefix(token_ids)[0]) * self.block_size
+
+    def _cached_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], int | None]:
         size = self.block_size
         hits: list[int] = []
         previous: int | None = None
@@ -115,9 +125,7 @@ class BlockAllocator:
                 break
             hits.append(block_id)
             previous = h
-        for block_id in hits:
-            self._hold(block_id)
-        return hits, (len(hits), previous)
+        return hits, previous
 
     def register(self, block_ids: Sequence[int], token_ids: Sequence[int], computed: int, chain: Chain) -> Chain:
         """Makes the full blocks among the first ``computed`` tokens findable by later requests.

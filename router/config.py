@@ -40,11 +40,17 @@ class RouterConfig:
     api_key: str | None = None
     #: How the model writes tool calls: "auto" (from its chat template) or a router.tools format.
     tool_call_format: str = "auto"
+    #: Rank 0 of each model replica (SHARD_ADDRESSES), when there are several.
+    shard_addresses: tuple[str, ...] = ()
+    #: How much busier (share of KV capacity) the replica with the longest cached prefix may be.
+    placement_load_margin: float = 0.25
 
     @property
-    def shard_entry(self) -> str:
-        """Address of rank 0, which lists the others."""
-        return self.shard_address or f"unix://{self.shard_uds_path}-0"
+    def shard_entries(self) -> list[str]:
+        """Rank 0 of each replica (rank 0 lists the others of its group)."""
+        if self.shard_addresses:
+            return list(self.shard_addresses)
+        return [self.shard_address or f"unix://{self.shard_uds_path}-0"]
 
 
 @dataclass(frozen=True)
@@ -124,4 +130,6 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> RouterCo
         shard_recovery_timeout=a.shard_recovery_timeout,
         api_key=a.api_key,
         tool_call_format=a.tool_call_format,
+        shard_addresses=tuple(x.strip() for x in (a.shard_addresses or "").split(",") if x.strip()),
+        placement_load_margin=a.placement_load_margin,
     )

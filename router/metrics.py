@@ -148,6 +148,8 @@ class RouterMetrics:
             "switchyard_shard_recoveries", "Shard restarts the router recovered from (re-warm, recompute)", registry=r
         )
         self.outcomes = Counter("switchyard_request_outcome", "Finished requests by outcome", ["outcome"], registry=r)
+        self.shards_up = Gauge("switchyard_shards_up", "1 while the shards serve, 0 while being recovered", registry=r)
+        self.shards_up.set(1)
 
     # --- events the scheduler and the API report ------------------------------------------------
 
@@ -183,3 +185,10 @@ class RouterMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry) + self.counters.exposition()
+
+    def refusals_exposition(self) -> bytes:
+        """What a router in front of several replicas counts itself: requests refused before
+        placement (TGI's request counters) and validation time."""
+        name = "tgi_request_validation_duration"
+        samples = [f"{name}{suffix}" for suffix in ("_bucket", "_count", "_sum", "_created")]
+        return generate_latest(self.registry.restricted_registry(samples)) + self.counters.exposition()

@@ -83,6 +83,8 @@ class Request:
     admitted_at: float | None = None
     #: Prompt tokens the prefix cache served when the prompt was first admitted.
     cached_tokens: int = 0
+    #: The replica serving it (router.replicas), for traces.
+    replica: str = ""
 
     @property
     def token_ids(self) -> list[int]:

@@ -23,6 +23,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 
 import grpc
 from opentelemetry import trace
@@ -74,15 +75,29 @@ class Scheduler:
         self._wake = asyncio.Event()
         #: The kind of shard call in progress ("prefill" or "decode"), for the failure counter.
         self._step_method = "decode"
+        #: Set by a ReplicaSet: takes the requests of this replica while it recovers (True if it did).
+        self.hand_off: Callable[[list[Request]], bool] | None = None
         self._update_gauges()  # the KV gauges are right before the first request
 
     # --- called by the API ------------------------------------------------------
 
     def submit(self, request: Request) -> None:
-        request.queue_span = self.tracer.start_span("queue", context=request.trace_context)
+        attributes = {"switchyard.replica": request.replica} if request.replica else None
+        request.queue_span = self.tracer.start_span("queue", context=request.trace_context, attributes=attributes)
         self.metrics.request_arrived(len(request.prompt_ids), request.max_new_tokens)
         self.waiting.append(request)
         self._wake.set()
+
+    def resume(self, request: Request) -> None:
+        """A request moved here from a replica that failed: first in line, its tokens recomputed."""
+        self.waiting.appendleft(request)
+        self._wake.set()
+
+    @property
+    def load(self) -> float:
+        """Tokens held and queued, against the KV cache's capacity (placement's measure of load)."""
+        held = sum(r.length for r in self.active) + sum(r.length for r in self.waiting)
+        return held / (self.allocator.num_blocks * self.allocator.block_size)
 
     def cancel(self, request: Request) -> None:
         """The caller went away: forget a queued request now, a running one at the next step."""
@@ -393,6 +408,7 @@ class Scheduler:
         """
         self.unavailable = why
         self.metrics.shard_recoveries.inc()
+        self.metrics.shards_up.set(0)
         started = time.monotonic()
         log.warning("%s: recomputing %d running requests once it is warm", why, len(self.active))
         for r in reversed(self.active):
@@ -401,6 +417,9 @@ class Scheduler:
         self.active = []
         self._shard_members = []
         self.batch_id += 1
+        if self.waiting and self.hand_off is not None and self.hand_off(list(self.waiting)):
+            log.warning("%d requests moved to the other replicas", len(self.waiting))
+            self.waiting.clear()
         restore = asyncio.create_task(self.link.restore())
         while not restore.done():
             self._expire_waiting(started)
@@ -412,6 +431,7 @@ class Scheduler:
             self.waiting.remove(r)
             self._finish(r, "cancelled")
         self.unavailable = None
+        self.metrics.shards_up.set(1)
         log.info("shards warm again after %.1fs; resuming %d requests", time.monotonic() - started, len(self.waiting))
         self._update_gauges()
 

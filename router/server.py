@@ -19,6 +19,7 @@ from common.tracing import Tracing
 from protos import router_pb2 as pb
 from protos import router_pb2_grpc as pb_grpc
 from router.errors import Overloaded, ShardsUnavailable, ShuttingDown, ValidationError
+from router.replicas import Replica, ReplicaSet
 from router.request import Request, StreamEvent
 from router.scheduler import Scheduler
 from router.tools import tool_calls_pb
@@ -49,9 +50,14 @@ class ServedModel:
 class Serving:
     """What the API needs once the shards are warm."""
 
-    scheduler: Scheduler
+    replicas: ReplicaSet
     validator: Validator
     model: ServedModel
+
+    @classmethod
+    def of_scheduler(cls, scheduler: Scheduler, validator: Validator, model: ServedModel) -> Serving:
+        """One replica."""
+        return cls(ReplicaSet([Replica("0", scheduler)]), validator, model)
 
 
 class RouterServicer(pb_grpc.RouterServicer):
@@ -87,7 +93,7 @@ class RouterServicer(pb_grpc.RouterServicer):
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry on another replica or after the restart")
         serving = self._ready()
-        metrics = serving.scheduler.metrics
+        metrics = serving.replicas.front_metrics
         if self.in_flight >= self.max_concurrent:
             metrics.request_refused("overloaded")
             raise Overloaded(f"the server is overloaded: {self.max_concurrent} requests are in flight; retry later")
@@ -103,7 +109,7 @@ class RouterServicer(pb_grpc.RouterServicer):
         self.in_flight += 1
         finished = False
         try:
-            serving.scheduler.submit(request)
+            serving.replicas.submit(request)
             while True:
                 event = _coalesce(await request.events.get(), request.events)
                 if event.error is not None:
@@ -116,7 +122,8 @@ class RouterServicer(pb_grpc.RouterServicer):
         finally:
             self.in_flight -= 1
             if not finished:
-                serving.scheduler.cancel(request)
+                serving.replicas.cancel(request)
+            serving.replicas.finished(request)
 
     async def drain(self, timeout_s: float) -> None:
         """Refuses new requests and waits (up to ``timeout_s``) for those in flight to finish."""
@@ -194,11 +201,11 @@ class RouterServicer(pb_grpc.RouterServicer):
     async def Health(self, request, context):
         if self.draining:
             raise ShuttingDown("shutting down")
-        await self._ready().scheduler.check_shards()
+        await self._ready().replicas.check_shards()
         return pb.HealthResponse()
 
     async def Metrics(self, request, context):
-        return pb.MetricsResponse(text=self._ready().scheduler.metrics.exposition().decode())
+        return pb.MetricsResponse(text=self._ready().replicas.exposition().decode())
 
 
 def _coalesce(first: StreamEvent, queue: asyncio.Queue[StreamEvent]) -> StreamEvent:

@@ -162,6 +162,56 @@ def test_every_documented_setting_reaches_compose():
     names = {n for line in table.splitlines()[2:] for n in re.findall(r"`([A-Z][A-Z0-9_]+)`", line.split("|")[1])}
     compose = (ROOT / "docker-compose.yml").read_text()
     set_by_flags = {"PORT", "HOSTNAME", "ROUTER_LISTEN"}  # facade --port/--hostname, router --listen
+    set_by_flags |= {"NUM_REPLICAS"}  # make serve's: compose runs a replica per shard service
     assert len(names) > 20
     assert sorted(n for n in names - set_by_flags if f"{n}:" not in compose) == []
     assert ":-./models" not in compose  # the default is the named volume
+
+
+# --- Kubernetes -------------------------------------------------------------------------
+
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+#: Objects kustomize leaves cluster-wide.
+CLUSTER_SCOPED = {"Namespace"}
+
+
+def _kustomize(folder: Path) -> list[dict]:
+    """What ``kustomize build`` gives for our kustomization: its resources, with the namespace,
+    labels and image it sets (the transformers this file uses, and only those)."""
+    spec = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    assert set(spec) <= {"apiVersion", "kind", "namespace", "labels", "resources", "images"}, set(spec)
+    image = spec["images"][0]
+    objects = []
+    for name in spec["resources"]:
+        for obj in yaml.safe_load_all((folder / name).read_text()):
+            if obj["kind"] not in CLUSTER_SCOPED:
+                obj["metadata"]["namespace"] = spec["namespace"]
+            for labels in spec["labels"]:
+                obj["metadata"].setdefault("labels", {}).update(labels["pairs"])
+            for container in obj.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+                if container["image"] == image["name"]:
+                    container["image"] = f"{image['newName']}:{image['newTag']}"
+            objects.append(obj)
+    return objects
+
+
+def test_kubernetes_manifests_validate_against_the_api_schemas():
+    import kubernetes_validate
+
+    objects = _kustomize(KUBERNETES)
+    for obj in objects:
+        kubernetes_validate.validate(obj, "1.30", strict=True)  # raises naming the object and field
+    by_kind = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    kinds = {kind for kind, _ in by_kind}
+    assert {"StatefulSet", "Deployment", "Service", "PodDisruptionBudget", "ConfigMap", "Secret"} <= kinds
+    assert {"HorizontalPodAutoscaler", "Namespace"} <= kinds
+    shards = by_kind["StatefulSet", "shard"]["spec"]
+    assert shards["serviceName"] == "shard" and by_kind["Service", "shard"]["spec"]["clusterIP"] == "None"
+    shard = shards["template"]["spec"]["containers"][0]
+    assert shard["resources"]["requests"]["nvidia.com/gpu"] and shard["image"] == "switchyard:cuda"
+    facade = by_kind["Deployment", "facade"]["spec"]["template"]
+    assert facade["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert facade["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    config = by_kind["ConfigMap", "switchyard-config"]["data"]
+    assert config["SHARD_ADDRESSES"] == "shard-0.shard:50060"  # the StatefulSet's first pod, via its Service
+    assert {"MODEL_ID", "MAX_TOTAL_TOKENS", "MAX_BATCH_TOTAL_TOKENS", "NUM_SHARD"} <= set(config)

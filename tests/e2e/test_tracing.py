@@ -28,7 +28,9 @@ async def test_one_trace_across_facade_router_and_shard(tokenizer, aiohttp_clien
         loop = asyncio.create_task(h.scheduler.run())
         router_address = f"unix://{tmp_path / 'router.sock'}"
         model = ServedModel("fake", "float32", "cpu", 1, 256)
-        servicer = RouterServicer(8, tracing.tracer("switchyard.router"), Serving(h.scheduler, h.validator, model))
+        servicer = RouterServicer(
+            8, tracing.tracer("switchyard.router"), Serving.of_scheduler(h.scheduler, h.validator, model)
+        )
         server = create_server(servicer, router_address, tracing)
         await server.start()
         try:

@@ -68,7 +68,10 @@ async def serving(h, address: str, tls: TlsConfig | None = None, api_key: str | 
     """The public router API over the harness' scheduler, its batching loop running."""
     model = ServedModel("fake", "float32", "cpu", 1, 256)
     server = create_server(
-        RouterServicer(8, serving=Serving(h.scheduler, h.validator, model)), address, tls=tls, api_key=api_key
+        RouterServicer(8, serving=Serving.of_scheduler(h.scheduler, h.validator, model)),
+        address,
+        tls=tls,
+        api_key=api_key,
     )
     await server.start()
     loop = asyncio.create_task(h.scheduler.run())

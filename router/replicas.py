@@ -1,0 +1,169 @@
+"""Many model replicas behind one router: cache-aware placement and failover.
+
+Each replica (one shard, or one tensor-parallel group of shards) has its own
+Scheduler: its own continuous-batching loop, KV block allocator and prefix
+cache, budgets and preemption. The ReplicaSet places each request on one of
+them and moves requests off a replica that fails.
+
+Placement uses what only the router knows, the replicas' prefix caches: a
+request goes to the replica holding the longest cached prefix of its prompt
+(shared system prompts are computed once per replica, not once per request),
+provided that prefix is at least half the prompt and that replica is not busier
+than the least-loaded one by more than ``load_margin`` (load: tokens held and
+queued over KV capacity); otherwise the least-loaded one takes it (among equals,
+in turn). A replica that is recovering takes nothing; its
+requests move to the others and are recomputed there (as after a preemption).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from router.errors import ShardsUnavailable
+from router.metrics import RouterMetrics
+from router.request import Request
+from router.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+#: PLACEMENT_LOAD_MARGIN: how much busier (share of KV capacity) the cache-best replica may be.
+DEFAULT_LOAD_MARGIN = 0.25
+#: The share of a prompt a replica must hold cached to be chosen for it over the least-loaded one
+#: (as SGLang's cache-aware router's threshold).
+MIN_CACHED_SHARE = 0.5
+
+
+@dataclass
+class Replica:
+    name: str
+    scheduler: Scheduler
+
+    @property
+    def available(self) -> bool:
+        return self.scheduler.unavailable is None
+
+
+class ReplicaSet:
+    """The replicas one router drives; with one replica, exactly that replica's scheduler."""
+
+    def __init__(self, replicas: list[Replica], load_margin: float = DEFAULT_LOAD_MARGIN):
+        if not replicas:
+            raise ValueError("a router needs at least one replica")
+        self.replicas = replicas
+        self.load_margin = load_margin
+        self._owner: dict[int, Replica] = {}  # request id -> the replica serving it
+        #: Turns among equally loaded replicas (round robin when nothing else tells them apart).
+        self._turn = 0
+        #: Refusals counted before placement (validation, overload) when there are several replicas.
+        self.front_metrics = replicas[0].scheduler.metrics if len(replicas) == 1 else RouterMetrics()
+        for replica in replicas:
+            replica.scheduler.hand_off = self._hand_off_from(replica)
+
+    # --- the API's calls ------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        replica = self.place(request)
+        self._owner[request.id] = replica
+        request.replica = replica.name
+        replica.scheduler.submit(request)
+
+    def cancel(self, request: Request) -> None:
+        replica = self._owner.get(request.id)
+        if replica is not None:
+            replica.scheduler.cancel(request)
+
+    def finished(self, request: Request) -> None:
+        self._owner.pop(request.id, None)
+
+    async def check_shards(self) -> None:
+        """Serving while any replica is; ShardsUnavailable (with the first reason) when none is."""
+        problems = []
+        for replica in self.replicas:
+            try:
+                await replica.scheduler.check_shards()
+                return
+            except ShardsUnavailable as exc:
+                problems.append(f"replica {replica.name}: {exc}" if len(self.replicas) > 1 else str(exc))
+        raise ShardsUnavailable("; ".join(problems))
+
+    async def run(self) -> None:
+        await asyncio.gather(*(r.scheduler.run() for r in self.replicas))
+
+    # --- placement --------------------------------------------------------------------
+
+    def place(self, request: Request) -> Replica:
+        candidates = [r for r in self.replicas if r.available] or self.replicas
+        if len(candidates) == 1:
+            return candidates[0]
+        loads = {r.name: r.scheduler.load for r in candidates}
+        lowest = min(loads.values())
+        tied = [r for r in candidates if loads[r.name] == lowest]
+        least = tied[self._turn % len(tied)]
+        self._turn += 1
+        cached = {r.name: r.scheduler.allocator.cached_prefix_tokens(request.token_ids) for r in candidates}
+        best = max(candidates, key=lambda r: (cached[r.name], -loads[r.name]))
+        # A cached chat-template preamble alone is no reason to pile every request on one replica.
+        worth_it = cached[best.name] >= MIN_CACHED_SHARE * len(request.prompt_ids)
+        if worth_it and loads[best.name] - loads[least.name] <= self.load_margin:
+            return best
+        return least
+
+    def _hand_off_from(self, failed: Replica) -> Callable[[list[Request]], bool]:
+        def hand_off(requests: list[Request]) -> bool:
+            others = [r for r in self.replicas if r is not failed and r.available]
+            if not others:
+                return False  # nowhere to go: they wait for this replica to come back
+            for request in requests:
+                target = min(others, key=lambda r: r.scheduler.load)
+                self._owner[request.id] = target
+                request.replica = target.name
+                target.scheduler.resume(request)
+            return True
+
+        return hand_off
+
+    # --- metrics ----------------------------------------------------------------------
+
+    def exposition(self) -> bytes:
+        """The replicas' metrics; with several, every series carries a ``replica`` label."""
+        if len(self.replicas) == 1:
+            return self.replicas[0].scheduler.metrics.exposition()
+        sources = [(r.name, r.scheduler.metrics.exposition()) for r in self.replicas]
+        sources.append(("router", self.front_metrics.refusals_exposition()))
+        return merge_expositions(sources)
+
+
+def merge_expositions(sources: list[tuple[str, bytes]]) -> bytes:
+    """Prometheus texts merged family by family, each sample labelled ``replica=<name>``.
+
+    Done on the text, not through prometheus_client's parser, which would rename TGI's
+    counters (exposed without ``_total``, as TGI's dashboards query them).
+    """
+    families: dict[str, list[str]] = {}
+    for replica, text in sources:
+        family: list[str] | None = None
+        for line in text.decode().splitlines():
+            if line.startswith("# HELP "):
+                name = line.split(" ", 3)[2]
+                family = families.get(name)
+                if family is None:
+                    family = families[name] = [line]
+            elif line.startswith("# TYPE "):
+                if family is not None and len(family) == 1:
+                    family.append(line)
+            elif line and family is not None:
+                family.append(_with_replica(line, replica))
+    return ("\n".join(line for lines in families.values() for line in lines) + "\n").encode()
+
+
+def _with_replica(sample: str, replica: str) -> str:
+    """``name{a="b"} 1`` -> ``name{a="b",replica="r"} 1`` (values are after the last brace)."""
+    label = f'replica="{replica}"'
+    close = sample.rfind("}")
+    if close >= 0:
+        return f"{sample[:close]},{label}{sample[close:]}"
+    name, _, value = sample.partition(" ")
+    return f"{name}{{{label}}} {value}"
