@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks import constrained, engine, router_overhead, served
+from benchmarks import constrained, engine, placement, router_overhead, served
 
 
 def main() -> None:
@@ -12,6 +12,7 @@ def main() -> None:
         "with an instant shard (median of 3; target >= 20000)",
         flush=True,
     )
+    print(placement.report(placement.run()), flush=True)
     engines = engine.run()
     print(engine.report(engines), flush=True)
     print(constrained.report(constrained.run()), flush=True)

@@ -68,9 +68,11 @@ SETTINGS: tuple[Setting, ...] = (
     _s("--shard-address", "SHARD_ADDRESS", ROUTER, "rank 0 over TCP, host:port"),
     _s("--shard-addresses", "SHARD_ADDRESSES", ROUTER,
        "several model replicas: rank 0 of each, comma-separated (host:port or unix:///path)"),
+    _s("--placement-policy", "PLACEMENT_POLICY", ROUTER, "how requests are spread over replicas",
+       default="cache_aware", choices=("cache_aware", "least_loaded", "round_robin")),
     _s("--placement-load-margin", "PLACEMENT_LOAD_MARGIN", ROUTER,
        "a request goes to the replica caching most of its prompt unless that one is busier than the least "
-       "loaded by more than this share of KV capacity", kind=float, default=0.25),
+       "loaded by more than this share of KV capacity", kind=float, default=0.1),
     _s("--router", "ROUTER_ADDRESS", FACADE, "the router's public gRPC address", default="127.0.0.1:50051"),
     # --- the model on its device ------------------------------------------------------
     _s("--dtype", "DTYPE", SHARD, "float32, bfloat16 or float16"),

@@ -104,7 +104,7 @@ async def connect_and_warm(config: RouterConfig, servicer: RouterServicer, traci
         choose_format(config.tool_call_format, tokenizer.chat_template_text),
     )
     model = ServedModel(source.display_name, info.dtype, info.device, clients[0].world_size, capacity)
-    return Serving(ReplicaSet(replicas, config.placement_load_margin), validator, model)
+    return Serving(ReplicaSet(replicas, config.placement_load_margin, config.placement_policy), validator, model)
 
 
 def _fit_to_cache(config: RouterConfig, limits: Limits, capacity: int) -> Limits:

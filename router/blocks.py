@@ -44,6 +44,16 @@ def chain_hash(previous: int | None, tokens: Sequence[int]) -> int:
     return hash((previous, tuple(tokens)))
 
 
+def prefix_chain(token_ids: Sequence[int], block_size: int) -> list[int]:
+    """The chain hashes of the full blocks ``match_prefix`` would look up (the last token excluded)."""
+    hashes: list[int] = []
+    previous: int | None = None
+    for index in range((len(token_ids) - 1) // block_size):
+        previous = chain_hash(previous, token_ids[index * block_size : (index + 1) * block_size])
+        hashes.append(previous)
+    return hashes
+
+
 class BlockAllocator:
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 1 or block_size < 1:
@@ -109,9 +119,15 @@ class BlockAllocator:
             self._hold(block_id)
         return hits, (len(hits), previous)
 
-    def cached_prefix_tokens(self, token_ids: Sequence[int]) -> int:
-        """How many leading tokens of ``token_ids`` the prefix cache holds (no reference taken)."""
-        return len(self._cached_prefix(token_ids)[0]) * self.block_size
+    def cached_prefix_blocks(self, chain: Sequence[int]) -> int:
+        """How many leading blocks of a prompt (its chain hashes, ``prefix_chain``) are cached; no
+        reference taken. For placement's estimate: a hash collision would only misplace."""
+        count = 0
+        for h in chain:
+            if h not in self._by_hash:
+                break
+            count += 1
+        return count
 
     def _cached_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], int | None]:
         size = self.block_size

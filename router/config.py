@@ -43,7 +43,9 @@ class RouterConfig:
     #: Rank 0 of each model replica (SHARD_ADDRESSES), when there are several.
     shard_addresses: tuple[str, ...] = ()
     #: How much busier (share of KV capacity) the replica with the longest cached prefix may be.
-    placement_load_margin: float = 0.25
+    placement_load_margin: float = 0.1
+    #: cache_aware, least_loaded or round_robin (router.replicas).
+    placement_policy: str = "cache_aware"
 
     @property
     def shard_entries(self) -> list[str]:
@@ -132,4 +134,5 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> RouterCo
         tool_call_format=a.tool_call_format,
         shard_addresses=tuple(x.strip() for x in (a.shard_addresses or "").split(",") if x.strip()),
         placement_load_margin=a.placement_load_margin,
+        placement_policy=a.placement_policy,
     )

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from router.blocks import prefix_chain
 from router.errors import ShardsUnavailable
 from router.metrics import RouterMetrics
 from router.request import Request
@@ -30,7 +32,9 @@ from router.scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 #: PLACEMENT_LOAD_MARGIN: how much busier (share of KV capacity) the cache-best replica may be.
-DEFAULT_LOAD_MARGIN = 0.25
+DEFAULT_LOAD_MARGIN = 0.1
+#: PLACEMENT_POLICY values: cache_aware (below), least_loaded, round_robin (for comparison).
+POLICIES = ("cache_aware", "least_loaded", "round_robin")
 #: The share of a prompt a replica must hold cached to be chosen for it over the least-loaded one
 #: (as SGLang's cache-aware router's threshold).
 MIN_CACHED_SHARE = 0.5
@@ -49,14 +53,21 @@ class Replica:
 class ReplicaSet:
     """The replicas one router drives; with one replica, exactly that replica's scheduler."""
 
-    def __init__(self, replicas: list[Replica], load_margin: float = DEFAULT_LOAD_MARGIN):
+    def __init__(self, replicas: list[Replica], load_margin: float = DEFAULT_LOAD_MARGIN, policy: str = "cache_aware"):
         if not replicas:
             raise ValueError("a router needs at least one replica")
+        if policy not in POLICIES:
+            raise ValueError(f"unknown placement policy {policy!r}: one of {POLICIES}")
         self.replicas = replicas
         self.load_margin = load_margin
+        self.policy = policy
         self._owner: dict[int, Replica] = {}  # request id -> the replica serving it
         #: Turns among equally loaded replicas (round robin when nothing else tells them apart).
         self._turn = 0
+        #: Per replica, the prompt blocks (chain hashes) of requests placed there recently: their KV
+        #: will be cached once computed, so a burst of requests sharing a prompt goes to one place
+        #: before the first of them has been computed.
+        self._placed: dict[str, OrderedDict[int, None]] = {r.name: OrderedDict() for r in replicas}
         #: Refusals counted before placement (validation, overload) when there are several replicas.
         self.front_metrics = replicas[0].scheduler.metrics if len(replicas) == 1 else RouterMetrics()
         for replica in replicas:
@@ -65,7 +76,10 @@ class ReplicaSet:
     # --- the API's calls ------------------------------------------------------------
 
     def submit(self, request: Request) -> None:
-        replica = self.place(request)
+        chain = self._chain(request)
+        replica = self.place(request, chain)
+        request.uncached_at_placement = len(request.prompt_ids) - self._cached_tokens(replica, chain)
+        self._remember(replica, chain)
         self._owner[request.id] = replica
         request.replica = replica.name
         replica.scheduler.submit(request)
@@ -94,16 +108,22 @@ class ReplicaSet:
 
     # --- placement --------------------------------------------------------------------
 
-    def place(self, request: Request) -> Replica:
+    def place(self, request: Request, chain: list[int] | None = None) -> Replica:
         candidates = [r for r in self.replicas if r.available] or self.replicas
         if len(candidates) == 1:
             return candidates[0]
+        if self.policy == "round_robin":
+            self._turn += 1
+            return candidates[self._turn % len(candidates)]
         loads = {r.name: r.scheduler.load for r in candidates}
         lowest = min(loads.values())
         tied = [r for r in candidates if loads[r.name] == lowest]
         least = tied[self._turn % len(tied)]
         self._turn += 1
-        cached = {r.name: r.scheduler.allocator.cached_prefix_tokens(request.token_ids) for r in candidates}
+        if self.policy == "least_loaded":
+            return least
+        chain = self._chain(request) if chain is None else chain
+        cached = {r.name: self._cached_tokens(r, chain) for r in candidates}
         best = max(candidates, key=lambda r: (cached[r.name], -loads[r.name]))
         # A cached chat-template preamble alone is no reason to pile every request on one replica.
         worth_it = cached[best.name] >= MIN_CACHED_SHARE * len(request.prompt_ids)
@@ -111,8 +131,32 @@ class ReplicaSet:
             return best
         return least
 
+    def _cached_tokens(self, replica: Replica, chain: list[int]) -> int:
+        """Prompt tokens the replica holds cached, or will once the requests placed there are computed."""
+        allocator, placed = replica.scheduler.allocator, self._placed[replica.name]
+        cached = allocator.cached_prefix_blocks(chain)
+        pending = 0
+        for h in chain:
+            if h not in placed:
+                break
+            pending += 1
+        return max(cached, pending) * allocator.block_size
+
+    def _chain(self, request: Request) -> list[int]:
+        """The prompt's block hashes (replicas share one block size: they serve the same model)."""
+        return prefix_chain(request.prompt_ids, self.replicas[0].scheduler.allocator.block_size)
+
+    def _remember(self, replica: Replica, chain: list[int]) -> None:
+        placed, allocator = self._placed[replica.name], replica.scheduler.allocator
+        for h in chain:
+            placed[h] = None
+            placed.move_to_end(h)
+        while len(placed) > allocator.num_blocks:  # no more than the cache could hold
+            placed.popitem(last=False)
+
     def _hand_off_from(self, failed: Replica) -> Callable[[list[Request]], bool]:
         def hand_off(requests: list[Request]) -> bool:
+            self._placed[failed.name].clear()  # its cache is gone
             others = [r for r in self.replicas if r is not failed and r.available]
             if not others:
                 return False  # nowhere to go: they wait for this replica to come back

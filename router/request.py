@@ -85,6 +85,8 @@ class Request:
     cached_tokens: int = 0
     #: The replica serving it (router.replicas), for traces.
     replica: str = ""
+    #: Prompt tokens its replica was expected to compute (not cached) when it was placed.
+    uncached_at_placement: int | None = None
 
     @property
     def token_ids(self) -> list[int]:

@@ -95,9 +95,11 @@ class Scheduler:
 
     @property
     def load(self) -> float:
-        """Tokens held and queued, against the KV cache's capacity (placement's measure of load)."""
-        held = sum(r.length for r in self.active) + sum(r.length for r in self.waiting)
-        return held / (self.allocator.num_blocks * self.allocator.block_size)
+        """KV tokens held plus the tokens queued requests still have to compute, against the KV
+        capacity (placement's measure of load; shared cached prefixes count once)."""
+        held = self.allocator.used_blocks * self.allocator.block_size
+        queued = sum(r.length if r.uncached_at_placement is None else r.uncached_at_placement for r in self.waiting)
+        return (held + queued) / (self.allocator.num_blocks * self.allocator.block_size)
 
     def cancel(self, request: Request) -> None:
         """The caller went away: forget a queued request now, a running one at the next step."""
