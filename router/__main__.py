@@ -7,14 +7,20 @@ import dataclasses
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import trace
 
 from common.grpc_security import TlsConfig
 from common.model_source import ModelNotFound, resolve_model, tokenizer_source
 from common.settings import process_env
 from common.tracing import Tracing, setup_tracing
+from protos import shard_pb2 as pb
 from router.blocks import BlockAllocator
 from router.config import Limits, RouterConfig, parse_config
+from router.discovery import CONNECT_ATTEMPT_S, Discovery, resolve
 from router.generation_defaults import load_defaults
 from router.metrics import RouterMetrics
 from router.recovery import ShardLink, WarmupPlan
@@ -41,9 +47,9 @@ async def serve(config: RouterConfig) -> None:
     servicer = RouterServicer(config.max_concurrent_requests, tracer)
     server = create_server(servicer, config.listen, tracing, tls, config.api_key)
     await server.start()
-    serving = await connect_and_warm(config, servicer, tracing, tls)
+    serving, discovery = await connect_and_warm(config, servicer, tracing, tls)
     servicer.start(serving)
-    loop_task = asyncio.create_task(serving.replicas.run())
+    tasks = [asyncio.create_task(serving.replicas.run()), asyncio.create_task(discovery.run())]
     log.info("router serving on %s (%d model replicas)", config.listen, len(serving.replicas.replicas))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -53,14 +59,57 @@ async def serve(config: RouterConfig) -> None:
     log.info("SIGTERM: draining %d requests in flight (up to %.0fs)", servicer.in_flight, DRAIN_TIMEOUT_S)
     await servicer.drain(DRAIN_TIMEOUT_S)
     await server.stop(grace=5)
-    loop_task.cancel()
+    for task in tasks:
+        task.cancel()
     for replica in serving.replicas.replicas:
         await replica.scheduler.shards.close()
     tracing.shutdown()
 
 
-async def connect_and_warm(config: RouterConfig, servicer: RouterServicer, tracing: Tracing, tls: TlsConfig) -> Serving:
-    """Loads the tokenizer, connects to every replica's shards once loaded, warms them up."""
+@dataclass
+class ReplicaMaker:
+    """Makes a Replica of a warm shard group: the same way at start and for one that joins later."""
+
+    config: RouterConfig
+    tokenizer: Tokenizer
+    model_name: str
+    vocab_size: int
+    limits: Limits
+    plan: WarmupPlan
+    tracer: trace.Tracer
+    connect: Callable[[str, float], Coroutine[Any, Any, ShardClient]]
+
+    def make(self, name: str, link: ShardLink, warm: pb.WarmupResponse) -> Replica:
+        log.info("replica %s warm: %d KV blocks of %d tokens", name, warm.num_blocks, warm.block_size)
+        allocator = BlockAllocator(warm.num_blocks, warm.block_size)
+        metrics = RouterMetrics(model_name=self.model_name)
+        scheduler = Scheduler(
+            link, allocator, self.limits, self.tokenizer, metrics, self.tracer, self.config.shard_recovery_timeout
+        )
+        return Replica(name, scheduler)
+
+    async def join(self, replicas: ReplicaSet, address: str) -> None:
+        """Connects, checks and warms the replica at ``address`` and adds it (raises if it cannot)."""
+        shards = await self.connect(address, CONNECT_ATTEMPT_S)
+        try:
+            info = await shards.info()
+            if info.vocab_size != self.vocab_size:
+                raise RuntimeError(f"it serves a different model ({info.model_id})")
+            link = ShardLink(shards, self.plan)
+            warm = await link.warm_up()
+            if warm.max_supported_total_tokens < self.limits.max_total_tokens:
+                raise RuntimeError(f"its KV cache holds {warm.max_supported_total_tokens} tokens, below the limits")
+        except BaseException:
+            await shards.close()
+            raise
+        replicas.add(self.make(str(len(replicas.replicas)), link, warm))
+
+
+async def connect_and_warm(
+    config: RouterConfig, servicer: RouterServicer, tracing: Tracing, tls: TlsConfig
+) -> tuple[Serving, Discovery]:
+    """Loads the tokenizer, connects to the replicas' shards once loaded, warms them up; the
+    Discovery it returns adds the replicas that come up later."""
     try:
         source = resolve_model(config.model_id)
     except ModelNotFound as exc:
@@ -68,32 +117,25 @@ async def connect_and_warm(config: RouterConfig, servicer: RouterServicer, traci
     servicer.phase = "loading the tokenizer"
     tokenizer = await asyncio.to_thread(lambda: Tokenizer.load(tokenizer_source(source)))
     servicer.phase = "waiting for the shards to load the model"
-    log.info("connecting to shards at %s", ", ".join(config.shard_entries))
     interceptors = tracing.grpc_client_interceptors()
-    clients = await asyncio.gather(
-        *(ShardClient.connect(entry, SHARD_CONNECT_TIMEOUT_S, interceptors, tls) for entry in config.shard_entries)
-    )
-    infos = [await shards.info() for shards in clients]
-    info = infos[0]
-    if any((i.model_id, i.vocab_size) != (info.model_id, info.vocab_size) for i in infos):
-        raise SystemExit(f"the replicas serve different models: {sorted({i.model_id for i in infos})}")
+
+    def connect(address: str, timeout: float) -> Coroutine[Any, Any, ShardClient]:
+        return ShardClient.connect(address, timeout, interceptors, tls)
+
+    clients = await _first_replicas(config.shard_entries, connect, config.replica_start_wait)
+    info = await next(iter(clients.values())).info()
     limits = Limits.resolve(config, info.max_position_embeddings, info.device)
     plan = WarmupPlan(limits.max_batch_prefill_tokens, limits.max_batch_size, config.max_batch_total_tokens or 0)
-    links = [ShardLink(shards, plan) for shards in clients]
+    links = [ShardLink(shards, plan) for shards in clients.values()]
     servicer.phase = "warming up the shards"
     warms = await asyncio.gather(*(link.warm_up() for link in links))
     capacity = min(w.max_supported_total_tokens for w in warms)
     limits = _fit_to_cache(config, limits, capacity)
+    log.info("limits %s", limits)
     tracer = tracing.tracer("switchyard.router")
-    replicas = []
-    for index, (link, warm) in enumerate(zip(links, warms, strict=True)):
-        log.info(
-            "replica %d warm: %d KV blocks of %d tokens; limits %s", index, warm.num_blocks, warm.block_size, limits
-        )
-        allocator = BlockAllocator(warm.num_blocks, warm.block_size)
-        metrics = RouterMetrics(model_name=source.display_name)
-        scheduler = Scheduler(link, allocator, limits, tokenizer, metrics, tracer, config.shard_recovery_timeout)
-        replicas.append(Replica(str(index), scheduler))
+    maker = ReplicaMaker(config, tokenizer, source.display_name, info.vocab_size, limits, plan, tracer, connect)
+    replicas = [maker.make(str(i), link, warm) for i, (link, warm) in enumerate(zip(links, warms, strict=True))]
+    replica_set = ReplicaSet(replicas, config.placement_load_margin, config.placement_policy)
     validator = Validator(
         tokenizer,
         limits,
@@ -103,8 +145,38 @@ async def connect_and_warm(config: RouterConfig, servicer: RouterServicer, traci
         load_defaults(source),
         choose_format(config.tool_call_format, tokenizer.chat_template_text),
     )
-    model = ServedModel(source.display_name, info.dtype, info.device, clients[0].world_size, capacity)
-    return Serving(ReplicaSet(replicas, config.placement_load_margin, config.placement_policy), validator, model)
+    model = ServedModel(source.display_name, info.dtype, info.device, links[0].shards.world_size, capacity)
+    discovery = Discovery(config.shard_entries, lambda a: maker.join(replica_set, a), set(clients))
+    return Serving(replica_set, validator, model), discovery
+
+
+async def _first_replicas(
+    entries: list[str], connect: Callable[[str, float], Coroutine[Any, Any, ShardClient]], straggler_wait_s: float
+) -> dict[str, ShardClient]:
+    """The replicas up at start, by address in the configured order: every one that is up within
+    ``straggler_wait_s`` of the first (REPLICA_START_WAIT; the others join later, through Discovery)."""
+    deadline = asyncio.get_running_loop().time() + SHARD_CONNECT_TIMEOUT_S
+    while not (addresses := await resolve(entries)):
+        if asyncio.get_running_loop().time() > deadline:
+            raise SystemExit(f"no replica address found in {entries}")
+        await asyncio.sleep(1.0)
+    log.info("connecting to shards at %s", ", ".join(addresses))
+    tasks: dict[asyncio.Task[ShardClient], str] = {
+        asyncio.create_task(connect(a, SHARD_CONNECT_TIMEOUT_S)): a for a in addresses
+    }
+    clients: dict[str, ShardClient] = {}
+    pending = set(tasks)
+    while pending and not clients:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        clients |= {tasks[t]: t.result() for t in done if t.exception() is None}
+    if pending:
+        done, pending = await asyncio.wait(pending, timeout=straggler_wait_s)
+        clients |= {tasks[t]: t.result() for t in done if t.exception() is None}
+        for task in pending:
+            task.cancel()
+    if not clients:
+        raise SystemExit(f"no replica could be reached at {', '.join(addresses)}")
+    return {a: clients[a] for a in addresses if a in clients}
 
 
 def _fit_to_cache(config: RouterConfig, limits: Limits, capacity: int) -> Limits:

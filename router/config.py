@@ -46,6 +46,8 @@ class RouterConfig:
     placement_load_margin: float = 0.1
     #: cache_aware, least_loaded or round_robin (router.replicas).
     placement_policy: str = "cache_aware"
+    #: Seconds the start waits for the other replicas once one is up.
+    replica_start_wait: float = 60.0
 
     @property
     def shard_entries(self) -> list[str]:
@@ -135,4 +137,5 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> RouterCo
         shard_addresses=tuple(x.strip() for x in (a.shard_addresses or "").split(",") if x.strip()),
         placement_load_margin=a.placement_load_margin,
         placement_policy=a.placement_policy,
+        replica_start_wait=a.replica_start_wait,
     )

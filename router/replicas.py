@@ -68,6 +68,7 @@ class ReplicaSet:
         #: will be cached once computed, so a burst of requests sharing a prompt goes to one place
         #: before the first of them has been computed.
         self._placed: dict[str, OrderedDict[int, None]] = {r.name: OrderedDict() for r in replicas}
+        self._loops: list[asyncio.Task[None]] = []
         #: Refusals counted before placement (validation, overload) when there are several replicas.
         self.front_metrics = replicas[0].scheduler.metrics if len(replicas) == 1 else RouterMetrics()
         for replica in replicas:
@@ -104,7 +105,23 @@ class ReplicaSet:
         raise ShardsUnavailable("; ".join(problems))
 
     async def run(self) -> None:
-        await asyncio.gather(*(r.scheduler.run() for r in self.replicas))
+        """Runs every replica's loop, and those of replicas added meanwhile (``add``)."""
+        self._loops = [asyncio.create_task(r.scheduler.run()) for r in self.replicas]
+        try:
+            await asyncio.Event().wait()  # until cancelled
+        finally:
+            for task in self._loops:
+                task.cancel()
+
+    def add(self, replica: Replica) -> None:
+        """A replica that joined at run time (discovered, or up after the router): it takes requests now."""
+        self.replicas.append(replica)
+        self._placed[replica.name] = OrderedDict()
+        replica.scheduler.hand_off = self._hand_off_from(replica)
+        if len(self.replicas) == 2 and self.front_metrics is self.replicas[0].scheduler.metrics:
+            self.front_metrics = RouterMetrics()  # from now on refusals are the router's own series
+        self._loops.append(asyncio.create_task(replica.scheduler.run()))
+        log.info("replica %s joined: %d replicas", replica.name, len(self.replicas))
 
     # --- placement --------------------------------------------------------------------
 

@@ -56,12 +56,16 @@ class ShardClient:
         def channel(target: str) -> grpc.aio.Channel:
             return (tls or TlsConfig()).channel(target, _CHANNEL_OPTIONS, interceptors)
 
-        first = channel(entry)
-        await asyncio.wait_for(first.channel_ready(), timeout)
-        urls = (await pb_grpc.ShardServiceStub(first).ServiceDiscovery(pb.ServiceDiscoveryRequest())).urls
-        channels = [first] + [channel(u) for u in urls[1:]]
-        # Every rank must be up before the first step: they run it together.
-        await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels[1:])), timeout)
+        channels = [channel(entry)]
+        try:
+            await asyncio.wait_for(channels[0].channel_ready(), timeout)
+            urls = (await pb_grpc.ShardServiceStub(channels[0]).ServiceDiscovery(pb.ServiceDiscoveryRequest())).urls
+            channels += [channel(u) for u in urls[1:]]
+            # Every rank must be up before the first step: they run it together.
+            await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels[1:])), timeout)
+        except BaseException:
+            await asyncio.gather(*(c.close() for c in channels))  # a retry must not leak channels
+            raise
         return cls(channels)
 
     @property

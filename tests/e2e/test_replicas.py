@@ -9,17 +9,22 @@ uninterrupted run, and it takes requests again once restarted.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
+import grpc
 import httpx
 import pytest
 
-from tests.conftest import launched_stack, running_stack
+from protos import router_pb2 as pb
+from protos import router_pb2_grpc as pb_grpc
+from tests.conftest import ROOT, launched_stack, running_stack
 from tests.e2e.test_crash_recovery import _run_streams
 
 PROMPTS = [f"Item {i}: {word} " * 12 for i, word in enumerate(["river", "engine", "garden", "signal"])]
@@ -102,3 +107,64 @@ def test_a_killed_replica_hands_its_streams_to_the_other_and_rejoins(stack):
         _complete(url, p + " again")
     after = _per_replica(url, "tgi_request_count")
     assert after["0"] > before["0"], "the restarted replica takes requests again"
+
+
+def _router_metrics(address: str) -> str:
+    async def fetch() -> str:
+        async with grpc.aio.insecure_channel(address) as channel:
+            return (await pb_grpc.RouterStub(channel).Metrics(pb.MetricsRequest(), timeout=5)).text
+
+    return asyncio.run(fetch())
+
+
+def _generate(address: str, prompt: str) -> None:
+    async def call() -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            params = pb.GenerationParameters(max_new_tokens=2, ignore_eos=True)
+            await pb_grpc.RouterStub(channel).Generate(pb.GenerateRequest(prompt=prompt, parameters=params), timeout=30)
+
+    asyncio.run(call())
+
+
+def test_a_replica_started_after_the_router_joins_without_a_restart(tiny_model_dir, tmp_path):
+    """SHARD_ADDRESSES names two replicas; only one is up at start. The other, started later, takes
+    requests within a discovery round (fake shards: this is about the router)."""
+    fake = [sys.executable, "-m", "benchmarks.fake_shard", "--num-blocks", "512"]
+    first, late = tmp_path / "first", tmp_path / "late"
+    address = f"unix://{tmp_path / 'router.sock'}"
+    env = {
+        **os.environ,
+        "MODEL_ID": str(tiny_model_dir("llama")),
+        "SHARD_ADDRESSES": f"unix://{first}-0,unix://{late}-0",
+        "REPLICA_START_WAIT": "1",
+    }
+    procs = [subprocess.Popen([*fake, "--uds-path", str(first)], cwd=ROOT)]
+    procs.append(subprocess.Popen([sys.executable, "-m", "router", "--listen", address], cwd=ROOT, env=env))
+    try:
+        _wait_router(address)
+        _generate(address, "before")
+        assert 'replica="1"' not in _router_metrics(address)  # one replica: no replica label at all
+        procs.append(subprocess.Popen([*fake, "--uds-path", str(late)], cwd=ROOT))
+        deadline = time.monotonic() + 30
+        while 'replica="1"' not in _router_metrics(address):
+            assert time.monotonic() < deadline, "the late replica never joined"
+            time.sleep(0.5)
+        for i in range(4):
+            _generate(address, f"after {i}")
+        counts = dict(re.findall(r'^tgi_request_count\{replica="(\d)"\} (\S+)$', _router_metrics(address), re.M))
+        assert float(counts["1"]) >= 2, counts  # equals take turns: the newcomer gets its share
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+
+
+def _wait_router(address: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _router_metrics(address)
+            return
+        except grpc.aio.AioRpcError:
+            assert time.monotonic() < deadline, "the router did not start"
+            time.sleep(0.3)

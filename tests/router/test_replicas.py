@@ -91,3 +91,11 @@ def test_expositions_merge_with_a_replica_label_and_exact_names():
     assert merged.count("# TYPE tgi_request_count counter") == 1
     assert 'x_seconds_bucket{le="+Inf",replica="0"} 1.0' in merged
     assert len(list(text_string_to_metric_families(merged))) == 2
+
+
+async def test_dns_entries_expand_to_every_address_and_others_stay():
+    from router.discovery import resolve
+
+    found = await resolve(["dns:localhost:50060", "unix:///tmp/x-0", "shard-0.shard:50060"])
+    assert "127.0.0.1:50060" in found and found[-2:] == ["unix:///tmp/x-0", "shard-0.shard:50060"]
+    assert await resolve(["dns:no-such-host.invalid:1"]) == []  # not yet: tried again next round
