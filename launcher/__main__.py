@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -122,14 +123,20 @@ def start_services(args: argparse.Namespace, supervisor: Supervisor, sockets: st
 
 
 def start_shards_over_tcp(args: argparse.Namespace, supervisor: Supervisor) -> None:
-    """All ranks of one model replica, rank r on port base + r (their host comes from SHARD_ADVERTISE_HOST)."""
+    """All ranks of one model replica, rank r on port base + r.
+
+    The router reaches the other ranks at the host rank 0 advertises: SHARD_ADVERTISE_HOST, else
+    this machine's host name (a container's, which its network resolves: so replicas scaled with
+    ``docker compose --scale shard=N`` each advertise themselves).
+    """
     model = ["--model-id", args.model_id] if args.model_id else []
     host, port = args.shard_listen.rsplit(":", 1)
     rendezvous = ["--master-port", str(free_port())] if args.num_shard > 1 else []
+    advertise = [] if env_str(process_env(), "SHARD_ADVERTISE_HOST") else ["--advertise-host", socket.gethostname()]
     for rank in range(args.num_shard):
         listen = f"{host}:{int(port) + rank}"
         shard = ["-m", "shard", *model, "--listen", listen, "--rank", str(rank), "--world-size", str(args.num_shard)]
-        supervisor.start(f"shard-{rank}", [*shard, *rendezvous], group="shards")
+        supervisor.start(f"shard-{rank}", [*shard, *advertise, *rendezvous], group="shards")
 
 
 def wait_ready(url: str, supervisor: Supervisor, timeout_s: float, phase: Callable[[], str]) -> None:
