@@ -135,7 +135,9 @@ async def connect_and_warm(
     tracer = tracing.tracer("switchyard.router")
     maker = ReplicaMaker(config, tokenizer, source.display_name, info.vocab_size, limits, plan, tracer, connect)
     replicas = [maker.make(str(i), link, warm) for i, (link, warm) in enumerate(zip(links, warms, strict=True))]
-    replica_set = ReplicaSet(replicas, config.placement_load_margin, config.placement_policy)
+    replica_set = ReplicaSet(
+        replicas, config.placement_load_margin, config.placement_policy, config.max_concurrent_requests
+    )
     validator = Validator(
         tokenizer,
         limits,

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from router.blocks import prefix_chain
-from router.errors import ShardsUnavailable
+from router.errors import Overloaded, ShardsUnavailable
 from router.metrics import RouterMetrics
 from router.request import Request
 from router.scheduler import Scheduler
@@ -53,7 +53,13 @@ class Replica:
 class ReplicaSet:
     """The replicas one router drives; with one replica, exactly that replica's scheduler."""
 
-    def __init__(self, replicas: list[Replica], load_margin: float = DEFAULT_LOAD_MARGIN, policy: str = "cache_aware"):
+    def __init__(
+        self,
+        replicas: list[Replica],
+        load_margin: float = DEFAULT_LOAD_MARGIN,
+        policy: str = "cache_aware",
+        max_per_replica: int | None = None,
+    ):
         if not replicas:
             raise ValueError("a router needs at least one replica")
         if policy not in POLICIES:
@@ -61,6 +67,8 @@ class ReplicaSet:
         self.replicas = replicas
         self.load_margin = load_margin
         self.policy = policy
+        #: MAX_CONCURRENT_REQUESTS: a replica holding this many takes no more (429 when all do).
+        self.max_per_replica = max_per_replica
         self._owner: dict[int, Replica] = {}  # request id -> the replica serving it
         #: Turns among equally loaded replicas (round robin when nothing else tells them apart).
         self._turn = 0
@@ -127,6 +135,10 @@ class ReplicaSet:
 
     def place(self, request: Request, chain: list[int] | None = None) -> Replica:
         candidates = [r for r in self.replicas if r.available] or self.replicas
+        if self.max_per_replica is not None and len(self.replicas) > 1:  # one: the router's own limit
+            candidates = [r for r in candidates if r.scheduler.in_flight < self.max_per_replica]
+            if not candidates:
+                raise Overloaded(f"every replica holds {self.max_per_replica} requests; retry later")
         if len(candidates) == 1:
             return candidates[0]
         if self.policy == "round_robin":

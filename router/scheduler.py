@@ -94,6 +94,10 @@ class Scheduler:
         self._wake.set()
 
     @property
+    def in_flight(self) -> int:
+        return len(self.waiting) + len(self.active)
+
+    @property
     def load(self) -> float:
         """KV tokens held plus the tokens queued requests still have to compute, against the KV
         capacity (placement's measure of load; shared cached prefixes count once)."""

@@ -66,6 +66,7 @@ class RouterServicer(pb_grpc.RouterServicer):
 
     def __init__(
         self,
+        #: Per replica: with N replicas, N times as many in total (each replica also holds to it).
         max_concurrent_requests: int,
         tracer: trace.Tracer | None = None,
         serving: Serving | None = None,
@@ -94,9 +95,11 @@ class RouterServicer(pb_grpc.RouterServicer):
             raise ShuttingDown("the server is shutting down; retry on another replica or after the restart")
         serving = self._ready()
         metrics = serving.replicas.front_metrics
-        if self.in_flight >= self.max_concurrent:
+        # MAX_CONCURRENT_REQUESTS is per replica (as per TGI router); in total, that many per replica.
+        limit = self.max_concurrent * len(serving.replicas.replicas)
+        if self.in_flight >= limit:
             metrics.request_refused("overloaded")
-            raise Overloaded(f"the server is overloaded: {self.max_concurrent} requests are in flight; retry later")
+            raise Overloaded(f"the server is overloaded: {limit} requests are in flight; retry later")
         started = time.perf_counter()
         try:
             with self.tracer.start_as_current_span("validate"):
@@ -109,7 +112,11 @@ class RouterServicer(pb_grpc.RouterServicer):
         self.in_flight += 1
         finished = False
         try:
-            serving.replicas.submit(request)
+            try:
+                serving.replicas.submit(request)
+            except Overloaded:
+                metrics.request_refused("overloaded")
+                raise
             while True:
                 event = _coalesce(await request.events.get(), request.events)
                 if event.error is not None:

@@ -99,3 +99,15 @@ async def test_dns_entries_expand_to_every_address_and_others_stay():
     found = await resolve(["dns:localhost:50060", "unix:///tmp/x-0", "shard-0.shard:50060"])
     assert "127.0.0.1:50060" in found and found[-2:] == ["unix:///tmp/x-0", "shard-0.shard:50060"]
     assert await resolve(["dns:no-such-host.invalid:1"]) == []  # not yet: tried again next round
+
+
+def test_a_full_replica_takes_no_more_and_all_full_is_429(tokenizer, make):
+    from router.errors import Overloaded
+
+    replicas = _replica_set(tokenizer)
+    replicas.max_per_replica = 2
+    replicas.replicas[0].scheduler.waiting.extend([make([1] * 20), make([2] * 20)])
+    assert {replicas.place(make([i] * 20)).name for i in range(3, 7)} == {"1"}
+    replicas.replicas[1].scheduler.waiting.extend([make([3] * 20), make([4] * 20)])
+    with pytest.raises(Overloaded):
+        replicas.place(make([5] * 20))
