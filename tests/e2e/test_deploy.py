@@ -213,5 +213,5 @@ def test_kubernetes_manifests_validate_against_the_api_schemas():
     assert facade["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/health"
     assert facade["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     config = by_kind["ConfigMap", "switchyard-config"]["data"]
-    assert config["SHARD_ADDRESSES"] == "shard-0.shard:50060"  # the StatefulSet's first pod, via its Service
+    assert config["SHARD_ADDRESSES"] == "dns:shard:50060"  # every pod of the StatefulSet, via its headless Service
     assert {"MODEL_ID", "MAX_TOTAL_TOKENS", "MAX_BATCH_TOTAL_TOKENS", "NUM_SHARD"} <= set(config)
