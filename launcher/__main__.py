@@ -52,7 +52,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 def services_settings(env: Mapping[str, str]) -> str:
     """Every setting of the services the launcher starts (the table in common.settings), for ``--help``."""
     lines = ["settings of the services (environment variables reach every process started; in brackets):"]
-    for service in (SHARD, ROUTER, FACADE):
+    for service in (LAUNCHER, SHARD, ROUTER, FACADE):
         lines.append(f"\n  {service}:")
         for s in settings_of(service):
             value = read(env, s, s.default)
