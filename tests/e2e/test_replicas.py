@@ -82,10 +82,11 @@ def test_a_shared_system_prompt_stays_on_the_replica_that_cached_it(stack):
     assert hits[home] - hits_before.get(home, 0) >= 3 * 200  # the 3 later requests reused the prompt's blocks
 
 
-def _shard_pid(launcher: int, replica: int) -> int:
+def _shard_pid(launcher: int, replica: int) -> int | None:
+    """The replica's shard process, or None between a death and the launcher's restart."""
     pattern = f"python -m shard .*replica{replica}-shard"
     out = subprocess.run(["pgrep", "-P", str(launcher), "-f", pattern], capture_output=True, text=True)
-    return int(out.stdout.split()[0])
+    return int(out.stdout.split()[0]) if out.stdout.split() else None
 
 
 def test_a_killed_replica_hands_its_streams_to_the_other_and_rejoins(stack):
@@ -93,11 +94,15 @@ def test_a_killed_replica_hands_its_streams_to_the_other_and_rejoins(stack):
     reference = _run_streams(url)
     assert all(exc is None and finish == "length" for _, finish, exc in reference), reference
     shard = _shard_pid(launcher.pid, 0)
+    assert shard is not None
     recovered = _run_streams(url, after_tokens=8, kill=lambda: os.kill(shard, signal.SIGKILL))
     for i, ((text, finish, exc), (expected, _, _)) in enumerate(zip(recovered, reference, strict=True)):
         assert exc is None, f"stream {i} failed: {exc!r}"
         assert finish == "length" and text == expected, f"stream {i} differs from its uninterrupted run"
-    assert _shard_pid(launcher.pid, 0) != shard
+    deadline = time.monotonic() + 60  # the streams may end (on replica 1) before the launcher restarts it
+    while _shard_pid(launcher.pid, 0) in (None, shard):
+        assert time.monotonic() < deadline, "replica 0's shard was not restarted"
+        time.sleep(0.2)
     assert _per_replica(url, "switchyard_shard_recoveries_total") == {"0": 1.0, "1": 0.0}
     deadline = time.monotonic() + 90  # restarted by the launcher, re-warmed by the router
     while _per_replica(url, "switchyard_shards_up").get("0") != 1.0 and time.monotonic() < deadline:
