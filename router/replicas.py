@@ -78,9 +78,14 @@ class ReplicaSet:
         self._placed: dict[str, OrderedDict[int, None]] = {r.name: OrderedDict() for r in replicas}
         self._loops: list[asyncio.Task[None]] = []
         #: Refusals counted before placement (validation, overload) when there are several replicas.
-        self.front_metrics = replicas[0].scheduler.metrics if len(replicas) == 1 else RouterMetrics()
+        self._router_metrics = RouterMetrics()
         for replica in replicas:
             replica.scheduler.hand_off = self._hand_off_from(replica)
+
+    @property
+    def front_metrics(self) -> RouterMetrics:
+        """Where refusals before placement are counted: the one replica's series, or the router's own."""
+        return self.replicas[0].scheduler.metrics if len(self.replicas) == 1 else self._router_metrics
 
     # --- the API's calls ------------------------------------------------------------
 
@@ -126,8 +131,6 @@ class ReplicaSet:
         self.replicas.append(replica)
         self._placed[replica.name] = OrderedDict()
         replica.scheduler.hand_off = self._hand_off_from(replica)
-        if len(self.replicas) == 2 and self.front_metrics is self.replicas[0].scheduler.metrics:
-            self.front_metrics = RouterMetrics()  # from now on refusals are the router's own series
         self._loops.append(asyncio.create_task(replica.scheduler.run()))
         log.info("replica %s joined: %d replicas", replica.name, len(self.replicas))
 

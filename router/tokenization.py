@@ -52,7 +52,9 @@ class Tokenizer:
 
     def is_special_text(self, text: str) -> bool:
         """Whether ``text`` is one special token (which plain detokenization drops)."""
-        return text in self.hf.all_special_tokens
+        # all_special_tokens is recomputed on every access; special_ids is looked up once.
+        token_id = self.hf.convert_tokens_to_ids(text)  # an unknown text maps to the unknown token
+        return token_id in self.special_ids and self.hf.convert_ids_to_tokens(token_id) == text
 
     def render_chat(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, fmt: ToolCallFormat = HERMES
