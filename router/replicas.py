@@ -90,10 +90,13 @@ class ReplicaSet:
     # --- the API's calls ------------------------------------------------------------
 
     def submit(self, request: Request) -> None:
-        chain = self._chain(request)
-        replica = self.place(request, chain)
-        request.uncached_at_placement = len(request.prompt_ids) - self._cached_tokens(replica, chain)
-        self._remember(replica, chain)
+        if len(self.replicas) == 1:  # nothing to choose: no hashing on the common path
+            replica = self.replicas[0]
+        else:
+            chain = self._chain(request)
+            replica = self.place(request, chain)
+            request.uncached_at_placement = len(request.prompt_ids) - self._cached_tokens(replica, chain)
+            self._remember(replica, chain)
         self._owner[request.id] = replica
         request.replica = replica.name
         replica.scheduler.submit(request)
