@@ -86,7 +86,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("--attention-backend", "ATTENTION_BACKEND", SHARD, "attention: the C kernel on CPU (auto) or gathered SDPA",
        default="auto", choices=("auto", "sdpa", "cpu-paged")),
     _s("--quantize", "QUANTIZE", SHARD,
-       "4-bit weight storage: auto (4-bit checkpoints, not in float32), int4 (any), none",
+       "4-bit weight storage: auto (4-bit checkpoints; in float32 their exact blocks only), int4 (any), none",
        default="auto", choices=("auto", "int4", "none")),
     _s("--threads", "SHARD_THREADS", SHARD,
        "CPU compute threads; 0: one per core (the launcher divides the cores among its shards)", kind=int, default=0),

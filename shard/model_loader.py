@@ -12,6 +12,7 @@ from transformers.distributed import DistributedConfig
 
 from common.model_source import ModelSource
 from shard import attention
+from shard.decoder_layers import make_decoder_layers_fast
 from shard.invariant_experts import make_experts_invariant
 from shard.invariant_linear import make_linears_invariant
 from shard.quantization import plan_storage, wants_quantized
@@ -83,6 +84,7 @@ def load_model(
         plan = plan_storage(model, quantize, dtype, head_is_q8_0=head_is_q8_0)
         make_linears_invariant(model, plan)
         make_experts_invariant(model)
+        make_decoder_layers_fast(model)  # the same layer in fewer calls (shard.decoder_layers)
     elif device.type == "cpu":
         make_sharded_linears_invariant(model)  # tensor parallel: the rule is in shard.sharded_linear
     return model

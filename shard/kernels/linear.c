@@ -115,7 +115,8 @@ typedef struct {
 /* AVX-512 builds (32-column tiles) use the portable loops until a machine with AVX-512 can test
  * an explicit version bit for bit. */
 #if defined(__AVX2__) && TILE == 16
-static inline void unpack_row(int wtype, const void *q, const float *sk, const float *ok, float *row) {
+static inline __attribute__((always_inline)) v16 quantized_row(int wtype, const void *q, const float *sk,
+                                                               const float *ok) {
     __m256i lo, hi;
     if (wtype == INT4) {
         const __m128i bytes = _mm_loadl_epi64((const __m128i *)q), nibble = _mm_set1_epi8(15);
@@ -125,9 +126,20 @@ static inline void unpack_row(int wtype, const void *q, const float *sk, const f
         lo = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q));
         hi = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)q + 8)));
     }
-    _mm256_storeu_ps(row, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(lo), _mm256_loadu_ps(sk)), _mm256_loadu_ps(ok)));
-    _mm256_storeu_ps(row + 8, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(hi), _mm256_loadu_ps(sk + 8)),
-                                            _mm256_loadu_ps(ok + 8)));
+    v16 w = { _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(lo), _mm256_loadu_ps(sk)), _mm256_loadu_ps(ok)),
+              _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(hi), _mm256_loadu_ps(sk + 8)), _mm256_loadu_ps(ok + 8)) };
+    return w;
+}
+
+static inline __attribute__((always_inline)) v16 bf16_row(const uint16_t *src) {
+    const __m256i lo = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)src));
+    const __m256i hi = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + 8)));
+    v16 w = { _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16)) };
+    return w;
+}
+
+static inline void unpack_row(int wtype, const void *q, const float *sk, const float *ok, float *row) {
+    v_store(row, quantized_row(wtype, q, sk, ok));
 }
 #else
 static inline void unpack_row(int wtype, const void *q, const float *sk, const float *ok, float *row) {
@@ -142,12 +154,60 @@ static inline void unpack_row(int wtype, const void *q, const float *sk, const f
 }
 #endif
 
+/* Where tile t's weights start: values (in the storage type) and, quantized, its groups' scales
+ * and offsets. */
+typedef struct {
+    const void *values;
+    const float *scales, *offsets;
+} TileStart;
+
+static inline TileStart tile_start(const Weights *wt, int64_t t, int64_t K) {
+    TileStart s = { NULL, NULL, NULL };
+    if (wt->wtype == F32) s.values = (const float *)wt->packed + t * K * TILE;
+    else if (wt->wtype == BF16) s.values = (const uint16_t *)wt->packed + t * K * TILE;
+    else {
+        s.values = (const uint8_t *)wt->packed + t * K * (wt->wtype == INT4 ? TILE / 2 : TILE);
+        s.scales = wt->scales + t * (K / GROUP) * TILE;
+        s.offsets = wt->offsets + t * (K / GROUP) * TILE;
+    }
+    return s;
+}
+
+/* Weights k of a tile as fp32 in registers: the very values tile_weights() writes to its buffer. */
+static inline __attribute__((always_inline)) void k_row(const int wtype, const TileStart *s, int64_t k,
+                                                        v16 w[PANELS]) {
+    if (wtype == F32) {
+#pragma GCC unroll 4
+        for (int p = 0; p < PANELS; p++) w[p] = v_load((const float *)s->values + k * TILE + p * 16);
+        return;
+    }
+#if defined(__AVX2__) && TILE == 16
+    if (wtype == BF16) {
+        w[0] = bf16_row((const uint16_t *)s->values + k * TILE);
+    } else {
+        const int64_t row_bytes = wtype == INT4 ? TILE / 2 : TILE, group = (k / GROUP) * TILE;
+        w[0] = quantized_row(wtype, (const uint8_t *)s->values + k * row_bytes, s->scales + group,
+                             s->offsets + group);
+    }
+#else
+    float row[TILE];
+    if (wtype == BF16) {
+        for (int j = 0; j < TILE; j++) row[j] = bf16_to_f32(((const uint16_t *)s->values)[k * TILE + j]);
+    } else {
+        const int64_t row_bytes = wtype == INT4 ? TILE / 2 : TILE, group = (k / GROUP) * TILE;
+        unpack_row(wtype, (const uint8_t *)s->values + k * row_bytes, s->scales + group, s->offsets + group, row);
+    }
+#pragma GCC unroll 4
+    for (int p = 0; p < PANELS; p++) w[p] = v_load(row + p * 16);
+#endif
+}
+
 static void unpack_quantized(const Weights *wt, int64_t t, int64_t K, float *buf) {
-    const float *scale = wt->scales + t * (K / GROUP) * TILE, *offset = wt->offsets + t * (K / GROUP) * TILE;
+    const TileStart s = tile_start(wt, t, K);
     const int64_t row_bytes = wt->wtype == INT4 ? TILE / 2 : TILE;
-    const uint8_t *q = (const uint8_t *)wt->packed + t * K * row_bytes;
     for (int64_t k = 0; k < K; k++)
-        unpack_row(wt->wtype, q + k * row_bytes, scale + (k / GROUP) * TILE, offset + (k / GROUP) * TILE, buf + k * TILE);
+        unpack_row(wt->wtype, (const uint8_t *)s.values + k * row_bytes, s.scales + (k / GROUP) * TILE,
+                   s.offsets + (k / GROUP) * TILE, buf + k * TILE);
 }
 
 /* Tile t of the weights as fp32 [K][TILE]: in place for fp32, unpacked into buf otherwise. */
@@ -161,6 +221,84 @@ static const float *tile_weights(const Weights *wt, int64_t t, int64_t K, float 
         unpack_quantized(wt, t, K, buf);
     }
     return buf;
+}
+
+/* Quantized weights stream from memory in three arrays per tile (values, scales, offsets), too
+ * many concurrent streams for the hardware prefetcher when several tiles run at once: ask
+ * for the lines a few groups ahead (called every 8 rows of k: one 64-byte line of 4-bit values). */
+#define PREFETCH_ROWS 64
+static inline __attribute__((always_inline)) void prefetch_ahead(const int wtype, const TileStart *s, int64_t k,
+                                                                 int64_t K) {
+    const int64_t ahead = k + PREFETCH_ROWS;
+    if (ahead >= K) return;
+    const int64_t row_bytes = wtype == INT4 ? TILE / 2 : TILE;
+    const char *q = (const char *)s->values + ahead * row_bytes;
+    for (int64_t b = 0; b < 8 * row_bytes; b += 64) __builtin_prefetch(q + b);
+    if (ahead % GROUP == 0) {
+        __builtin_prefetch(s->scales + (ahead / GROUP) * TILE);
+        __builtin_prefetch(s->offsets + (ahead / GROUP) * TILE);
+    }
+}
+
+/*
+ * Steps of a few rows (decode of a few sequences): no buffer. Each k-row of G tiles is
+ * unpacked in registers and used at once by every row, so the weights are read once from
+ * memory and nothing is written back; G tiles at a time give G x PANELS x rows independent
+ * FMA chains, enough to hide the FMA latency even for one row (one tile's two chains would
+ * leave the core waiting on them). Every element is still one chain over k = 0, 1, ..., K-1
+ * from 0 with the values tile_weights() gives, so the bits equal the buffered path's.
+ * c[(j * rows + r) * TILE ...]: row r of tile t0 + j.
+ */
+#define SMALL_ROWS 4
+static inline __attribute__((always_inline)) void few_rows_tiles(const int rows, const int g, const int wtype,
+                                                                 const Weights *wt, int64_t t0, const float *x,
+                                                                 int64_t K, float *c) {
+    v16 acc[SMALL_ROWS][4][PANELS];
+    TileStart start[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < g; j++) start[j] = tile_start(wt, t0 + j, K);
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+        for (int j = 0; j < g; j++)
+#pragma GCC unroll 4
+            for (int p = 0; p < PANELS; p++) acc[r][j][p] = v_zero();
+    for (int64_t k = 0; k < K; k++) {
+        if (wtype >= INT4 && k % 8 == 0) {
+#pragma GCC unroll 4
+            for (int j = 0; j < g; j++) prefetch_ahead(wtype, &start[j], k, K);
+        }
+        vb xr[SMALL_ROWS];
+#pragma GCC unroll 4
+        for (int r = 0; r < rows; r++) xr[r] = v_broadcast(x[(int64_t)r * K + k]);
+#pragma GCC unroll 4
+        for (int j = 0; j < g; j++) {
+            v16 w[PANELS];
+            k_row(wtype, &start[j], k, w);
+#pragma GCC unroll 4
+            for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+                for (int p = 0; p < PANELS; p++) acc[r][j][p] = v_fma(xr[r], w[p], acc[r][j][p]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < g; j++)
+#pragma GCC unroll 4
+        for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+            for (int p = 0; p < PANELS; p++) v_store(c + (j * rows + r) * TILE + p * 16, acc[r][j][p]);
+}
+
+/* Tiles grouped per row count: 4 x PANELS x rows chains for one row, fewer tiles as rows grow. */
+static inline int tiles_per_group(int rows) { return rows == 1 ? 4 : rows == 2 ? 2 : 1; }
+
+#define FEW_CASE(R, G, T) case (R) * 64 + (G) * 8 + (T): few_rows_tiles(R, G, T, wt, t0, x, K, c); break;
+#define FEW_TYPES(R, G) FEW_CASE(R, G, F32) FEW_CASE(R, G, BF16) FEW_CASE(R, G, INT4) FEW_CASE(R, G, INT8)
+static void few_rows(int rows, int g, const Weights *wt, int64_t t0, const float *x, int64_t K, float *c) {
+    switch (rows * 64 + g * 8 + wt->wtype) {
+        FEW_TYPES(1, 4) FEW_TYPES(1, 1) FEW_TYPES(2, 2) FEW_TYPES(2, 1) FEW_TYPES(3, 1) FEW_TYPES(4, 1)
+        default: break;
+    }
 }
 
 static void store_rows(int rows, const float *c, const float *bias, int64_t col0, int64_t cols, int64_t N,
@@ -189,6 +327,52 @@ static const float *rows_as_f32(const void *x, int xtype, int64_t M, int64_t K, 
     return f;
 }
 
+/* Steps of more rows: each tile unpacked once into a per-thread buffer, MR rows at a time past it. */
+static int buffered_tiles(const Weights *wt, const float *xf, const float *bias, void *y, int ytype, int64_t M,
+                          int64_t K, int64_t N, int threads) {
+    const int64_t tiles = (N + TILE - 1) / TILE;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *buf = malloc(sizeof(float) * (K * TILE + MR * TILE));
+        if (!buf) failed = 1;
+        float *c = buf ? buf + K * TILE : NULL;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) {
+            if (!buf) continue;
+            const float *w = tile_weights(wt, t, K, buf);
+            const int64_t col0 = t * TILE, cols = N - col0 < TILE ? N - col0 : TILE;
+            for (int64_t m = 0; m < M; m += MR) {
+                const int rows = (int)(M - m < MR ? M - m : MR);
+                rows_tile(rows, xf + m * K, K, w, c);
+                store_rows(rows, c, bias, col0, cols, N, ytype, y, m);
+            }
+        }
+        free(buf);
+    }
+    return failed ? -2 : 0;
+}
+
+/* M <= SMALL_ROWS: groups of tiles_per_group(M) tiles split over the threads, no buffer. */
+static void unbuffered_tiles(const Weights *wt, const float *xf, const float *bias, void *y, int ytype, int M,
+                             int64_t K, int64_t N, int threads) {
+    const int64_t tiles = (N + TILE - 1) / TILE, per_group = tiles_per_group(M);
+    const int64_t groups = (tiles + per_group - 1) / per_group;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t group = 0; group < groups; group++) {
+        float c[SMALL_ROWS * 4 * TILE];
+        const int64_t t0 = group * per_group;
+        const int g = (int)(tiles - t0 < per_group ? tiles - t0 : per_group);
+        if (g == per_group) few_rows(M, g, wt, t0, xf, K, c);
+        else
+            for (int j = 0; j < g; j++) few_rows(M, 1, wt, t0 + j, xf, K, c + j * M * TILE);
+        for (int j = 0; j < g; j++) {
+            const int64_t col0 = (t0 + j) * TILE, cols = N - col0 < TILE ? N - col0 : TILE;
+            store_rows(M, c + j * M * TILE, bias, col0, cols, N, ytype, y, 0);
+        }
+    }
+}
+
 /* Returns 0, or a negative status (-1 bad arguments, -2 out of memory). */
 int invariant_linear(const void *x, int xtype, const void *packed, int wtype, const float *scales,
                      const float *offsets, const float *bias, void *y, int ytype, int64_t M, int64_t K, int64_t N,
@@ -200,26 +384,9 @@ int invariant_linear(const void *x, int xtype, const void *packed, int wtype, co
     float *owned;
     const float *xf = rows_as_f32(x, xtype, M, K, &owned);
     if (!xf) return -2;
-    const int64_t tiles = (N + TILE - 1) / TILE;
-    int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-    {
-        float *buf = malloc(sizeof(float) * (K * TILE + MR * TILE));
-        if (!buf) failed = 1;
-        float *c = buf ? buf + K * TILE : NULL;
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles; t++) {
-            if (!buf) continue;
-            const float *w = tile_weights(&wt, t, K, buf);
-            const int64_t col0 = t * TILE, cols = N - col0 < TILE ? N - col0 : TILE;
-            for (int64_t m = 0; m < M; m += MR) {
-                const int rows = (int)(M - m < MR ? M - m : MR);
-                rows_tile(rows, xf + m * K, K, w, c);
-                store_rows(rows, c, bias, col0, cols, N, ytype, y, m);
-            }
-        }
-        free(buf);
-    }
+    int status = 0;
+    if (M <= SMALL_ROWS) unbuffered_tiles(&wt, xf, bias, y, ytype, (int)M, K, N, threads);
+    else status = buffered_tiles(&wt, xf, bias, y, ytype, M, K, N, threads);
     free(owned);
-    return failed ? -2 : 0;
+    return status;
 }

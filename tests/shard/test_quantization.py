@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from shard.invariant_linear import InvariantLinear, linear_kernel, make_linears_invariant
@@ -100,7 +102,7 @@ def test_auto_stores_only_layers_on_a_grid():
         gguf.weight.copy_(_gguf_blocks(64, 64, 4, generator))
     model = nn.Sequential(on_grid, nn.Linear(64, 64), nn.Linear(48, 8), gguf)  # [1]: full-precision random weights
     assert set(plan_storage(model, "auto", torch.bfloat16)) == {"0", "3"}
-    assert plan_storage(model, "auto", torch.float32) == {}  # float32 as loaded (fastest on AVX2)
+    assert set(plan_storage(model, "auto", torch.float32)) == {"3"}  # float32: exact GGUF blocks only
     lossless = plan_storage(model, "int4", torch.float32)["3"]  # GGUF blocks, found exactly
     assert torch.equal(lossless.dequantize(), gguf.weight)
     assert set(plan_storage(model, "int4", torch.float32)) == {"0", "1", "3"}  # 48 inputs: not a multiple of 32
@@ -146,3 +148,47 @@ def test_smollm2_int4_in_float32_is_lossless():
             assert torch.equal(twin(inputs), layer(inputs)), name
             checked += 1
     assert checked == 4 * plain.config.num_hidden_layers + 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 20),
+    position=st.integers(0, 19),
+    threads=st.sampled_from([1, 2, 3]),
+    storage=st.sampled_from(["float32", "bfloat16", "int4", "int8"]),
+    out_features=st.sampled_from([16, 40, 80, 200]),
+)
+def test_every_storage_gives_a_row_the_same_bits_in_any_batch(rows, position, threads, storage, out_features):
+    """Steps of up to four rows unpack the weights in registers, several tiles at a time (with a
+    shorter group at the end); larger steps unpack each tile into a buffer. Both must give a row
+    the bits of the dequantized weights' fp32 layer, whatever the step."""
+    kernel = linear_kernel()
+    generator = torch.Generator().manual_seed(out_features)
+    weight = _on_grid(out_features, 96, generator)
+    linear = nn.Linear(96, out_features, bias=True)
+    if storage in ("int4", "int8"):
+        quantized = quantize_int4(weight) if storage == "int4" else quantize_int8(weight)
+        layer = InvariantLinear(linear, kernel, quantized)
+        weight = quantized.dequantize()
+    else:
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+        layer = InvariantLinear(linear.to(getattr(torch, storage)), kernel)
+        weight = linear.weight.detach().float()
+    plain = nn.Linear(96, out_features, bias=True)
+    with torch.no_grad():
+        plain.weight.copy_(weight)
+        plain.bias.copy_(linear.bias.float())
+    reference = InvariantLinear(plain, kernel)
+    probe = torch.randn(1, 96, generator=generator)
+    others = torch.randn(rows, 96, generator=generator)
+    where = position % (rows + 1)
+    batch = torch.cat([others[:where], probe, others[where:]])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        alone = layer(probe)
+        assert torch.equal(alone, reference(probe))
+        assert torch.equal(layer(batch)[where : where + 1], alone)
+    finally:
+        torch.set_num_threads(previous)

@@ -1,0 +1,89 @@
+/*
+ * The small per-token operations of a Llama-family decoder layer, one call each instead of
+ * the six to ten torch operations (and their dispatch) transformers spells them with. A decode
+ * step of one sequence does little arithmetic; at 30 layers the dispatch was a third of it.
+ *
+ * Each row's result depends only on that row (the one-numerical-path rule of the shard):
+ *   rms_norm   out = weight * (x * rsqrt(mean(x^2) + eps)), the mean summed in the fixed lane
+ *              order of fixed_order.h, so a token's norm is the same bits in any step;
+ *   rotary     x = (x * cos) + (rotate_half(x) * sin) in place, every product and the sum
+ *              rounded separately exactly as transformers' apply_rotary_pos_emb computes them
+ *              (in bf16 each operation rounds to bf16, as torch's bf16 tensors do).
+ * Types: 0 fp32, 1 bf16 (x, weight, cos, sin and out share the model's dtype).
+ * Built with -ffp-contract=off: a written a * b + c stays two roundings.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#include "bf16.h"
+#include "fixed_order.h"
+
+enum { F32 = 0, BF16 = 1 };
+
+static inline float load(const void *p, int type, int64_t i) {
+    return type == F32 ? ((const float *)p)[i] : bf16_to_f32(((const uint16_t *)p)[i]);
+}
+
+/* The value as the tensor of this type holds it: bf16 rounds (nearest even), fp32 stays. */
+static inline float rounded(float v, int type) { return type == F32 ? v : bf16_to_f32(f32_to_bf16(v)); }
+
+static inline void store(void *p, int type, int64_t i, float v) {
+    if (type == F32) ((float *)p)[i] = v;
+    else ((uint16_t *)p)[i] = f32_to_bf16(v);
+}
+
+static float mean_square(const void *x, int type, int64_t width) {
+    float lane[LANES] = { 0 };
+    int64_t i = 0;
+    for (; i + LANES <= width; i += LANES)
+        for (int j = 0; j < LANES; j++) {
+            const float v = load(x, type, i + j);
+            lane[j] += v * v;
+        }
+    for (int j = 0; i + j < width; j++) {
+        const float v = load(x, type, i + j);
+        lane[j] += v * v;
+    }
+    return add_lanes(lane) / (float)width;
+}
+
+/* x, out [rows, width] with rows stride_in / stride_out elements apart; weight [width]. */
+void rms_norm(const void *x, int64_t stride_in, const void *weight, float eps, void *out, int64_t stride_out,
+              int64_t rows, int64_t width, int type, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows > 16)
+    for (int64_t r = 0; r < rows; r++) {
+        const char *row = (const char *)x + r * stride_in * (type == F32 ? 4 : 2);
+        char *dst = (char *)out + r * stride_out * (type == F32 ? 4 : 2);
+        const float inv = 1.f / sqrtf(mean_square(row, type, width) + eps);
+        for (int64_t i = 0; i < width; i++) {
+            const float normed = rounded(load(row, type, i) * inv, type);
+            store(dst, type, i, load(weight, type, i) * normed);
+        }
+    }
+}
+
+/* x [tokens, heads, dim] in place, tokens stride elements apart, heads dim apart; cos, sin
+ * [tokens, dim] contiguous. rotate_half(x) = cat(-x[dim/2:], x[:dim/2]). */
+void rotary(void *x, int64_t stride, int64_t tokens, int heads, int dim, const void *cos, const void *sin,
+            int type, int threads) {
+    const int half = dim / 2;
+#pragma omp parallel for schedule(static) num_threads(threads) if (tokens > 16)
+    for (int64_t t = 0; t < tokens; t++) {
+        const char *c = (const char *)cos + t * dim * (type == F32 ? 4 : 2);
+        const char *s = (const char *)sin + t * dim * (type == F32 ? 4 : 2);
+        for (int h = 0; h < heads; h++) {
+            char *v = (char *)x + (t * stride + (int64_t)h * dim) * (type == F32 ? 4 : 2);
+            float first[512], second[512]; /* head_dim <= 1024 (checked by the caller) */
+            for (int i = 0; i < half; i++) {
+                const float a = load(v, type, i), b = load(v, type, i + half);
+                first[i] = rounded(rounded(a * load(c, type, i), type) + rounded(-b * load(s, type, i), type), type);
+                second[i] = rounded(rounded(b * load(c, type, i + half), type) +
+                                        rounded(a * load(s, type, i + half), type), type);
+            }
+            for (int i = 0; i < half; i++) {
+                store(v, type, i, first[i]);
+                store(v, type, i + half, second[i]);
+            }
+        }
+    }
+}
