@@ -33,15 +33,15 @@ log = logging.getLogger(__name__)
 _TYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
-def _llama_window(attention: nn.Module) -> int | None:
+def _llama_window(attention: Any) -> int | None:
     return None
 
 
-def _mistral_window(attention: nn.Module) -> int | None:
+def _mistral_window(attention: Any) -> int | None:
     return getattr(attention.config, "sliding_window", None)
 
 
-def _qwen2_window(attention: nn.Module) -> int | None:
+def _qwen2_window(attention: Any) -> int | None:
     return attention.sliding_window
 
 
@@ -93,6 +93,12 @@ def layer_ops() -> LayerOps | None:
 class FastDecoderLayer(nn.Module):
     """A Llama-family decoder layer (``layer``'s own modules and weights), in fewer calls."""
 
+    # transformers' modules, read by attribute (nn.Module's typing knows none of theirs).
+    input_layernorm: Any
+    self_attn: Any
+    post_attention_layernorm: Any
+    mlp: Any
+
     def __init__(self, layer: nn.Module, window: int | None):
         super().__init__()
         self.input_layernorm = layer.input_layernorm
@@ -137,11 +143,11 @@ class FastDecoderLayer(nn.Module):
         return out[0].reshape(tokens, -1)
 
     @staticmethod
-    def _norm(ops: LayerOps, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _norm(ops: LayerOps, norm: Any, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, norm.weight, float(norm.variance_epsilon))
 
 
-def _fits(layer: nn.Module) -> bool:
+def _fits(layer: Any) -> bool:
     """The layer holds what FastDecoderLayer computes with, in a dtype the kernels take."""
     attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     norms = [getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None)]

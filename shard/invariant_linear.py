@@ -153,9 +153,8 @@ class InvariantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         buffers = self._buffers  # one dict instead of four nn.Module.__getattr__ lookups
-        y = linear_kernel()(
-            flat, buffers["packed"], buffers["scales"], buffers["offsets"], buffers["bias"], self.out_features
-        )  # type: ignore[arg-type]
+        packed: torch.Tensor = buffers["packed"]  # type: ignore[assignment]
+        y = linear_kernel()(flat, packed, buffers["scales"], buffers["offsets"], buffers["bias"], self.out_features)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

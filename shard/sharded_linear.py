@@ -58,12 +58,13 @@ class ShardedInvariantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
+        bias: torch.Tensor | None = self._buffers["bias"]
         if self.style == "rowwise":
             partial = invariant_linear(flat, self.get_buffer("packed"), None, None, None, self.local_out)
             dist.all_reduce(partial, group=self.mesh.get_group())
-            y = partial if self.bias is None else (partial.float() + self.bias).to(partial.dtype)
+            y = partial if bias is None else (partial.float() + bias).to(partial.dtype)
         else:
-            y = invariant_linear(flat, self.get_buffer("packed"), None, None, self.bias, self.local_out)
+            y = invariant_linear(flat, self.get_buffer("packed"), None, None, bias, self.local_out)
             if self.style == "colwise_gather_output":
                 y = self._gather(y)
         return y.reshape(*x.shape[:-1], y.shape[-1])
