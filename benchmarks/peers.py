@@ -12,6 +12,7 @@ measured at one stream (its slots would have to be sized per load).
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -106,28 +107,44 @@ def _measure(name: str, argv: list[str], port: int, env: dict[str, str], loads: 
     return rows
 
 
-def main() -> None:
-    cores = len(os.sched_getaffinity(0))
-    print("setting up the peers under build/peers (kept between runs)", flush=True)
-    vllm_python, llama_server, hf_model = setup_vllm(), setup_llama_cpp(), hf_copy_of_default_model()
-    gguf = resolve_model(None)
-    rows: list[str] = []
-
+def _switchyard(cores: int) -> list[str]:
     port = free_port()
-    rows += _measure("Switchyard `make serve`", served.switchyard_argv(port), port, {}, [1, 16, 64], 100)
+    return _measure("Switchyard `make serve`", served.switchyard_argv(port), port, {}, [1, 16, 64], 100)
 
+
+def _vllm(cores: int) -> list[str]:
+    python, model = setup_vllm(), hf_copy_of_default_model()
     port = free_port()
-    vllm = [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_model),
+    argv = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
             "--served-model-name", "tgi", "--port", str(port), "--host", "127.0.0.1", "--dtype", "bfloat16",
             "--max-model-len", "8192"]  # fmt: skip
-    vllm_env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}", "VLLM_CPU_KVCACHE_SPACE": "4"}
-    rows += _measure("vLLM CPU 0.32 (bf16)", vllm, port, vllm_env, [1, 16, 64], 200)
+    env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}", "VLLM_CPU_KVCACHE_SPACE": "4"}
+    return _measure("vLLM CPU 0.32 (bf16)", argv, port, env, [1, 16, 64], 200)
 
+
+def _llama_cpp(cores: int) -> list[str]:
+    server, gguf = setup_llama_cpp(), resolve_model(None)
     port = free_port()
-    llama = [str(llama_server), "-m", str(Path(gguf.path_or_id) / str(gguf.gguf_file)), "--port", str(port),
-             "--host", "127.0.0.1", "-t", str(cores), "--alias", "tgi", "-c", "8192"]  # fmt: skip
-    rows += _measure(f"llama.cpp server ({gguf.gguf_file}, {cores} threads)", llama, port, {}, [1], 300)
+    argv = [str(server), "-m", str(Path(gguf.path_or_id) / str(gguf.gguf_file)), "--port", str(port),
+            "--host", "127.0.0.1", "-t", str(cores), "--alias", "tgi", "-c", "8192"]  # fmt: skip
+    return _measure(f"llama.cpp server ({gguf.gguf_file}, {cores} threads)", argv, port, {}, [1], 300)
 
+
+SERVERS = {"switchyard": _switchyard, "vllm": _vllm, "llama.cpp": _llama_cpp}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--servers", default=",".join(SERVERS), help=f"comma-separated, in this order (default: all of {list(SERVERS)})"
+    )
+    names = parser.parse_args().servers.split(",")
+    unknown = [n for n in names if n not in SERVERS]
+    if unknown:
+        parser.error(f"unknown servers {unknown}: choose among {list(SERVERS)}")
+    cores = len(os.sched_getaffinity(0))
+    print("setting up the peers under build/peers (kept between runs)", flush=True)
+    rows = [row for name in names for row in SERVERS[name](cores)]
     table = "\n".join([f"Shared workload, one server at a time, on {cpu_name()}:", served.TABLE_HEAD, *rows])
     out = served.ROOT / "build" / "bench" / "peers.md"
     out.parent.mkdir(parents=True, exist_ok=True)

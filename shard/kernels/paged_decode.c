@@ -83,15 +83,6 @@ static int64_t first_position(const Problem *pr, int64_t length) {
     return (pr->window > 0 && length > pr->window) ? length - pr->window : 0;
 }
 
-/* a[d] = fmaf(w, x[d], a[d]) for every d (sixteen lanes at a time, the rest one by one: the
- * same fused multiply-add either way). */
-static inline void axpy_fixed(float w, const float *x, float *a, int n) {
-    const vb wv = v_broadcast(w);
-    int d = 0;
-    for (; d + LANES <= n; d += LANES) v_store(a + d, v_fma(wv, v_load(x + d), v_load(a + d)));
-    for (; d < n; d++) a[d] = fmaf(w, x[d], a[d]);
-}
-
 static void softmax_fixed(float *s, int64_t n) {
     float top = s[0];
     for (int64_t i = 1; i < n; i++) top = s[i] > top ? s[i] : top;
@@ -165,16 +156,87 @@ static void NAME(const T *const *rows, int dim, float *out) {                   
 DEFINE_TRANSPOSE(transpose_keys_f32, float, IDENTITY, load8_f32)
 DEFINE_TRANSPOSE(transpose_keys_bf16, uint16_t, bf16_to_f32, load8_bf16)
 
-#define DEFINE_ATTEND_RUN(NAME, T, LOAD, STORE, TRANSPOSE)                                                          \
+/* scores16[g][l] = one fmaf chain over d of q_g[d] * key_l[d] (keys: [dim][LANES], sixteen keys
+ * side by side), for the h <= HEADS_PER_PASS query heads q_g = q + g * dim of one pass. */
+static inline __attribute__((always_inline)) void score_pass(const int h, const float *keys, const float *q, int dim,
+                                                             float scores16[HEADS_PER_PASS][LANES]) {
+    v16 lane[HEADS_PER_PASS];
+    for (int g = 0; g < h; g++) lane[g] = v_zero();
+    for (int d = 0; d < dim; d++) {
+        const v16 kd = v_load(keys + d * LANES);
+        for (int g = 0; g < h; g++) lane[g] = v_fma(v_broadcast(q[g * dim + d]), kd, lane[g]);
+    }
+    for (int g = 0; g < h; g++) v_store(scores16[g], lane[g]);
+}
+
+/* One instance per head count, so that a group of 3 heads (SmolLM2) does 3 chains, not 4. */
+static void score_heads(int h, const float *keys, const float *q, int dim, float scores16[HEADS_PER_PASS][LANES]) {
+    switch (h) {
+        case 1: score_pass(1, keys, q, dim, scores16); break;
+        case 2: score_pass(2, keys, q, dim, scores16); break;
+        case 3: score_pass(3, keys, q, dim, scores16); break;
+        default: score_pass(HEADS_PER_PASS, keys, q, dim, scores16); break;
+    }
+}
+
+/* acc[d] = sum over positions p in order of w[p] * value_p[d], one fmaf chain per d from 0:
+ * exactly what an axpy per position computes, but 64 dimensions at a time kept in registers
+ * over every position (the axpy loaded and stored its accumulators at each position, which
+ * made the value pass of a decode step load/store bound). value_p = base + slots[p] * stride. */
+#if defined(__AVX512F__)
+static inline v16 load16_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline v16 load16_bf16(const uint16_t *p) { v16 v = { load8_bf16(p), load8_bf16(p + 8) }; return v; }
+#else
+static inline v16 load16_bf16(const uint16_t *p) {
+    float row[16];
+    for (int l = 0; l < 16; l++) row[l] = bf16_to_f32(p[l]);
+    return v_load(row);
+}
+#endif
+static inline v16 load16_f32(const float *p) { return v_load(p); }
+
+#define DEFINE_VALUES(NAME, T, LOAD, LOAD16)                                                             \
+static void NAME(const T *base, int64_t stride, const int64_t *slots, const float *w, int64_t span,      \
+                 int dim, float *acc) {                                                                  \
+    int d0 = 0;                                                                                          \
+    for (; d0 + 64 <= dim; d0 += 64) {                                                                   \
+        v16 a0 = v_zero(), a1 = v_zero(), a2 = v_zero(), a3 = v_zero();                                  \
+        for (int64_t p = 0; p < span; p++) {                                                             \
+            const T *v = base + slots[p] * stride + d0;                                                  \
+            const vb wp = v_broadcast(w[p]);                                                             \
+            a0 = v_fma(wp, LOAD16(v), a0);                                                               \
+            a1 = v_fma(wp, LOAD16(v + 16), a1);                                                          \
+            a2 = v_fma(wp, LOAD16(v + 32), a2);                                                          \
+            a3 = v_fma(wp, LOAD16(v + 48), a3);                                                          \
+        }                                                                                                \
+        v_store(acc + d0, a0); v_store(acc + d0 + 16, a1); v_store(acc + d0 + 32, a2);                   \
+        v_store(acc + d0 + 48, a3);                                                                      \
+    }                                                                                                    \
+    for (; d0 + 16 <= dim; d0 += 16) {                                                                   \
+        v16 a = v_zero();                                                                                \
+        for (int64_t p = 0; p < span; p++) a = v_fma(v_broadcast(w[p]), LOAD16(base + slots[p] * stride + d0), a); \
+        v_store(acc + d0, a);                                                                            \
+    }                                                                                                    \
+    for (; d0 < dim; d0++) {                                                                             \
+        float a = 0.f;                                                                                   \
+        for (int64_t p = 0; p < span; p++) a = fmaf(w[p], LOAD(base[slots[p] * stride + d0]), a);        \
+        acc[d0] = a;                                                                                     \
+    }                                                                                                    \
+}
+DEFINE_VALUES(weighted_values_f32, float, IDENTITY, load16_f32)
+DEFINE_VALUES(weighted_values_bf16, uint16_t, bf16_to_f32, load16_bf16)
+
+#define DEFINE_ATTEND_RUN(NAME, T, LOAD, STORE, TRANSPOSE, VALUES)                                                          \
 static void NAME(const Problem *pr, const Run *run, int kvh, const int64_t *slots, float *scratch) {    \
     const int group = pr->heads / pr->kv_heads, dim = pr->head_dim, n = run->n;                          \
     const int64_t width = run->end - run->start;                                                         \
     const T *q = (const T *)pr->q, *kc = (const T *)pr->k_cache, *vc = (const T *)pr->v_cache;          \
-    float *qf = scratch, *acc = qf + (size_t)n * group * dim, *row = acc + (size_t)n * group * dim;     \
-    float *keys = row + dim;  /* [dim][LANES]: sixteen keys, transposed */                              \
-    float *zeros = keys + (size_t)dim * LANES; /* [dim] */                                              \
-    for (int d = 0; d < dim; d++) zeros[d] = 0.f;                                                        \
-    float *score = zeros + dim; /* [n * group][width], each query's span from its start */              \
+    float *qf = scratch, *acc = qf + (size_t)n * group * dim;                                          \
+    float *keys = acc + (size_t)n * group * dim + dim; /* [dim][LANES]: sixteen keys, transposed */     \
+    float *score = keys + (size_t)dim * (LANES + 1); /* [n * group][width], each query's span from its start */ \
     int64_t start[RUN_MAX], end[RUN_MAX];                                                                \
     for (int j = 0; j < n; j++) {                                                                        \
         end[j] = pr->context_len[run->b0 + j];                                                           \
@@ -196,18 +258,8 @@ static void NAME(const Problem *pr, const Run *run, int kvh, const int64_t *slot
             if (i0 + m <= start[j] || i0 >= end[j]) continue;                                            \
             for (int g0 = 0; g0 < group; g0 += HEADS_PER_PASS) {                                          \
                 const int h = group - g0 < HEADS_PER_PASS ? group - g0 : HEADS_PER_PASS;                 \
-                v16 lane[HEADS_PER_PASS];                                                                \
-                const float *qv[HEADS_PER_PASS];                                                         \
-                for (int g = 0; g < HEADS_PER_PASS; g++) {                                               \
-                    qv[g] = g < h ? qf + ((size_t)j * group + g0 + g) * dim : zeros;                     \
-                    lane[g] = v_zero();                                                                  \
-                }                                                                                        \
-                for (int d = 0; d < dim; d++) {                                                          \
-                    const v16 kd = v_load(keys + d * LANES);                                             \
-                    for (int g = 0; g < HEADS_PER_PASS; g++) lane[g] = v_fma(v_broadcast(qv[g][d]), kd, lane[g]); \
-                }                                                                                        \
                 float scores16[HEADS_PER_PASS][LANES];                                                   \
-                for (int g = 0; g < HEADS_PER_PASS; g++) v_store(scores16[g], lane[g]);                  \
+                score_heads(h, keys, qf + ((size_t)j * group + g0) * dim, dim, scores16);                \
                 for (int g = 0; g < h; g++) {                                                            \
                     float *sj = score + ((size_t)j * group + g0 + g) * width;                            \
                     for (int l = 0; l < m; l++)                                                          \
@@ -218,17 +270,11 @@ static void NAME(const Problem *pr, const Run *run, int kvh, const int64_t *slot
     }                                                                                                    \
     for (int j = 0; j < n; j++)                                                                          \
         for (int g = 0; g < group; g++) softmax_fixed(score + ((size_t)j * group + g) * width, end[j] - start[j]); \
-    for (int64_t i = run->start; i < run->end; i++) {                                                    \
-        const T *value = vc + (slots[i - run->start] * pr->kv_heads + kvh) * dim;                       \
-        for (int d = 0; d < dim; d++) row[d] = LOAD(value[d]);                                           \
-        for (int j = 0; j < n; j++) {                                                                    \
-            if (i < start[j] || i >= end[j]) continue;                                                   \
-            for (int g = 0; g < group; g++) {                                                            \
-                const float w = score[((size_t)j * group + g) * width + (i - start[j])];                 \
-                axpy_fixed(w, row, acc + ((size_t)j * group + g) * dim, dim);                            \
-            }                                                                                            \
-        }                                                                                                \
-    }                                                                                                    \
+    for (int j = 0; j < n; j++)                                                                          \
+        for (int g = 0; g < group; g++)                                                                  \
+            VALUES(vc + kvh * dim, pr->kv_heads * dim, slots + (start[j] - run->start),                  \
+                   score + ((size_t)j * group + g) * width, end[j] - start[j], dim,                      \
+                   acc + ((size_t)j * group + g) * dim);                                                 \
     T *out = (T *)pr->out;                                                                               \
     for (int j = 0; j < n; j++)                                                                          \
         for (int g = 0; g < group; g++)                                                                  \
@@ -237,8 +283,8 @@ static void NAME(const Problem *pr, const Run *run, int kvh, const int64_t *slot
                     STORE(acc[((size_t)j * group + g) * dim + d]);                                       \
 }
 
-DEFINE_ATTEND_RUN(attend_run_bf16, uint16_t, bf16_to_f32, f32_to_bf16, transpose_keys_bf16)
-DEFINE_ATTEND_RUN(attend_run_f32, float, IDENTITY, IDENTITY, transpose_keys_f32)
+DEFINE_ATTEND_RUN(attend_run_bf16, uint16_t, bf16_to_f32, f32_to_bf16, transpose_keys_bf16, weighted_values_bf16)
+DEFINE_ATTEND_RUN(attend_run_f32, float, IDENTITY, IDENTITY, transpose_keys_f32, weighted_values_f32)
 
 typedef void (*attend_run_fn)(const Problem *, const Run *, int, const int64_t *, float *);
 
