@@ -6,7 +6,7 @@ and an offset per group of 32, a layer reads about a quarter of its bf16 bytes.
 
 Storage only, never a second path: the step-invariant kernel
 (``shard/kernels/linear.c``) unpacks a quantized tile to fp32 (``(q * scale) +
-offset``, two roundings, as GGUF's own de-quantization) before any product, at
+offset``, as GGUF's own de-quantization) before any product, at
 every step size, so a layer
 computes with the same weight values whether the step holds one token or a
 thousand. (Library int4 kernels are fast only at a few rows, which is why this
@@ -51,7 +51,10 @@ GRID_TOLERANCE = 0.25
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """w[n, k] = (q[n, k] * scale[n, k // GROUP]) + offset[n, k // GROUP] in fp32, two roundings."""
+    """w[n, k] = (q[n, k] * scale[n, k // GROUP]) + offset[n, k // GROUP] in fp32.
+
+    Invariant: every q * scale is exact in fp32 (a scale has at most ``SCALE_BITS[bits]``
+    significant bits), so the kernel's single fused multiply-add gives these bits."""
 
     bits: int  # 4: q in 0..15; 8: q in -128..127
     q: torch.Tensor  # [out, in] int8
@@ -60,11 +63,28 @@ class QuantizedWeight:
     #: Largest |w - q level| over the layer, in steps of its group; 0 on an exact grid.
     grid_error: float
 
+    def __post_init__(self) -> None:
+        low_bits = (1 << (24 - SCALE_BITS[self.bits])) - 1
+        if bool((self.scale.float().contiguous().view(torch.int32) & low_bits).any()):
+            raise ValueError(f"{self.bits}-bit scales must have at most {SCALE_BITS[self.bits]} significant bits")
+
     def dequantize(self) -> torch.Tensor:
         """The float32 weight the kernel computes with (for tests and checks)."""
         scale = self.scale.repeat_interleave(GROUP, dim=1)
         offset = self.offset.repeat_interleave(GROUP, dim=1)
-        return self.q.float() * scale + offset  # two torch ops: two roundings, as the kernel
+        return self.q.float() * scale + offset  # the product is exact: as the kernel's fma
+
+
+#: Significant bits a scale may have so that q * scale is exact in fp32 (24 bits): q of
+#: 4 bits (0..15), or 7 bits of magnitude (-127..127). GGUF's float16 scales have 11.
+SCALE_BITS = {4: 20, 8: 17}
+
+
+def _exact_product_scale(scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """scale rounded (to nearest, on the magnitude's bits) to SCALE_BITS[bits] significant bits."""
+    drop = 24 - SCALE_BITS[bits]
+    raw = scale.float().contiguous().view(torch.int32)
+    return ((raw + (1 << (drop - 1))) & ~((1 << drop) - 1)).view(torch.float32)
 
 
 def _groups(weight: torch.Tensor) -> torch.Tensor:
@@ -78,6 +98,7 @@ def quantize_int4(weight: torch.Tensor) -> QuantizedWeight:
     low, high = w.amin(-1), w.amax(-1)
     step = (high - low) / 15
     step = torch.where(step > 0, step, torch.ones_like(step))  # constant groups: q = 0 everywhere
+    step = _exact_product_scale(step, 4)
     levels = (w - low[..., None]) / step[..., None]
     q = levels.round().clamp(0, 15)
     error = float((levels - q).abs().max())
@@ -88,7 +109,7 @@ def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
     """Symmetric 8-bit in groups of 32 (GGUF's Q8_0: w = d * q, q in -127..127)."""
     w = _groups(weight)
     d = w.abs().amax(-1) / 127
-    d = torch.where(d > 0, d, torch.ones_like(d))
+    d = _exact_product_scale(torch.where(d > 0, d, torch.ones_like(d)), 8)
     levels = w / d[..., None]
     q = levels.round().clamp(-127, 127)
     error = float((levels - q).abs().max())

@@ -19,9 +19,11 @@
  *   packed [N / TILE rounded up][K][TILE] in the storage type, columns past N zero;
  *          TILE is what linear_tile_columns() returns for this build. Storage types:
  *          fp32, bf16, and the quantized ones, whose weight is (q * scale) + offset in
- *          fp32 with two roundings, exactly as GGUF's de-quantization computes it (so a
- *          Q4_1 or Q8_0 checkpoint's weights come back bit for bit, and a float32 model
- *          stored this way is the float32 model), scale/offset [tiles][K / 32][TILE] fp32
+ *          fp32 as GGUF's de-quantization computes it (so a Q4_1 or Q8_0 checkpoint's
+ *          weights come back bit for bit, and a float32 model stored this way is the
+ *          float32 model). Every scale has few enough significant bits that q * scale is
+ *          exact (shard/quantization.py guarantees it), so one fused multiply-add gives
+ *          the bits of GGUF's multiply-then-add. scale/offset [tiles][K / 32][TILE] fp32
  *          (groups of 32 along K): INT4 q in 0..15, [tiles][K][TILE / 2] bytes, byte j
  *          holding column j (low nibble) and column j + TILE / 2 (high nibble), so that
  *          each half unpacks with contiguous vector loads and stores; INT8 q in
@@ -109,9 +111,10 @@ typedef struct {
     int wtype;
 } Weights;
 
-/* One k-row of TILE quantized weights to fp32: (float)q * scale + offset, the multiply and
- * the add rounded separately (as GGUF's de-quantization; -ffp-contract=off keeps the plain
- * C form from being fused). The vector forms compute exactly the same values. */
+/* One k-row of TILE quantized weights to fp32: fma((float)q, scale, offset), which equals
+ * GGUF's (q * scale) + offset because the product is exact (see the layouts above); one
+ * instruction instead of two on the path a one-row step is bound by. The vector forms
+ * compute exactly the same values. */
 /* AVX-512 builds (32-column tiles) use the portable loops until a machine with AVX-512 can test
  * an explicit version bit for bit. */
 #if defined(__AVX2__) && TILE == 16
@@ -126,8 +129,8 @@ static inline __attribute__((always_inline)) v16 quantized_row(int wtype, const 
         lo = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q));
         hi = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)q + 8)));
     }
-    v16 w = { _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(lo), _mm256_loadu_ps(sk)), _mm256_loadu_ps(ok)),
-              _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(hi), _mm256_loadu_ps(sk + 8)), _mm256_loadu_ps(ok + 8)) };
+    v16 w = { _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_loadu_ps(sk), _mm256_loadu_ps(ok)),
+              _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_loadu_ps(sk + 8), _mm256_loadu_ps(ok + 8)) };
     return w;
 }
 
@@ -145,11 +148,11 @@ static inline void unpack_row(int wtype, const void *q, const float *sk, const f
 static inline void unpack_row(int wtype, const void *q, const float *sk, const float *ok, float *row) {
     if (wtype == INT4) {
         const uint8_t *b = (const uint8_t *)q;
-        for (int j = 0; j < TILE / 2; j++) row[j] = (float)(b[j] & 15) * sk[j] + ok[j];
-        for (int j = 0; j < TILE / 2; j++) row[j + TILE / 2] = (float)(b[j] >> 4) * sk[j + TILE / 2] + ok[j + TILE / 2];
+        for (int j = 0; j < TILE / 2; j++) row[j] = fmaf((float)(b[j] & 15), sk[j], ok[j]);
+        for (int j = 0; j < TILE / 2; j++) row[j + TILE / 2] = fmaf((float)(b[j] >> 4), sk[j + TILE / 2], ok[j + TILE / 2]);
     } else {
         const int8_t *b = (const int8_t *)q;
-        for (int j = 0; j < TILE; j++) row[j] = (float)b[j] * sk[j] + ok[j];
+        for (int j = 0; j < TILE; j++) row[j] = fmaf((float)b[j], sk[j], ok[j]);
     }
 }
 #endif
@@ -226,7 +229,9 @@ static const float *tile_weights(const Weights *wt, int64_t t, int64_t K, float 
 /* Quantized weights stream from memory in three arrays per tile (values, scales, offsets), too
  * many concurrent streams for the hardware prefetcher when several tiles run at once: ask
  * for the lines a few groups ahead (called every 8 rows of k: one 64-byte line of 4-bit values). */
+#ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 64
+#endif
 static inline __attribute__((always_inline)) void prefetch_ahead(const int wtype, const TileStart *s, int64_t k,
                                                                  int64_t K) {
     const int64_t ahead = k + PREFETCH_ROWS;
@@ -253,50 +258,53 @@ static inline __attribute__((always_inline)) void prefetch_ahead(const int wtype
 static inline __attribute__((always_inline)) void few_rows_tiles(const int rows, const int g, const int wtype,
                                                                  const Weights *wt, int64_t t0, const float *x,
                                                                  int64_t K, float *c) {
-    v16 acc[SMALL_ROWS][4][PANELS];
-    TileStart start[4];
-#pragma GCC unroll 4
+    v16 acc[SMALL_ROWS][8][PANELS];
+    TileStart start[8];
+#pragma GCC unroll 8
     for (int j = 0; j < g; j++) start[j] = tile_start(wt, t0 + j, K);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < rows; r++)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int j = 0; j < g; j++)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             for (int p = 0; p < PANELS; p++) acc[r][j][p] = v_zero();
     for (int64_t k = 0; k < K; k++) {
         if (wtype >= INT4 && k % 8 == 0) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             for (int j = 0; j < g; j++) prefetch_ahead(wtype, &start[j], k, K);
         }
         vb xr[SMALL_ROWS];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int r = 0; r < rows; r++) xr[r] = v_broadcast(x[(int64_t)r * K + k]);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int j = 0; j < g; j++) {
             v16 w[PANELS];
             k_row(wtype, &start[j], k, w);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             for (int r = 0; r < rows; r++)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
                 for (int p = 0; p < PANELS; p++) acc[r][j][p] = v_fma(xr[r], w[p], acc[r][j][p]);
         }
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int j = 0; j < g; j++)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int r = 0; r < rows; r++)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             for (int p = 0; p < PANELS; p++) v_store(c + (j * rows + r) * TILE + p * 16, acc[r][j][p]);
 }
 
 /* Tiles grouped per row count: 4 x PANELS x rows chains for one row, fewer tiles as rows grow. */
-static inline int tiles_per_group(int rows) { return rows == 1 ? 4 : rows == 2 ? 2 : 1; }
+#ifndef ONE_ROW_TILES
+#define ONE_ROW_TILES 2
+#endif
+static inline int tiles_per_group(int rows) { return rows == 1 ? ONE_ROW_TILES : rows == 2 ? 2 : 1; }
 
 #define FEW_CASE(R, G, T) case (R) * 64 + (G) * 8 + (T): few_rows_tiles(R, G, T, wt, t0, x, K, c); break;
 #define FEW_TYPES(R, G) FEW_CASE(R, G, F32) FEW_CASE(R, G, BF16) FEW_CASE(R, G, INT4) FEW_CASE(R, G, INT8)
 static void few_rows(int rows, int g, const Weights *wt, int64_t t0, const float *x, int64_t K, float *c) {
     switch (rows * 64 + g * 8 + wt->wtype) {
-        FEW_TYPES(1, 4) FEW_TYPES(1, 1) FEW_TYPES(2, 2) FEW_TYPES(2, 1) FEW_TYPES(3, 1) FEW_TYPES(4, 1)
+        FEW_TYPES(1, ONE_ROW_TILES) FEW_TYPES(1, 1) FEW_TYPES(2, 2) FEW_TYPES(2, 1) FEW_TYPES(3, 1) FEW_TYPES(4, 1)
         default: break;
     }
 }
@@ -360,7 +368,7 @@ static void unbuffered_tiles(const Weights *wt, const float *xf, const float *bi
     const int64_t groups = (tiles + per_group - 1) / per_group;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t group = 0; group < groups; group++) {
-        float c[SMALL_ROWS * 4 * TILE];
+        float c[SMALL_ROWS * 8 * TILE];
         const int64_t t0 = group * per_group;
         const int g = (int)(tiles - t0 < per_group ? tiles - t0 : per_group);
         if (g == per_group) few_rows(M, g, wt, t0, xf, K, c);
