@@ -118,8 +118,7 @@ typedef struct {
 /* AVX-512 builds (32-column tiles) use the portable loops until a machine with AVX-512 can test
  * an explicit version bit for bit. */
 #if defined(__AVX2__) && TILE == 16
-static inline __attribute__((always_inline)) v16 quantized_row(int wtype, const void *q, const float *sk,
-                                                               const float *ok) {
+static inline __attribute__((always_inline)) v16 quantized_row_with(int wtype, const void *q, v16 scale, v16 offset) {
     __m256i lo, hi;
     if (wtype == INT4) {
         const __m128i bytes = _mm_loadl_epi64((const __m128i *)q), nibble = _mm_set1_epi8(15);
@@ -129,9 +128,14 @@ static inline __attribute__((always_inline)) v16 quantized_row(int wtype, const 
         lo = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q));
         hi = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)q + 8)));
     }
-    v16 w = { _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_loadu_ps(sk), _mm256_loadu_ps(ok)),
-              _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_loadu_ps(sk + 8), _mm256_loadu_ps(ok + 8)) };
+    v16 w = { _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), scale.lo, offset.lo),
+              _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), scale.hi, offset.hi) };
     return w;
+}
+
+static inline __attribute__((always_inline)) v16 quantized_row(int wtype, const void *q, const float *sk,
+                                                               const float *ok) {
+    return quantized_row_with(wtype, q, v_load(sk), v_load(ok));
 }
 
 static inline __attribute__((always_inline)) v16 bf16_row(const uint16_t *src) {
@@ -229,9 +233,7 @@ static const float *tile_weights(const Weights *wt, int64_t t, int64_t K, float 
 /* Quantized weights stream from memory in three arrays per tile (values, scales, offsets), too
  * many concurrent streams for the hardware prefetcher when several tiles run at once: ask
  * for the lines a few groups ahead (called every 8 rows of k: one 64-byte line of 4-bit values). */
-#ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 64
-#endif
 static inline __attribute__((always_inline)) void prefetch_ahead(const int wtype, const TileStart *s, int64_t k,
                                                                  int64_t K) {
     const int64_t ahead = k + PREFETCH_ROWS;
@@ -268,6 +270,36 @@ static inline __attribute__((always_inline)) void few_rows_tiles(const int rows,
         for (int j = 0; j < g; j++)
 #pragma GCC unroll 8
             for (int p = 0; p < PANELS; p++) acc[r][j][p] = v_zero();
+#if defined(__AVX2__) && TILE == 16
+    if (wtype >= INT4) {
+        /* A group's scales and offsets stay in registers for its 32 rows of k. */
+        const int64_t row_bytes = wtype == INT4 ? TILE / 2 : TILE;
+        for (int64_t k0 = 0; k0 < K; k0 += GROUP) {
+            v16 scale[8], offset[8];
+#pragma GCC unroll 8
+            for (int j = 0; j < g; j++) {
+                scale[j] = v_load(start[j].scales + (k0 / GROUP) * TILE);
+                offset[j] = v_load(start[j].offsets + (k0 / GROUP) * TILE);
+            }
+            for (int64_t k = k0; k < k0 + GROUP; k++) {
+                if (k % 8 == 0) {
+#pragma GCC unroll 8
+                    for (int j = 0; j < g; j++) prefetch_ahead(wtype, &start[j], k, K);
+                }
+                vb xr[SMALL_ROWS];
+#pragma GCC unroll 8
+                for (int r = 0; r < rows; r++) xr[r] = v_broadcast(x[(int64_t)r * K + k]);
+#pragma GCC unroll 8
+                for (int j = 0; j < g; j++) {
+                    const v16 w = quantized_row_with(wtype, (const uint8_t *)start[j].values + k * row_bytes, scale[j],
+                                                     offset[j]);
+#pragma GCC unroll 8
+                    for (int r = 0; r < rows; r++) acc[r][j][0] = v_fma(xr[r], w, acc[r][j][0]);
+                }
+            }
+        }
+    } else
+#endif
     for (int64_t k = 0; k < K; k++) {
         if (wtype >= INT4 && k % 8 == 0) {
 #pragma GCC unroll 8
@@ -294,10 +326,10 @@ static inline __attribute__((always_inline)) void few_rows_tiles(const int rows,
             for (int p = 0; p < PANELS; p++) v_store(c + (j * rows + r) * TILE + p * 16, acc[r][j][p]);
 }
 
-/* Tiles grouped per row count: 4 x PANELS x rows chains for one row, fewer tiles as rows grow. */
-#ifndef ONE_ROW_TILES
+/* Tiles grouped per row count: 2 x PANELS chains for one row (of 2, 3, 4 and 8 tiles, 2 and 3
+ * were fastest on a 2-core AVX2 EPYC: 30 layers of SmolLM2 at one row, cold weights), fewer
+ * tiles as rows grow. */
 #define ONE_ROW_TILES 2
-#endif
 static inline int tiles_per_group(int rows) { return rows == 1 ? ONE_ROW_TILES : rows == 2 ? 2 : 1; }
 
 #define FEW_CASE(R, G, T) case (R) * 64 + (G) * 8 + (T): few_rows_tiles(R, G, T, wt, t0, x, K, c); break;
