@@ -27,6 +27,7 @@ from torch import nn
 
 from shard.attention import paged_attention_forward
 from shard.kernels import load_library
+from shard.shared_input import SharedInputSlice
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,10 @@ class FastDecoderLayer(nn.Module):
         self.head_dim = int(attention.head_dim)
         self.heads = attention.q_proj.out_features // self.head_dim
         self.kv_heads = attention.k_proj.out_features // self.head_dim
+        # The fused products behind the slices (shard.shared_input), called directly: five
+        # fewer module calls per layer. A tuple, so that nn.Module does not register them twice.
+        self.qkv = _fused(attention, ("q_proj", "k_proj", "v_proj"))
+        self.gate_up = _fused(self.mlp, ("gate_proj", "up_proj"))
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: Any = None, **kwargs: Any) -> torch.Tensor:
         ops = layer_ops()
@@ -119,14 +124,18 @@ class FastDecoderLayer(nn.Module):
         x = x + self.self_attn.o_proj(attention)
         mlp = self.mlp
         h = self._norm(ops, self.post_attention_layernorm, x)
-        x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+        if self.gate_up:
+            gate, up = _split(self.gate_up, h)
+        else:
+            gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+        x = x + mlp.down_proj(mlp.act_fn(gate) * up)
         return x.unsqueeze(0)
 
     def attention(self, ops: LayerOps, x: torch.Tensor, position_embeddings: Any, kwargs: dict) -> torch.Tensor:
         """The attention block's output before o_proj: [tokens, heads * head_dim]."""
         attn, tokens, dim = self.self_attn, x.shape[0], self.head_dim
         h = self._norm(ops, self.input_layernorm, x)
-        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        q, k, v = _split(self.qkv, h) if self.qkv else (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
         cos, sin = (t[0].contiguous() for t in position_embeddings)  # [tokens, head_dim]
         ops.rotary(q, self.heads, dim, cos, sin)
         ops.rotary(k, self.kv_heads, dim, cos, sin)
@@ -145,6 +154,24 @@ class FastDecoderLayer(nn.Module):
     @staticmethod
     def _norm(ops: LayerOps, norm: Any, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, norm.weight, float(norm.variance_epsilon))
+
+
+def _fused(parent: nn.Module, names: tuple[str, ...]) -> tuple[nn.Module, list[tuple[int, int]]] | tuple[()]:
+    """(the fused product, each slice's columns) when ``names`` are the slices of one shared-input
+    projection, in order; () otherwise (the slices, or plain layers, are called)."""
+    slices = [getattr(parent, name, None) for name in names]
+    if not all(isinstance(s, SharedInputSlice) for s in slices):
+        return ()
+    owners = {id(s.owner.projection) for s in slices}  # type: ignore[union-attr]
+    projection = slices[0].owner.projection  # type: ignore[union-attr]
+    if len(owners) != 1 or [s.index for s in slices] != list(range(len(names))):  # type: ignore[union-attr]
+        return ()
+    return projection.fused, projection.bounds
+
+
+def _split(fused: tuple[nn.Module, list[tuple[int, int]]], h: torch.Tensor) -> list[torch.Tensor]:
+    product = fused[0](h)
+    return [product[:, start:end] for start, end in fused[1]]
 
 
 def _fits(layer: Any) -> bool:
