@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks import constrained, engine, placement, router_overhead, served
+from benchmarks import constrained, engine, engine_workload, placement, router_overhead, served
 
 
 def main() -> None:
@@ -16,8 +16,11 @@ def main() -> None:
     engines = engine.run()
     print(engine.report(engines), flush=True)
     print(constrained.report(constrained.run()), flush=True)
-    # The shared workload through make serve, set against the engine's decode of this same run.
-    print(served.report(served.run(), engines["after"], engines["cpu"]), flush=True)  # type: ignore[arg-type]
+    # The shared workload through make serve, set against the engine alone on the same workload
+    # and against the engine's decode, all of this same run.
+    alone = engine_workload.run()
+    stack = served.run()
+    print(served.report(stack, engines["after"], engines["cpu"], alone), flush=True)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":
