@@ -198,18 +198,14 @@ class BlockExtension(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., blocks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("batches", "extensions", "prefill", "step", "after_step")
+    __slots__ = ("batches", "extensions", "prefill")
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     EXTENSIONS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_FIELD_NUMBER: _ClassVar[int]
-    STEP_FIELD_NUMBER: _ClassVar[int]
-    AFTER_STEP_FIELD_NUMBER: _ClassVar[int]
     batches: _containers.RepeatedCompositeFieldContainer[CachedBatch]
     extensions: _containers.RepeatedCompositeFieldContainer[BlockExtension]
     prefill: _containers.RepeatedCompositeFieldContainer[Request]
-    step: int
-    after_step: int
-    def __init__(self, batches: _Optional[_Iterable[_Union[CachedBatch, _Mapping]]] = ..., extensions: _Optional[_Iterable[_Union[BlockExtension, _Mapping]]] = ..., prefill: _Optional[_Iterable[_Union[Request, _Mapping]]] = ..., step: _Optional[int] = ..., after_step: _Optional[int] = ...) -> None: ...
+    def __init__(self, batches: _Optional[_Iterable[_Union[CachedBatch, _Mapping]]] = ..., extensions: _Optional[_Iterable[_Union[BlockExtension, _Mapping]]] = ..., prefill: _Optional[_Iterable[_Union[Request, _Mapping]]] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("generations", "batch", "forward_ns", "decode_ns", "total_ns", "concat_ns")

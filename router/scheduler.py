@@ -14,11 +14,6 @@ from the prefix cache) when blocks free up. When a shard process dies, every
 running request is treated the same way once the restarted shard is warm again
 (``_recover``): its caller sees the stream pause, never an error, unless the
 shard stays away longer than the recovery timeout.
-
-While the batch only decodes and nothing can change it (no admission due, nobody at
-their last token by length, blocks to spare), the next Decode is sent before the
-answer to the one in flight (``_look_ahead``): the shard starts it the moment the
-forward ends, and the router handles an answer while the next step computes.
 """
 
 from __future__ import annotations
@@ -29,7 +24,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import grpc
 from opentelemetry import trace
@@ -50,18 +44,6 @@ log = logging.getLogger(__name__)
 IDLE_CHECK_INTERVAL_S = 1.0
 #: How long a request waits for a restarted shard before it ends with an error (SHARD_RECOVERY_TIMEOUT).
 DEFAULT_RECOVERY_TIMEOUT_S = 60.0
-
-
-@dataclass
-class _DecodeCall:
-    """A Decode in flight: its requests, numbered for the shard's ordering, under its step span."""
-
-    task: asyncio.Future[StepAnswer]
-    span: trace.Span
-    stepping: list[Request]
-    items: list[PrefillItem]
-    step: int
-    sent_at: float
 
 
 class Scheduler:
@@ -93,10 +75,6 @@ class Scheduler:
         self._wake = asyncio.Event()
         #: The kind of shard call in progress ("prefill" or "decode"), for the failure counter.
         self._step_method = "decode"
-        #: The next Decode, sent before the answer to the one before it (see ``_look_ahead``).
-        self._ahead: _DecodeCall | None = None
-        self._last_step = 0  # numbers the Decode calls
-        self._answered_at = 0.0  # when the last Decode was answered
         #: Set by a ReplicaSet: takes the requests of this replica while it recovers (True if it did).
         self.hand_off: Callable[[list[Request]], bool] | None = None
         self._update_gauges()  # the KV gauges are right before the first request
@@ -139,13 +117,12 @@ class Scheduler:
 
     async def run(self) -> None:
         while True:
-            if not self.waiting and not self.active and self._ahead is None:
+            if not self.waiting and not self.active:
                 await self._idle()
                 continue
             try:
                 await self.step()
             except Exception as exc:
-                self._drop_lookahead()
                 self.metrics.step_finished(self._step_method, ok=False)
                 why = await self.link.problem()
                 if why is None:  # the shard is fine: a fault of this step, fail its requests
@@ -176,17 +153,6 @@ class Scheduler:
     async def step(self) -> None:
         """One shard call and one forward: prompt chunks and decode tokens together."""
         self._drop_cancelled()
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:  # planned and sent during the step before
-            self._look_ahead(ahead)
-            await self._finish_decode(ahead)
-        else:
-            await self._planned_step()
-        if not self.active and self._ahead is None:
-            await self._sync_batch()  # idle: the shard holds nothing (else the next step's sync does it)
-        self._update_gauges()
-
-    async def _planned_step(self) -> None:
         items = self._plan_prefill()
         chunked = {i.request.id for i in items}
         decoding = [r for r in self.active if r.phase is Phase.DECODING and r.id not in chunked]
@@ -195,101 +161,34 @@ class Scheduler:
         items = [i for i in items if i.request.phase is Phase.PREFILLING]
         await self._sync_batch()
         if any(r.phase is Phase.DECODING for r in decoding):
-            stepping = [r for r in self.active if r.phase is Phase.DECODING] + [i.request for i in items]
-            call = self._send_decode(stepping, extensions, items)
-            if not items:
-                self._look_ahead(call)
-            await self._finish_decode(call)
+            await self._decode(extensions, items)
         elif items:
             await self._prefill(items)
+        if not self.active:
+            await self._sync_batch()  # idle: the shard holds nothing (else the next step's sync does it)
+        self._update_gauges()
 
     async def _prefill(self, items: list[PrefillItem]) -> None:
         started = time.perf_counter()
         self._step_method = "prefill"
-        span = self._step_span("prefill", [i.request for i in items])
-        with trace.use_span(span, end_on_exit=True):
+        with self._step_span("prefill", [i.request for i in items]):
             answer = await self.shards.prefill(self.batch_id, items)
         self._observe_step("prefill", started, answer)
         self._shard_members = answer.request_ids
         self._chunks_computed(items)
         self._postprocess(answer.generations, "prefill")
 
-    def _send_decode(
-        self, stepping: list[Request], extensions: dict[int, list[int]], items: list[PrefillItem], after_step: int = 0
-    ) -> _DecodeCall:
-        self._last_step += 1
-        span = self._step_span("decode", stepping)
-        with trace.use_span(span):  # the call's task starts in this context, so the shard's span joins the trace
-            task = asyncio.ensure_future(
-                self.shards.decode([self.batch_id], extensions, items, self._last_step, after_step)
-            )
-        return _DecodeCall(task, span, stepping, items, self._last_step, time.perf_counter())
-
-    async def _finish_decode(self, call: _DecodeCall) -> None:
+    async def _decode(self, extensions: dict[int, list[int]], items: list[PrefillItem]) -> None:
+        started = time.perf_counter()
+        stepping = [r for r in self.active if r.phase is Phase.DECODING] + [i.request for i in items]
         self._step_method = "decode"
-        # The time the step took, not the time in flight: a lookahead's starts when the step before it ended.
-        started = max(call.sent_at, self._answered_at)
-        try:
-            answer = await call.task
-        finally:
-            call.span.end()
-        self._answered_at = time.perf_counter()
+        with self._step_span("decode", stepping):
+            answer = await self.shards.decode([self.batch_id], extensions, items)
         self._decodes_since_admission += 1
         self._observe_step("decode", started, answer)
         self._shard_members = answer.request_ids
-        self._chunks_computed(call.items)
+        self._chunks_computed(items)
         self._postprocess(answer.generations, "decode")
-
-    def _look_ahead(self, previous: _DecodeCall) -> None:
-        """Sends the next Decode now, while ``previous`` is still computing, when nothing can change it.
-
-        The shard then starts it the moment ``previous`` ends instead of one round trip
-        (and the router's handling of the answer) later. It is the same batch one token
-        further, so it is sent only when that batch is certain: no prompt chunks in
-        flight, no admission due, nobody finishing by length and blocks for every token
-        without preempting anyone. A request that stops otherwise (end of sequence, a
-        stop string, a cancel) still gets one more token computed, which is dropped;
-        its blocks are safe to release meanwhile because the shard runs calls one after
-        the other and no call can use them before this one has run.
-        """
-        if previous.items or self.unavailable is not None or self._admission_due(decodes_ahead=1):
-            return
-        if [r.id for r in self.active] != [r.id for r in previous.stepping]:
-            return  # someone finished, was cancelled or preempted since: the next step filters first
-        if any(not self._continues(r) for r in self.active):
-            return
-        extensions = self._blocks_ahead()
-        if extensions is not None:
-            self._ahead = self._send_decode(list(self.active), extensions, [], after_step=previous.step)
-
-    def _continues(self, r: Request) -> bool:
-        """Whether ``r`` certainly needs a token after the one being computed (not its last by length)."""
-        after = len(r.generated) + 1
-        return r.phase is Phase.DECODING and after < r.max_new_tokens and r.length + 1 < self.limits.max_total_tokens
-
-    def _blocks_ahead(self) -> dict[int, list[int]] | None:
-        """Blocks for a token past the one in flight, for every active request; None (and nothing held) if short."""
-        extensions: dict[int, list[int]] = {}
-        for r in self.active:
-            needed = self.allocator.blocks_for(r.computed + 2) - len(r.blocks)
-            if needed <= 0:
-                continue
-            try:
-                extensions[r.id] = self.allocator.allocate(needed)
-            except OutOfBlocks:
-                for blocks in extensions.values():
-                    self.allocator.release(blocks)
-                return None
-        for r in self.active:
-            r.blocks += extensions.get(r.id, [])
-        return extensions
-
-    def _drop_lookahead(self) -> None:
-        """After a failed step: the lookahead's answer no longer matters (the batch is failed or recomputed)."""
-        if self._ahead is not None:
-            self._ahead.task.cancel()
-            self._ahead.span.end()
-            self._ahead = None
 
     def _chunks_computed(self, items: list[PrefillItem]) -> None:
         for item in items:
@@ -340,18 +239,19 @@ class Scheduler:
             self.metrics.queue_duration.observe(now - r.arrived_at)
             self.metrics.vllm_queue_time.observe(now - r.arrived_at)
 
-    def _step_span(self, name: str, requests: list[Request]) -> trace.Span:
+    def _step_span(self, name: str, requests: list[Request]):  # type: ignore[no-untyped-def]
         """A span for one batch step, in the trace of its oldest request and linked to every other one.
 
-        It is made current while the shards are called, so their spans join that trace.
+        It is current while the shards are called, so their spans join that trace.
         """
         contexts = [r.trace_context for r in requests if r.trace_context is not None]
         links = [trace.Link(trace.get_current_span(c).get_span_context()) for c in contexts[1:]]
-        return self.tracer.start_span(
+        span = self.tracer.start_as_current_span(
             name, context=contexts[0] if contexts else None, links=links, attributes={"switchyard.batch": len(requests)}
         )
+        return span
 
-    def _admission_due(self, decodes_ahead: int = 0) -> bool:
+    def _admission_due(self) -> bool:
         """TGI's policy for interrupting decode with a prefill of new arrivals.
 
         With nothing decoding, admit at once. Otherwise wait until enough
@@ -362,7 +262,7 @@ class Scheduler:
         if not self.waiting:
             return False
         decoding = sum(1 for r in self.active if r.phase is Phase.DECODING)
-        if decoding == 0 or self._decodes_since_admission + decodes_ahead >= self.limits.max_waiting_tokens:
+        if decoding == 0 or self._decodes_since_admission >= self.limits.max_waiting_tokens:
             return True
         return len(self.waiting) >= int(decoding * self.limits.waiting_served_ratio)
 

@@ -104,23 +104,13 @@ class ShardClient:
         return _step_answer(answer)
 
     async def decode(
-        self,
-        batch_ids: list[int],
-        extensions: dict[int, list[int]],
-        chunks: Sequence[PrefillItem] = (),
-        step: int = 0,
-        after_step: int = 0,
+        self, batch_ids: list[int], extensions: dict[int, list[int]], chunks: Sequence[PrefillItem] = ()
     ) -> StepAnswer:
-        """One token for every decoding request, and ``chunks`` of prompts in the same forward.
-
-        ``step`` numbers the call; ``after_step``, when set, is the call it must run after
-        (sent before that one's answer: the router's lookahead)."""
+        """One token for every decoding request, and ``chunks`` of prompts in the same forward."""
         message = pb.DecodeRequest(
             batches=[pb.CachedBatch(id=i) for i in batch_ids],
             extensions=[pb.BlockExtension(request_id=r, blocks=b) for r, b in extensions.items()],
             prefill=[_request_pb(i) for i in chunks],
-            step=step,
-            after_step=after_step,
         )
         return _step_answer(await self._all("Decode", message))
 

@@ -6,7 +6,6 @@ import asyncio
 import concurrent.futures
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -23,11 +22,6 @@ from shard.engine import Engine, NewRequest, StepResult
 from shard.errors import InvalidRequest
 
 T = TypeVar("T")
-
-#: How long a pipelined Decode waits for the call it follows to arrive (DecodeRequest.after_step).
-STEP_ORDER_TIMEOUT_S = 5.0
-#: Numbered Decode calls remembered as started, for the ordering of pipelined ones.
-STARTED_STEPS_KEPT = 64
 
 
 def request_from_pb(r: pb.Request) -> NewRequest:
@@ -81,33 +75,9 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         # torch work runs on one thread so the event loop keeps answering Health;
         # one thread also serialises steps, which share the batch store.
         self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
-        # Numbers of the Decode calls queued on the model thread (whose FIFO order is the
-        # execution order), so that a pipelined one starts after its predecessor.
-        self._started_steps: deque[int] = deque(maxlen=STARTED_STEPS_KEPT)
-        self._step_started = asyncio.Condition()
 
     async def _on_model_thread(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn)
-
-    async def _decode_in_order(self, request: pb.DecodeRequest, context, fn: Callable[[], T]) -> T:  # type: ignore[no-untyped-def]
-        """Queues a Decode on the model thread after the call it names as its predecessor."""
-        if request.after_step:
-            try:
-                async with self._step_started:
-                    waiting = self._step_started.wait_for(lambda: request.after_step in self._started_steps)
-                    await asyncio.wait_for(waiting, STEP_ORDER_TIMEOUT_S)
-            except TimeoutError:
-                await context.abort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"Decode {request.step} follows Decode {request.after_step}, which did not arrive "
-                    f"within {STEP_ORDER_TIMEOUT_S:.0f}s",
-                )
-        queued = asyncio.get_running_loop().run_in_executor(self._model_thread, fn)
-        if request.step:
-            async with self._step_started:
-                self._started_steps.append(request.step)
-                self._step_started.notify_all()
-        return await queued
 
     async def Info(self, request, context):
         e = self.engine
@@ -162,9 +132,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         extensions = {x.request_id: list(x.blocks) for x in request.extensions}
         chunks = [request_from_pb(r) for r in request.prefill]
         with self.tracer.start_as_current_span("shard.decode") as span:
-            result = await self._decode_in_order(
-                request, context, lambda: self.engine.decode(batch_ids, extensions, chunks)
-            )
+            result = await self._on_model_thread(lambda: self.engine.decode(batch_ids, extensions, chunks))
             span.set_attribute("switchyard.requests", len(result.generations))
             span.set_attribute("switchyard.prompt_tokens", sum(r.chunk_len for r in chunks))
             span.set_attribute("switchyard.forward_ns", result.forward_ns)
