@@ -80,7 +80,7 @@ def load_model(
         # numbers), then every linear on the step-invariant kernel (shard.invariant_linear),
         # a 4-bit checkpoint's layers stored on their own grid (shard.quantization).
         fuse_shared_inputs(model)
-        head_is_q8_0 = wants_quantized(quantize, dtype) and gguf_head_type(source) == "Q8_0"
+        head_is_q8_0 = wants_quantized(quantize) and gguf_head_type(source) == "Q8_0"
         plan = plan_storage(model, quantize, dtype, head_is_q8_0=head_is_q8_0)
         make_linears_invariant(model, plan)
         make_experts_invariant(model)

@@ -64,8 +64,7 @@ class QuantizedWeight:
     grid_error: float
 
     def __post_init__(self) -> None:
-        low_bits = (1 << (24 - SCALE_BITS[self.bits])) - 1
-        if bool((self.scale.float().contiguous().view(torch.int32) & low_bits).any()):
+        if bool((self.scale.float().contiguous().view(torch.int32) & _dropped_mask(self.bits)).any()):
             raise ValueError(f"{self.bits}-bit scales must have at most {SCALE_BITS[self.bits]} significant bits")
 
     def dequantize(self) -> torch.Tensor:
@@ -80,11 +79,16 @@ class QuantizedWeight:
 SCALE_BITS = {4: 20, 8: 17}
 
 
+def _dropped_mask(bits: int) -> int:
+    """The fp32 mantissa bits a scale of ``bits``-bit values must leave zero (24 - SCALE_BITS)."""
+    return (1 << (24 - SCALE_BITS[bits])) - 1
+
+
 def _exact_product_scale(scale: torch.Tensor, bits: int) -> torch.Tensor:
     """scale rounded (to nearest, on the magnitude's bits) to SCALE_BITS[bits] significant bits."""
-    drop = 24 - SCALE_BITS[bits]
+    mask = _dropped_mask(bits)
     raw = scale.float().contiguous().view(torch.int32)
-    return ((raw + (1 << (drop - 1))) & ~((1 << drop) - 1)).view(torch.float32)
+    return ((raw + (mask + 1) // 2) & ~mask).view(torch.float32)
 
 
 def _groups(weight: torch.Tensor) -> torch.Tensor:
@@ -144,7 +148,7 @@ def exact_grid(weight: torch.Tensor, bits: int) -> QuantizedWeight | None:
     return QuantizedWeight(bits, q_found.reshape(weight.shape), scale_found, offset, 0.0)
 
 
-def wants_quantized(mode: str, dtype: torch.dtype) -> bool:
+def wants_quantized(mode: str) -> bool:
     """Whether to look for quantized storage at all (``none`` keeps the loaded dtype)."""
     if mode not in MODES:
         raise ValueError(f"QUANTIZE must be one of {MODES}, got {mode!r}")
@@ -170,7 +174,7 @@ def plan_storage(
     Q8_0 (``head_is_q8_0``, from the GGUF header: bf16 weights cannot tell an 8-bit grid
     apart). ``int4``: every layer but the head. ``none``: nothing.
     """
-    if not wants_quantized(mode, dtype):
+    if not wants_quantized(mode):
         return {}
     get_output = getattr(model, "get_output_embeddings", None)
     output = get_output() if callable(get_output) else None
