@@ -6,7 +6,10 @@ reduction dimension by the number of rows, so a prompt token computed inside a
 prefix-cache hit, or in a chunk) differ in the last bits, and a near-tie in the
 logits then flips a token. ``shard/kernels/linear.c`` computes every output element
 as one fused multiply-add chain over the input dimension in a fixed order,
-whatever the number of rows, the row's place among them, or the thread count.
+whatever the number of rows, the row's place among them, or the thread count. On
+CPUs with AVX512-BF16, bf16 activations multiply by VDPBF16PS instead (pairs of
+exact bf16 products, 4-/8-bit weights group by group): twice the multiply-adds
+per instruction, in an order just as fixed.
 
 Every ``nn.Linear`` of a CPU model is replaced by an ``InvariantLinear`` holding
 its weight packed once into the kernel's column tiles: fp32 or bf16 as loaded
@@ -50,6 +53,10 @@ class LinearKernel:
         library.linear_tile_columns.restype = ctypes.c_int
         #: Output columns per packed tile in this build (16 or 32, by instruction set).
         self.tile = int(library.linear_tile_columns())
+        library.linear_bf16_dot.restype = ctypes.c_int
+        #: Whether bf16 activations with bf16 or 4-/8-bit weights multiply by VDPBF16PS (AVX512-BF16
+        #: builds: pairs of exact bf16 products, see linear.c) rather than by fp32 FMAs.
+        self.bf16_dot = bool(library.linear_bf16_dot())
 
     def tiles(self, matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[out, cols] -> [tiles, cols, tile] in ``dtype``, rows past ``out`` zero."""

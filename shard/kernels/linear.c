@@ -413,6 +413,292 @@ static void unbuffered_tiles(const Weights *wt, const float *xf, const float *bi
     }
 }
 
+/*
+ * bf16 activations on CPUs with AVX512-BF16: the products by VDPBF16PS, which adds two exact
+ * bf16 products to each fp32 lane (in the order the CPU defines) per
+ * instruction: twice the multiply-adds of an fp32 FMA, and half the bytes in a tile buffer.
+ * The order is as fixed as the fp32 path's, the same at every step size, row and thread count:
+ *   bf16 weights: each element is one VDPBF16PS chain over the pairs (k, k + 1), k = 0, 2, ...,
+ *     K - 2, started from 0;
+ *   4-/8-bit weights: per group of 32 k, G = such a chain over its 16 pairs with the integer
+ *     q values (exact in bf16), then acc = fma(scale, G, acc) and acc = fma(offset, S, acc),
+ *     group after group from acc = 0, S the group's sum of x (fp32, k ascending): the sum of
+ *     x (q scale + offset) regrouped; the weights are still exactly GGUF's.
+ * Only for bf16 activations (exact in bf16: nothing is rounded on the way in) and even K; the
+ * packed layouts are the ones above, paired up as they are read.
+ */
+#if defined(__AVX512BF16__) && TILE == 32
+#define BF16_DOT 1
+
+static inline __attribute__((always_inline)) __m512 dot_pairs(__m512 acc, __m512i x, __m512i w) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
+}
+
+/* Word indices: pairs (row k, row k + 1) of one panel from two 32-column rows (bf16), or from the
+ * 32 words of two 16-byte rows (4-bit: word i of row k, word 16 + i of row k + 1). */
+static const uint16_t BF16_PANEL_PAIRS[2][32] = {
+    { 0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47 },
+    { 16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63 },
+};
+static const uint16_t BYTE_PAIRS[32] = { 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                         8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31 };
+/* bf16 bits of 0, 1, ..., 15: a 4-bit value to bf16 is one word permutation. */
+static const uint16_t NIBBLE_BF16[32] = { 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+                                          0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170 };
+
+/* Two int8 rows of 16 columns to (row k, row k + 1) bf16 pairs: ints of 8 bits are exact in
+ * fp32 and in its upper half. */
+static inline __attribute__((always_inline)) __m512i int8_pairs(const int8_t *even, const int8_t *odd) {
+    const __m512i a = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)even))));
+    const __m512i b = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)odd))));
+    return _mm512_or_si512(_mm512_srli_epi32(a, 16), _mm512_and_si512(b, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+/* Rows k and k + 1 (k even) of a tile as bf16 pairs, one vector per panel of 16 columns. */
+static inline __attribute__((always_inline)) void pair_rows(const int wtype, const TileStart *s, int64_t k,
+                                                            __m512i w[2]) {
+    if (wtype == BF16) {
+        const uint16_t *v = (const uint16_t *)s->values + k * TILE;
+        const __m512i a = _mm512_loadu_si512(v), b = _mm512_loadu_si512(v + TILE);
+        w[0] = _mm512_permutex2var_epi16(a, _mm512_loadu_si512(BF16_PANEL_PAIRS[0]), b);
+        w[1] = _mm512_permutex2var_epi16(a, _mm512_loadu_si512(BF16_PANEL_PAIRS[1]), b);
+    } else if (wtype == INT4) {
+        const __m256i bytes = _mm256_loadu_si256((const __m256i *)((const uint8_t *)s->values + k * (TILE / 2)));
+        const __m512i paired = _mm512_permutexvar_epi16(_mm512_loadu_si512(BYTE_PAIRS), _mm512_cvtepu8_epi16(bytes));
+        const __m512i table = _mm512_loadu_si512(NIBBLE_BF16);
+        w[0] = _mm512_permutexvar_epi16(_mm512_and_si512(paired, _mm512_set1_epi16(15)), table);
+        w[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(paired, 4), table);
+    } else {
+        const int8_t *v = (const int8_t *)s->values + k * TILE;
+        w[0] = int8_pairs(v, v + TILE);
+        w[1] = int8_pairs(v + 16, v + TILE + 16);
+    }
+}
+
+/* S: each row's sum over each group of 32 x (fp32, k ascending), [rows][K / GROUP]. */
+static void group_sums(const uint16_t *x, int64_t rows, int64_t K, float *sums) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t g = 0; g < K / GROUP; g++) {
+            float s = 0.f;
+            for (int k = 0; k < GROUP; k++) s += bf16_to_f32(x[r * K + g * GROUP + k]);
+            sums[r * (K / GROUP) + g] = s;
+        }
+}
+
+static inline __attribute__((always_inline)) __m512i x_pair(const uint16_t *x, int64_t r, int64_t K, int64_t k) {
+    uint32_t pair;
+    memcpy(&pair, x + r * K + k, sizeof pair);
+    return _mm512_set1_epi32((int)pair);
+}
+
+/* acc = fma(scale, G, acc), then fma(offset, S, acc): the end of one group of a quantized layer. */
+static inline __attribute__((always_inline)) __m512 group_end(__m512 acc, __m512 g, const float *scale,
+                                                              const float *offset, float sum) {
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(scale), g, acc);
+    return _mm512_fmadd_ps(_mm512_loadu_ps(offset), _mm512_set1_ps(sum), acc);
+}
+
+/* few_rows_tiles() on bf16 pairs: the k-rows of G tiles paired in registers, no buffer. */
+static inline __attribute__((always_inline)) void few_rows_dot_tiles(const int rows, const int g, const int wtype,
+                                                                     const Weights *wt, int64_t t0, const uint16_t *x,
+                                                                     const float *sums, int64_t K, float *c) {
+    __m512 acc[SMALL_ROWS][8][2], part[SMALL_ROWS][8][2];
+    TileStart start[8];
+#pragma GCC unroll 8
+    for (int j = 0; j < g; j++) start[j] = tile_start(wt, t0 + j, K);
+#pragma GCC unroll 8
+    for (int r = 0; r < rows; r++)
+#pragma GCC unroll 8
+        for (int j = 0; j < g; j++) acc[r][j][0] = acc[r][j][1] = _mm512_setzero_ps();
+    const int64_t span = wtype == BF16 ? K : GROUP; /* k-rows per chain */
+    for (int64_t k0 = 0; k0 < K; k0 += span) {
+#pragma GCC unroll 8
+        for (int r = 0; r < rows; r++)
+#pragma GCC unroll 8
+            for (int j = 0; j < g; j++) part[r][j][0] = part[r][j][1] = _mm512_setzero_ps();
+        for (int64_t k = k0; k < k0 + span; k += 2) {
+            if (wtype != BF16 && k % 8 == 0) {
+#pragma GCC unroll 8
+                for (int j = 0; j < g; j++) prefetch_ahead(wtype, &start[j], k, K);
+            }
+            __m512i xr[SMALL_ROWS];
+#pragma GCC unroll 8
+            for (int r = 0; r < rows; r++) xr[r] = x_pair(x, r, K, k);
+#pragma GCC unroll 8
+            for (int j = 0; j < g; j++) {
+                __m512i w[2];
+                pair_rows(wtype, &start[j], k, w);
+#pragma GCC unroll 8
+                for (int r = 0; r < rows; r++) {
+                    part[r][j][0] = dot_pairs(part[r][j][0], xr[r], w[0]);
+                    part[r][j][1] = dot_pairs(part[r][j][1], xr[r], w[1]);
+                }
+            }
+        }
+        if (wtype == BF16) {
+#pragma GCC unroll 8
+            for (int r = 0; r < rows; r++)
+#pragma GCC unroll 8
+                for (int j = 0; j < g; j++) acc[r][j][0] = part[r][j][0], acc[r][j][1] = part[r][j][1];
+            break;
+        }
+#pragma GCC unroll 8
+        for (int j = 0; j < g; j++) {
+            const int64_t at = (k0 / GROUP) * TILE;
+#pragma GCC unroll 8
+            for (int r = 0; r < rows; r++)
+#pragma GCC unroll 2
+                for (int p = 0; p < 2; p++)
+                    acc[r][j][p] = group_end(acc[r][j][p], part[r][j][p], start[j].scales + at + p * 16,
+                                             start[j].offsets + at + p * 16, sums[r * (K / GROUP) + k0 / GROUP]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < g; j++)
+#pragma GCC unroll 8
+        for (int r = 0; r < rows; r++)
+#pragma GCC unroll 2
+            for (int p = 0; p < 2; p++) _mm512_storeu_ps(c + (j * rows + r) * TILE + p * 16, acc[r][j][p]);
+}
+
+#define FEW_DOT_CASE(R, G, T) case (R) * 64 + (G) * 8 + (T): few_rows_dot_tiles(R, G, T, wt, t0, x, sums, K, c); break;
+#define FEW_DOT_TYPES(R, G) FEW_DOT_CASE(R, G, BF16) FEW_DOT_CASE(R, G, INT4) FEW_DOT_CASE(R, G, INT8)
+static void few_rows_dot(int rows, int g, const Weights *wt, int64_t t0, const uint16_t *x, const float *sums,
+                         int64_t K, float *c) {
+    switch (rows * 64 + g * 8 + wt->wtype) {
+        FEW_DOT_TYPES(1, ONE_ROW_TILES) FEW_DOT_TYPES(1, 1) FEW_DOT_TYPES(2, 2) FEW_DOT_TYPES(2, 1)
+        FEW_DOT_TYPES(3, 1) FEW_DOT_TYPES(4, 1)
+        default: break;
+    }
+}
+
+/* Tile t as bf16 pairs [K / 2][TILE] (32-bit lanes, panel 0 then panel 1 of each pair of k-rows). */
+static void tile_pairs(const Weights *wt, int64_t t, int64_t K, __m512i *buf) {
+    const TileStart s = tile_start(wt, t, K);
+    for (int64_t k = 0; k < K; k += 2) pair_rows(wt->wtype, &s, k, buf + k);
+}
+
+/* MR rows past one tile's pairs: bf16 weights one chain over all pairs in registers; quantized
+ * ones a chain per group, added into c group by group (c starts at 0). */
+static inline __attribute__((always_inline)) void dot_microkernel(const int rows, const int wtype, const uint16_t *x,
+                                                                  int64_t K, const __m512i *w, const TileStart *s,
+                                                                  const float *sums, float *c) {
+    const int64_t span = wtype == BF16 ? K : GROUP;
+    for (int64_t k0 = 0; k0 < K; k0 += span) {
+        __m512 part[MR][2];
+#pragma GCC unroll 16
+        for (int r = 0; r < rows; r++) part[r][0] = part[r][1] = _mm512_setzero_ps();
+        for (int64_t k = k0; k < k0 + span; k += 2) {
+            const __m512i w0 = w[k], w1 = w[k + 1];
+#pragma GCC unroll 16
+            for (int r = 0; r < rows; r++) {
+                const __m512i xr = x_pair(x, r, K, k);
+                part[r][0] = dot_pairs(part[r][0], xr, w0);
+                part[r][1] = dot_pairs(part[r][1], xr, w1);
+            }
+        }
+        if (wtype == BF16) {
+#pragma GCC unroll 16
+            for (int r = 0; r < rows; r++)
+#pragma GCC unroll 2
+                for (int p = 0; p < 2; p++) _mm512_storeu_ps(c + r * TILE + p * 16, part[r][p]);
+            return;
+        }
+        const int64_t at = (k0 / GROUP) * TILE;
+#pragma GCC unroll 16
+        for (int r = 0; r < rows; r++)
+#pragma GCC unroll 2
+            for (int p = 0; p < 2; p++) {
+                const __m512 acc = k0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * TILE + p * 16);
+                _mm512_storeu_ps(c + r * TILE + p * 16, group_end(acc, part[r][p], s->scales + at + p * 16,
+                                                                  s->offsets + at + p * 16, sums[r * (K / GROUP) + k0 / GROUP]));
+            }
+    }
+}
+
+#define DOT_ROWS_CASE(R, T) case (R) * 8 + (T): dot_microkernel(R, T, x, K, w, s, sums, c); break;
+#define DOT_ROWS_TYPES(R) DOT_ROWS_CASE(R, BF16) DOT_ROWS_CASE(R, INT4) DOT_ROWS_CASE(R, INT8)
+static void dot_rows_tile(int rows, int wtype, const uint16_t *x, int64_t K, const __m512i *w, const TileStart *s,
+                          const float *sums, float *c) {
+    switch (rows * 8 + wtype) {
+        DOT_ROWS_TYPES(1) DOT_ROWS_TYPES(2) DOT_ROWS_TYPES(3) DOT_ROWS_TYPES(4) DOT_ROWS_TYPES(5) DOT_ROWS_TYPES(6)
+        DOT_ROWS_TYPES(7) DOT_ROWS_TYPES(8) DOT_ROWS_TYPES(9) DOT_ROWS_TYPES(10) DOT_ROWS_TYPES(11) DOT_ROWS_TYPES(12)
+        default: break;
+    }
+}
+
+static int buffered_dot_tiles(const Weights *wt, const uint16_t *x, const float *sums, const float *bias, void *y,
+                              int ytype, int64_t M, int64_t K, int64_t N, int threads) {
+    const int64_t tiles = (N + TILE - 1) / TILE;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        __m512i *buf = aligned_alloc(64, sizeof(__m512i) * K);
+        float *c = aligned_alloc(64, sizeof(float) * MR * TILE);
+        if (!buf || !c) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) {
+            if (!buf || !c) continue;
+            tile_pairs(wt, t, K, buf);
+            const TileStart s = tile_start(wt, t, K);
+            const int64_t col0 = t * TILE, cols = N - col0 < TILE ? N - col0 : TILE;
+            for (int64_t m = 0; m < M; m += MR) {
+                const int rows = (int)(M - m < MR ? M - m : MR);
+                dot_rows_tile(rows, wt->wtype, x + m * K, K, buf, &s, sums + m * (K / GROUP), c);
+                store_rows(rows, c, bias, col0, cols, N, ytype, y, m);
+            }
+        }
+        free(buf);
+        free(c);
+    }
+    return failed ? -2 : 0;
+}
+
+static void unbuffered_dot_tiles(const Weights *wt, const uint16_t *x, const float *sums, const float *bias, void *y,
+                                 int ytype, int M, int64_t K, int64_t N, int threads) {
+    const int64_t tiles = (N + TILE - 1) / TILE, per_group = tiles_per_group(M);
+    const int64_t groups = (tiles + per_group - 1) / per_group;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t group = 0; group < groups; group++) {
+        float c[SMALL_ROWS * 8 * TILE];
+        const int64_t t0 = group * per_group;
+        const int g = (int)(tiles - t0 < per_group ? tiles - t0 : per_group);
+        if (g == per_group) few_rows_dot(M, g, wt, t0, x, sums, K, c);
+        else
+            for (int j = 0; j < g; j++) few_rows_dot(M, 1, wt, t0 + j, x, sums, K, c + j * M * TILE);
+        for (int j = 0; j < g; j++) {
+            const int64_t col0 = (t0 + j) * TILE, cols = N - col0 < TILE ? N - col0 : TILE;
+            store_rows(M, c + j * M * TILE, bias, col0, cols, N, ytype, y, 0);
+        }
+    }
+}
+
+/* The bf16-pair path; sums only for quantized weights. */
+static int dot_linear(const Weights *wt, const uint16_t *x, const float *bias, void *y, int ytype, int64_t M,
+                      int64_t K, int64_t N, int threads) {
+    float *sums = NULL;
+    if (wt->wtype != BF16) {
+        sums = malloc(sizeof(float) * M * (K / GROUP));
+        if (!sums) return -2;
+        group_sums(x, M, K, sums);
+    }
+    int status = 0;
+    if (M <= SMALL_ROWS) unbuffered_dot_tiles(wt, x, sums, bias, y, ytype, (int)M, K, N, threads);
+    else status = buffered_dot_tiles(wt, x, sums, bias, y, ytype, M, K, N, threads);
+    free(sums);
+    return status;
+}
+#endif
+
+/* Whether bf16 activations take the bf16-pair path in this build (1) or the fp32 one (0). */
+int linear_bf16_dot(void) {
+#if defined(BF16_DOT)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* Returns 0, or a negative status (-1 bad arguments, -2 out of memory). */
 int invariant_linear(const void *x, int xtype, const void *packed, int wtype, const float *scales,
                      const float *offsets, const float *bias, void *y, int ytype, int64_t M, int64_t K, int64_t N,
@@ -421,6 +707,10 @@ int invariant_linear(const void *x, int xtype, const void *packed, int wtype, co
     if (wtype < F32 || wtype > INT8 || (wtype >= INT4 && (K % GROUP || !scales || !offsets))) return -1;
     const Weights wt = { packed, scales, offsets, wtype };
     if (M == 0) return 0;
+#if defined(BF16_DOT)
+    if (xtype == BF16 && wtype != F32 && K % 2 == 0)
+        return dot_linear(&wt, (const uint16_t *)x, bias, y, ytype, M, K, N, threads);
+#endif
     float *owned;
     const float *xf = rows_as_f32(x, xtype, M, K, &owned);
     if (!xf) return -2;

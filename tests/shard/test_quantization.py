@@ -88,7 +88,12 @@ def test_quantized_layers_compute_with_their_stored_values_at_every_step_size(bi
     reference = InvariantLinear(plain, kernel)  # fp32 weights: exactly the dequantized values
     x = torch.randn(21, 96, generator=generator).to(dtype)
     y = layer(x)
-    assert torch.equal(y, reference(x))
+    if dtype == torch.bfloat16 and kernel.bf16_dot:
+        # bf16 products by VDPBF16PS, the group's scale and offset applied to its sums: the same
+        # weights, products grouped otherwise than the fp32 layer's chain (within bf16 rounding).
+        torch.testing.assert_close(y.float(), reference(x).float(), atol=1e-2, rtol=2**-7)
+    else:
+        assert torch.equal(y, reference(x))
     for i in range(x.shape[0]):
         assert torch.equal(layer(x[i : i + 1]), y[i : i + 1])
 
@@ -158,11 +163,15 @@ def test_smollm2_int4_in_float32_is_lossless():
     threads=st.sampled_from([1, 2, 3]),
     storage=st.sampled_from(["float32", "bfloat16", "int4", "int8"]),
     out_features=st.sampled_from([16, 40, 80, 200]),
+    activations=st.sampled_from([torch.float32, torch.bfloat16]),
 )
-def test_every_storage_gives_a_row_the_same_bits_in_any_batch(rows, position, threads, storage, out_features):
+def test_every_storage_gives_a_row_the_same_bits_in_any_batch(
+    rows, position, threads, storage, out_features, activations
+):
     """Steps of up to four rows unpack the weights in registers, several tiles at a time (with a
     shorter group at the end); larger steps unpack each tile into a buffer. Both must give a row
-    the bits of the dequantized weights' fp32 layer, whatever the step."""
+    the same bits, whatever the step: with fp32 activations, the bits of the dequantized weights'
+    fp32 layer; with bf16 ones on AVX512-BF16 (VDPBF16PS), its values within bf16 rounding."""
     kernel = linear_kernel()
     generator = torch.Generator().manual_seed(out_features)
     weight = _on_grid(out_features, 96, generator)
@@ -181,15 +190,42 @@ def test_every_storage_gives_a_row_the_same_bits_in_any_batch(rows, position, th
         plain.weight.copy_(weight)
         plain.bias.copy_(linear.bias.float())
     reference = InvariantLinear(plain, kernel)
-    probe = torch.randn(1, 96, generator=generator)
-    others = torch.randn(rows, 96, generator=generator)
+    probe = torch.randn(1, 96, generator=generator).to(activations)
+    others = torch.randn(rows, 96, generator=generator).to(activations)
     where = position % (rows + 1)
     batch = torch.cat([others[:where], probe, others[where:]])
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         alone = layer(probe)
-        assert torch.equal(alone, reference(probe))
+        if activations == torch.bfloat16 and kernel.bf16_dot and storage != "float32":
+            torch.testing.assert_close(alone.float(), reference(probe).float(), atol=1e-2, rtol=2**-7)
+        else:
+            assert torch.equal(alone, reference(probe))
         assert torch.equal(layer(batch)[where : where + 1], alone)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "int4", "int8"])
+@pytest.mark.parametrize("rows", [1, 3, 5, 40])
+def test_bf16_activations_stay_within_bf16_rounding_of_the_exact_products(storage, rows):
+    """bf16 activations (VDPBF16PS on AVX512-BF16, fp32 FMAs elsewhere) against float64 products of
+    the very weights stored: off by the output's bf16 rounding and fp32 accumulation, no more."""
+    kernel = linear_kernel()
+    generator = torch.Generator().manual_seed(rows)
+    weight = _on_grid(200, 576, generator)  # 7 tiles (a partial one), 18 groups
+    linear = nn.Linear(576, 200, bias=True)
+    if storage == "bfloat16":
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+        linear = linear.to(torch.bfloat16)
+        layer, exact = InvariantLinear(linear, kernel), linear.weight.double()
+    else:
+        quantized = quantize_int4(weight) if storage == "int4" else quantize_int8(weight)
+        layer, exact = InvariantLinear(linear, kernel, quantized), quantized.dequantize().double()
+    x = torch.randn(rows, 576, generator=generator).to(torch.bfloat16)
+    want = x.double() @ exact.T + linear.bias.double()
+    magnitude = x.double().abs() @ exact.abs().T  # the scale of the rounding of a sum of products
+    error = (layer(x).double() - want).abs()
+    assert (error <= 2**-8 * want.abs() + 2**-20 * magnitude + 1e-6).all()
