@@ -578,12 +578,16 @@ static void tile_pairs(const Weights *wt, int64_t t, int64_t K, __m512i *buf) {
     for (int64_t k = 0; k < K; k += 2) pair_rows(wt->wtype, &s, k, buf + k);
 }
 
-/* MR rows past one tile's pairs: bf16 weights one chain over all pairs in registers; quantized
- * ones a chain per group, added into c group by group (c starts at 0). */
+/* MR rows past one tile's pairs: bf16 weights one chain over all pairs; quantized ones a chain per
+ * group, ended into acc (both in registers, so quantized steps take at most QUANTIZED_ROWS rows). */
+#define QUANTIZED_ROWS 6
 static inline __attribute__((always_inline)) void dot_microkernel(const int rows, const int wtype, const uint16_t *x,
                                                                   int64_t K, const __m512i *w, const TileStart *s,
                                                                   const float *sums, float *c) {
     const int64_t span = wtype == BF16 ? K : GROUP;
+    __m512 acc[MR][2];
+#pragma GCC unroll 16
+    for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int64_t k0 = 0; k0 < K; k0 += span) {
         __m512 part[MR][2];
 #pragma GCC unroll 16
@@ -599,32 +603,44 @@ static inline __attribute__((always_inline)) void dot_microkernel(const int rows
         }
         if (wtype == BF16) {
 #pragma GCC unroll 16
-            for (int r = 0; r < rows; r++)
-#pragma GCC unroll 2
-                for (int p = 0; p < 2; p++) _mm512_storeu_ps(c + r * TILE + p * 16, part[r][p]);
-            return;
+            for (int r = 0; r < rows; r++) acc[r][0] = part[r][0], acc[r][1] = part[r][1];
+            break;
         }
         const int64_t at = (k0 / GROUP) * TILE;
 #pragma GCC unroll 16
         for (int r = 0; r < rows; r++)
 #pragma GCC unroll 2
-            for (int p = 0; p < 2; p++) {
-                const __m512 acc = k0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * TILE + p * 16);
-                _mm512_storeu_ps(c + r * TILE + p * 16, group_end(acc, part[r][p], s->scales + at + p * 16,
-                                                                  s->offsets + at + p * 16, sums[r * (K / GROUP) + k0 / GROUP]));
-            }
+            for (int p = 0; p < 2; p++)
+                acc[r][p] = group_end(acc[r][p], part[r][p], s->scales + at + p * 16, s->offsets + at + p * 16,
+                                      sums[r * (K / GROUP) + k0 / GROUP]);
     }
+#pragma GCC unroll 16
+    for (int r = 0; r < rows; r++)
+#pragma GCC unroll 2
+        for (int p = 0; p < 2; p++) _mm512_storeu_ps(c + r * TILE + p * 16, acc[r][p]);
 }
 
 #define DOT_ROWS_CASE(R, T) case (R) * 8 + (T): dot_microkernel(R, T, x, K, w, s, sums, c); break;
-#define DOT_ROWS_TYPES(R) DOT_ROWS_CASE(R, BF16) DOT_ROWS_CASE(R, INT4) DOT_ROWS_CASE(R, INT8)
-static void dot_rows_tile(int rows, int wtype, const uint16_t *x, int64_t K, const __m512i *w, const TileStart *s,
-                          const float *sums, float *c) {
+#define DOT_ROWS_QUANTIZED(R) DOT_ROWS_CASE(R, INT4) DOT_ROWS_CASE(R, INT8)
+static void dot_rows_block(int rows, int wtype, const uint16_t *x, int64_t K, const __m512i *w, const TileStart *s,
+                           const float *sums, float *c) {
     switch (rows * 8 + wtype) {
-        DOT_ROWS_TYPES(1) DOT_ROWS_TYPES(2) DOT_ROWS_TYPES(3) DOT_ROWS_TYPES(4) DOT_ROWS_TYPES(5) DOT_ROWS_TYPES(6)
-        DOT_ROWS_TYPES(7) DOT_ROWS_TYPES(8) DOT_ROWS_TYPES(9) DOT_ROWS_TYPES(10) DOT_ROWS_TYPES(11) DOT_ROWS_TYPES(12)
+        DOT_ROWS_CASE(1, BF16) DOT_ROWS_CASE(2, BF16) DOT_ROWS_CASE(3, BF16) DOT_ROWS_CASE(4, BF16)
+        DOT_ROWS_CASE(5, BF16) DOT_ROWS_CASE(6, BF16) DOT_ROWS_CASE(7, BF16) DOT_ROWS_CASE(8, BF16)
+        DOT_ROWS_CASE(9, BF16) DOT_ROWS_CASE(10, BF16) DOT_ROWS_CASE(11, BF16) DOT_ROWS_CASE(12, BF16)
+        DOT_ROWS_QUANTIZED(1) DOT_ROWS_QUANTIZED(2) DOT_ROWS_QUANTIZED(3) DOT_ROWS_QUANTIZED(4)
+        DOT_ROWS_QUANTIZED(5) DOT_ROWS_QUANTIZED(6)
         default: break;
     }
+}
+
+/* Up to MR rows: at once for bf16 weights, QUANTIZED_ROWS at a time for quantized ones. */
+static void dot_rows_tile(int rows, int wtype, const uint16_t *x, int64_t K, const __m512i *w, const TileStart *s,
+                          const float *sums, float *c) {
+    const int step = wtype == BF16 ? MR : QUANTIZED_ROWS;
+    for (int r = 0; r < rows; r += step)
+        dot_rows_block(rows - r < step ? rows - r : step, wtype, x + r * K, K, w, s,
+                       sums ? sums + r * (K / GROUP) : NULL, c + r * TILE);
 }
 
 static int buffered_dot_tiles(const Weights *wt, const uint16_t *x, const float *sums, const float *bias, void *y,
@@ -644,7 +660,7 @@ static int buffered_dot_tiles(const Weights *wt, const uint16_t *x, const float 
             const int64_t col0 = t * TILE, cols = N - col0 < TILE ? N - col0 : TILE;
             for (int64_t m = 0; m < M; m += MR) {
                 const int rows = (int)(M - m < MR ? M - m : MR);
-                dot_rows_tile(rows, wt->wtype, x + m * K, K, buf, &s, sums + m * (K / GROUP), c);
+                dot_rows_tile(rows, wt->wtype, x + m * K, K, buf, &s, sums ? sums + m * (K / GROUP) : NULL, c);
                 store_rows(rows, c, bias, col0, cols, N, ytype, y, m);
             }
         }
@@ -683,8 +699,13 @@ static int dot_linear(const Weights *wt, const uint16_t *x, const float *bias, v
         group_sums(x, M, K, sums);
     }
     int status = 0;
-    if (M <= SMALL_ROWS) unbuffered_dot_tiles(wt, x, sums, bias, y, ytype, (int)M, K, N, threads);
-    else status = buffered_dot_tiles(wt, x, sums, bias, y, ytype, M, K, N, threads);
+    if (M <= 2 * SMALL_ROWS) {
+        for (int64_t m = 0; m < M; m += SMALL_ROWS) {
+            const int rows = (int)(M - m < SMALL_ROWS ? M - m : SMALL_ROWS);
+            unbuffered_dot_tiles(wt, x + m * K, sums ? sums + m * (K / GROUP) : NULL, bias,
+                                 (char *)y + m * N * (ytype == F32 ? 4 : 2), ytype, rows, K, N, threads);
+        }
+    } else status = buffered_dot_tiles(wt, x, sums, bias, y, ytype, M, K, N, threads);
     free(sums);
     return status;
 }
