@@ -30,8 +30,8 @@ class RouterConfig:
     max_concurrent_requests: int
     max_stop_sequences: int
     max_top_n_tokens: int
-    waiting_served_ratio: float
-    max_waiting_tokens: int
+    waiting_served_ratio: float | None
+    max_waiting_tokens: int | None
     otlp_endpoint: str | None = None
     otlp_service_name: str = "switchyard-router"
     #: Seconds a request waits for a restarted shard before it fails.
@@ -84,9 +84,12 @@ class Limits:
         if config.max_input_tokens and config.max_input_tokens >= total:
             log.warning("MAX_INPUT_TOKENS=%d must be below %d: using %d", config.max_input_tokens, total, inputs)
         prefill = config.max_batch_prefill_tokens or default_prefill_budget(inputs, device)
-        return cls(
-            inputs, total, prefill, config.max_batch_size, config.waiting_served_ratio, config.max_waiting_tokens
-        )
+        ratio, steps = default_admission(device)
+        if config.waiting_served_ratio is not None:
+            ratio = config.waiting_served_ratio
+        if config.max_waiting_tokens is not None:
+            steps = config.max_waiting_tokens
+        return cls(inputs, total, prefill, config.max_batch_size, ratio, steps)
 
 
 #: Prompt tokens per step on a CPU shard (vLLM's CPU default too): every step carries
@@ -101,6 +104,21 @@ def default_prefill_budget(max_input_tokens: int, device: str) -> int:
     if device.startswith("cpu"):
         return CPU_PREFILL_BUDGET
     return max(max_input_tokens, 4096)
+
+
+def default_admission(device: str) -> tuple[float, int]:
+    """(WAITING_SERVED_RATIO, MAX_WAITING_TOKENS) when unset.
+
+    Every step carries the running streams' decode tokens and the prompt chunks together, and
+    on CPU the chunks are bounded (CPU_PREFILL_BUDGET): holding arrivals back (TGI's 1.2 and 20)
+    then only leaves their slots empty, ~20 steps (~3 s at 64 streams on a 2-core CPU) of each
+    request's life, for no saving, since their prompts cost the same later. So a CPU shard takes
+    arrivals at the next step, as vLLM's chunked prefill does. On GPU, where a step takes whole
+    prompts (4,096+ tokens) and running streams stall for them, TGI's policy stays.
+    """
+    if device.startswith("cpu"):
+        return 0.0, 0
+    return 1.2, 20
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
