@@ -26,13 +26,14 @@ import torch
 from benchmarks.engine import BLOCK
 from benchmarks.served import LOADGEN, PLAN
 from common.model_source import resolve_model, tokenizer_source
+from router.config import CPU_PREFILL_BUDGET
 from router.tokenization import Tokenizer
 from shard.engine import Engine, NewRequest
 from shard.model_loader import choose_dtype, load_model
 from shard.sampling import SamplingParams
 
 #: The router's default prompt tokens per step on CPU (MAX_BATCH_PREFILL_TOKENS).
-PREFILL_BUDGET = 2048
+PREFILL_BUDGET = CPU_PREFILL_BUDGET
 NEW_TOKENS = 128
 BATCH = 1
 PREFIX_BATCH = 2  # holds the shared system prompt's blocks; never decoded
