@@ -6,10 +6,11 @@ torch operations and module calls (RMSNorm alone is seven, rotary embeddings ten
 each a few microseconds of dispatch: at 30 layers that was a third of the step.
 ``FastDecoderLayer`` runs the same layer as: norm, fused q/k/v product, rotary in
 place, KV write, paged attention, output product, residual, norm, fused gate/up
-product, activation, down product, residual. The norm and the rotary are C kernels
-(``shard/kernels/layer_ops.c``) whose result for a token depends only on that token,
-like every other operation of the step, so a token keeps the same bits in a prefill,
-a chunk or a decode step.
+product, activation, down product, residual. The norm, the rotary and silu(gate) * up
+are C kernels (``shard/kernels/layer_ops.c``) whose result for a token depends only on
+that token, like every other operation of the step, so a token keeps the same bits in a
+prefill, a chunk or a decode step; the residual sums are taken as the linear kernel
+stores the products (the bits of adding them after).
 
 Only classes whose forward is known to be exactly this computation are replaced
 (``LAYERS``); any other layer, and any model off the CPU, keeps transformers' code.
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from shard.attention import paged_attention_forward
+from shard.invariant_linear import InvariantLinear
 from shard.kernels import load_library
 from shard.shared_input import SharedInputSlice
 
@@ -66,7 +68,9 @@ class LayerOps:
         self._norm.argtypes = [pointer, size, pointer, ctypes.c_float, pointer, size, size, size, count, count]
         self._rotary = library.rotary
         self._rotary.argtypes = [pointer, size, size, count, count, pointer, pointer, count, count]
-        self._norm.restype = self._rotary.restype = None
+        self._silu_mul = library.silu_mul
+        self._silu_mul.argtypes = [pointer, size, size, size, pointer, count, count]
+        self._norm.restype = self._rotary.restype = self._silu_mul.restype = None
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x [tokens, width] (rows may be strided); a new contiguous tensor."""
@@ -74,6 +78,15 @@ class LayerOps:
         self._norm(
             x.data_ptr(), x.stride(0), weight.data_ptr(), eps, out.data_ptr(), out.stride(0),
             x.shape[0], x.shape[1], _TYPES[x.dtype], torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    def silu_mul(self, product: torch.Tensor, width: int) -> torch.Tensor:
+        """silu(product[:, :width]) * product[:, width:] for a fused gate/up product [tokens, 2 * width]."""
+        out = torch.empty((product.shape[0], width), dtype=product.dtype)
+        self._silu_mul(
+            product.data_ptr(), product.stride(0), product.shape[0], width, out.data_ptr(), _TYPES[product.dtype],
+            torch.get_num_threads(),
         )  # fmt: skip
         return out
 
@@ -115,21 +128,31 @@ class FastDecoderLayer(nn.Module):
         # fewer module calls per layer. A tuple, so that nn.Module does not register them twice.
         self.qkv = _fused(attention, ("q_proj", "k_proj", "v_proj"))
         self.gate_up = _fused(self.mlp, ("gate_proj", "up_proj"))
+        #: The gate's width where silu(gate) * up is one C call on the fused product (its two
+        #: halves, SiLU activation); 0 where the torch operations run.
+        self.silu_width = 0
+        if self.gate_up and isinstance(self.mlp.act_fn, nn.SiLU):
+            (g0, g1), (u0, u1) = self.gate_up[1]
+            if g0 == 0 and u0 == g1 and u1 - u0 == g1:
+                self.silu_width = g1
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: Any = None, **kwargs: Any) -> torch.Tensor:
         ops = layer_ops()
         assert ops is not None  # checked when the layer was installed
         x = hidden_states[0]  # [tokens, hidden]: the engine packs a step into one row
         attention = self.attention(ops, x, position_embeddings, kwargs)
-        x = x + self.self_attn.o_proj(attention)
-        mlp = self.mlp
+        x = _plus(self.self_attn.o_proj, attention, x)
         h = self._norm(ops, self.post_attention_layernorm, x)
-        if self.gate_up:
-            gate, up = _split(self.gate_up, h)
-        else:
-            gate, up = mlp.gate_proj(h), mlp.up_proj(h)
-        x = x + mlp.down_proj(mlp.act_fn(gate) * up)
+        x = _plus(self.mlp.down_proj, self.activated(ops, h), x)
         return x.unsqueeze(0)
+
+    def activated(self, ops: LayerOps, h: torch.Tensor) -> torch.Tensor:
+        """act_fn(gate_proj(h)) * up_proj(h): the down projection's input."""
+        mlp = self.mlp
+        if self.gate_up and self.silu_width:
+            return ops.silu_mul(self.gate_up[0](h), self.silu_width)
+        gate, up = _split(self.gate_up, h) if self.gate_up else (mlp.gate_proj(h), mlp.up_proj(h))
+        return mlp.act_fn(gate) * up
 
     def attention(self, ops: LayerOps, x: torch.Tensor, position_embeddings: Any, kwargs: dict) -> torch.Tensor:
         """The attention block's output before o_proj: [tokens, heads * head_dim]."""
@@ -167,6 +190,13 @@ def _fused(parent: nn.Module, names: tuple[str, ...]) -> tuple[nn.Module, list[t
     if len(owners) != 1 or [s.index for s in slices] != list(range(len(names))):  # type: ignore[union-attr]
         return ()
     return projection.fused, projection.bounds
+
+
+def _plus(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + layer(x), the sum taken as the step-invariant kernel stores its results."""
+    if isinstance(layer, InvariantLinear):
+        return layer.plus(x, residual)
+    return residual + layer(x)
 
 
 def _split(fused: tuple[nn.Module, list[tuple[int, int]]], h: torch.Tensor) -> list[torch.Tensor]:

@@ -47,8 +47,8 @@ class LinearKernel:
         self._function.restype = ctypes.c_int
         self._function.argtypes = [
             ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-            ctypes.c_int,
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+            ctypes.c_int64, ctypes.c_int,
         ]  # fmt: skip
         library.linear_tile_columns.restype = ctypes.c_int
         #: Output columns per packed tile in this build (16 or 32, by instruction set).
@@ -88,8 +88,10 @@ class LinearKernel:
         offsets: torch.Tensor | None,
         bias: torch.Tensor | None,
         out_features: int,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x @ W.T + bias`` for a 2-d ``x`` in its dtype (float16 through fp32).
+        """``x @ W.T + bias`` for a 2-d ``x`` in its dtype (float16 through fp32); with ``residual``
+        ([rows, out_features]), ``residual + (x @ W.T + bias)``, the same bits as adding it after.
 
         Called once per linear layer per step: a one-sequence decode step of a small model is
         ~120 calls of ~100 us, so every microsecond of Python here shows (no torch dispatcher,
@@ -100,14 +102,18 @@ class LinearKernel:
         if not x.is_contiguous():
             x = x.contiguous()
         y = x.new_empty((x.shape[0], out_features))
+        fused = residual is not None and residual.dtype == y.dtype and residual.shape == y.shape
+        if fused and not residual.is_contiguous():  # type: ignore[union-attr]
+            residual = residual.contiguous()  # type: ignore[union-attr]
         status = self._function(
             x.data_ptr(), _CODES[x.dtype], packed.data_ptr(), _CODES[packed.dtype], _pointer(scales),
-            _pointer(offsets), _pointer(bias), y.data_ptr(), _CODES[y.dtype],
-            x.shape[0], packed.shape[1], out_features, torch.get_num_threads(),
+            _pointer(offsets), _pointer(bias), residual.data_ptr() if fused else None,  # type: ignore[union-attr]
+            y.data_ptr(), _CODES[y.dtype], x.shape[0], packed.shape[1], out_features, torch.get_num_threads(),
         )  # fmt: skip
         if status != 0:
             raise RuntimeError(f"the invariant linear kernel failed with status {status}")
-        return y if y.dtype == result_dtype else y.to(result_dtype)
+        y = y if y.dtype == result_dtype else y.to(result_dtype)
+        return y if fused or residual is None else residual + y
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
@@ -163,6 +169,15 @@ class InvariantLinear(nn.Module):
         packed: torch.Tensor = buffers["packed"]  # type: ignore[assignment]
         y = linear_kernel()(flat, packed, buffers["scales"], buffers["offsets"], buffers["bias"], self.out_features)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def plus(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)`` for 2-d ``x`` and ``residual``, the sum taken as the results are
+        stored (the same bits, one pass and one tensor fewer)."""
+        buffers = self._buffers
+        packed: torch.Tensor = buffers["packed"]  # type: ignore[assignment]
+        return linear_kernel()(
+            x, packed, buffers["scales"], buffers["offsets"], buffers["bias"], self.out_features, residual
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -9,6 +9,10 @@
  *   rotary     x = (x * cos) + (rotate_half(x) * sin) in place, every product and the sum
  *              rounded separately exactly as transformers' apply_rotary_pos_emb computes them
  *              (in bf16 each operation rounds to bf16, as torch's bf16 tensors do).
+ *   silu_mul   out = silu(gate) * up over the two halves of a fused gate/up product: silu in
+ *              fp32 as x / (1 + e^-x) with the exponential of fixed_order.h (within an ulp or
+ *              two of torch's), rounded to the type, then the product rounded, as torch's
+ *              act_fn(gate) * up on tensors of that type.
  * Types: 0 fp32, 1 bf16 (x, weight, cos, sin and out share the model's dtype).
  * Built with -ffp-contract=off: a written a * b + c stays two roundings.
  */
@@ -84,6 +88,27 @@ void rotary(void *x, int64_t stride, int64_t tokens, int heads, int dim, const v
                 store(v, type, i, first[i]);
                 store(v, type, i + half, second[i]);
             }
+        }
+    }
+}
+
+/* silu(x) = x / (1 + e^-x); for x < 0 as x e^x / (1 + e^x), so that the exponential's argument
+ * is never positive (no overflow, the accurate side of exp_nonpositive). */
+static inline float silu(float x) {
+    const float e = exp_nonpositive(x >= 0.f ? -x : x);
+    return x >= 0.f ? x / (1.f + e) : (x * e) / (1.f + e);
+}
+
+/* product [rows, 2 * width] with rows stride elements apart: gate = columns [0, width), up =
+ * [width, 2 * width); out [rows, width] contiguous. */
+void silu_mul(const void *product, int64_t stride, int64_t rows, int64_t width, void *out, int type, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows > 16)
+    for (int64_t r = 0; r < rows; r++) {
+        const char *row = (const char *)product + r * stride * (type == F32 ? 4 : 2);
+        char *dst = (char *)out + r * width * (type == F32 ? 4 : 2);
+        for (int64_t i = 0; i < width; i++) {
+            const float activated = rounded(silu(load(row, type, i)), type);
+            store(dst, type, i, activated * load(row, type, i + width));
         }
     }
 }

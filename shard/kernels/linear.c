@@ -32,6 +32,7 @@
  *          size (no kernel switch by size, as library int4 kernels need).
  *   bias   [N] fp32 or NULL (added after the chain)
  *   y      [M, N] row-major, fp32 or bf16 (round to nearest even)
+ *   residual [M, N] like y, or NULL: added to the rounded result and rounded again (store_rows)
  *
  * Built at run time by shard/kernels/__init__.py for the host (-march=native). The
  * arithmetic is spelled with explicit FMA intrinsics (or fmaf), so no compiler flag
@@ -341,16 +342,46 @@ static void few_rows(int rows, int g, const Weights *wt, int64_t t0, const float
     }
 }
 
-static void store_rows(int rows, const float *c, const float *bias, int64_t col0, int64_t cols, int64_t N,
-                       int ytype, void *y, int64_t row0) {
+/* Where a call's results go: y [M, N] in ytype, plus bias [N] (fp32) and residual [M, N] (ytype)
+ * where given. */
+typedef struct {
+    void *y;
+    const float *bias;
+    const void *residual;
+    int ytype;
+    int64_t N;
+} Output;
+
+/* The same output from row m on. */
+static Output rows_from(const Output *o, int64_t m) {
+    const int64_t bytes = m * o->N * (o->ytype == F32 ? 4 : 2);
+    Output shifted = *o;
+    shifted.y = (char *)o->y + bytes;
+    shifted.residual = o->residual ? (const char *)o->residual + bytes : NULL;
+    return shifted;
+}
+
+/* y = (c + bias) rounded to ytype, then residual + y rounded again: the very bits of adding the
+ * residual to the layer's output tensor afterwards (as x + layer(h) does), in one pass. */
+static void store_rows(const Output *o, int rows, const float *c, int64_t col0, int64_t cols, int64_t row0) {
+    const float *bias = o->bias;
     for (int r = 0; r < rows; r++) {
         const float *cr = c + r * TILE;
-        if (ytype == F32) {
-            float *yr = (float *)y + (row0 + r) * N + col0;
-            for (int64_t j = 0; j < cols; j++) yr[j] = bias ? cr[j] + bias[col0 + j] : cr[j];
+        const int64_t at = (row0 + r) * o->N + col0;
+        if (o->ytype == F32) {
+            float *yr = (float *)o->y + at;
+            const float *res = o->residual ? (const float *)o->residual + at : NULL;
+            for (int64_t j = 0; j < cols; j++) {
+                const float v = bias ? cr[j] + bias[col0 + j] : cr[j];
+                yr[j] = res ? res[j] + v : v;
+            }
         } else {
-            uint16_t *yr = (uint16_t *)y + (row0 + r) * N + col0;
-            for (int64_t j = 0; j < cols; j++) yr[j] = f32_to_bf16(bias ? cr[j] + bias[col0 + j] : cr[j]);
+            uint16_t *yr = (uint16_t *)o->y + at;
+            const uint16_t *res = o->residual ? (const uint16_t *)o->residual + at : NULL;
+            for (int64_t j = 0; j < cols; j++) {
+                const uint16_t v = f32_to_bf16(bias ? cr[j] + bias[col0 + j] : cr[j]);
+                yr[j] = res ? f32_to_bf16(bf16_to_f32(res[j]) + bf16_to_f32(v)) : v;
+            }
         }
     }
 }
@@ -368,8 +399,8 @@ static const float *rows_as_f32(const void *x, int xtype, int64_t M, int64_t K, 
 }
 
 /* Steps of more rows: each tile unpacked once into a per-thread buffer, MR rows at a time past it. */
-static int buffered_tiles(const Weights *wt, const float *xf, const float *bias, void *y, int ytype, int64_t M,
-                          int64_t K, int64_t N, int threads) {
+static int buffered_tiles(const Weights *wt, const float *xf, const Output *o, int64_t M, int64_t K, int threads) {
+    const int64_t N = o->N;
     const int64_t tiles = (N + TILE - 1) / TILE;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
@@ -385,7 +416,7 @@ static int buffered_tiles(const Weights *wt, const float *xf, const float *bias,
             for (int64_t m = 0; m < M; m += MR) {
                 const int rows = (int)(M - m < MR ? M - m : MR);
                 rows_tile(rows, xf + m * K, K, w, c);
-                store_rows(rows, c, bias, col0, cols, N, ytype, y, m);
+                store_rows(o, rows, c, col0, cols, m);
             }
         }
         free(buf);
@@ -394,8 +425,8 @@ static int buffered_tiles(const Weights *wt, const float *xf, const float *bias,
 }
 
 /* M <= SMALL_ROWS: groups of tiles_per_group(M) tiles split over the threads, no buffer. */
-static void unbuffered_tiles(const Weights *wt, const float *xf, const float *bias, void *y, int ytype, int M,
-                             int64_t K, int64_t N, int threads) {
+static void unbuffered_tiles(const Weights *wt, const float *xf, const Output *o, int M, int64_t K, int threads) {
+    const int64_t N = o->N;
     const int64_t tiles = (N + TILE - 1) / TILE, per_group = tiles_per_group(M);
     const int64_t groups = (tiles + per_group - 1) / per_group;
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -408,7 +439,7 @@ static void unbuffered_tiles(const Weights *wt, const float *xf, const float *bi
             for (int j = 0; j < g; j++) few_rows(M, 1, wt, t0 + j, xf, K, c + j * M * TILE);
         for (int j = 0; j < g; j++) {
             const int64_t col0 = (t0 + j) * TILE, cols = N - col0 < TILE ? N - col0 : TILE;
-            store_rows(M, c + j * M * TILE, bias, col0, cols, N, ytype, y, 0);
+            store_rows(o, M, c + j * M * TILE, col0, cols, 0);
         }
     }
 }
@@ -643,8 +674,9 @@ static void dot_rows_tile(int rows, int wtype, const uint16_t *x, int64_t K, con
                        sums ? sums + r * (K / GROUP) : NULL, c + r * TILE);
 }
 
-static int buffered_dot_tiles(const Weights *wt, const uint16_t *x, const float *sums, const float *bias, void *y,
-                              int ytype, int64_t M, int64_t K, int64_t N, int threads) {
+static int buffered_dot_tiles(const Weights *wt, const uint16_t *x, const float *sums, const Output *o, int64_t M,
+                              int64_t K, int threads) {
+    const int64_t N = o->N;
     const int64_t tiles = (N + TILE - 1) / TILE;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
@@ -661,7 +693,7 @@ static int buffered_dot_tiles(const Weights *wt, const uint16_t *x, const float 
             for (int64_t m = 0; m < M; m += MR) {
                 const int rows = (int)(M - m < MR ? M - m : MR);
                 dot_rows_tile(rows, wt->wtype, x + m * K, K, buf, &s, sums ? sums + m * (K / GROUP) : NULL, c);
-                store_rows(rows, c, bias, col0, cols, N, ytype, y, m);
+                store_rows(o, rows, c, col0, cols, m);
             }
         }
         free(buf);
@@ -670,8 +702,9 @@ static int buffered_dot_tiles(const Weights *wt, const uint16_t *x, const float 
     return failed ? -2 : 0;
 }
 
-static void unbuffered_dot_tiles(const Weights *wt, const uint16_t *x, const float *sums, const float *bias, void *y,
-                                 int ytype, int M, int64_t K, int64_t N, int threads) {
+static void unbuffered_dot_tiles(const Weights *wt, const uint16_t *x, const float *sums, const Output *o, int M,
+                                 int64_t K, int threads) {
+    const int64_t N = o->N;
     const int64_t tiles = (N + TILE - 1) / TILE, per_group = tiles_per_group(M);
     const int64_t groups = (tiles + per_group - 1) / per_group;
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -684,14 +717,13 @@ static void unbuffered_dot_tiles(const Weights *wt, const uint16_t *x, const flo
             for (int j = 0; j < g; j++) few_rows_dot(M, 1, wt, t0 + j, x, sums, K, c + j * M * TILE);
         for (int j = 0; j < g; j++) {
             const int64_t col0 = (t0 + j) * TILE, cols = N - col0 < TILE ? N - col0 : TILE;
-            store_rows(M, c + j * M * TILE, bias, col0, cols, N, ytype, y, 0);
+            store_rows(o, M, c + j * M * TILE, col0, cols, 0);
         }
     }
 }
 
 /* The bf16-pair path; sums only for quantized weights. */
-static int dot_linear(const Weights *wt, const uint16_t *x, const float *bias, void *y, int ytype, int64_t M,
-                      int64_t K, int64_t N, int threads) {
+static int dot_linear(const Weights *wt, const uint16_t *x, const Output *o, int64_t M, int64_t K, int threads) {
     float *sums = NULL;
     if (wt->wtype != BF16) {
         sums = malloc(sizeof(float) * M * (K / GROUP));
@@ -702,10 +734,10 @@ static int dot_linear(const Weights *wt, const uint16_t *x, const float *bias, v
     if (M <= 2 * SMALL_ROWS) {
         for (int64_t m = 0; m < M; m += SMALL_ROWS) {
             const int rows = (int)(M - m < SMALL_ROWS ? M - m : SMALL_ROWS);
-            unbuffered_dot_tiles(wt, x + m * K, sums ? sums + m * (K / GROUP) : NULL, bias,
-                                 (char *)y + m * N * (ytype == F32 ? 4 : 2), ytype, rows, K, N, threads);
+            const Output part = rows_from(o, m);
+            unbuffered_dot_tiles(wt, x + m * K, sums ? sums + m * (K / GROUP) : NULL, &part, rows, K, threads);
         }
-    } else status = buffered_dot_tiles(wt, x, sums, bias, y, ytype, M, K, N, threads);
+    } else status = buffered_dot_tiles(wt, x, sums, o, M, K, threads);
     free(sums);
     return status;
 }
@@ -722,22 +754,23 @@ int linear_bf16_dot(void) {
 
 /* Returns 0, or a negative status (-1 bad arguments, -2 out of memory). */
 int invariant_linear(const void *x, int xtype, const void *packed, int wtype, const float *scales,
-                     const float *offsets, const float *bias, void *y, int ytype, int64_t M, int64_t K, int64_t N,
-                     int threads) {
+                     const float *offsets, const float *bias, const void *residual, void *y, int ytype, int64_t M,
+                     int64_t K, int64_t N, int threads) {
     if (M < 0 || K < 1 || N < 1 || xtype < F32 || xtype > BF16 || ytype < F32 || ytype > BF16) return -1;
     if (wtype < F32 || wtype > INT8 || (wtype >= INT4 && (K % GROUP || !scales || !offsets))) return -1;
     const Weights wt = { packed, scales, offsets, wtype };
+    const Output o = { y, bias, residual, ytype, N };
     if (M == 0) return 0;
 #if defined(BF16_DOT)
     if (xtype == BF16 && wtype != F32 && K % 2 == 0)
-        return dot_linear(&wt, (const uint16_t *)x, bias, y, ytype, M, K, N, threads);
+        return dot_linear(&wt, (const uint16_t *)x, &o, M, K, threads);
 #endif
     float *owned;
     const float *xf = rows_as_f32(x, xtype, M, K, &owned);
     if (!xf) return -2;
     int status = 0;
-    if (M <= SMALL_ROWS) unbuffered_tiles(&wt, xf, bias, y, ytype, (int)M, K, N, threads);
-    else status = buffered_tiles(&wt, xf, bias, y, ytype, M, K, N, threads);
+    if (M <= SMALL_ROWS) unbuffered_tiles(&wt, xf, &o, (int)M, K, threads);
+    else status = buffered_tiles(&wt, xf, &o, M, K, threads);
     free(owned);
     return status;
 }

@@ -35,6 +35,23 @@ def test_rotary_is_transformers_bit_for_bit(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [64, 1536, 33])
+def test_silu_mul_matches_torch_and_ignores_other_rows(dtype, width):
+    """On the two halves of a fused gate/up product, strided rows, as the layer calls it; large
+    arguments of both signs (the exponential's range ends) included."""
+    ops = layer_ops()
+    assert ops is not None
+    product = (torch.randn(23, 2 * width + 8) * 4).to(dtype)[:, 4 : 4 + 2 * width]  # rows 2 * width + 8 apart
+    product[0, :4] = torch.tensor([-100.0, 100.0, -0.0, 1e-30])
+    ours = ops.silu_mul(product, width)
+    want = torch.nn.functional.silu(product[:, :width]) * product[:, width:]
+    tolerance = {} if dtype == torch.bfloat16 else {"atol": 1e-6, "rtol": 1e-6}
+    torch.testing.assert_close(ours, want, **tolerance)
+    for row in (0, 11, 22):  # a row alone: the same bits as among the others
+        assert torch.equal(ops.silu_mul(product[row : row + 1], width), ours[row : row + 1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("width", [64, 576, 33])
 def test_rms_norm_matches_transformers_and_ignores_other_rows(dtype, width):
     ops = layer_ops()

@@ -60,3 +60,13 @@ def test_every_plain_linear_is_replaced():
     assert make_linears_invariant(model) == 2
     assert isinstance(model[0], InvariantLinear) and isinstance(model[2][0], InvariantLinear)
     assert model(torch.randn(5, 8)).shape == (5, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 7, 40])
+def test_a_residual_added_as_results_are_stored_is_the_same_bits_as_after(dtype, rows):
+    _, layer = _layer(96, 200, dtype=dtype, bias=True, seed=3)
+    x = torch.randn(rows, 96).to(dtype)
+    residual = (torch.randn(rows, 200) * 10).to(dtype)
+    assert torch.equal(layer.plus(x, residual), residual + layer(x))
+    assert torch.equal(layer.plus(x, residual.float()), residual.float() + layer(x))  # another dtype: added after
