@@ -93,22 +93,35 @@ void rotary(void *x, int64_t stride, int64_t tokens, int heads, int dim, const v
 }
 
 /* silu(x) = x / (1 + e^-x); for x < 0 as x e^x / (1 + e^x), so that the exponential's argument
- * is never positive (no overflow, the accurate side of exp_nonpositive). */
+ * is never positive (no overflow, the accurate side of exp_nonpositive). Branch-free, so that
+ * the compiler vectorizes it (a branch on the sign mispredicts every other element). */
 static inline float silu(float x) {
-    const float e = exp_nonpositive(x >= 0.f ? -x : x);
-    return x >= 0.f ? x / (1.f + e) : (x * e) / (1.f + e);
+    const float e = exp_nonpositive(-fabsf(x));
+    return (x >= 0.f ? x : x * e) / (1.f + e);
+}
+
+/* One row: sixteen elements at a time through local arrays, which the compiler vectorizes
+ * without aliasing checks (type is a constant in each caller's copy). */
+static inline __attribute__((always_inline)) void silu_mul_row(const char *row, char *dst, int64_t width,
+                                                               const int type) {
+    for (int64_t i0 = 0; i0 < width; i0 += LANES) {
+        const int n = width - i0 < LANES ? (int)(width - i0) : LANES;
+        float gate[LANES] = { 0 }, up[LANES] = { 0 }, result[LANES];
+        for (int j = 0; j < n; j++) gate[j] = load(row, type, i0 + j), up[j] = load(row, type, width + i0 + j);
+        for (int j = 0; j < LANES; j++) result[j] = rounded(silu(gate[j]), type) * up[j];
+        for (int j = 0; j < n; j++) store(dst, type, i0 + j, result[j]);
+    }
 }
 
 /* product [rows, 2 * width] with rows stride elements apart: gate = columns [0, width), up =
  * [width, 2 * width); out [rows, width] contiguous. */
 void silu_mul(const void *product, int64_t stride, int64_t rows, int64_t width, void *out, int type, int threads) {
+    const int64_t size = type == F32 ? 4 : 2;
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows > 16)
     for (int64_t r = 0; r < rows; r++) {
-        const char *row = (const char *)product + r * stride * (type == F32 ? 4 : 2);
-        char *dst = (char *)out + r * width * (type == F32 ? 4 : 2);
-        for (int64_t i = 0; i < width; i++) {
-            const float activated = rounded(silu(load(row, type, i)), type);
-            store(dst, type, i, activated * load(row, type, i + width));
-        }
+        const char *row = (const char *)product + r * stride * size;
+        char *dst = (char *)out + r * width * size;
+        if (type == F32) silu_mul_row(row, dst, width, F32);
+        else silu_mul_row(row, dst, width, BF16);
     }
 }
