@@ -507,7 +507,8 @@ static inline __attribute__((always_inline)) void pair_rows(const int wtype, con
 }
 
 /* S: each row's sum over each group of 32 x (fp32, k ascending), [rows][K / GROUP]. */
-static void group_sums(const uint16_t *x, int64_t rows, int64_t K, float *sums) {
+static void group_sums(const uint16_t *x, int64_t rows, int64_t K, float *sums, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows > 16)
     for (int64_t r = 0; r < rows; r++)
         for (int64_t g = 0; g < K / GROUP; g++) {
             float s = 0.f;
@@ -728,7 +729,7 @@ static int dot_linear(const Weights *wt, const uint16_t *x, const Output *o, int
     if (wt->wtype != BF16) {
         sums = malloc(sizeof(float) * M * (K / GROUP));
         if (!sums) return -2;
-        group_sums(x, M, K, sums);
+        group_sums(x, M, K, sums, threads);
     }
     int status = 0;
     if (M <= 2 * SMALL_ROWS) {
