@@ -55,6 +55,8 @@ LAYERS = {
     "MistralDecoderLayer": _mistral_window,
     "Qwen2DecoderLayer": _qwen2_window,
 }
+#: Activation classes computing torch's silu: torch's own and transformers' (ACT2FN["silu"]).
+SILU = {"SiLU", "SiLUActivation"}
 #: Norm classes computing weight * (x * rsqrt(mean(x^2) + eps)) in float32, cast back first.
 NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
 
@@ -131,7 +133,7 @@ class FastDecoderLayer(nn.Module):
         #: The gate's width where silu(gate) * up is one C call on the fused product (its two
         #: halves, SiLU activation); 0 where the torch operations run.
         self.silu_width = 0
-        if self.gate_up and isinstance(self.mlp.act_fn, nn.SiLU):
+        if self.gate_up and type(self.mlp.act_fn).__name__ in SILU:
             (g0, g1), (u0, u1) = self.gate_up[1]
             if g0 == 0 and u0 == g1 and u1 - u0 == g1:
                 self.silu_width = g1

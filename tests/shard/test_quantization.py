@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from shard.decoder_layers import FastDecoderLayer
 from shard.invariant_linear import InvariantLinear, linear_kernel, make_linears_invariant
 from shard.quantization import GROUP, exact_grid, plan_storage, quantize_int4, quantize_int8
 from tests.models import SMOLLM
@@ -128,6 +129,10 @@ def test_smollm2_q4_1_is_stored_on_its_own_4bit_values():
     storage = [m.storage for m in model.modules() if isinstance(m, InvariantLinear)]
     head = model.get_output_embeddings()
     assert isinstance(head, InvariantLinear) and head.storage == "int8"
+    # Its fused gate/up product feeds silu(gate) * up in one C call (shard.decoder_layers).
+    fast = [m for m in model.modules() if isinstance(m, FastDecoderLayer)]
+    assert len(fast) == model.config.num_hidden_layers
+    assert all(m.silu_width == model.config.intermediate_size for m in fast)
     # Per layer: q/k/v fused, o, gate/up fused, down (shard.shared_input); and the head.
     assert storage.count("int4") == 4 * model.config.num_hidden_layers
     plain = load_model(SMOLLM, torch.bfloat16, torch.device("cpu"), quantize="none")
