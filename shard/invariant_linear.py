@@ -165,15 +165,16 @@ class InvariantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        buffers = self._buffers  # one dict instead of four nn.Module.__getattr__ lookups
-        packed: torch.Tensor = buffers["packed"]  # type: ignore[assignment]
-        y = linear_kernel()(flat, packed, buffers["scales"], buffers["offsets"], buffers["bias"], self.out_features)
+        y = self._product(flat, None)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def plus(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + self(x)`` for 2-d ``x`` and ``residual``, the sum taken as the results are
         stored (the same bits, one pass and one tensor fewer)."""
-        buffers = self._buffers
+        return self._product(x, residual)
+
+    def _product(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        buffers = self._buffers  # one dict instead of four nn.Module.__getattr__ lookups
         packed: torch.Tensor = buffers["packed"]  # type: ignore[assignment]
         return linear_kernel()(
             x, packed, buffers["scales"], buffers["offsets"], buffers["bias"], self.out_features, residual

@@ -352,15 +352,6 @@ typedef struct {
     int64_t N;
 } Output;
 
-/* The same output from row m on. */
-static Output rows_from(const Output *o, int64_t m) {
-    const int64_t bytes = m * o->N * (o->ytype == F32 ? 4 : 2);
-    Output shifted = *o;
-    shifted.y = (char *)o->y + bytes;
-    shifted.residual = o->residual ? (const char *)o->residual + bytes : NULL;
-    return shifted;
-}
-
 /* y = (c + bias) rounded to ytype, then residual + y rounded again: the very bits of adding the
  * residual to the layer's output tensor afterwards (as x + layer(h) does), in one pass. */
 static void store_rows(const Output *o, int rows, const float *c, int64_t col0, int64_t cols, int64_t row0) {
@@ -422,26 +413,6 @@ static int buffered_tiles(const Weights *wt, const float *xf, const Output *o, i
         free(buf);
     }
     return failed ? -2 : 0;
-}
-
-/* M <= SMALL_ROWS: groups of tiles_per_group(M) tiles split over the threads, no buffer. */
-static void unbuffered_tiles(const Weights *wt, const float *xf, const Output *o, int M, int64_t K, int threads) {
-    const int64_t N = o->N;
-    const int64_t tiles = (N + TILE - 1) / TILE, per_group = tiles_per_group(M);
-    const int64_t groups = (tiles + per_group - 1) / per_group;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t group = 0; group < groups; group++) {
-        float c[SMALL_ROWS * 8 * TILE];
-        const int64_t t0 = group * per_group;
-        const int g = (int)(tiles - t0 < per_group ? tiles - t0 : per_group);
-        if (g == per_group) few_rows(M, g, wt, t0, xf, K, c);
-        else
-            for (int j = 0; j < g; j++) few_rows(M, 1, wt, t0 + j, xf, K, c + j * M * TILE);
-        for (int j = 0; j < g; j++) {
-            const int64_t col0 = (t0 + j) * TILE, cols = N - col0 < TILE ? N - col0 : TILE;
-            store_rows(o, M, c + j * M * TILE, col0, cols, 0);
-        }
-    }
 }
 
 /*
@@ -703,8 +674,29 @@ static int buffered_dot_tiles(const Weights *wt, const uint16_t *x, const float 
     return failed ? -2 : 0;
 }
 
-static void unbuffered_dot_tiles(const Weights *wt, const uint16_t *x, const float *sums, const Output *o, int M,
-                                 int64_t K, int threads) {
+#endif
+
+/* A step's input rows: fp32 ones for the fp32 path, or bf16 ones and their groups' sums (for
+ * quantized weights) for the bf16-pair path. */
+typedef struct {
+    const float *f32;
+    const uint16_t *bf16;
+    const float *sums;
+} StepRows;
+
+/* few_rows() or few_rows_dot(), by the path the rows are for. */
+static void few_rows_of(const StepRows *x, int rows, int g, const Weights *wt, int64_t t0, int64_t K, float *c) {
+#if defined(BF16_DOT)
+    if (x->bf16) {
+        few_rows_dot(rows, g, wt, t0, x->bf16, x->sums, K, c);
+        return;
+    }
+#endif
+    few_rows(rows, g, wt, t0, x->f32, K, c);
+}
+
+/* M <= SMALL_ROWS: groups of tiles_per_group(M) tiles split over the threads, no buffer. */
+static void unbuffered_tiles(const Weights *wt, const StepRows *x, const Output *o, int M, int64_t K, int threads) {
     const int64_t N = o->N;
     const int64_t tiles = (N + TILE - 1) / TILE, per_group = tiles_per_group(M);
     const int64_t groups = (tiles + per_group - 1) / per_group;
@@ -713,14 +705,24 @@ static void unbuffered_dot_tiles(const Weights *wt, const uint16_t *x, const flo
         float c[SMALL_ROWS * 8 * TILE];
         const int64_t t0 = group * per_group;
         const int g = (int)(tiles - t0 < per_group ? tiles - t0 : per_group);
-        if (g == per_group) few_rows_dot(M, g, wt, t0, x, sums, K, c);
+        if (g == per_group) few_rows_of(x, M, g, wt, t0, K, c);
         else
-            for (int j = 0; j < g; j++) few_rows_dot(M, 1, wt, t0 + j, x, sums, K, c + j * M * TILE);
+            for (int j = 0; j < g; j++) few_rows_of(x, M, 1, wt, t0 + j, K, c + j * M * TILE);
         for (int j = 0; j < g; j++) {
             const int64_t col0 = (t0 + j) * TILE, cols = N - col0 < TILE ? N - col0 : TILE;
             store_rows(o, M, c + j * M * TILE, col0, cols, 0);
         }
     }
+}
+
+#if defined(BF16_DOT)
+/* The same output from row m on. */
+static Output rows_from(const Output *o, int64_t m) {
+    const int64_t bytes = m * o->N * (o->ytype == F32 ? 4 : 2);
+    Output shifted = *o;
+    shifted.y = (char *)o->y + bytes;
+    shifted.residual = o->residual ? (const char *)o->residual + bytes : NULL;
+    return shifted;
 }
 
 /* The bf16-pair path; sums only for quantized weights. */
@@ -736,7 +738,8 @@ static int dot_linear(const Weights *wt, const uint16_t *x, const Output *o, int
         for (int64_t m = 0; m < M; m += SMALL_ROWS) {
             const int rows = (int)(M - m < SMALL_ROWS ? M - m : SMALL_ROWS);
             const Output part = rows_from(o, m);
-            unbuffered_dot_tiles(wt, x + m * K, sums ? sums + m * (K / GROUP) : NULL, &part, rows, K, threads);
+            const StepRows chunk = { NULL, x + m * K, sums ? sums + m * (K / GROUP) : NULL };
+            unbuffered_tiles(wt, &chunk, &part, rows, K, threads);
         }
     } else status = buffered_dot_tiles(wt, x, sums, o, M, K, threads);
     free(sums);
@@ -770,7 +773,8 @@ int invariant_linear(const void *x, int xtype, const void *packed, int wtype, co
     const float *xf = rows_as_f32(x, xtype, M, K, &owned);
     if (!xf) return -2;
     int status = 0;
-    if (M <= SMALL_ROWS) unbuffered_tiles(&wt, xf, &o, (int)M, K, threads);
+    const StepRows rows = { xf, NULL, NULL };
+    if (M <= SMALL_ROWS) unbuffered_tiles(&wt, &rows, &o, (int)M, K, threads);
     else status = buffered_tiles(&wt, xf, &o, M, K, threads);
     free(owned);
     return status;
