@@ -10,7 +10,10 @@ product, activation, down product, residual. The norm, the rotary and silu(gate)
 are C kernels (``shard/kernels/layer_ops.c``) whose result for a token depends only on
 that token, like every other operation of the step, so a token keeps the same bits in a
 prefill, a chunk or a decode step; the residual sums are taken as the linear kernel
-stores the products (the bits of adding them after).
+stores the products (the bits of adding them after). Where every piece is the kernels'
+own (the usual case on a CPU), the whole sequence runs as one C call
+(``shard.native_layer``), the same kernels in the same order: the same bits without the
+Python between the calls.
 
 Only classes whose forward is known to be exactly this computation are replaced
 (``LAYERS``); any other layer, and any model off the CPU, keeps transformers' code.
@@ -21,7 +24,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -29,6 +32,7 @@ from torch import nn
 from shard.attention import paged_attention_forward
 from shard.invariant_linear import InvariantLinear
 from shard.kernels import load_library
+from shard.native_layer import NativeLayer, NativeStep, build
 from shard.shared_input import SharedInputSlice
 
 log = logging.getLogger(__name__)
@@ -137,16 +141,32 @@ class FastDecoderLayer(nn.Module):
             (g0, g1), (u0, u1) = self.gate_up[1]
             if g0 == 0 and u0 == g1 and u1 - u0 == g1:
                 self.silu_width = g1
+        self._native: NativeLayer | Literal[False] | None = None
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: Any = None, **kwargs: Any) -> torch.Tensor:
+        x = hidden_states[0]  # [tokens, hidden]: the engine packs a step into one row
+        native = self.native_layer()
+        step = native and NativeStep.of(kwargs.get("paged_step"), x, position_embeddings, native)
+        if step:
+            return step.forward(native, x).unsqueeze(0)  # type: ignore[arg-type]
         ops = layer_ops()
         assert ops is not None  # checked when the layer was installed
-        x = hidden_states[0]  # [tokens, hidden]: the engine packs a step into one row
         attention = self.attention(ops, x, position_embeddings, kwargs)
         x = _plus(self.self_attn.o_proj, attention, x)
         h = self._norm(ops, self.post_attention_layernorm, x)
         x = _plus(self.mlp.down_proj, self.activated(ops, h), x)
         return x.unsqueeze(0)
+
+    def native_layer(self) -> NativeLayer | None:
+        """This layer for the one-call path (shard.native_layer), described on first use: the
+        description holds addresses, so it is never saved with the module (``__getstate__``)."""
+        if self._native is None:
+            self._native = build(self) or False
+        return self._native or None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        return {**state, "_native": None}
 
     def activated(self, ops: LayerOps, h: torch.Tensor) -> torch.Tensor:
         """act_fn(gate_proj(h)) * up_proj(h): the down projection's input."""

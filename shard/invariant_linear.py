@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 #: The kernel's type codes (``enum`` in linear.c): activations fp32/bf16, weights also
 #: INT4 (two 4-bit values a byte: uint8) and INT8.
-_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.uint8: 2, torch.int8: 3}
+TYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.uint8: 2, torch.int8: 3}
 
 
 class LinearKernel:
@@ -97,7 +97,7 @@ class LinearKernel:
         ~120 calls of ~100 us, so every microsecond of Python here shows (no torch dispatcher,
         no copies of what is already contiguous)."""
         result_dtype = x.dtype
-        if result_dtype not in _CODES:
+        if result_dtype not in TYPE_CODES:
             x = x.float()
         if not x.is_contiguous():
             x = x.contiguous()
@@ -106,9 +106,9 @@ class LinearKernel:
         if fused and not residual.is_contiguous():  # type: ignore[union-attr]
             residual = residual.contiguous()  # type: ignore[union-attr]
         status = self._function(
-            x.data_ptr(), _CODES[x.dtype], packed.data_ptr(), _CODES[packed.dtype], _pointer(scales),
+            x.data_ptr(), TYPE_CODES[x.dtype], packed.data_ptr(), TYPE_CODES[packed.dtype], _pointer(scales),
             _pointer(offsets), _pointer(bias), residual.data_ptr() if fused else None,  # type: ignore[union-attr]
-            y.data_ptr(), _CODES[y.dtype], x.shape[0], packed.shape[1], out_features, torch.get_num_threads(),
+            y.data_ptr(), TYPE_CODES[y.dtype], x.shape[0], packed.shape[1], out_features, torch.get_num_threads(),
         )  # fmt: skip
         if status != 0:
             raise RuntimeError(f"the invariant linear kernel failed with status {status}")

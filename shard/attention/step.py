@@ -10,7 +10,7 @@ each kind of group.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -111,6 +111,9 @@ class PagedStep:
     #: Backends for groups of one-token queries and for longer (prefill) queries.
     decode_attention: GroupAttention
     prefill_attention: GroupAttention
+    #: What the step's layers share in the one-call layer (shard.native_layer): built by the
+    #: first layer; False where the step is not that path's to run.
+    native: Any = None
 
     def attention_for(self, group: AttentionGroup) -> GroupAttention:
         return self.decode_attention if group.is_decode else self.prefill_attention

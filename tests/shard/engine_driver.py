@@ -43,8 +43,7 @@ class Driver:
             self.next_block += 1
         return new
 
-    def prefill(self, items: list[tuple[Tracked, int]]) -> None:
-        """Prefills ``chunk`` prompt tokens of each tracked request."""
+    def _requests(self, items: list[tuple[Tracked, int]]) -> list[NewRequest]:
         requests = []
         for t, chunk in items:
             self.live[t.request_id] = t
@@ -60,19 +59,30 @@ class Driver:
                     t.sampled_before + len(t.tokens),
                 )
             )
-        result = self.engine.prefill(self.BATCH, requests)
+        return requests
+
+    def prefill(self, items: list[tuple[Tracked, int]]) -> None:
+        """Prefills ``chunk`` prompt tokens of each tracked request."""
+        result = self.engine.prefill(self.BATCH, self._requests(items))
         for t, chunk in items:
             t.computed += chunk
         self._record(result.generations)
 
-    def decode(self) -> None:
+    def decode(self, chunks: list[tuple[Tracked, int]] | None = None) -> None:
+        """Advances every decoding request by a token, and computes ``chunks`` of prompts in the
+        same step (a mixed step, as the router sends when prompts wait)."""
         extensions = {}
         for t in self.live.values():
             if t.tokens and t.computed == len(t.prompt) + len(t.tokens) - 1:
                 extensions[t.request_id] = self._blocks(t, t.computed + 1)
-        result = self.engine.decode([self.BATCH], extensions)
+        chunks = chunks or []
+        result = self.engine.decode([self.BATCH], extensions, self._requests(chunks))
+        chunked = {t.request_id for t, _ in chunks}
         for g in result.generations:
-            self.live[g.request_id].computed += 1
+            if g.request_id not in chunked:
+                self.live[g.request_id].computed += 1
+        for t, chunk in chunks:
+            t.computed += chunk
         self._record(result.generations)
 
     def finish(self, t: Tracked) -> None:
