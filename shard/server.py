@@ -63,7 +63,13 @@ def generations_pb(result: StepResult) -> list[pb.Generation]:
 
 class ShardServicer(pb_grpc.ShardServiceServicer):
     def __init__(
-        self, engine: Engine, config: ShardConfig, model_name: str, architecture: str, tracing: Tracing | None = None
+        self,
+        engine: Engine,
+        config: ShardConfig,
+        model_name: str,
+        architecture: str,
+        tracing: Tracing | None = None,
+        model_thread: concurrent.futures.ThreadPoolExecutor | None = None,
     ):
         self.engine = engine
         self.tracer = (tracing or Tracing()).tracer("switchyard.shard")
@@ -72,9 +78,10 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         self.architecture = architecture
         #: Tells the router this process from the one before it at the same address.
         self.instance_id = uuid.uuid4().hex
-        # torch work runs on one thread so the event loop keeps answering Health;
-        # one thread also serialises steps, which share the batch store.
-        self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
+        # torch work runs on one thread so the event loop keeps answering Health; one thread
+        # also serialises steps, which share the batch store. The thread that loaded the
+        # model, where one did (shard.__main__.serve says why it must be the same).
+        self._model_thread = model_thread or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
 
     async def _on_model_thread(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn)
