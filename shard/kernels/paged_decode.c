@@ -407,21 +407,40 @@ static void softmax512(float *s, int64_t n) {
     }
 }
 
-/* Scores of query head g for keys i0 .. i0+15 (fewer at the end): one dot product per
- * key in fp32 lanes (VDPBF16PS), then one transposing reduction for all sixteen. */
-static inline void score16(const Problem *pr, const uint16_t *qg, const uint16_t *kc, const int64_t *slots,
-                           int kvh, int64_t i0, int64_t n, int prefetch, float *out) {
-    const int dim = pr->head_dim, pairs = dim / 32;
+/* Scores of query head g for keys[0 .. n-1] (n <= 16): one dot product per key in fp32
+ * lanes (VDPBF16PS, k-pairs in ascending order), then one transposing reduction for all
+ * sixteen. For head_dim 64 and 128 the query's vectors stay in registers for the 16 keys
+ * (written out: the generic loop reloads them); the arithmetic is the same for all. */
+static inline void score16(const Problem *pr, const uint16_t *qg, const uint16_t *const *keys, int64_t n,
+                           float *out) {
+    const int pairs = pr->head_dim / 32;
     __m512 acc[16];
-    for (int j = 0; j < 16; j++) {
-        acc[j] = _mm512_setzero_ps();
-        if (j >= n) continue;
-        if (prefetch) prefetch_row(kc + slots[i0 + j + AHEAD] * pr->kv_heads * dim, pr->kv_heads * dim);
-        const uint16_t *key = kc + (slots[i0 + j] * pr->kv_heads + kvh) * dim;
-        for (int c = 0; c < pairs; c++)
-            acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512((const void *)(qg + 32 * c)),
-                                      (__m512bh)_mm512_loadu_si512((const void *)(key + 32 * c)));
+#define KEY(j, c) ((__m512bh)_mm512_loadu_si512((const void *)(keys[j] + 32 * (c))))
+#define QUERY(c) ((__m512bh)_mm512_loadu_si512((const void *)(qg + 32 * (c))))
+    if (pairs == 2) {
+        const __m512bh q0 = QUERY(0), q1 = QUERY(1);
+        for (int j = 0; j < 16; j++) {
+            acc[j] = _mm512_setzero_ps();
+            if (j >= n) continue;
+            acc[j] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[j], q0, KEY(j, 0)), q1, KEY(j, 1));
+        }
+    } else if (pairs == 4) {
+        const __m512bh q0 = QUERY(0), q1 = QUERY(1), q2 = QUERY(2), q3 = QUERY(3);
+        for (int j = 0; j < 16; j++) {
+            acc[j] = _mm512_setzero_ps();
+            if (j >= n) continue;
+            acc[j] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[j], q0, KEY(j, 0)), q1, KEY(j, 1));
+            acc[j] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[j], q2, KEY(j, 2)), q3, KEY(j, 3));
+        }
+    } else {
+        for (int j = 0; j < 16; j++) {
+            acc[j] = _mm512_setzero_ps();
+            if (j >= n) continue;
+            for (int c = 0; c < pairs; c++) acc[j] = _mm512_dpbf16_ps(acc[j], QUERY(c), KEY(j, c));
+        }
     }
+#undef KEY
+#undef QUERY
     _mm512_mask_storeu_ps(out, tail_mask(n), _mm512_mul_ps(sum_lanes16(acc), _mm512_set1_ps(pr->scale)));
 }
 
@@ -469,9 +488,12 @@ static void attend_bf16_avx512(const Problem *pr, int b, int kvh, const int64_t 
     const int64_t q_row = (int64_t)b * pr->heads + kvh * group;
     for (int64_t i0 = 0; i0 < span; i0 += 16) {
         const int64_t n = span - i0 < 16 ? span - i0 : 16;
-        const int prefetch = kvh == 0 && i0 + 16 + AHEAD <= span;
-        for (int g = 0; g < group; g++)
-            score16(pr, q + (q_row + g) * dim, kc, slots, kvh, i0, n, prefetch && g == 0, score + g * span + i0);
+        /* The block's key rows, found once for every query head that shares them. */
+        const uint16_t *keys[16];
+        for (int j = 0; j < n; j++) keys[j] = kc + (slots[i0 + j] * pr->kv_heads + kvh) * dim;
+        if (kvh == 0 && i0 + 16 + AHEAD <= span)
+            for (int j = 0; j < n; j++) prefetch_row(kc + slots[i0 + j + AHEAD] * pr->kv_heads * dim, pr->kv_heads * dim);
+        for (int g = 0; g < group; g++) score16(pr, q + (q_row + g) * dim, keys, n, score + g * span + i0);
     }
     for (int g = 0; g < group; g++) softmax512(score + g * span, span);
     uint16_t *out_rows = (uint16_t *)pr->out + q_row * dim;

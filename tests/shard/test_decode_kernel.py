@@ -23,6 +23,7 @@ CASES = [
     (torch.bfloat16, 4, 2, 64, 20),
     (torch.bfloat16, 10, 2, 64, None),  # five query heads per KV head: two value passes (4 + 1)
     (torch.bfloat16, 14, 2, 128, 33),  # seven per KV head (4 + 3), two 64-dim chunks
+    (torch.bfloat16, 4, 2, 192, 50),  # a head size whose query vectors are reloaded per key (score16)
     (torch.bfloat16, 6, 2, 48, None),  # bf16 without the vector path
     (torch.float32, 6, 2, 32, None),
     (torch.float32, 4, 1, 80, 7),
