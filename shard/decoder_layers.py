@@ -1,6 +1,6 @@
 """Llama-family decoder layers in a dozen calls instead of about sixty.
 
-Why: a decode step of one sequence is little arithmetic (SmolLM2-135M: ~12 ms of
+Why: a decode step of one sequence is little arithmetic (SmolLM2-135M: a few ms of
 matrix products stored as 4-bit), but transformers spells each layer with about sixty
 torch operations and module calls (RMSNorm alone is seven, rotary embeddings ten),
 each a few microseconds of dispatch: at 30 layers that was a third of the step.

@@ -117,16 +117,17 @@ def build(layer: Any) -> NativeLayer | None:
     if _library() is None or not (layer.qkv and layer.gate_up and layer.silu_width):
         return None
     attention, norms = layer.self_attn, (layer.input_layernorm, layer.post_attention_layernorm)
-    linears = [_linear(m) for m in (layer.qkv[0], attention.o_proj, layer.gate_up[0], layer.mlp.down_proj)]
+    found = [_linear(m) for m in (layer.qkv[0], attention.o_proj, layer.gate_up[0], layer.mlp.down_proj)]
+    linears = [w for w in found if w is not None]
     dtype = norms[0].weight.dtype
-    if any(w is None for w in linears) or dtype not in TYPES or norms[1].weight.dtype != dtype:
+    if len(linears) < 4 or dtype not in TYPES or norms[1].weight.dtype != dtype:
         return None
     qkv, o, gate_up, down = linears
     hidden, width = norms[0].weight.shape[0], layer.silu_width
     heads_width = layer.heads * layer.head_dim
-    if (qkv.in_features, o.in_features, o.out_features, down.out_features) != (hidden, heads_width, hidden, hidden):  # type: ignore[union-attr]
+    if (qkv.in_features, o.in_features, o.out_features, down.out_features) != (hidden, heads_width, hidden, hidden):
         return None
-    if gate_up.out_features != 2 * width or down.in_features != width:  # type: ignore[union-attr]
+    if gate_up.out_features != 2 * width or down.in_features != width:
         return None
     struct = _Layer(
         norms[0].weight.data_ptr(), norms[1].weight.data_ptr(), float(norms[0].variance_epsilon),
