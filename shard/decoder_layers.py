@@ -30,14 +30,13 @@ import torch
 from torch import nn
 
 from shard.attention import paged_attention_forward
+from shard.invariant_linear import ACTIVATION_CODES as _TYPES
 from shard.invariant_linear import InvariantLinear
 from shard.kernels import load_library
 from shard.native_layer import NativeLayer, NativeStep, build
 from shard.shared_input import SharedInputSlice
 
 log = logging.getLogger(__name__)
-
-_TYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def _llama_window(attention: Any) -> int | None:

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 #: The kernel's type codes (``enum`` in linear.c): activations fp32/bf16, weights also
 #: INT4 (two 4-bit values a byte: uint8) and INT8.
-TYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.uint8: 2, torch.int8: 3}
+ACTIVATION_CODES = {torch.float32: 0, torch.bfloat16: 1}
+TYPE_CODES = {**ACTIVATION_CODES, torch.uint8: 2, torch.int8: 3}
 
 
 class LinearKernel:

@@ -37,16 +37,9 @@ class PagedKVCache:
         # keys[layer], values[layer]: [num_slots, kv_heads, head_dim]
         self.keys = [_zeros(shape, layout.dtype, device) for _ in range(layout.num_layers)]
         self.values = [_zeros(shape, layout.dtype, device) for _ in range(layout.num_layers)]
-        self._addresses: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def addresses(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each layer's K and V memory address ([layers] int64), for kernels that take the whole
-        cache (shard.native_layer); fixed for the cache's life."""
-        if self._addresses is None:
-            self._addresses = tuple(
-                torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64) for tensors in (self.keys, self.values)
-            )  # type: ignore[assignment]
-        return self._addresses  # type: ignore[return-value]
+        #: Each layer's K and V memory address ([layers] int64), for kernels that take the whole
+        #: cache (shard.native_layer); fixed for the cache's life.
+        self.addresses = (_addresses_of(self.keys), _addresses_of(self.values))
 
     @property
     def num_slots(self) -> int:
@@ -74,6 +67,10 @@ class PagedKVCache:
         # key/value: [tokens, kv_heads, head_dim]
         self.keys[layer].index_copy_(0, slots, key.to(self.layout.dtype))
         self.values[layer].index_copy_(0, slots, value.to(self.layout.dtype))
+
+
+def _addresses_of(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

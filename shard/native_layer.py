@@ -23,11 +23,10 @@ from typing import Any
 import torch
 
 from shard.attention import PagedStep, cpu_paged
+from shard.invariant_linear import ACTIVATION_CODES as TYPES
 from shard.invariant_linear import TYPE_CODES, InvariantLinear
 from shard.kernels import load_library
 
-#: Activation types of the kernels: fp32 0, bf16 1.
-TYPES = {torch.float32: 0, torch.bfloat16: 1}
 _pointer, _int, _int64, _float = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 
 
@@ -145,24 +144,22 @@ class NativeStep:
         hidden, qkv_width, heads_width, intermediate = widths
         tables, context_len = _per_query_tables(paged_step)
         cos, sin = (t[0].contiguous() for t in rotary)
-        keys, values = cache.addresses()
-
-        def scratch(width: int) -> torch.Tensor:
-            return torch.empty((tokens, width), dtype=x.dtype)
-
+        keys, values = cache.addresses
+        # normed, qkv, q, attention, gate_up, activated (decoder_layer.c's Step)
+        scratch = [
+            torch.empty((tokens, width), dtype=x.dtype)
+            for width in (hidden, qkv_width, heads_width, heads_width, 2 * intermediate, intermediate)
+        ]
         self.widths = widths
         self.dtype = x.dtype
         # Every tensor the struct points into, kept alive for the step.
-        self._keep = [
-            paged_step.slots, tables, context_len, keys, values, cos, sin,
-            *(scratch(w) for w in (hidden, qkv_width, heads_width, heads_width, 2 * intermediate, intermediate)),
-        ]  # fmt: skip
+        self._keep = [paged_step.slots, tables, context_len, keys, values, cos, sin, *scratch]
         self.kernels = library.kernels[x.dtype]
         self.struct = _Step(
             ctypes.pointer(self.kernels), tokens, TYPES[x.dtype], torch.get_num_threads(),
             paged_step.slots.data_ptr(), tables.data_ptr(), context_len.data_ptr(), tables.shape[1],
             cache.block_size, keys.data_ptr(), values.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-            *(t.data_ptr() for t in self._keep[7:]),
+            *(t.data_ptr() for t in scratch),
         )  # fmt: skip
         self.run = library.run
 
