@@ -109,6 +109,8 @@ SETTINGS: tuple[Setting, ...] = (
        "...or once this many decode steps ran without them; default: 0 on CPU, 20 on GPU", kind=int),
     _s("--shard-recovery-timeout", "SHARD_RECOVERY_TIMEOUT", ROUTER,
        "seconds a request waits for a restarted shard before it fails", kind=float, default=60.0),
+    _s("--pipeline-steps", "PIPELINE_STEPS", ROUTER,
+       "send a decode step before the previous one's answer is in (hides the round trip)", kind=bool, default=True),
     _s("--tool-call-format", "TOOL_CALL_FORMAT", ROUTER,
        "how the model writes tool calls; auto: from its chat template",
        default="auto", choices=("auto", "hermes", "llama3_json", "mistral")),

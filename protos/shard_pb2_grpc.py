@@ -117,8 +117,9 @@ class ShardServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Decode(self, request, context):
-        """/ Merges the listed batches into the first one and advances every sequence by one
-        / token; prompt chunks carried along are computed in the same forward pass.
+        """/ Merges the listed batches into the first one, drops the listed requests, and
+        / advances every other sequence by one token; prompt chunks carried along are
+        / computed in the same forward pass. Calls may be pipelined (see after_step_id).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

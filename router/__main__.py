@@ -84,7 +84,14 @@ class ReplicaMaker:
         allocator = BlockAllocator(warm.num_blocks, warm.block_size)
         metrics = RouterMetrics(model_name=self.model_name)
         scheduler = Scheduler(
-            link, allocator, self.limits, self.tokenizer, metrics, self.tracer, self.config.shard_recovery_timeout
+            link,
+            allocator,
+            self.limits,
+            self.tokenizer,
+            metrics,
+            self.tracer,
+            self.config.shard_recovery_timeout,
+            pipeline=self.config.pipeline_steps,
         )
         return Replica(name, scheduler)
 

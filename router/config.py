@@ -48,6 +48,8 @@ class RouterConfig:
     placement_policy: str = "cache_aware"
     #: Seconds the start waits for the other replicas once one is up.
     replica_start_wait: float = 60.0
+    #: Send decode step N+1 before step N's answer is in (router.scheduler).
+    pipeline_steps: bool = True
 
     @property
     def shard_entries(self) -> list[str]:
@@ -160,5 +162,6 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> RouterCo
         shard_addresses=tuple(x.strip() for x in (a.shard_addresses or "").split(",") if x.strip()),
         placement_load_margin=a.placement_load_margin,
         placement_policy=a.placement_policy,
+        pipeline_steps=a.pipeline_steps,
         replica_start_wait=a.replica_start_wait,
     )

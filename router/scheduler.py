@@ -19,14 +19,20 @@ shard stays away longer than the recovery timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
+import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from opentelemetry import trace
+from opentelemetry.trace import Span
 
 from router.blocks import NEW_CHAIN, BlockAllocator
 from router.config import Limits
@@ -34,7 +40,7 @@ from router.errors import OutOfBlocks, ShardFailure, ShardsUnavailable
 from router.metrics import RouterMetrics
 from router.recovery import ShardLink
 from router.request import Phase, Request, StreamEvent, TokenInfo
-from router.shard_client import PrefillItem, ShardGeneration, StepAnswer
+from router.shard_client import DecodeOrder, PrefillItem, ShardGeneration, StepAnswer
 from router.tokenization import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -56,6 +62,7 @@ class Scheduler:
         metrics: RouterMetrics | None = None,
         tracer: trace.Tracer | None = None,
         recovery_timeout_s: float = DEFAULT_RECOVERY_TIMEOUT_S,
+        pipeline: bool = True,
     ):
         self.tracer = tracer or trace.NoOpTracer()
         self.link = link
@@ -73,6 +80,13 @@ class Scheduler:
         self._shard_members: list[int] = []
         self._decodes_since_admission = 0
         self._wake = asyncio.Event()
+        #: Send step N+1 before step N's answer is in where possible (PIPELINE_STEPS; ``_can_follow``).
+        self.pipeline = pipeline
+        self._in_flight: _Flight | None = None
+        self._last_landed = 0.0
+        # Step numbers for the shards' ordering of pipelined calls: unique across router
+        # restarts facing the same shard process, hence a random start.
+        self._step_ids = itertools.count(random.getrandbits(48) + 1)
         #: The kind of shard call in progress ("prefill" or "decode"), for the failure counter.
         self._step_method = "decode"
         #: Set by a ReplicaSet: takes the requests of this replica while it recovers (True if it did).
@@ -116,20 +130,48 @@ class Scheduler:
     # --- the loop ---------------------------------------------------------------
 
     async def run(self) -> None:
-        while True:
-            if not self.waiting and not self.active:
-                await self._idle()
-                continue
-            try:
-                await self.step()
-            except Exception as exc:
-                self.metrics.step_finished(self._step_method, ok=False)
-                why = await self.link.problem()
-                if why is None:  # the shard is fine: a fault of this step, fail its requests
-                    await self._fail_active(exc)
-                else:
-                    log.warning("shard step failed (%s): %s", why, _one_line(exc))
-                    await self._recover(why)
+        try:
+            while True:
+                if self._in_flight is None and not self.waiting and not self.active:
+                    await self._idle()
+                    continue
+                try:
+                    await self._advance()
+                except Exception as exc:
+                    await self._abandon_flight()
+                    self.metrics.step_finished(self._step_method, ok=False)
+                    why = await self.link.problem()
+                    if why is None:  # the shard is fine: a fault of this step, fail its requests
+                        await self._fail_active(exc)
+                    else:
+                        log.warning("shard step failed (%s): %s", why, _one_line(exc))
+                        await self._recover(why)
+        finally:
+            if self._in_flight is not None:
+                self._in_flight.answer.cancel()
+
+    async def _advance(self) -> None:
+        """Sends a step or takes in an answer; where it can, the next step goes out first.
+
+        While step N computes, step N+1 (a pure decode of the same requests) is
+        already queued at the shards, so they go from one forward to the next
+        without waiting for the answer to travel here and the next call back.
+        """
+        flight = self._in_flight
+        if flight is None:
+            if not await self._launch():
+                await asyncio.sleep(0)  # nothing can go out now: let the callers run
+            return
+        if self.pipeline and self._can_follow(flight):
+            await self._launch(after=flight)
+        await self._land(flight)
+        # The answer of the step now in flight may already be here, and awaiting it would not
+        # let the streams run: yield, so each stream takes this step's token on its own rather
+        # than merged with the next one (merging is for consumers that fall behind).
+        await asyncio.sleep(0)
+        if not self.active and self._in_flight is None:
+            await self._sync_batch()  # idle: the shard holds nothing
+        self._update_gauges()
 
     async def _idle(self) -> None:
         """Sleeps until work arrives, checking meanwhile that the shards were not restarted."""
@@ -151,44 +193,115 @@ class Scheduler:
         raise ShardsUnavailable(self.unavailable)
 
     async def step(self) -> None:
-        """One shard call and one forward: prompt chunks and decode tokens together."""
+        """One shard call and one forward (prompt chunks and decode tokens together), its
+        answer taken in before this returns."""
+        if self._in_flight is not None:
+            await self._land(self._in_flight)
+        if await self._launch():
+            assert self._in_flight is not None
+            await self._land(self._in_flight)
+        if not self.active:
+            await self._sync_batch()  # idle: the shard holds nothing (else the next step's call says so)
+        self._update_gauges()
+
+    # --- sending steps and taking in their answers -------------------------------
+
+    async def _launch(self, after: _Flight | None = None) -> bool:
+        """Plans the next step and sends it; False when there is nothing to compute.
+
+        With ``after`` (a decode whose answer is not in yet, see ``_can_follow``) the
+        plan is the state that step leaves: every decoding request one token longer,
+        and the ones it ends for sure (length limits) dropped.
+        """
         self._drop_cancelled()
         items = self._plan_prefill()
         chunked = {i.request.id for i in items}
         decoding = [r for r in self.active if r.phase is Phase.DECODING and r.id not in chunked]
-        extensions = self._grow_blocks(decoding)
+        if after is not None:
+            decoding = [r for r in decoding if not self._ends_in_flight(r)]
+        extensions = self._grow_blocks(decoding, ahead=0 if after is None else 1)
         # Growing blocks may have preempted requests, just-admitted ones included.
         items = [i for i in items if i.request.phase is Phase.PREFILLING]
-        await self._sync_batch()
-        if any(r.phase is Phase.DECODING for r in decoding):
-            await self._decode(extensions, items)
+        decoding = [r for r in decoding if r.phase is Phase.DECODING]
+        step_id = next(self._step_ids)
+        if decoding:
+            stay = {r.id for r in decoding} | {i.request.id for i in items}
+            drop = [rid for rid in self._shard_members if rid not in stay]
+            order = DecodeOrder(items, drop, step_id, after.step_id if after is not None else 0)
+            self._decodes_since_admission += 1
+            self._send("decode", items, decoding, drop, step_id, self.shards.decode([self.batch_id], extensions, order))
         elif items:
-            await self._prefill(items)
-        if not self.active:
-            await self._sync_batch()  # idle: the shard holds nothing (else the next step's sync does it)
-        self._update_gauges()
+            await self._sync_batch()
+            self._send("prefill", items, [], [], step_id, self.shards.prefill(self.batch_id, items))
+        else:
+            return False
+        return True
 
-    async def _prefill(self, items: list[PrefillItem]) -> None:
-        started = time.perf_counter()
-        self._step_method = "prefill"
-        with self._step_span("prefill", [i.request for i in items]):
-            answer = await self.shards.prefill(self.batch_id, items)
-        self._observe_step("prefill", started, answer)
-        self._shard_members = answer.request_ids
-        self._chunks_computed(items)
-        self._postprocess(answer.generations, "prefill")
+    def _send(
+        self,
+        method: str,
+        items: list[PrefillItem],
+        decoding: list[Request],
+        drop: list[int],
+        step_id: int,
+        call: Coroutine[Any, Any, StepAnswer],
+    ) -> None:
+        """Starts the shard call of a step; ``_land`` takes in its answer."""
+        self._step_method = method
+        span = self._step_span(method, decoding + [i.request for i in items])
+        dropped = set(drop)
+        members = [rid for rid in self._shard_members if rid not in dropped]
+        known = set(members)
+        self._shard_members = members + [i.request.id for i in items if i.request.id not in known]
+        # The span is current while the call's task starts, so the shards' spans join its trace.
+        with trace.use_span(span, end_on_exit=False):
+            answer = asyncio.ensure_future(call)
+        self._in_flight = _Flight(method, answer, items, span, time.perf_counter(), step_id)
 
-    async def _decode(self, extensions: dict[int, list[int]], items: list[PrefillItem]) -> None:
-        started = time.perf_counter()
-        stepping = [r for r in self.active if r.phase is Phase.DECODING] + [i.request for i in items]
-        self._step_method = "decode"
-        with self._step_span("decode", stepping):
-            answer = await self.shards.decode([self.batch_id], extensions, items)
-        self._decodes_since_admission += 1
-        self._observe_step("decode", started, answer)
-        self._shard_members = answer.request_ids
-        self._chunks_computed(items)
-        self._postprocess(answer.generations, "decode")
+    async def _land(self, flight: _Flight) -> None:
+        """Takes in a step's answer: token events, finished requests, computed chunks."""
+        try:
+            answer = await flight.answer
+        finally:
+            flight.span.end()
+            if self._in_flight is flight:
+                self._in_flight = None
+        # A pipelined step was sent while its predecessor ran: its time starts when that one landed.
+        self._observe_step(flight.method, max(flight.started, self._last_landed), answer)
+        self._last_landed = time.perf_counter()
+        if self._in_flight is None:  # else the step in flight already changed the batch
+            self._shard_members = answer.request_ids
+        self._chunks_computed(flight.items)
+        self._postprocess(answer.generations, flight.method)
+
+    async def _abandon_flight(self) -> None:
+        """After a failed step: waits out the call still in flight (its answer is void)."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
+            return
+        flight.span.end()
+        with contextlib.suppress(Exception):  # the failure being handled is the one that counts
+            await flight.answer
+
+    def _can_follow(self, flight: _Flight) -> bool:
+        """Whether the next step can go out before ``flight``'s answer is in.
+
+        Only a pure decode following a pure decode: every planning input is known
+        without the answer (a request ending on a stop token or EOS is found out one
+        step late; its extra token is dropped, like TGI's and vLLM's overlap do).
+        Admissions, prompt chunks and preemptions wait for the answer.
+        """
+        if flight.method != "decode" or flight.items:
+            return False
+        if any(r.phase is Phase.PREFILLING for r in self.active) or self._admission_due():
+            return False
+        continuing = [r for r in self.active if r.phase is Phase.DECODING and not self._ends_in_flight(r)]
+        needed = sum(max(0, self.allocator.blocks_for(r.computed + 2) - len(r.blocks)) for r in continuing)
+        return bool(continuing) and needed <= self.allocator.free_blocks
+
+    def _ends_in_flight(self, r: Request) -> bool:
+        """Whether the token r gets from the step in flight is its last for sure (a length limit)."""
+        return len(r.generated) + 1 >= r.max_new_tokens or r.length + 1 >= self.limits.max_total_tokens
 
     def _chunks_computed(self, items: list[PrefillItem]) -> None:
         for item in items:
@@ -239,17 +352,16 @@ class Scheduler:
             self.metrics.queue_duration.observe(now - r.arrived_at)
             self.metrics.vllm_queue_time.observe(now - r.arrived_at)
 
-    def _step_span(self, name: str, requests: list[Request]):  # type: ignore[no-untyped-def]
+    def _step_span(self, name: str, requests: list[Request]) -> Span:
         """A span for one batch step, in the trace of its oldest request and linked to every other one.
 
-        It is current while the shards are called, so their spans join that trace.
+        ``_send`` makes it current while the shard call starts, so the shards' spans join that trace.
         """
         contexts = [r.trace_context for r in requests if r.trace_context is not None]
         links = [trace.Link(trace.get_current_span(c).get_span_context()) for c in contexts[1:]]
-        span = self.tracer.start_as_current_span(
+        return self.tracer.start_span(
             name, context=contexts[0] if contexts else None, links=links, attributes={"switchyard.batch": len(requests)}
         )
-        return span
 
     def _admission_due(self) -> bool:
         """TGI's policy for interrupting decode with a prefill of new arrivals.
@@ -296,13 +408,16 @@ class Scheduler:
 
     # --- decode -----------------------------------------------------------------
 
-    def _grow_blocks(self, decoding: list[Request]) -> dict[int, list[int]]:
-        """A block for every decoding request whose next token starts one, preempting the youngest if short."""
+    def _grow_blocks(self, decoding: list[Request], ahead: int = 0) -> dict[int, list[int]]:
+        """A block for every decoding request whose next token starts one, preempting the youngest if short.
+
+        ``ahead``: tokens the step in flight adds before this one (``_can_follow`` made sure
+        no preemption is needed then)."""
         extensions: dict[int, list[int]] = {}
         for r in decoding:
             if r.phase is not Phase.DECODING:
                 continue  # preempted earlier in this loop
-            needed = self.allocator.blocks_for(r.computed + 1) - len(r.blocks)
+            needed = self.allocator.blocks_for(r.computed + 1 + ahead) - len(r.blocks)
             while needed > 0 and r.phase is Phase.DECODING:
                 try:
                     new = self.allocator.allocate(needed)
@@ -491,6 +606,18 @@ class Scheduler:
         m.running.set(len(self.active))
         m.waiting.set(len(self.waiting))
         m.kv_usage.set(a.used_blocks / a.num_blocks)
+
+
+@dataclass
+class _Flight:
+    """A step call sent to the shards whose answer the router has not taken in yet."""
+
+    method: str
+    answer: asyncio.Future[StepAnswer]
+    items: list[PrefillItem]
+    span: Span
+    started: float
+    step_id: int
 
 
 def _one_line(exc: Exception) -> str:

@@ -42,6 +42,19 @@ class PrefillItem:
     chunk_len: int
 
 
+@dataclass(frozen=True)
+class DecodeOrder:
+    """What a Decode carries besides the batch: prompt chunks, requests to drop, its place in order."""
+
+    chunks: Sequence[PrefillItem] = ()
+    #: Requests that left the batch since the last step (finished, cancelled).
+    drop: Sequence[int] = ()
+    #: This call's number; 0 for none.
+    step_id: int = 0
+    #: The call this one must run after (a pipelined step); 0 for none.
+    after_step_id: int = 0
+
+
 class ShardClient:
     def __init__(self, channels: list[grpc.aio.Channel]):
         self._channels = channels
@@ -103,14 +116,15 @@ class ShardClient:
         answer = await self._all("Prefill", pb.PrefillRequest(batch=batch))
         return _step_answer(answer)
 
-    async def decode(
-        self, batch_ids: list[int], extensions: dict[int, list[int]], chunks: Sequence[PrefillItem] = ()
-    ) -> StepAnswer:
-        """One token for every decoding request, and ``chunks`` of prompts in the same forward."""
+    async def decode(self, batch_ids: list[int], extensions: dict[int, list[int]], order: DecodeOrder) -> StepAnswer:
+        """One token for every decoding request, and prompt chunks in the same forward."""
         message = pb.DecodeRequest(
             batches=[pb.CachedBatch(id=i) for i in batch_ids],
             extensions=[pb.BlockExtension(request_id=r, blocks=b) for r, b in extensions.items()],
-            prefill=[_request_pb(i) for i in chunks],
+            prefill=[_request_pb(i) for i in order.chunks],
+            drop=order.drop,
+            step_id=order.step_id,
+            after_step_id=order.after_step_id,
         )
         return _step_answer(await self._all("Decode", message))
 

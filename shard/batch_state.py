@@ -78,6 +78,20 @@ class BatchStore:
             del self.batches[batch_id]
         return self.batches.get(batch_id, [])
 
+    def drop(self, batch_id: int, gone: list[int]) -> list[Sequence]:
+        """Forgets the ``gone`` requests of the batch; returns the members left (the batch
+        stays, empty or not, for the step's prompt chunks to join)."""
+        members = self.get(batch_id)
+        unknown = set(gone) - set(members)
+        if unknown:
+            raise InvalidRequest(f"requests {sorted(unknown)} are not in batch {batch_id}")
+        if gone:
+            dropped = set(gone)
+            for request_id in dropped:
+                self.sequences.pop(request_id, None)
+            members = self.batches[batch_id] = [r for r in members if r not in dropped]
+        return [self.sequences[r] for r in members]
+
     def clear(self, batch_id: int | None) -> None:
         ids = list(self.batches) if batch_id is None else [batch_id]
         for bid in ids:

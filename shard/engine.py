@@ -143,12 +143,16 @@ class Engine:
         return self._result(batch_id, *self._timed_run(work))
 
     def decode(
-        self, batch_ids: list[int], extensions: dict[int, list[int]], chunks: list[NewRequest] | None = None
+        self,
+        batch_ids: list[int],
+        extensions: dict[int, list[int]],
+        chunks: list[NewRequest] | None = None,
+        drop: list[int] | None = None,
     ) -> StepResult:
-        """Advances every decoding sequence by one token and computes ``chunks`` (prompt
-        chunks joining the first batch) in the same forward pass."""
+        """Drops the ``drop`` requests, advances every other decoding sequence by one token
+        and computes ``chunks`` (prompt chunks joining the first batch) in the same forward pass."""
         batch_id = self.store.merge(batch_ids)
-        members = self.store.members(batch_id)
+        members = self.store.drop(batch_id, drop or [])
         for seq in members:
             seq.blocks.extend(extensions.get(seq.request_id, []))
         self._check_blocks([b for seq in members for b in extensions.get(seq.request_id, [])])

@@ -20,6 +20,7 @@ from protos import shard_pb2_grpc as pb_grpc
 from shard.config import ShardConfig
 from shard.engine import Engine, NewRequest, StepResult
 from shard.errors import InvalidRequest
+from shard.step_order import StepOrder
 
 T = TypeVar("T")
 
@@ -82,9 +83,11 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         # also serialises steps, which share the batch store. The thread that loaded the
         # model, where one did (shard.__main__.serve says why it must be the same).
         self._model_thread = model_thread or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
+        self._order = StepOrder()
 
-    async def _on_model_thread(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn)
+    def _on_model_thread(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Queues ``fn`` on the model thread at once (the queue's order is the run order)."""
+        return asyncio.get_running_loop().run_in_executor(self._model_thread, fn)
 
     async def Info(self, request, context):
         e = self.engine
@@ -135,11 +138,18 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
 
     async def Decode(self, request, context):
         started = time.perf_counter_ns()
-        batch_ids = [b.id for b in request.batches]
-        extensions = {x.request_id: list(x.blocks) for x in request.extensions}
-        chunks = [request_from_pb(r) for r in request.prefill]
+        try:
+            await self._order.after(request.after_step_id)
+            batch_ids = [b.id for b in request.batches]
+            extensions = {x.request_id: list(x.blocks) for x in request.extensions}
+            chunks = [request_from_pb(r) for r in request.prefill]
+            drop = list(request.drop)
+            # Handed to the model thread before anything awaits: the order gate's invariant.
+            step = self._on_model_thread(lambda: self.engine.decode(batch_ids, extensions, chunks, drop))
+        finally:
+            self._order.handed(request.step_id)  # a call that failed here must not hold up its follower
         with self.tracer.start_as_current_span("shard.decode") as span:
-            result = await self._on_model_thread(lambda: self.engine.decode(batch_ids, extensions, chunks))
+            result = await step
             span.set_attribute("switchyard.requests", len(result.generations))
             span.set_attribute("switchyard.prompt_tokens", sum(r.chunk_len for r in chunks))
             span.set_attribute("switchyard.forward_ns", result.forward_ns)

@@ -55,11 +55,15 @@ class FakeEngine:
         return self._result(batch_id, self._run(work))
 
     def decode(
-        self, batch_ids: list[int], extensions: dict[int, list[int]], chunks: list[NewRequest] | None = None
+        self,
+        batch_ids: list[int],
+        extensions: dict[int, list[int]],
+        chunks: list[NewRequest] | None = None,
+        drop: list[int] | None = None,
     ) -> StepResult:
         self.calls.append("decode")
         batch_id = self.store.merge(batch_ids)
-        members = self.store.members(batch_id)
+        members = self.store.drop(batch_id, drop or [])
         for seq in members:
             seq.blocks.extend(extensions.get(seq.request_id, []))
         prompt_work = self._admit(batch_id, chunks or [])
