@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 #: How often an idle router checks that its shards are still the ones it warmed up.
 IDLE_CHECK_INTERVAL_S = 1.0
+#: How long before the step in flight is expected to end the step after it is sent: the time
+#: to plan it and for the call to reach the shard's model thread, with room for a late wake-up.
+SEND_AHEAD_S = 0.003
 #: How long a request waits for a restarted shard before it ends with an error (SHARD_RECOVERY_TIMEOUT).
 DEFAULT_RECOVERY_TIMEOUT_S = 60.0
 
@@ -84,6 +87,8 @@ class Scheduler:
         self.pipeline = pipeline
         self._in_flight: _Flight | None = None
         self._last_landed = 0.0
+        #: Recent time of a decode step without prompt chunks (shard forward + sampling), seconds.
+        self._decode_s: float | None = None
         # Step numbers for the shards' ordering of pipelined calls: unique across router
         # restarts facing the same shard process, hence a random start.
         self._step_ids = itertools.count(random.getrandbits(48) + 1)
@@ -162,7 +167,7 @@ class Scheduler:
             if not await self._launch():
                 await asyncio.sleep(0)  # nothing can go out now: let the callers run
             return
-        if self.pipeline and self._can_follow(flight):
+        if self.pipeline and self._can_follow(flight) and await self._still_computing(flight):
             await self._launch(after=flight)
         await self._land(flight)
         # The answer of the step now in flight may already be here, and awaiting it would not
@@ -211,7 +216,8 @@ class Scheduler:
 
         With ``after`` (a decode whose answer is not in yet, see ``_can_follow``) the
         plan is the state that step leaves: every decoding request one token longer,
-        and the ones it ends for sure (length limits) dropped.
+        and the ones it ends for sure (length limits) dropped; arrivals are admitted
+        as usual.
         """
         self._drop_cancelled()
         items = self._plan_prefill()
@@ -269,6 +275,9 @@ class Scheduler:
         # A pipelined step was sent while its predecessor ran: its time starts when that one landed.
         self._observe_step(flight.method, max(flight.started, self._last_landed), answer)
         self._last_landed = time.perf_counter()
+        if flight.method == "decode" and not flight.items:
+            took = (answer.forward_ns + answer.decode_ns) / 1e9
+            self._decode_s = took if self._decode_s is None else self._decode_s + 0.25 * (took - self._decode_s)
         if self._in_flight is None:  # else the step in flight already changed the batch
             self._shard_members = answer.request_ids
         self._chunks_computed(flight.items)
@@ -286,18 +295,36 @@ class Scheduler:
     def _can_follow(self, flight: _Flight) -> bool:
         """Whether the next step can go out before ``flight``'s answer is in.
 
-        Only a pure decode following a pure decode: every planning input is known
-        without the answer (a request ending on a stop token or EOS is found out one
-        step late; its extra token is dropped, like TGI's and vLLM's overlap do).
-        Admissions, prompt chunks and preemptions wait for the answer.
+        After a step without prompt chunks, every planning input is known without
+        its answer: each decoding request is one token further, and arrivals and
+        next chunks are planned as usual (they were not in ``flight``). A request
+        ending on a stop token or EOS is found out one step late; its extra token is
+        dropped, as TGI's and vLLM's overlap do. The shards run the steps in the
+        order sent, so blocks freed (or preempted) now are written by ``flight``
+        before the next step reuses them. After a step with prompt chunks the next
+        waits for the answer: which prompts it completed decides who decodes.
         """
         if flight.method != "decode" or flight.items:
-            return False
-        if any(r.phase is Phase.PREFILLING for r in self.active) or self._admission_due():
             return False
         continuing = [r for r in self.active if r.phase is Phase.DECODING and not self._ends_in_flight(r)]
         needed = sum(max(0, self.allocator.blocks_for(r.computed + 2) - len(r.blocks)) for r in continuing)
         return bool(continuing) and needed <= self.allocator.free_blocks
+
+    async def _still_computing(self, flight: _Flight) -> bool:
+        """Waits until shortly before ``flight`` is expected to end; False if its answer came first.
+
+        The step sent ahead is planned as late as still keeps the shards busy, so
+        that requests arriving meanwhile join it rather than the step after it (a
+        step sent at once would make every arrival wait one step longer). The
+        expected end: the predecessor's landing (``flight`` started about then) plus
+        the recent decode step time; SEND_AHEAD_S before it covers sending.
+        """
+        if self._decode_s is None:
+            return True
+        wait_s = self._last_landed + self._decode_s - SEND_AHEAD_S - time.perf_counter()
+        if wait_s > 0:
+            await asyncio.wait([flight.answer], timeout=wait_s)
+        return not flight.answer.done() and self._can_follow(flight)
 
     def _ends_in_flight(self, r: Request) -> bool:
         """Whether the token r gets from the step in flight is its last for sure (a length limit)."""

@@ -11,6 +11,8 @@ benchmark, where it makes the shard cost nothing.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from shard.batch_state import BatchStore, Sequence
@@ -26,12 +28,16 @@ def next_token(tokens: list[int], seed: int) -> int:
 
 
 class FakeEngine:
-    def __init__(self, num_blocks: int, block_size: int = 4, max_positions: int = 4096, verify: bool = True):
+    def __init__(
+        self, num_blocks: int, block_size: int = 4, max_positions: int = 4096, verify: bool = True, step_s: float = 0.0
+    ):
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.max_positions = max_positions
         self.vocab_size = 49152
         self.verify = verify
+        #: Seconds each step takes (reported as its forward time), to look like a model to the router.
+        self.step_s = step_s
         self.dtype = torch.float32
         self.device = torch.device("cpu")
         self.store = BatchStore()
@@ -106,6 +112,8 @@ class FakeEngine:
         if self.fail_next_step:
             self.fail_next_step = False
             raise RuntimeError("injected fault")
+        if self.step_s:
+            time.sleep(self.step_s)  # on the model thread, as a forward would
         generations = []
         for seq, n in work:
             if self.verify:
@@ -126,4 +134,4 @@ class FakeEngine:
     def _result(self, batch_id: int, generations: list[Generation]) -> StepResult:
         members = self.store.batches.get(batch_id, [])
         tokens = sum(self.store.sequences[r].computed for r in members)
-        return StepResult(generations, batch_id, list(members), tokens)
+        return StepResult(generations, batch_id, list(members), tokens, forward_ns=int(self.step_s * 1e9))

@@ -58,7 +58,7 @@ async def collect(r: Request) -> list[StreamEvent]:
 
 
 async def test_one_stream_decodes_back_to_back_with_the_same_tokens(tokenizer, tmp_path):
-    async with fake_router(tokenizer, tmp_path) as h:
+    async with fake_router(tokenizer, tmp_path, engine=FakeEngine(64, 4, step_s=0.01)) as h:
         sent = record_orders(h)
         loop = asyncio.create_task(h.scheduler.run())
         try:
@@ -70,8 +70,8 @@ async def test_one_stream_decodes_back_to_back_with_the_same_tokens(tokenizer, t
             loop.cancel()
         assert events[-1].finish_reason == "length"
         assert r.generated == expected_tokens(r)
-        # The first decode follows the prefill; every later one is sent ahead, and none
-        # after the last token (its end was known from max_new_tokens).
+        # The first decode follows the prefill; every later one is sent ahead of the
+        # answer before it, and none after the last token (its end is known from max_new_tokens).
         assert len(sent) == 29 and sent[0] == 0 and all(sent[1:])
         assert h.scheduler.allocator.used_blocks == 0 and not h.engine.store.sequences
 
@@ -108,7 +108,10 @@ async def test_random_traffic_under_the_running_loop(tokenizer, tmp_path, seed):
     """Arrivals, cancellations and KV pressure (preemption) with pipelining on: every
     finished request has its uninterrupted tokens, nothing leaks."""
     rng = random.Random(seed)
-    async with fake_router(tokenizer, tmp_path, num_blocks=30, max_total_tokens=60, max_batch_prefill_tokens=16) as h:
+    engine = FakeEngine(30, 4, step_s=0.002)
+    async with fake_router(
+        tokenizer, tmp_path, num_blocks=30, max_total_tokens=60, max_batch_prefill_tokens=16, engine=engine
+    ) as h:
         sent = record_orders(h)
         loop = asyncio.create_task(h.scheduler.run())
         try:
