@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import PreTrainedModel
@@ -21,6 +21,7 @@ from shard.batch_state import BatchStore, Sequence
 from shard.errors import CapacityError, InvalidRequest
 from shard.kv_cache import PagedKVCache, kv_layout_of
 from shard.memory import kv_budget_bytes
+from shard.model_forward import DirectForward
 from shard.sampling import LogitStats, SamplingParams, SequenceView, logit_stats, sample
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,9 @@ class Engine:
         self.warm = False
         #: Set by the server when constrained decoding is available (it needs the tokenizer).
         self.grammar_compiler: Any = None
+        #: The model's forward without transformers' wrapper where that is the same (shard.model_forward);
+        #: decided at the first step, once the decoder layers are in place.
+        self._direct: DirectForward | Literal[False] | None = None
 
     def _grammars(self) -> Any:
         if self.grammar_compiler is None:
@@ -266,10 +270,15 @@ class Engine:
         keep = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         if not sample_rows:
             keep = torch.tensor([len(ids) - 1], dtype=torch.long, device=self.device)
-        inputs = dict(
-            input_ids=input_ids, position_ids=position_ids, use_cache=False, paged_step=step, logits_to_keep=keep
-        )
-        logits = self.model(**inputs).logits[0].float()
+        if self._direct is None:
+            self._direct = DirectForward.of(self.model) or False
+        if self._direct:
+            logits = self._direct(input_ids, position_ids, step, keep)[0].float()
+        else:
+            inputs = dict(
+                input_ids=input_ids, position_ids=position_ids, use_cache=False, paged_step=step, logits_to_keep=keep
+            )
+            logits = self.model(**inputs).logits[0].float()
         return logits, logit_stats(logits)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, stats: LogitStats) -> list[Generation]:

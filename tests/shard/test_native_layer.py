@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from common.model_source import resolve_model
-from shard import native_layer
+from shard import model_forward, native_layer
 from shard.decoder_layers import FastDecoderLayer
 from shard.sampling import SamplingParams
 from tests.shard.engine_driver import Driver, Tracked, make_engine
@@ -59,6 +59,26 @@ def test_one_call_layer_is_the_python_path_bit_for_bit(case, tiny_model_dir):
         python = _schedule(engine)
     assert ours == python
     assert [len(tokens) for tokens, _ in ours] == [10, 7]
+
+
+@pytest.mark.parametrize("case", ["llama-bfloat16-int4", "qwen2-float32-none", "mistral-bfloat16-none"])
+def test_the_direct_model_forward_is_transformers_forward_bit_for_bit(case, tiny_model_dir):
+    """shard.model_forward against transformers' model forward, on the same engine and schedule."""
+    kind, dtype_name, quantize = case.split("-")
+    engine = make_engine(resolve_model(str(tiny_model_dir(kind))), dtype=getattr(torch, dtype_name), quantize=quantize)
+    direct = ours = _schedule(engine)
+    assert engine._direct, "the direct path was not taken"
+    engine._direct = False
+    transformers_forward = _schedule(engine)
+    assert direct == transformers_forward
+    assert [len(tokens) for tokens, _ in ours] == [10, 7]
+
+
+def test_the_direct_model_forward_declines_other_models():
+    class GemmaForCausalLM(torch.nn.Module):  # embeddings scaled: transformers' forward must run
+        pass
+
+    assert model_forward.DirectForward.of(GemmaForCausalLM()) is None
 
 
 def test_default_model_layers_take_the_one_call_path():
