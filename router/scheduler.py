@@ -53,6 +53,10 @@ IDLE_CHECK_INTERVAL_S = 1.0
 #: under load: 1.5-2.5 ms, up to 4), and a share of the step for late wake-ups and variation.
 SEND_AHEAD_S = 0.005
 SEND_AHEAD_SHARE = 0.2
+#: Steps shorter than this are sent ahead at once: waiting costs the router a wake-up in the
+#: middle of the shards' compute (on a small CPU, a stalled compute thread), and arrivals into
+#: so short a step wait little anyway.
+LATE_SEND_MIN_STEP_S = 0.02
 #: How long a request waits for a restarted shard before it ends with an error (SHARD_RECOVERY_TIMEOUT).
 DEFAULT_RECOVERY_TIMEOUT_S = 60.0
 
@@ -322,7 +326,7 @@ class Scheduler:
         the recent decode step time; the lead (SEND_AHEAD_S and SEND_AHEAD_SHARE of the
         step) covers sending.
         """
-        if self._decode_s is None:
+        if self._decode_s is None or self._decode_s < LATE_SEND_MIN_STEP_S:
             return True
         lead_s = SEND_AHEAD_S + SEND_AHEAD_SHARE * self._decode_s
         wait_s = self._last_landed + self._decode_s - lead_s - time.perf_counter()

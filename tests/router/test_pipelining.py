@@ -40,6 +40,43 @@ def record_orders(harness) -> list[int]:
     return sent
 
 
+class ChunkLog(FakeEngine):
+    """Records, per decode step the model thread runs, the requests whose prompt chunks it carries."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chunks: list[list[int]] = []
+
+    def decode(self, batch_ids, extensions, chunks=None, drop=None):
+        self.chunks.append([c.request_id for c in chunks or []])
+        return super().decode(batch_ids, extensions, chunks, drop)
+
+
+async def test_an_arrival_joins_the_step_after_the_one_computing(tokenizer, tmp_path):
+    """With steps of 40 ms the step sent ahead goes out late, so a request arriving while a
+    step computes rides in the very next one instead of the one after it."""
+    engine = ChunkLog(64, 4, step_s=0.04)
+    async with fake_router(tokenizer, tmp_path, engine=engine) as h:
+        loop = asyncio.create_task(h.scheduler.run())
+        try:
+            first = h.request("a long running stream", max_new_tokens=12)
+            h.scheduler.submit(first)
+            for _ in range(5):  # a few steps in: the step time is known
+                await asyncio.wait_for(first.events.get(), 10)
+            await asyncio.sleep(0.01)  # into the step computing now
+            computing = len(engine.chunks)  # the steps started so far, this one included
+            late = h.request("a late arrival", max_new_tokens=3)
+            h.scheduler.submit(late)
+            await collect(late)
+            await collect(first)
+            await settled(h)
+        finally:
+            loop.cancel()
+        carried_by = [i for i, chunks in enumerate(engine.chunks) if late.id in chunks]
+        assert carried_by == [computing], engine.chunks
+        assert first.generated == expected_tokens(first) and late.generated == expected_tokens(late)
+
+
 async def settled(harness) -> None:
     """Waits for the loop to go idle after the last event (it then clears the shard's batch)."""
     for _ in range(200):
