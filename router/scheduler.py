@@ -242,10 +242,13 @@ class Scheduler:
             order = DecodeOrder(items, drop, step_id, after.step_id if after is not None else 0)
             self._decodes_since_admission += 1
             self._send("decode", items, decoding, drop, step_id, self.shards.decode([self.batch_id], extensions, order))
-        elif items:
+        elif items and after is None:
             await self._sync_batch()
             self._send("prefill", items, [], [], step_id, self.shards.prefill(self.batch_id, items))
         else:
+            # Nothing to compute; or, ahead of ``after``, nobody left decoding (preempted): a
+            # Prefill may not overtake ``after``, so the chunks planned wait for its answer
+            # (they are planned again then: their blocks stay allocated).
             return False
         return True
 
