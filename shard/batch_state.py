@@ -70,10 +70,7 @@ class BatchStore:
         unknown = wanted - set(members)
         if unknown:
             raise InvalidRequest(f"requests {sorted(unknown)} are not in batch {batch_id}")
-        for request_id in members:
-            if request_id not in wanted:
-                self.sequences.pop(request_id, None)
-        self.batches[batch_id] = [r for r in members if r in wanted]
+        self.drop(batch_id, [r for r in members if r not in wanted])
         if not self.batches[batch_id]:
             del self.batches[batch_id]
         return self.batches.get(batch_id, [])
