@@ -170,16 +170,19 @@ class Scheduler:
         """
         flight = self._in_flight
         if flight is None:
-            if not await self._launch():
-                await asyncio.sleep(0)  # nothing can go out now: let the callers run
-            return
-        if self.pipeline and self._can_follow(flight) and await self._still_computing(flight):
-            await self._launch(after=flight)
-        await self._land(flight)
-        # The answer of the step now in flight may already be here, and awaiting it would not
-        # let the streams run: yield, so each stream takes this step's token on its own rather
-        # than merged with the next one (merging is for consumers that fall behind).
-        await asyncio.sleep(0)
+            if await self._launch():
+                return
+            # Nothing to compute: the plan may have just dropped the last (cancelled) request,
+            # so the shard's batch and the gauges are brought up to date below.
+            await asyncio.sleep(0)  # let the callers run
+        else:
+            if self.pipeline and self._can_follow(flight) and await self._still_computing(flight):
+                await self._launch(after=flight)
+            await self._land(flight)
+            # The answer of the step now in flight may already be here, and awaiting it would
+            # not let the streams run: yield, so each stream takes this step's token on its own
+            # rather than merged with the next one (merging is for consumers that fall behind).
+            await asyncio.sleep(0)
         if not self.active and self._in_flight is None:
             await self._sync_batch()  # idle: the shard holds nothing
         self._update_gauges()

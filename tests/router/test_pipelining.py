@@ -17,7 +17,7 @@ from common import sampling_params
 from common.sampling_params import SamplingParams
 from protos import router_pb2 as rpb
 from protos import shard_pb2 as pb
-from router.request import Request, StreamEvent
+from router.request import Phase, Request, StreamEvent
 from shard.config import ShardConfig
 from shard.errors import CapacityError, InvalidRequest
 from shard.server import ShardServicer
@@ -242,3 +242,25 @@ async def test_the_servicer_runs_pipelined_decodes_in_the_routers_order(tmp_path
     assert not dropped.generations and 5 not in engine.store.sequences
     with pytest.raises(InvalidRequest, match="not in batch"):
         await servicer.Decode(_decode(13, 12, drop=[6]), None)
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+async def test_a_cancel_between_steps_leaves_the_gauges_and_the_shard_empty(tokenizer, tmp_path, pipeline):
+    """A stream cancelled as it takes a token: the loop finds it at its next plan, with no
+    step in flight, and goes idle; the KV gauges and the shard's batch must say so then
+    (the playground's Stop reads them)."""
+    async with fake_router(tokenizer, tmp_path, engine=FakeEngine(64, 4, step_s=0.005)) as h:
+        h.scheduler.pipeline = pipeline
+        loop = asyncio.create_task(h.scheduler.run())
+        try:
+            r = h.request("a stream stopped by its reader", max_new_tokens=100)
+            h.scheduler.submit(r)
+            for _ in range(3):
+                await asyncio.wait_for(r.events.get(), 10)
+            h.scheduler.cancel(r)
+            await settled(h)
+        finally:
+            loop.cancel()
+        metrics = h.scheduler.metrics
+        assert r.phase is Phase.FINISHED and h.scheduler.allocator.used_blocks == 0
+        assert metrics.blocks_used._value.get() == 0 and metrics.batch_size._value.get() == 0
