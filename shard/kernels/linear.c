@@ -369,6 +369,20 @@ static void store_rows(const Output *o, int rows, const float *c, int64_t col0, 
         } else {
             uint16_t *yr = (uint16_t *)o->y + at;
             const uint16_t *res = o->residual ? (const uint16_t *)o->residual + at : NULL;
+#if defined(BF16X16)
+            for (int64_t j = 0; j < cols; j += 16) {
+                const __mmask16 m = cols - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (cols - j)) - 1);
+                __m512 v = _mm512_maskz_loadu_ps(m, cr + j);
+                if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + col0 + j));
+                __m512i bits = bf16_bits_x16(v);
+                if (res) {
+                    const __m512 y = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+                    bits = bf16_bits_x16(_mm512_add_ps(load_bf16x16(res + j, m), y));
+                }
+                store_bf16x16(yr + j, m, bits);
+            }
+            continue;
+#endif
             for (int64_t j = 0; j < cols; j++) {
                 const uint16_t v = f32_to_bf16(bias ? cr[j] + bias[col0 + j] : cr[j]);
                 yr[j] = res ? f32_to_bf16(bf16_to_f32(res[j]) + bf16_to_f32(v)) : v;
@@ -389,7 +403,14 @@ static const float *rows_as_f32(const void *x, int xtype, int64_t M, int64_t K, 
     return f;
 }
 
-/* Steps of more rows: each tile unpacked once into a per-thread buffer, MR rows at a time past it. */
+/* Steps of more rows: each tile unpacked once into a per-thread buffer, MR rows at a time past it.
+ *
+ * Tiles are handed out guided (large contiguous runs first, single tiles at the end) rather than
+ * in two fixed halves: a thread preempted by the router or the facade, which share these cores,
+ * no longer holds up the other one at the end of the layer, and each thread still streams long
+ * contiguous runs of weights. Which thread computes a tile never changes its bits. Interleaved
+ * A/B, 2-core EPYC, against static halves: prefill of 214 tokens 0.97-0.98x the time, decode of
+ * 16 and 64 sequences the same alone and 0.93-0.95x with a 20% duty load on the cores. */
 static int buffered_tiles(const Weights *wt, const float *xf, const Output *o, int64_t M, int64_t K, int threads) {
     const int64_t N = o->N;
     const int64_t tiles = (N + TILE - 1) / TILE;
@@ -399,7 +420,7 @@ static int buffered_tiles(const Weights *wt, const float *xf, const Output *o, i
         float *buf = malloc(sizeof(float) * (K * TILE + MR * TILE));
         if (!buf) failed = 1;
         float *c = buf ? buf + K * TILE : NULL;
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided)
         for (int64_t t = 0; t < tiles; t++) {
             if (!buf) continue;
             const float *w = tile_weights(wt, t, K, buf);
@@ -477,15 +498,35 @@ static inline __attribute__((always_inline)) void pair_rows(const int wtype, con
     }
 }
 
-/* S: each row's sum over each group of 32 x (fp32, k ascending), [rows][K / GROUP]. */
+/* S: each row's sum over each group of 32 x (fp32, k ascending), [rows][K / GROUP].
+ * Sixteen groups at a time, one per lane: lane j adds the x of its group in k order, from 0, so
+ * every sum is the same chain of additions as one group alone (a group's sum in one lane would
+ * wait on each addition in turn; across groups they are independent). */
 static void group_sums(const uint16_t *x, int64_t rows, int64_t K, float *sums, int threads) {
+    const int64_t groups = K / GROUP;
+    /* Byte offsets of the 32-bit word holding x[k], x[k + 1] of groups g0 .. g0 + 15. */
+    const __m512i words = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                             _mm512_set1_epi32(GROUP * 2));
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows > 16)
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t g = 0; g < K / GROUP; g++) {
-            float s = 0.f;
-            for (int k = 0; k < GROUP; k++) s += bf16_to_f32(x[r * K + g * GROUP + k]);
-            sums[r * (K / GROUP) + g] = s;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * K;
+        int64_t g0 = 0;
+        for (; g0 + 16 <= groups; g0 += 16) {
+            __m512 s = _mm512_setzero_ps();
+            for (int k = 0; k < GROUP; k += 2) {
+                const __m512i pair = _mm512_i32gather_epi32(words, xr + g0 * GROUP + k, 1);
+                s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16)));
+                s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_and_si512(pair, high)));
+            }
+            _mm512_storeu_ps(sums + r * groups + g0, s);
         }
+        for (; g0 < groups; g0++) {
+            float s = 0.f;
+            for (int k = 0; k < GROUP; k++) s += bf16_to_f32(xr[g0 * GROUP + k]);
+            sums[r * groups + g0] = s;
+        }
+    }
 }
 
 static inline __attribute__((always_inline)) __m512i x_pair(const uint16_t *x, int64_t r, int64_t K, int64_t k) {
@@ -656,7 +697,7 @@ static int buffered_dot_tiles(const Weights *wt, const uint16_t *x, const float 
         __m512i *buf = aligned_alloc(64, sizeof(__m512i) * K);
         float *c = aligned_alloc(64, sizeof(float) * MR * TILE);
         if (!buf || !c) failed = 1;
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided) /* as buffered_tiles() */
         for (int64_t t = 0; t < tiles; t++) {
             if (!buf || !c) continue;
             tile_pairs(wt, t, K, buf);
@@ -695,7 +736,9 @@ static void few_rows_of(const StepRows *x, int rows, int g, const Weights *wt, i
     few_rows(rows, g, wt, t0, x->f32, K, c);
 }
 
-/* M <= SMALL_ROWS: groups of tiles_per_group(M) tiles split over the threads, no buffer. */
+/* M <= SMALL_ROWS: groups of tiles_per_group(M) tiles split over the threads, no buffer. Static
+ * halves here: each thread streams one contiguous half of the weights from memory, which the
+ * prefetchers follow (handed out dynamically, a one-sequence decode step took 1.10x the time). */
 static void unbuffered_tiles(const Weights *wt, const StepRows *x, const Output *o, int M, int64_t K, int threads) {
     const int64_t N = o->N;
     const int64_t tiles = (N + TILE - 1) / TILE, per_group = tiles_per_group(M);
