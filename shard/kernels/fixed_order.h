@@ -34,6 +34,30 @@ static inline float exp_nonpositive(float x) {
     return p * scale.f;
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+/* exp_nonpositive() after its clamp, sixteen lanes, step for step (fnmadd(n, c, x) is
+ * fmaf(-n, c, x); scalef rounds p * 2^n once, as the scalar product by the power does while
+ * 2^n is normal: callers clamp x at -87 or above). The clamp is the caller's: its NaN rule
+ * differs between kernels. */
+static inline __m512 exp_clamped_x16(__m512 x) {
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
 static inline float add_lanes(const float *lane) {
     float pair[LANES / 2], quad[LANES / 4];
     for (int j = 0; j < LANES / 2; j++) pair[j] = lane[j] + lane[j + LANES / 2];

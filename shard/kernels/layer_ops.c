@@ -114,25 +114,9 @@ static inline __attribute__((always_inline)) void silu_mul_row(const char *row, 
 }
 
 #if defined(BF16X16)
-/* e^x for x <= 0, sixteen lanes: exp_nonpositive() step for step (fnmadd(n, c, x) is fmaf(-n, c, x);
- * max(floor, x) keeps a NaN x, as the scalar comparison does). */
-static inline __m512 exp_nonpositive16(__m512 x) {
-    x = _mm512_max_ps(_mm512_set1_ps(EXP_FLOOR), x);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 p = _mm512_set1_ps(1.f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    const __m512i biased = _mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127));
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(biased, 23)));
-}
+/* e^x for x <= 0, sixteen lanes: exp_nonpositive() (max(floor, x) keeps a NaN x, as the
+ * scalar comparison does). */
+static inline __m512 exp_nonpositive16(__m512 x) { return exp_clamped_x16(_mm512_max_ps(_mm512_set1_ps(EXP_FLOOR), x)); }
 
 /* silu() of sixteen lanes. */
 static inline __m512 silu16(__m512 x) {
