@@ -114,3 +114,35 @@ def test_unfiltered_sampling_follows_the_distribution():
     seen = torch.bincount(tokens, minlength=300).float() / draws
     want = torch.softmax(x[0] / 0.8, -1)
     assert 0.5 * (seen - want).abs().sum() < 0.05  # total variation distance
+
+
+def _rows_for_argmax(width: int) -> torch.Tensor:
+    """Rows that test where a maximum is: ties, NaN, infinities, all -inf, bf16-coarse values."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8, width, generator=g)
+    x[1, width // 2] = x[1, width - 1] = 9.0  # a tie: the first one wins
+    x[2, width // 3] = float("nan")  # a NaN is the maximum
+    x[3] = float("-inf")
+    x[4, -1] = x[4, 0] = float("inf")
+    x[5] = x[5].to(torch.bfloat16).float()  # many equal values
+    x[6, -1] = 50.0  # in the tail past the last full 16 lanes
+    x[7, 0] = float("inf")
+    x[7, width - 1] = float("nan")  # a NaN after an infinite maximum
+    return x
+
+
+def test_argmax_kernels_match_torch_max():
+    from shard.row_reductions import max_logsumexp, row_argmax
+
+    for width in (1, 17, 49152 + 3):
+        x = _rows_for_argmax(width) if width > 1 else torch.randn(4, 1)
+        want = x.max(dim=-1)[1]
+        assert torch.equal(row_argmax(x), want)
+        assert torch.equal(max_logsumexp(x)[2], want)
+
+
+def test_greedy_rows_with_adjusted_logits_take_the_adjusted_argmax():
+    x = logits(2)
+    target = int(x[1].argmin())
+    out = sample(x.clone(), [view(SamplingParams()), view(SamplingParams(logit_bias=((target, 100.0),)))])
+    assert out.tokens == [int(x[0].argmax()), target]
