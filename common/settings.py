@@ -90,6 +90,9 @@ SETTINGS: tuple[Setting, ...] = (
        default="auto", choices=("auto", "int4", "none")),
     _s("--threads", "SHARD_THREADS", SHARD,
        "CPU compute threads; 0: one per core (the launcher divides the cores among its shards)", kind=int, default=0),
+    _s("--kv-prefault", "KV_PREFAULT", SHARD,
+       "map the KV cache's memory in the background at idle priority after warmup, not at first use",
+       kind=bool, default=True),
     _s("--prepared-cache", "PREPARED_MODEL_CACHE", SHARD,
        "keep the prepared model under SWITCHYARD_CACHE for fast restarts", kind=bool, default=True),
     # --- limits and batching (router) -------------------------------------------------

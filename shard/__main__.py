@@ -70,6 +70,7 @@ def prepare_engine(config: ShardConfig, source: ModelSource, device: torch.devic
         config.kv_cache_fraction,
         config.world_size,
         config.attention_backend,
+        config.kv_prefault,
     )
     engine.grammar_compiler = GrammarCompiler(source, engine.vocab_size)
     return engine, (model.config.architectures or [type(model).__name__])[0]

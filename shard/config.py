@@ -35,6 +35,8 @@ class ShardConfig:
     quantize: str = "auto"
     #: torch compute threads (0: torch's default, one per core).
     threads: int = 0
+    #: Fault the KV cache's memory in on an idle-priority thread after warmup (PagedKVCache.make_resident).
+    kv_prefault: bool = True
     #: Save the prepared model under SWITCHYARD_CACHE and map it on later starts (shard.prepared_model).
     prepared_cache: bool = True
     otlp_endpoint: str | None = None

@@ -9,6 +9,7 @@ positions that sample, and samples the whole batch at once.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -59,6 +60,11 @@ class StepResult:
     decode_ns: int = 0
 
 
+#: How long the engine must have been idle before the KV cache's memory is mapped ahead of use:
+#: longer than the router's gap between steps, so a stream being served is never slowed.
+PREFAULT_IDLE_S = 0.05
+
+
 class Engine:
     def __init__(
         self,
@@ -68,6 +74,7 @@ class Engine:
         kv_fraction: float,
         world_size: int = 1,
         attention_backend: str = "auto",
+        kv_prefault: bool = False,
     ):
         self.model = model
         #: Tensor-parallel ranks: each holds 1/world_size of the KV heads.
@@ -75,6 +82,11 @@ class Engine:
         self.device = device
         self.block_size = block_size
         self.kv_fraction = kv_fraction
+        #: Fault the KV cache's memory in on a background thread after warmup (PagedKVCache.make_resident).
+        self.kv_prefault = kv_prefault
+        self._stop_prefault: threading.Event | None = None
+        self._stepping = False
+        self._last_step_end = time.monotonic()
         self.dtype = next(model.parameters()).dtype
         self.attention = Backends(attention_backend, device, self.dtype)
         text_config = model.config.get_text_config()
@@ -124,8 +136,12 @@ class Engine:
             )
         self.warm = False
         self.store.clear(None)
+        if self._stop_prefault is not None:
+            self._stop_prefault.set()
         self.cache = PagedKVCache(layout, int(wanted), self.block_size, self.device)
         self._warmup_step(min(max_prefill_tokens, self.cache.num_slots, self.max_positions))
+        if self.kv_prefault and self.device.type == "cpu":
+            self._stop_prefault = self.cache.make_resident_in_background(lambda: self.idle_for() >= PREFAULT_IDLE_S)
         self.warm = True
         return int(wanted)
 
@@ -231,7 +247,16 @@ class Engine:
     def _timed_run(self, work: list[tuple[Sequence, int]]) -> tuple[list[Generation], int, int]:
         if not work:
             return [], 0, 0
-        return self._run(work)
+        self._stepping = True
+        try:
+            return self._run(work)
+        finally:
+            self._stepping = False
+            self._last_step_end = time.monotonic()
+
+    def idle_for(self) -> float:
+        """Seconds since the last step ended; 0 while one runs."""
+        return 0.0 if self._stepping else time.monotonic() - self._last_step_end
 
     @torch.inference_mode()
     def _run(self, work: list[tuple[Sequence, int]]) -> tuple[list[Generation], int, int]:

@@ -6,11 +6,22 @@ block table maps its positions to (``slot_of``), and reads them back in attentio
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import logging
 import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,62 @@ class PagedKVCache:
     def num_slots(self) -> int:
         return self.num_blocks * self.block_size
 
+    def make_resident(
+        self, stop: threading.Event, blocks_per_call: int = 8, may_run: Callable[[], bool] = lambda: True
+    ) -> int:
+        """Faults in every page of a CPU cache without changing a byte; returns the bytes done.
+
+        Why: the cache is calloc'ed memory that the OS maps on first write, and on a VM whose
+        host backs guest memory lazily a first write costs 15-25 us per 4 KiB page (measured
+        on the 2-core EPYC VM: 0.15-0.26 GiB/s, against 17 GiB/s for pages touched before).
+        Left to the steps, that is ~1.4 ms per new 16-token block of SmolLM2, paid by the
+        model thread while its OpenMP team waits: ~29 ms of a 214-token prompt's TTFT and 5%
+        of the shard's time in a fresh 64-stream run. MADV_POPULATE_WRITE (Linux 5.14) maps a
+        range writable as a write would, but leaves its contents alone, so it is safe while
+        steps write KV. Lowest blocks first: the router hands out never-used blocks in that
+        order. Each call maps ``blocks_per_call`` blocks of one layer's K or V (12 pages, ~0.3 ms
+        there) once ``may_run()`` allows it. Stops early when ``stop`` is set or the kernel
+        refuses (older kernels)."""
+        populate = _populate_write()
+        if populate is None or self.keys[0].device.type != "cpu":
+            return 0
+        done = 0
+        for first in range(0, self.num_blocks, blocks_per_call):
+            for tensor in (*self.keys, *self.values):
+                while not may_run():
+                    if stop.wait(IDLE_POLL_S):
+                        return done
+                if stop.is_set():
+                    return done
+                rows = tensor.view(self.num_blocks, -1)[first : first + blocks_per_call]
+                start = rows.data_ptr() // PAGE * PAGE  # the pages around a range lie in its mapping
+                end = -(-(rows.data_ptr() + rows.numel() * rows.element_size()) // PAGE) * PAGE
+                if populate(start, end - start, MADV_POPULATE_WRITE) != 0:
+                    log.info("KV cache left to fault in on first use: madvise says %s", os.strerror(ctypes.get_errno()))
+                    return done
+                done += end - start
+        return done
+
+    def make_resident_in_background(self, may_run: Callable[[], bool]) -> threading.Event:
+        """``make_resident`` on a daemon thread, between steps only; set the event to stop it.
+
+        Only while ``may_run()`` (the engine has been idle a while): a first measurement with
+        the thread running freely at nice 19 put the one-stream ITL up 10% on the 2-core EPYC,
+        its page faults delaying the OpenMP workers' wake-ups. Between bursts of requests and
+        before the first one there is time enough to keep ahead of the allocator."""
+        stop = threading.Event()
+
+        def run() -> None:
+            with contextlib.suppress(AttributeError, OSError):  # per-thread nice is Linux's
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            started = time.monotonic()
+            done = self.make_resident(stop, may_run=may_run)
+            if done:
+                log.info("KV cache resident: %.2f GiB, %.1f s after warmup", done / 2**30, time.monotonic() - started)
+
+        threading.Thread(target=run, name="kv-resident", daemon=True).start()
+        return stop
+
     def slots_of(self, blocks: list[int], start: int, end: int) -> list[int]:
         """Slots of positions ``start..end-1`` of a sequence with block table ``blocks``."""
         size = self.block_size
@@ -67,6 +134,25 @@ class PagedKVCache:
         # key/value: [tokens, kv_heads, head_dim]
         self.keys[layer].index_copy_(0, slots, key.to(self.layout.dtype))
         self.values[layer].index_copy_(0, slots, value.to(self.layout.dtype))
+
+
+PAGE = os.sysconf("SC_PAGE_SIZE") if sys.platform == "linux" else 4096
+MADV_POPULATE_WRITE = 23  # linux/mman.h, every architecture
+IDLE_POLL_S = 0.02
+
+
+@functools.cache
+def _populate_write() -> Callable[[int, int, int], int] | None:
+    """The C library's madvise, where MADV_POPULATE_WRITE can exist (Linux)."""
+    if sys.platform != "linux":
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
 
 
 def _addresses_of(tensors: list[torch.Tensor]) -> torch.Tensor:
