@@ -29,12 +29,11 @@ def resident_pages(tensor: torch.Tensor) -> tuple[int, int]:
 
 
 def test_make_resident_maps_every_page_and_keeps_the_contents():
-    # 64 MiB a tensor: above glibc's largest mmap threshold, so fresh pages, not recycled heap
-    cache = PagedKVCache(LAYOUT, num_blocks=16384, block_size=16, device=torch.device("cpu"))
+    cache = PagedKVCache(LAYOUT, num_blocks=16384, block_size=16, device=torch.device("cpu"))  # 64 MiB a tensor
     written = torch.randn(16, 2, 64).to(torch.bfloat16)
     cache.keys[1][32:48] = written  # block 2 of layer 1 holds KV already
-    resident, pages = resident_pages(cache.values[0])
-    assert resident < pages  # calloc'ed: mapped on first write only
+    # (Whether the rest is mapped yet depends on where the allocator found the memory: in a
+    # long test session it can be recycled pages.)
 
     done = cache.make_resident(threading.Event(), blocks_per_call=7)  # ranges that straddle pages
 
