@@ -11,6 +11,7 @@ import ctypes
 import functools
 import logging
 import math
+import mmap
 import os
 import sys
 import threading
@@ -84,9 +85,7 @@ class PagedKVCache:
                         return done
                 if stop.is_set():
                     return done
-                rows = tensor.view(self.num_blocks, -1)[first : first + blocks_per_call]
-                start = rows.data_ptr() // PAGE * PAGE  # the pages around a range lie in its mapping
-                end = -(-(rows.data_ptr() + rows.numel() * rows.element_size()) // PAGE) * PAGE
+                start, end = page_span(tensor.view(self.num_blocks, -1)[first : first + blocks_per_call])
                 if populate(start, end - start, MADV_POPULATE_WRITE) != 0:
                     log.info("KV cache left to fault in on first use: madvise says %s", os.strerror(ctypes.get_errno()))
                     return done
@@ -138,9 +137,16 @@ class PagedKVCache:
         self.values[layer].index_copy_(0, slots, value.to(self.layout.dtype))
 
 
-PAGE = os.sysconf("SC_PAGE_SIZE") if sys.platform == "linux" else 4096
+PAGE = mmap.PAGESIZE
 MADV_POPULATE_WRITE = 23  # linux/mman.h, every architecture
 IDLE_POLL_S = 0.02
+
+
+def page_span(tensor: torch.Tensor) -> tuple[int, int]:
+    """The page-aligned addresses around a contiguous tensor's bytes (the pages around a
+    range of an allocation lie in its mapping)."""
+    start = tensor.data_ptr()
+    return start // PAGE * PAGE, -(-(start + tensor.nbytes) // PAGE) * PAGE
 
 
 @functools.cache

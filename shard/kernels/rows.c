@@ -1,7 +1,7 @@
 /*
  * Per-row reductions of a [rows, width] fp32 matrix whose result for a row depends only
- * on that row: the maximum and where it is, the log-sum-exp, and the plain sum. torch reduces a single
- * row by splitting it across threads and several rows one per thread, so a request's
+ * on that row: the maximum and where it is, the log-sum-exp, and the plain sum. torch
+ * reduces a single row by splitting it across threads and several rows one per thread, so a request's
  * logprob came out a bit different when it was sampled alone than when it shared the
  * step with others. Here each row is one thread's work, summed in 16 interleaved lanes
  * (element i into lane i % 16) that are then added in a fixed tree: the order depends
@@ -43,11 +43,13 @@ static float row_max_at(const float *row, int64_t width, int64_t *at) {
     return best;
 }
 
-/* Where the row's first NaN is, or -1. */
-static int64_t first_nan(const float *row, int64_t width) {
+/* torch.max counts a NaN as the maximum: moves *at to the row's first NaN, if it has one. */
+static void take_first_nan(const float *row, int64_t width, int64_t *at) {
     for (int64_t i = 0; i < width; i++)
-        if (isnan(row[i])) return i;
-    return -1;
+        if (isnan(row[i])) {
+            *at = i;
+            return;
+        }
 }
 
 /* Whether the row holds a NaN or an infinity (x - x is NaN for both, 0 otherwise). */
@@ -89,8 +91,7 @@ void rows_max_logsumexp(const float *x, int64_t rows, int64_t width, float *best
         lse[r] = isinf(top) ? top : top + logf(row_sum(row, width, top, 1));
         /* A NaN poisons the sum (exp of NaN is NaN), so only such rows, and those whose
          * infinite maximum skipped the sum, pay the scan for a first NaN. */
-        const int64_t nan_at = isnan(lse[r]) || isinf(top) ? first_nan(row, width) : -1;
-        if (nan_at >= 0) index[r] = nan_at;
+        if (isnan(lse[r]) || isinf(top)) take_first_nan(row, width, &index[r]);
     }
 }
 
@@ -100,8 +101,7 @@ void rows_argmax(const float *x, int64_t rows, int64_t width, int64_t *index, in
     for (int64_t r = 0; r < rows; r++) {
         const float *row = x + r * width;
         row_max_at(row, width, &index[r]);
-        const int64_t nan_at = row_has_nan_or_inf(row, width) ? first_nan(row, width) : -1;
-        if (nan_at >= 0) index[r] = nan_at;
+        if (row_has_nan_or_inf(row, width)) take_first_nan(row, width, &index[r]);
     }
 }
 

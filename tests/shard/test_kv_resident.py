@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from shard.kv_cache import PAGE, KVLayout, PagedKVCache
+from shard.kv_cache import PAGE, KVLayout, PagedKVCache, page_span
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="MADV_POPULATE_WRITE is Linux's")
 
@@ -19,8 +19,7 @@ LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.bfloat1
 def resident_pages(tensor: torch.Tensor) -> tuple[int, int]:
     """(resident, total) pages under the tensor, from mincore(2)."""
     libc = ctypes.CDLL(None, use_errno=True)
-    start = tensor.data_ptr() // PAGE * PAGE
-    end = -(-(tensor.data_ptr() + tensor.numel() * tensor.element_size()) // PAGE) * PAGE
+    start, end = page_span(tensor)
     pages = (end - start) // PAGE
     vector = (ctypes.c_ubyte * pages)()
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
