@@ -93,6 +93,9 @@ SETTINGS: tuple[Setting, ...] = (
     _s("--kv-prefault", "KV_PREFAULT", SHARD,
        "map the KV cache's memory in the background at idle priority after warmup, not at first use",
        kind=bool, default=True),
+    _s("--kv-prefault-ready-s", "KV_PREFAULT_READY_S", SHARD,
+       "with KV_PREFAULT, seconds of warmup that map the KV cache's first blocks before the shard is ready "
+       "(the rest in the background)", kind=float, default=10.0),
     _s("--prepared-cache", "PREPARED_MODEL_CACHE", SHARD,
        "keep the prepared model under SWITCHYARD_CACHE for fast restarts", kind=bool, default=True),
     # --- limits and batching (router) -------------------------------------------------

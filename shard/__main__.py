@@ -71,6 +71,7 @@ def prepare_engine(config: ShardConfig, source: ModelSource, device: torch.devic
         config.world_size,
         config.attention_backend,
         config.kv_prefault,
+        config.kv_prefault_ready_s,
     )
     engine.grammar_compiler = GrammarCompiler(source, engine.vocab_size)
     return engine, (model.config.architectures or [type(model).__name__])[0]

@@ -37,6 +37,8 @@ class ShardConfig:
     threads: int = 0
     #: Fault the KV cache's memory in on an idle-priority thread after warmup (PagedKVCache.make_resident).
     kv_prefault: bool = True
+    #: Seconds of warmup spent mapping the cache's lowest blocks before the shard reports ready.
+    kv_prefault_ready_s: float = 10.0
     #: Save the prepared model under SWITCHYARD_CACHE and map it on later starts (shard.prepared_model).
     prepared_cache: bool = True
     otlp_endpoint: str | None = None

@@ -75,6 +75,7 @@ class Engine:
         world_size: int = 1,
         attention_backend: str = "auto",
         kv_prefault: bool = False,
+        kv_prefault_ready_s: float = 0.0,
     ):
         self.model = model
         #: Tensor-parallel ranks: each holds 1/world_size of the KV heads.
@@ -84,6 +85,8 @@ class Engine:
         self.kv_fraction = kv_fraction
         #: Fault the KV cache's memory in on a background thread after warmup (PagedKVCache.make_resident).
         self.kv_prefault = kv_prefault
+        #: Of which up to this many seconds in warmup itself, before the shard answers ready.
+        self.kv_prefault_ready_s = kv_prefault_ready_s
         self._stop_prefault: threading.Event | None = None
         self._stepping = False
         self._last_step_end = time.monotonic()
@@ -141,9 +144,30 @@ class Engine:
         self.cache = PagedKVCache(layout, int(wanted), self.block_size, self.device)
         self._warmup_step(min(max_prefill_tokens, self.cache.num_slots, self.max_positions))
         if self.kv_prefault and self.device.type == "cpu":
+            self._map_cache_before_ready()
             self._stop_prefault = self.cache.make_resident_in_background(lambda: self.idle_for() >= PREFAULT_IDLE_S)
         self.warm = True
         return int(wanted)
+
+    def _map_cache_before_ready(self) -> None:
+        """The lowest blocks' memory mapped in warmup, within ``kv_prefault_ready_s``.
+
+        Why in warmup as well as in the background: a load that starts as soon as the shard is
+        ready never leaves the engine idle, so the background thread cannot get ahead of it,
+        and the steps pay the first-touch faults (on the 2-core EPYC VM, 64 streams of the
+        shared workload against a fresh stack: 275 and 307 tokens/s, against 333 and 346 with
+        the first GiBs mapped beforehand). The router hands out the lowest never-used blocks
+        first, so these are the blocks the first requests get. Where memory maps at its normal
+        speed (GiB/s) the whole cache is done well within the budget."""
+        if self.kv_prefault_ready_s <= 0 or self.cache is None:
+            return
+        started = time.monotonic()
+        done = self.cache.make_resident(threading.Event(), deadline=started + self.kv_prefault_ready_s)
+        if done:
+            log.info(
+                "KV cache: %.2f GiB mapped in %.1f s before ready (blocks 0-%d of %d)",
+                done / 2**30, time.monotonic() - started, self.cache.resident_blocks - 1, self.cache.num_blocks,
+            )  # fmt: skip
 
     def _warmup_step(self, tokens: int) -> None:
         # On CUDA the worst-case prefill reveals an out-of-memory now rather than

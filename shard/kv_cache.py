@@ -52,13 +52,19 @@ class PagedKVCache:
         #: Each layer's K and V memory address ([layers] int64), for kernels that take the whole
         #: cache (shard.native_layer); fixed for the cache's life.
         self.addresses = (_addresses_of(self.keys), _addresses_of(self.values))
+        #: Blocks 0 .. resident_blocks-1 are mapped in every layer (``make_resident``'s progress).
+        self.resident_blocks = 0
 
     @property
     def num_slots(self) -> int:
         return self.num_blocks * self.block_size
 
     def make_resident(
-        self, stop: threading.Event, blocks_per_call: int = 8, may_run: Callable[[], bool] = lambda: True
+        self,
+        stop: threading.Event,
+        blocks_per_call: int = 8,
+        may_run: Callable[[], bool] = lambda: True,
+        deadline: float | None = None,
     ) -> int:
         """Faults in every page of a CPU cache without changing a byte; returns the bytes done.
 
@@ -72,13 +78,16 @@ class PagedKVCache:
         range writable as a write would, but leaves its contents alone, so it is safe while
         steps write KV. Lowest blocks first: the router hands out never-used blocks in that
         order. Each call maps ``blocks_per_call`` blocks of one layer's K or V (12 pages, ~0.3 ms
-        there) once ``may_run()`` allows it. Stops early when ``stop`` is set or the kernel
-        refuses (older kernels)."""
+        there) once ``may_run()`` allows it. Stops early when ``stop`` is set, at ``deadline``
+        (``time.monotonic()``), or when the kernel refuses (older kernels); a later call goes on
+        from the first block not yet done (``resident_blocks``)."""
         populate = _populate_write()
         if populate is None or self.keys[0].device.type != "cpu":
             return 0
         done = 0
-        for first in range(0, self.num_blocks, blocks_per_call):
+        for first in range(self.resident_blocks, self.num_blocks, blocks_per_call):
+            if deadline is not None and time.monotonic() >= deadline:
+                return done
             for tensor in (*self.keys, *self.values):
                 while not may_run():
                     if stop.wait(IDLE_POLL_S):
@@ -88,8 +97,11 @@ class PagedKVCache:
                 start, end = page_span(tensor.view(self.num_blocks, -1)[first : first + blocks_per_call])
                 if populate(start, end - start, MADV_POPULATE_WRITE) != 0:
                     log.info("KV cache left to fault in on first use: madvise says %s", os.strerror(ctypes.get_errno()))
+                    self.resident_blocks = self.num_blocks  # nothing more to try
                     return done
                 done += end - start
+            # Every tensor's part of these blocks is mapped (a call stopped half-way redoes them: harmless).
+            self.resident_blocks = min(first + blocks_per_call, self.num_blocks)
         return done
 
     def make_resident_in_background(self, may_run: Callable[[], bool]) -> threading.Event:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import ctypes
 import sys
 import threading
+import time
 
 import pytest
 import torch
 
+from common.model_source import resolve_model
+from shard.engine import Engine
 from shard.kv_cache import PAGE, KVLayout, PagedKVCache, page_span
+from shard.model_loader import load_model
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="MADV_POPULATE_WRITE is Linux's")
 
@@ -79,3 +83,40 @@ def test_nothing_is_mapped_while_the_engine_is_busy():
     stop.set()
     thread.join(timeout=5)
     assert result == [0]  # not a byte mapped
+
+
+def test_a_later_pass_goes_on_where_an_earlier_one_stopped():
+    cache = PagedKVCache(LAYOUT, num_blocks=1024, block_size=16, device=torch.device("cpu"))
+    tensors = 2 * LAYOUT.num_layers
+    stop, asked = threading.Event(), [0]
+
+    def may_run() -> bool:  # stops the pass as it reaches its fourth group of blocks
+        asked[0] += 1
+        if asked[0] > 3 * tensors:
+            stop.set()
+        return True
+
+    first = cache.make_resident(stop, blocks_per_call=16, may_run=may_run)
+    assert cache.resident_blocks == 48
+    rest = cache.make_resident(threading.Event(), blocks_per_call=16)
+
+    total = sum(t.nbytes for t in (*cache.keys, *cache.values))
+    assert cache.resident_blocks == 1024
+    assert 0 < first < rest and total <= first + rest  # (each call rounds its range out to whole pages)
+    for tensor in (*cache.keys, *cache.values):
+        assert resident_pages(tensor)[0] == resident_pages(tensor)[1]
+
+
+def test_a_pass_past_its_deadline_maps_nothing():
+    cache = PagedKVCache(LAYOUT, num_blocks=64, block_size=16, device=torch.device("cpu"))
+    assert cache.make_resident(threading.Event(), deadline=time.monotonic() - 1) == 0
+    assert cache.resident_blocks == 0
+
+
+def test_warmup_maps_the_cache_before_it_returns(tiny_model_dir):
+    source = resolve_model(str(tiny_model_dir("llama")))
+    model = load_model(source, torch.float32, torch.device("cpu"), quantize="none")
+    engine = Engine(model, torch.device("cpu"), 4, kv_fraction=0.5, kv_prefault=True, kv_prefault_ready_s=60)
+    engine.warmup(64, 4, 8192)
+    assert engine.cache is not None and engine.cache.resident_blocks == engine.cache.num_blocks
+    engine.clear(None)
