@@ -15,6 +15,7 @@ The ratio of the stack's tokens/s to this one is the cluster's cost.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import time
 from collections import deque
@@ -28,6 +29,7 @@ from benchmarks.served import LOADGEN, PLAN
 from common.model_source import resolve_model, tokenizer_source
 from router.config import CPU_PREFILL_BUDGET
 from router.tokenization import Tokenizer
+from shard.config import parse_config
 from shard.engine import Engine, NewRequest
 from shard.model_loader import choose_dtype, load_model
 from shard.sampling import SamplingParams
@@ -165,7 +167,11 @@ def run(seed: int = 5000) -> dict[int, float]:
     model, dtype and storage ``make serve`` uses."""
     source = resolve_model(None)
     model = load_model(source, choose_dtype(None, torch.device("cpu")), torch.device("cpu"), quantize="auto")
-    engine = Engine(model, torch.device("cpu"), BLOCK, kv_fraction=0.5)
+    served = parse_config([], os.environ)  # the KV cache mapped before the first request, as a served shard's
+    engine = Engine(
+        model, torch.device("cpu"), BLOCK, kv_fraction=0.5,
+        kv_prefault=served.kv_prefault, kv_prefault_ready_s=served.kv_prefault_ready_s,
+    )  # fmt: skip
     engine.warmup(PREFILL_BUDGET, max(PLAN), max(PLAN) * 640)
     tokenizer = Tokenizer.load(tokenizer_source(source))
     return {c: workload_rate(engine, workload_prompts(tokenizer, n, seed + c), c) for c, n in PLAN.items()}
