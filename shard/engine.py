@@ -144,12 +144,12 @@ class Engine:
         self.cache = PagedKVCache(layout, int(wanted), self.block_size, self.device)
         self._warmup_step(min(max_prefill_tokens, self.cache.num_slots, self.max_positions))
         if self.kv_prefault and self.device.type == "cpu":
-            self._map_cache_before_ready()
+            self._map_before_ready(self.cache)
             self._stop_prefault = self.cache.make_resident_in_background(lambda: self.idle_for() >= PREFAULT_IDLE_S)
         self.warm = True
         return int(wanted)
 
-    def _map_cache_before_ready(self) -> None:
+    def _map_before_ready(self, cache: PagedKVCache) -> None:
         """The lowest blocks' memory mapped in warmup, within ``kv_prefault_ready_s``.
 
         Why in warmup as well as in the background: a load that starts as soon as the shard is
@@ -159,14 +159,14 @@ class Engine:
         the first GiBs mapped beforehand). The router hands out the lowest never-used blocks
         first, so these are the blocks the first requests get. Where memory maps at its normal
         speed (GiB/s) the whole cache is done well within the budget."""
-        if self.kv_prefault_ready_s <= 0 or self.cache is None:
+        if self.kv_prefault_ready_s <= 0:
             return
         started = time.monotonic()
-        done = self.cache.make_resident(threading.Event(), deadline=started + self.kv_prefault_ready_s)
+        done = cache.make_resident(threading.Event(), deadline=started + self.kv_prefault_ready_s)
         if done:
             log.info(
                 "KV cache: %.2f GiB mapped in %.1f s before ready (blocks 0-%d of %d)",
-                done / 2**30, time.monotonic() - started, self.cache.resident_blocks - 1, self.cache.num_blocks,
+                done / 2**30, time.monotonic() - started, cache.resident_blocks - 1, cache.num_blocks,
             )  # fmt: skip
 
     def _warmup_step(self, tokens: int) -> None:
