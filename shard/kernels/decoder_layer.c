@@ -15,6 +15,10 @@
  *   gu   = h @ Wgate_up;  a = silu(gate) * up
  *   out  = out + a @ Wdown                   (in place: each element reads its residual once)
  *
+ * decoder_layers runs a model's whole stack of layers in one call, each layer reading the
+ * previous one's output: the same per-layer calls without the Python between the layers
+ * (~20 us a layer, 0.6-0.7 ms of a one-sequence decode step of a 30-layer model).
+ *
  * The kernels live in their own shared objects (linear.c, layer_ops.c, paged_decode.c) and
  * are reached through the function pointers the caller passes in Kernels: one build of each,
  * so there is one copy of the arithmetic. Types: 0 fp32, 1 bf16; activations, norm weights,
@@ -117,4 +121,18 @@ int decoder_layer(const Layer *l, const Step *s, const void *x, void *out) {
     if ((status = project(s, &l->gate_up, s->normed, NULL, s->gate_up))) return status;
     k->silu_mul(s->gate_up, 2 * l->intermediate, T, l->intermediate, s->activated, s->type, s->threads);
     return project(s, &l->down, s->activated, out, out);
+}
+
+/* layers[0..count) in order, x the first one's input (only read). The outputs alternate between
+ * out and spare (a layer may not write its input) so that the last layer's lands in out.
+ * Returns 0, or the first failing kernel's status. */
+int decoder_layers(const Layer *const *layers, int count, const Step *s, const void *x, void *out, void *spare) {
+    const void *in = x;
+    for (int i = 0; i < count; i++) {
+        void *dst = (count - 1 - i) % 2 == 0 ? out : spare;
+        int status = decoder_layer(layers[i], s, in, dst);
+        if (status) return status;
+        in = dst;
+    }
+    return 0;
 }

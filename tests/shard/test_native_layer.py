@@ -1,10 +1,10 @@
-"""The one-call decoder layer (shard.native_layer): the very bits of the layer's Python path.
+"""The one-call decoder layer and layer stack (shard.native_layer): the very bits of the Python path.
 
 A schedule with prefill steps, mixed steps (decode tokens and a prompt chunk in one forward:
-two attention groups, queries in packed order) and decode steps runs twice on the same
-engine, once through ``decoder_layer.c`` and once through the Python path
-(``NativeStep.of`` patched to decline); every token, logprob and top alternative must match,
-and the first run must really have taken the one-call path.
+two attention groups, queries in packed order) and decode steps runs three times on the same
+engine through ``decoder_layer.c`` (the whole stack in one call, then layer by layer) and
+through the Python path (``NativeStep.of`` patched to decline); every token, logprob and top
+alternative must match, and each run must really have taken its path.
 """
 
 from __future__ import annotations
@@ -41,24 +41,36 @@ def _schedule(engine) -> list[tuple[list[int], list[float]]]:
     "case", ["llama-float32-none", "llama-bfloat16-int4", "qwen2-bfloat16-none", "mistral-float32-none"]
 )
 def test_one_call_layer_is_the_python_path_bit_for_bit(case, tiny_model_dir):
-    """float32; bf16 with 4-bit weights; Qwen2 (q/k/v biases); Mistral (sliding window)."""
+    """float32; bf16 with 4-bit weights; Qwen2 (q/k/v biases); Mistral (sliding window). The
+    whole stack in one call, each layer in one call, and the Python path: the same bits."""
     kind, dtype_name, quantize = case.split("-")
     engine = make_engine(resolve_model(str(tiny_model_dir(kind))), dtype=getattr(torch, dtype_name), quantize=quantize)
-    calls = []
-    forward = native_layer.NativeStep.forward
+    stack_calls, layer_calls = [], []
+    stack_forward, layer_forward = native_layer.NativeStack.forward, native_layer.NativeStep.forward
 
-    def counted(step, layer, x):
-        calls.append(x.shape[0])
-        return forward(step, layer, x)
+    def counted_stack(stack, step, x):
+        stack_calls.append(x.shape[0])
+        return stack_forward(stack, step, x)
 
-    with mock.patch.object(native_layer.NativeStep, "forward", counted):
-        ours = _schedule(engine)
+    def counted_layer(step, layer, x):
+        layer_calls.append(x.shape[0])
+        return layer_forward(step, layer, x)
+
+    with (
+        mock.patch.object(native_layer.NativeStack, "forward", counted_stack),
+        mock.patch.object(native_layer.NativeStep, "forward", counted_layer),
+    ):
+        stack = _schedule(engine)
+        assert engine._direct and engine._direct._stack, "the stack was not built"
+        assert stack_calls == [30, 1, 18, 25, 2, 2, 2, 2, 2, 2] and not layer_calls  # every step took it
+        engine._direct._stack = False  # layer by layer
+        by_layer = _schedule(engine)
     layers = engine.model.config.num_hidden_layers
-    assert len(calls) == 10 * layers and set(calls) == {30, 1, 18, 25, 2}  # every step took it
+    assert len(layer_calls) == 10 * layers and set(layer_calls) == {30, 1, 18, 25, 2}
     with mock.patch.object(native_layer.NativeStep, "of", staticmethod(lambda *args: None)):
         python = _schedule(engine)
-    assert ours == python
-    assert [len(tokens) for tokens, _ in ours] == [10, 7]
+    assert stack == by_layer == python
+    assert [len(tokens) for tokens, _ in stack] == [10, 7]
 
 
 @pytest.mark.parametrize("case", ["llama-bfloat16-int4", "qwen2-float32-none", "mistral-bfloat16-none"])
