@@ -193,9 +193,7 @@ class NativeStep:
 
     def forward(self, layer: NativeLayer, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(x)
-        status = self.run(ctypes.byref(layer.struct), ctypes.byref(self.struct), x.data_ptr(), out.data_ptr())
-        if status != 0:
-            raise RuntimeError(f"the decoder layer kernel failed with status {status}")
+        _check(self.run(ctypes.byref(layer.struct), ctypes.byref(self.struct), x.data_ptr(), out.data_ptr()))
         return out
 
 
@@ -205,9 +203,13 @@ class NativeStack:
 
     def __init__(self, library: _Library, layers: list[NativeLayer]):
         self.layers = layers  # holds the structs the table points at
-        self.first = layers[0]
         self._table = (ctypes.POINTER(_Layer) * len(layers))(*(ctypes.pointer(layer.struct) for layer in layers))
         self._run = library.run_stack
+
+    @property
+    def first(self) -> NativeLayer:
+        """The layer whose shapes every layer shares (what ``NativeStep.of`` checks a step against)."""
+        return self.layers[0]
 
     @classmethod
     def of(cls, layers: list[NativeLayer | None]) -> NativeStack | None:
@@ -223,12 +225,17 @@ class NativeStack:
         """Every layer on x [tokens, hidden] (``step`` from ``NativeStep.of`` with ``first``)."""
         out = torch.empty_like(x)
         spare = torch.empty_like(x) if len(self.layers) > 1 else out
-        status = self._run(
-            self._table, len(self.layers), ctypes.byref(step.struct), x.data_ptr(), out.data_ptr(), spare.data_ptr()
+        _check(
+            self._run(
+                self._table, len(self.layers), ctypes.byref(step.struct), x.data_ptr(), out.data_ptr(), spare.data_ptr()
+            )
         )
-        if status != 0:
-            raise RuntimeError(f"the decoder layer kernel failed with status {status}")
         return out
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise RuntimeError(f"the decoder layer kernel failed with status {status}")
 
 
 def _fits(paged_step: PagedStep, x: torch.Tensor, rotary: Any, dtype: torch.dtype) -> bool:
