@@ -57,6 +57,17 @@ SEND_AHEAD_SHARE = 0.2
 #: middle of the shards' compute (on a small CPU, a stalled compute thread), and arrivals into
 #: so short a step wait little anyway.
 LATE_SEND_MIN_STEP_S = 0.02
+#: A decoding request that needs a block takes up to this many at once (no more than its length
+#: limit can fill, and only while the cache keeps as many for every active request), so that its
+#: KV lies in runs of contiguous blocks rather than one block between each of the other streams'.
+#: Decode attention walks a sequence's blocks in order and the CPU's prefetchers lose the stream
+#: at every jump: 64 sequences of 340 tokens, 30 layers (2-core AMD EPYC, bf16, huge pages):
+#: 34.3 ms with the output's blocks handed out one at a time round the batch, 31.1 with runs of 4,
+#: 28.4 with each sequence's blocks all contiguous; deeper software prefetching did not help.
+#: The engine alone on the shared workload at 64 streams (benchmarks/engine_workload.py, which
+#: takes blocks as this scheduler does), alternated in one process: 363.7 against 344.1 tok/s
+#: (medians of 4 rounds, paired ratio 1.056). Blocks taken ahead are used or freed with the request.
+DECODE_BLOCK_RUN = 4
 #: How long a request waits for a restarted shard before it ends with an error (SHARD_RECOVERY_TIMEOUT).
 DEFAULT_RECOVERY_TIMEOUT_S = 60.0
 
@@ -461,7 +472,7 @@ class Scheduler:
             needed = self.allocator.blocks_for(r.computed + 1 + ahead) - len(r.blocks)
             while needed > 0 and r.phase is Phase.DECODING:
                 try:
-                    new = self.allocator.allocate(needed)
+                    new = self.allocator.allocate(self._run_of(r, needed))
                 except OutOfBlocks:
                     self._preempt(max(self.active, key=lambda x: x.id))  # ids grow with arrival
                     continue
@@ -469,6 +480,14 @@ class Scheduler:
                 extensions[r.id] = new
                 needed = 0
         return {rid: blocks for rid, blocks in extensions.items() if rid in {x.id for x in self.active}}
+
+    def _run_of(self, r: Request, needed: int) -> int:
+        """How many blocks ``r`` takes when it needs ``needed`` more: a run of DECODE_BLOCK_RUN
+        where its length limit can fill them and the cache has room to spare, else ``needed``."""
+        final = min(len(r.prompt_ids) + r.max_new_tokens, self.limits.max_total_tokens)
+        run = min(DECODE_BLOCK_RUN, self.allocator.blocks_for(final - 1) - len(r.blocks))  # the last token gets no KV
+        spare = self.allocator.free_blocks - len(self.active) * DECODE_BLOCK_RUN
+        return run if needed < run <= spare else needed
 
     def _preempt(self, r: Request) -> None:
         log.info("preempting request %d (%d tokens) for lack of KV blocks", r.id, r.length)

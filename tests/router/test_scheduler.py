@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import tempfile
 from pathlib import Path
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from router.errors import ShardsUnavailable
 from router.request import Phase
+from router.scheduler import DECODE_BLOCK_RUN
 from tests.router.harness import expected_tokens, fake_router
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
@@ -77,6 +79,58 @@ async def test_preemption_resumes_with_the_same_tokens(tokenizer, tmp_path):
         for r in requests:
             assert r.generated == expected_tokens(r)
         assert h.scheduler.allocator.used_blocks == 0
+
+
+def runs(blocks: list[int]) -> list[int]:
+    """Lengths of the runs of consecutive block ids."""
+    lengths = [1]
+    for before, after in itertools.pairwise(blocks):
+        if after == before + 1:
+            lengths[-1] += 1
+        else:
+            lengths.append(1)
+    return lengths
+
+
+async def test_decoding_requests_grow_by_runs_of_contiguous_blocks(tokenizer, tmp_path):
+    # Four streams decoding side by side with room to spare: each takes its output's blocks
+    # DECODE_BLOCK_RUN at a time (never past what its length limit can fill), not one block
+    # between each of the others'; the tokens are those of an uninterrupted run.
+    async with fake_router(tokenizer, tmp_path, num_blocks=256, max_total_tokens=400) as h:
+        rng = random.Random(7)
+        requests = [h.request(prompt(rng, 5), max_new_tokens=40, seed=i) for i in range(4)]
+        for r in requests:
+            h.scheduler.submit(r)
+        for _ in range(30):
+            await h.scheduler.step()
+            h.check()
+        for r in requests:
+            final_blocks = h.scheduler.allocator.blocks_for(len(r.prompt_ids) + r.max_new_tokens - 1)
+            assert len(r.blocks) <= final_blocks
+            prompt_blocks = h.scheduler.allocator.blocks_for(len(r.prompt_ids))
+            assert max(runs(r.blocks[prompt_blocks:])) >= DECODE_BLOCK_RUN > 1
+        await drain(h)
+        for r in requests:
+            assert r.generated == expected_tokens(r)
+        assert h.scheduler.allocator.used_blocks == 0
+
+
+async def test_decode_block_runs_yield_to_a_tight_cache(tokenizer, tmp_path):
+    # 12 blocks of 4 tokens for three streams: no block is taken ahead of need, so the
+    # runs never cause a preemption a block at a time would not.
+    async with fake_router(tokenizer, tmp_path, num_blocks=12, max_total_tokens=48) as h:
+        rng = random.Random(4)
+        requests = [h.request(prompt(rng, 3), max_new_tokens=8, seed=i) for i in range(3)]
+        for r in requests:
+            h.scheduler.submit(r)
+        for _ in range(6):
+            await h.scheduler.step()
+            h.check()
+            for r in h.scheduler.active:
+                assert len(r.blocks) <= h.scheduler.allocator.blocks_for(r.computed + 2)  # a step ahead at most
+        await drain(h)
+        for r in requests:
+            assert r.generated == expected_tokens(r)
 
 
 async def test_cancel_frees_blocks_at_the_next_step(tokenizer, tmp_path):
