@@ -583,7 +583,9 @@ static int run(const Problem *pr, int batch, int threads) {
             free(current.slots);
             current.slots = NULL;
             if (after < items) {
-                current = next, fetched = 1;
+                /* an item only partly fetched (longer than the one it rode on) keeps the
+                 * first head's own prefetch */
+                current = next, fetched = la.position >= la.span;
             } else {
                 after = __atomic_fetch_add(&taken, 1, __ATOMIC_RELAXED), fetched = 0;
                 if (after < items && item_at(pr, after, by_head, &current)) failed = 1;
