@@ -28,7 +28,7 @@ from benchmarks.engine import BLOCK
 from benchmarks.served import LOADGEN, PLAN
 from common.model_source import resolve_model, tokenizer_source
 from router.config import CPU_PREFILL_BUDGET
-from router.scheduler import DECODE_BLOCK_RUN
+from router.scheduler import DECODE_BLOCK_RUN, blocks_to_take
 from router.tokenization import Tokenizer
 from shard.config import parse_config
 from shard.engine import Engine, NewRequest
@@ -117,9 +117,10 @@ class _Replay:
             if s.rid not in chunked and s.generated:
                 s.computed += 1
                 needed = -(-s.computed // BLOCK) - len(s.blocks)
-                if needed > 0:  # a run, as the router's scheduler takes them (DECODE_BLOCK_RUN)
-                    final = -(-(len(s.ids) + NEW_TOKENS - 1) // BLOCK) - len(s.blocks)
-                    extensions[s.rid] = self._take(max(needed, min(DECODE_BLOCK_RUN, final)))
+                if needed > 0:  # a run, as the router's scheduler takes them
+                    fillable = -(-(len(s.ids) + NEW_TOKENS - 1) // BLOCK) - len(s.blocks)
+                    spare = len(self.free) - len(self.active) * DECODE_BLOCK_RUN
+                    extensions[s.rid] = self._take(blocks_to_take(needed, fillable, spare))
                     s.blocks += extensions[s.rid]
         if any(s.generated for s in self.active.values()):
             result = self.engine.decode([BATCH], extensions, chunks)

@@ -92,6 +92,16 @@ def runs(blocks: list[int]) -> list[int]:
     return lengths
 
 
+async def submit_and_step(harness, requests: list, steps: int):
+    """Submits ``requests`` and runs ``steps`` scheduler steps, yielding after each (checked)."""
+    for r in requests:
+        harness.scheduler.submit(r)
+    for _ in range(steps):
+        await harness.scheduler.step()
+        harness.check()
+        yield
+
+
 async def test_decoding_requests_grow_by_runs_of_contiguous_blocks(tokenizer, tmp_path):
     # Four streams decoding side by side with room to spare: each takes its output's blocks
     # DECODE_BLOCK_RUN at a time (never past what its length limit can fill), not one block
@@ -99,11 +109,8 @@ async def test_decoding_requests_grow_by_runs_of_contiguous_blocks(tokenizer, tm
     async with fake_router(tokenizer, tmp_path, num_blocks=256, max_total_tokens=400) as h:
         rng = random.Random(7)
         requests = [h.request(prompt(rng, 5), max_new_tokens=40, seed=i) for i in range(4)]
-        for r in requests:
-            h.scheduler.submit(r)
-        for _ in range(30):
-            await h.scheduler.step()
-            h.check()
+        async for _ in submit_and_step(h, requests, 30):
+            pass
         for r in requests:
             final_blocks = h.scheduler.allocator.blocks_for(len(r.prompt_ids) + r.max_new_tokens - 1)
             assert len(r.blocks) <= final_blocks
@@ -121,11 +128,7 @@ async def test_decode_block_runs_yield_to_a_tight_cache(tokenizer, tmp_path):
     async with fake_router(tokenizer, tmp_path, num_blocks=12, max_total_tokens=48) as h:
         rng = random.Random(4)
         requests = [h.request(prompt(rng, 3), max_new_tokens=8, seed=i) for i in range(3)]
-        for r in requests:
-            h.scheduler.submit(r)
-        for _ in range(6):
-            await h.scheduler.step()
-            h.check()
+        async for _ in submit_and_step(h, requests, 6):
             for r in h.scheduler.active:
                 assert len(r.blocks) <= h.scheduler.allocator.blocks_for(r.computed + 2)  # a step ahead at most
         await drain(h)

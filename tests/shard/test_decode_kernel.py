@@ -36,16 +36,8 @@ def test_kernel_matches_gathered_sdpa(dtype, heads, kv_heads, head_dim, window):
     if kernel is None:
         pytest.skip("no C compiler on this host")
     generator = torch.Generator().manual_seed(heads * head_dim)
-    cache = PagedKVCache(KVLayout(1, kv_heads, head_dim, dtype), 64, BLOCK, torch.device("cpu"))
-    cache.keys[0].copy_(torch.randn(cache.keys[0].shape, generator=generator))
-    cache.values[0].copy_(torch.randn(cache.values[0].shape, generator=generator))
     lengths = [1, 15, 16, 17, 100, 250]
-    order = torch.randperm(64, generator=generator).tolist()  # scattered blocks, as under load
-    spans, used = [], 0
-    for length in lengths:
-        n = -(-length // BLOCK)
-        spans.append(SequenceSpan(1, length - 1, order[used : used + n]))
-        used += n
+    cache, spans = _random_cache(KVLayout(1, kv_heads, head_dim, dtype), 64, lengths, generator)
     step = build_step(cache, spans, torch.device("cpu"), kernel, gathered_sdpa.attend)
     (group,) = step.groups
     q = torch.randn(len(lengths), heads, head_dim, generator=generator).to(dtype)
@@ -54,6 +46,23 @@ def test_kernel_matches_gathered_sdpa(dtype, heads, kv_heads, head_dim, window):
     want = gathered_sdpa.attend(q.float(), _as_fp32(cache), 0, group, scale, window)
     tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+
+
+def _random_cache(
+    layout: KVLayout, blocks: int, lengths: list[int], generator: torch.Generator
+) -> tuple[PagedKVCache, list[SequenceSpan]]:
+    """A one-layer cache of random keys and values, and one decode query's span per length,
+    each on blocks scattered over the cache as under load."""
+    cache = PagedKVCache(layout, blocks, BLOCK, torch.device("cpu"))
+    cache.keys[0].copy_(torch.randn(cache.keys[0].shape, generator=generator))
+    cache.values[0].copy_(torch.randn(cache.values[0].shape, generator=generator))
+    order = torch.randperm(blocks, generator=generator).tolist()
+    spans, used = [], 0
+    for length in lengths:
+        n = -(-length // BLOCK)
+        spans.append(SequenceSpan(1, length - 1, order[used : used + n]))
+        used += n
+    return cache, spans
 
 
 def _as_fp32(cache: PagedKVCache) -> PagedKVCache:
@@ -72,16 +81,8 @@ def test_each_row_is_its_own_whatever_the_batch_and_threads(threads):
     if kernel is None:
         pytest.skip("no C compiler on this host")
     generator = torch.Generator().manual_seed(threads)
-    cache = PagedKVCache(KVLayout(1, 3, 64, torch.bfloat16), 256, BLOCK, torch.device("cpu"))
-    cache.keys[0].copy_(torch.randn(cache.keys[0].shape, generator=generator))
-    cache.values[0].copy_(torch.randn(cache.values[0].shape, generator=generator))
     lengths = torch.randint(1, 90, (40,), generator=generator).tolist()
-    order = torch.randperm(256, generator=generator).tolist()
-    spans, used = [], 0
-    for length in lengths:
-        n = -(-length // BLOCK)
-        spans.append(SequenceSpan(1, length - 1, order[used : used + n]))
-        used += n
+    cache, spans = _random_cache(KVLayout(1, 3, 64, torch.bfloat16), 256, lengths, generator)
     q = torch.randn(len(lengths), 9, 64, generator=generator).to(torch.bfloat16)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
