@@ -35,9 +35,18 @@ from shard.quantization import QuantizedWeight
 log = logging.getLogger(__name__)
 
 #: The kernel's type codes (``enum`` in linear.c): activations fp32/bf16, weights also
-#: INT4 (two 4-bit values a byte: uint8) and INT8.
+#: INT4 (two 4-bit values a byte: uint8) and INT8, in groups of 32; INT8_G16 is 8-bit values
+#: in groups of 16 (GGUF's Q6_K), told apart from INT8 by its scales' shape (``weight_code``).
 ACTIVATION_CODES = {torch.float32: 0, torch.bfloat16: 1}
 TYPE_CODES = {**ACTIVATION_CODES, torch.uint8: 2, torch.int8: 3}
+INT8_G16 = 4
+
+
+def weight_code(packed: torch.Tensor, scales: torch.Tensor | None) -> int:
+    """The kernel's code for a packed weight ([tiles, in, ...]) and its scales ([tiles, in / group, tile])."""
+    if packed.dtype == torch.int8 and scales is not None and scales.shape[1] * 16 == packed.shape[1]:
+        return INT8_G16
+    return TYPE_CODES[packed.dtype]
 
 
 class LinearKernel:
@@ -90,13 +99,15 @@ class LinearKernel:
         bias: torch.Tensor | None,
         out_features: int,
         residual: torch.Tensor | None = None,
+        wtype: int | None = None,
     ) -> torch.Tensor:
         """``x @ W.T + bias`` for a 2-d ``x`` in its dtype (float16 through fp32); with ``residual``
         ([rows, out_features]), ``residual + (x @ W.T + bias)``, the same bits as adding it after.
 
         Called once per linear layer per step: a one-sequence decode step of a small model is
         ~120 calls of ~100 us, so every microsecond of Python here shows (no torch dispatcher,
-        no copies of what is already contiguous)."""
+        no copies of what is already contiguous). ``wtype``: the weight's code where the caller
+        keeps it (``weight_code`` otherwise)."""
         result_dtype = x.dtype
         if result_dtype not in TYPE_CODES:
             x = x.float()
@@ -107,7 +118,8 @@ class LinearKernel:
         if fused and not residual.is_contiguous():  # type: ignore[union-attr]
             residual = residual.contiguous()  # type: ignore[union-attr]
         status = self._function(
-            x.data_ptr(), TYPE_CODES[x.dtype], packed.data_ptr(), TYPE_CODES[packed.dtype], _pointer(scales),
+            x.data_ptr(), TYPE_CODES[x.dtype], packed.data_ptr(),
+            weight_code(packed, scales) if wtype is None else wtype, _pointer(scales),
             _pointer(offsets), _pointer(bias), residual.data_ptr() if fused else None,  # type: ignore[union-attr]
             y.data_ptr(), TYPE_CODES[y.dtype], x.shape[0], packed.shape[1], out_features, torch.get_num_threads(),
         )  # fmt: skip
@@ -156,7 +168,8 @@ class InvariantLinear(nn.Module):
             packed = kernel.pack(weight)
         else:
             packed, scales, offsets = kernel.pack_quantized(quantized)
-        self.storage = f"int{quantized.bits}" if quantized else str(packed.dtype).removeprefix("torch.")
+        self.storage = _storage_name(quantized) if quantized else str(packed.dtype).removeprefix("torch.")
+        self.wtype = weight_code(packed, scales)
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
         self.register_buffer("offsets", offsets, persistent=False)
@@ -178,7 +191,7 @@ class InvariantLinear(nn.Module):
         buffers = self._buffers  # one dict instead of four nn.Module.__getattr__ lookups
         packed: torch.Tensor = buffers["packed"]  # type: ignore[assignment]
         return linear_kernel()(
-            x, packed, buffers["scales"], buffers["offsets"], buffers["bias"], self.out_features, residual
+            x, packed, buffers["scales"], buffers["offsets"], buffers["bias"], self.out_features, residual, self.wtype
         )
 
     def extra_repr(self) -> str:
@@ -186,6 +199,11 @@ class InvariantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"storage={self.storage}"
         )
+
+
+def _storage_name(quantized: QuantizedWeight) -> str:
+    """int4 or int8 (groups of 32), int8/16 (groups of 16)."""
+    return f"int{quantized.bits}" + ("" if quantized.group == 32 else f"/{quantized.group}")
 
 
 def make_linears_invariant(model: nn.Module, quantized: dict[str, QuantizedWeight] | None = None) -> int:

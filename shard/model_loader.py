@@ -13,6 +13,8 @@ from transformers.distributed import DistributedConfig
 from common.model_source import ModelSource
 from shard import attention
 from shard.decoder_layers import make_decoder_layers_fast
+from shard.gguf_blocks import UnsupportedType
+from shard.gguf_storage import check_types, gguf_linear_storage
 from shard.invariant_experts import make_experts_invariant
 from shard.invariant_linear import make_linears_invariant
 from shard.quantization import plan_storage, wants_quantized
@@ -57,6 +59,8 @@ def load_model(
     be initialised. ``quantize`` (auto, int4, none): see ``shard.quantization``.
     """
     log.info("loading %s (%s) on %s, rank 1/%d of the weights", source.display_name, dtype, device, world_size)
+    # A GGUF file's own blocks (before transformers would expand a type we refuse to floats).
+    reader = gguf_reader(source) if source.gguf_file and wants_quantized(quantize) else None
     config = AutoConfig.from_pretrained(source.path_or_id, **source.pretrained_kwargs())
     if not getattr(config, "is_decoder", True) or getattr(config, "is_encoder_decoder", False):
         raise SystemExit(f"{source.display_name} is not a decoder-only causal LM")
@@ -78,10 +82,11 @@ def load_model(
     if device.type == "cpu" and world_size == 1:
         # q/k/v and gate/up as one product each (columns are independent: no change of
         # numbers), then every linear on the step-invariant kernel (shard.invariant_linear),
-        # a 4-bit checkpoint's layers stored on their own grid (shard.quantization).
-        fuse_shared_inputs(model)
-        head_is_q8_0 = wants_quantized(quantize) and gguf_head_type(source) == "Q8_0"
-        plan = plan_storage(model, quantize, dtype, head_is_q8_0=head_is_q8_0)
+        # a GGUF file's layers stored as its own blocks (shard.gguf_storage), another 4-bit
+        # checkpoint's on their own grid (shard.quantization).
+        gguf_blocks = None if reader is None else gguf_linear_storage(model, reader)
+        fuse_shared_inputs(model, gguf_blocks)
+        plan = plan_storage(model, quantize, dtype, decided=gguf_blocks)
         make_linears_invariant(model, plan)
         make_experts_invariant(model)
         make_decoder_layers_fast(model)  # the same layer in fewer calls (shard.decoder_layers)
@@ -90,14 +95,15 @@ def load_model(
     return model
 
 
-def gguf_head_type(source: ModelSource) -> str | None:
-    """GGUF type name of the output head ("Q8_0", "Q6_K", ...); None for other checkpoints."""
-    if not source.gguf_file:
-        return None
-    reader = gguf.GGUFReader(Path(source.path_or_id) / source.gguf_file)
-    types = {t.name: t.tensor_type.name for t in reader.tensors}
-    # Models with tied embeddings have no output tensor: the head is the embedding.
-    return types.get("output.weight") or types.get("token_embd.weight")
+def gguf_reader(source: ModelSource) -> gguf.GGUFReader:
+    """The model's GGUF file, its tensor types checked: the start stops, naming the type, on one
+    that is not served as it is."""
+    reader = gguf.GGUFReader(Path(source.path_or_id) / source.gguf_file)  # type: ignore[operator]
+    try:
+        check_types(reader)
+    except UnsupportedType as error:
+        raise SystemExit(f"{source.display_name}: {error}; QUANTIZE=none serves it de-quantized") from error
+    return reader
 
 
 def _check_shardable(config, source: ModelSource, world_size: int) -> None:  # type: ignore[no-untyped-def]

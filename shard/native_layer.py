@@ -26,7 +26,7 @@ import torch
 
 from shard.attention import PagedStep, cpu_paged
 from shard.invariant_linear import ACTIVATION_CODES as TYPES
-from shard.invariant_linear import TYPE_CODES, InvariantLinear
+from shard.invariant_linear import InvariantLinear
 from shard.kernels import load_library
 
 _pointer, _int, _int64, _float = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
@@ -108,7 +108,7 @@ def _linear(layer: Any) -> _Linear | None:
 
     packed: torch.Tensor = buffers["packed"]  # type: ignore[assignment]
     return _Linear(
-        packed.data_ptr(), address("scales"), address("offsets"), address("bias"), TYPE_CODES[packed.dtype],
+        packed.data_ptr(), address("scales"), address("offsets"), address("bias"), layer.wtype,
         layer.in_features, layer.out_features,
     )  # fmt: skip
 

@@ -53,40 +53,69 @@ GRID_TOLERANCE = 0.25
 class QuantizedWeight:
     """w[n, k] = (q[n, k] * scale[n, k // GROUP]) + offset[n, k // GROUP] in fp32.
 
-    Invariant: every q * scale is exact in fp32 (a scale has at most ``SCALE_BITS[bits]``
+    Invariant: every q * scale is exact in fp32 (a scale has at most ``scale_bits``
     significant bits), so the kernel's single fused multiply-add gives these bits."""
 
     bits: int  # 4: q in 0..15; 8: q in -128..127
     q: torch.Tensor  # [out, in] int8
-    scale: torch.Tensor  # [out, in / GROUP] float32
-    offset: torch.Tensor  # [out, in / GROUP] float32
+    scale: torch.Tensor  # [out, in / group] float32
+    offset: torch.Tensor  # [out, in / group] float32
     #: Largest |w - q level| over the layer, in steps of its group; 0 on an exact grid.
     grid_error: float
+    #: Weights per (scale, offset): 32, or 16 (8-bit values only: GGUF's Q6_K).
+    group: int = GROUP
+    #: Bits of the largest |q| the values may hold (None: 4 for 4-bit, 7 for 8-bit values).
+    q_bits: int | None = None
 
     def __post_init__(self) -> None:
-        if bool((self.scale.float().contiguous().view(torch.int32) & _dropped_mask(self.bits)).any()):
-            raise ValueError(f"{self.bits}-bit scales must have at most {SCALE_BITS[self.bits]} significant bits")
+        if (self.bits, self.group) not in ((4, GROUP), (8, GROUP), (8, GROUP // 2)):
+            raise ValueError(f"no kernel storage for {self.bits}-bit values in groups of {self.group}")
+        if bool((self.scale.float().contiguous().view(torch.int32) & _dropped_mask(self.scale_bits)).any()):
+            raise ValueError(f"scales of {self.q_bits}-bit values must have at most {self.scale_bits} significant bits")
+
+    @property
+    def scale_bits(self) -> int:
+        """Significant bits a scale may have so that every q * scale is exact in fp32 (24 bits)."""
+        return 24 - (self.q_bits or DEFAULT_Q_BITS[self.bits])
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight the kernel computes with (for tests and checks)."""
-        scale = self.scale.repeat_interleave(GROUP, dim=1)
-        offset = self.offset.repeat_interleave(GROUP, dim=1)
-        return self.q.float() * scale + offset  # the product is exact: as the kernel's fma
+        scale = self.scale.repeat_interleave(self.group, dim=1)
+        offset = self.offset.repeat_interleave(self.group, dim=1)
+        return torch.addcmul(offset, self.q.float(), scale)  # the product is exact: as the kernel's fma
+
+    def concatenated(self, others: list[QuantizedWeight]) -> QuantizedWeight:
+        """This weight's rows followed by the others' (sibling projections fused into one layer)."""
+        parts = [self, *others]
+        if any((p.bits, p.group) != (self.bits, self.group) for p in parts):
+            raise ValueError("only weights of one storage concatenate")
+        q_bits = [p.q_bits or DEFAULT_Q_BITS[p.bits] for p in parts]
+        return QuantizedWeight(
+            self.bits,
+            torch.cat([p.q for p in parts]),
+            torch.cat([p.scale for p in parts]),
+            torch.cat([p.offset for p in parts]),
+            max(p.grid_error for p in parts),
+            group=self.group,
+            q_bits=max(q_bits),
+        )
 
 
-#: Significant bits a scale may have so that q * scale is exact in fp32 (24 bits): q of
-#: 4 bits (0..15), or 7 bits of magnitude (-127..127). GGUF's float16 scales have 11.
-SCALE_BITS = {4: 20, 8: 17}
+#: Bits of the largest |q| unless a weight says otherwise: 4 bits (0..15), or 7 bits of
+#: magnitude (-127..127), so that scales of 20 and 17 significant bits keep q * scale exact in
+#: fp32 (24 bits). GGUF's float16 scales have 11.
+DEFAULT_Q_BITS = {4: 4, 8: 7}
+SCALE_BITS = {bits: 24 - q_bits for bits, q_bits in DEFAULT_Q_BITS.items()}
 
 
-def _dropped_mask(bits: int) -> int:
-    """The fp32 mantissa bits a scale of ``bits``-bit values must leave zero (24 - SCALE_BITS)."""
-    return (1 << (24 - SCALE_BITS[bits])) - 1
+def _dropped_mask(scale_bits: int) -> int:
+    """The fp32 mantissa bits a scale of ``scale_bits`` significant bits leaves zero."""
+    return (1 << (24 - scale_bits)) - 1
 
 
 def _exact_product_scale(scale: torch.Tensor, bits: int) -> torch.Tensor:
     """scale rounded (to nearest, on the magnitude's bits) to SCALE_BITS[bits] significant bits."""
-    mask = _dropped_mask(bits)
+    mask = _dropped_mask(SCALE_BITS[bits])
     raw = scale.float().contiguous().view(torch.int32)
     return ((raw + (mask + 1) // 2) & ~mask).view(torch.float32)
 
@@ -165,30 +194,27 @@ def _stored(weight: torch.Tensor, bits: int, dtype: torch.dtype, mode: str) -> Q
 
 
 def plan_storage(
-    model: nn.Module, mode: str, dtype: torch.dtype, head_is_q8_0: bool = False
+    model: nn.Module, mode: str, dtype: torch.dtype, decided: dict[str, QuantizedWeight] | None = None
 ) -> dict[str, QuantizedWeight]:
     """Which linear layers (by qualified name) are stored quantized, and their values.
 
-    ``auto``: layers whose weights already sit on a 4-bit grid (in float32: exactly, as
-    GGUF blocks), and the output head as 8-bit values when the checkpoint stores it as
-    Q8_0 (``head_is_q8_0``, from the GGUF header: bf16 weights cannot tell an 8-bit grid
-    apart). ``int4``: every layer but the head. ``none``: nothing.
+    ``decided``: layers whose storage is already known (a GGUF file's own blocks,
+    ``shard.gguf_storage``), kept as they are; ``auto`` adds nothing to them. Otherwise
+    ``auto``: layers whose weights already sit on a 4-bit grid (in float32: exactly);
+    ``int4``: every layer but the head. ``none``: nothing.
     """
     if not wants_quantized(mode):
         return {}
+    plan: dict[str, QuantizedWeight] = dict(decided or {})
+    if decided is not None and mode == "auto":
+        return plan
     get_output = getattr(model, "get_output_embeddings", None)
     output = get_output() if callable(get_output) else None
-    plan: dict[str, QuantizedWeight] = {}
     skipped = 0
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or module.in_features % GROUP:
+        if not isinstance(module, nn.Linear) or module.in_features % GROUP or module is output or name in plan:
             continue
         weight = module.weight
-        if module is output:
-            head = _stored(weight, 8, dtype, mode) if head_is_q8_0 else None
-            if head is not None:
-                plan[name] = head
-            continue
         int4 = _stored(weight, 4, dtype, mode)
         if int4 is None or (mode == "auto" and int4.grid_error > GRID_TOLERANCE):
             skipped += 1

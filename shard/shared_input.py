@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from shard.quantization import QuantizedWeight
+
 log = logging.getLogger(__name__)
 
 #: Attribute names of projections that transformers' decoders apply to one input.
@@ -88,19 +90,30 @@ class SharedInputSlice(nn.Module):
         return f"slice {self.index} of a shared-input projection, in={self.in_features}, out={self.out_features}"
 
 
-def _fusable(linears: list[nn.Module | None]) -> bool:
-    """Plain ``nn.Linear`` layers (not already wrapped) of one input size, dtype and bias-ness."""
+def _fusable(linears: list[nn.Module | None], stored: list[QuantizedWeight | None]) -> bool:
+    """Plain ``nn.Linear`` layers (not already wrapped) of one input size, dtype and bias-ness, and
+    one storage: all as loaded, or all quantized alike (a Q4_K_M file's Q6_K v beside its Q4_K q
+    and k stays apart)."""
     first = linears[0]
-    return isinstance(first, nn.Linear) and all(
-        type(m) is nn.Linear
-        and m.in_features == first.in_features
-        and m.weight.dtype == first.weight.dtype
-        and (m.bias is None) == (first.bias is None)
-        for m in linears
+    same_storage = all(s is None for s in stored) or all(
+        s is not None and (s.bits, s.group) == (stored[0].bits, stored[0].group)  # type: ignore[union-attr]
+        for s in stored
+    )
+    return (
+        isinstance(first, nn.Linear)
+        and same_storage
+        and all(
+            type(m) is nn.Linear
+            and m.in_features == first.in_features
+            and m.weight.dtype == first.weight.dtype
+            and (m.bias is None) == (first.bias is None)
+            for m in linears
+        )
     )
 
 
-def _fuse(parent: nn.Module, names: tuple[str, ...], linears: list[nn.Linear]) -> None:
+def _fuse(parent: nn.Module, names: tuple[str, ...], linears: list[nn.Linear]) -> str:
+    """Returns the fused layer's name under ``parent``."""
     weight = torch.cat([m.weight.detach() for m in linears])
     # Built on the meta device, then given the concatenated tensors: no initialisation of
     # weights that would be overwritten (a start-up cost that grows with the model).
@@ -112,16 +125,28 @@ def _fuse(parent: nn.Module, names: tuple[str, ...], linears: list[nn.Linear]) -
     parent.add_module("_".join(names), projection)
     for i, (name, linear) in enumerate(zip(names, linears, strict=True)):
         setattr(parent, name, SharedInputSlice(projection, i, linear.in_features, linear.out_features))
+    return "_".join(names) + ".fused"
 
 
-def fuse_shared_inputs(model: nn.Module) -> int:
-    """Fuses every group of SIBLINGS found as plain ``nn.Linear`` of one module; returns how many groups."""
+def fuse_shared_inputs(model: nn.Module, storage: dict[str, QuantizedWeight] | None = None) -> int:
+    """Fuses every group of SIBLINGS found as plain ``nn.Linear`` of one module; returns how many groups.
+
+    ``storage``: quantized weights by layer name (``shard.gguf_storage``); siblings fuse only
+    when stored alike, and their entries become one for the fused layer (rows concatenated)."""
+    storage = {} if storage is None else storage
     fused = 0
-    for parent in list(model.modules()):
+    for parent_name, parent in list(model.named_modules()):
+        prefix = f"{parent_name}." if parent_name else ""
         for names in SIBLINGS:
             linears = [getattr(parent, n, None) for n in names]
-            if _fusable(linears):
-                _fuse(parent, names, linears)  # type: ignore[arg-type]
-                fused += 1
+            stored = [storage.get(prefix + n) for n in names]
+            if not _fusable(linears, stored):
+                continue
+            fused_name = prefix + _fuse(parent, names, linears)  # type: ignore[arg-type]
+            if stored[0] is not None:
+                storage[fused_name] = stored[0].concatenated(stored[1:])  # type: ignore[arg-type]
+                for n in names:
+                    del storage[prefix + n]
+            fused += 1
     log.info("fused %d groups of projections that share their input", fused)
     return fused

@@ -14,6 +14,7 @@ import pytest
 from common.model_source import resolve_model
 from common.ports import free_port
 from router.tokenization import Tokenizer
+from tests.gguf_models import build_tiny_gguf
 from tests.models import build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +26,9 @@ def tiny_model_dir(tmp_path_factory) -> Callable[[str], Path]:
 
     def build(kind: str) -> Path:
         if kind not in built:
-            built[kind] = build_tiny_model(kind, tmp_path_factory.mktemp(f"tiny-{kind}"))
+            folder = tmp_path_factory.mktemp(f"tiny-{kind}")
+            # "gguf": a llama-shaped GGUF file with every stored GGUF type (tests.gguf_models)
+            built[kind] = build_tiny_gguf(folder).parent if kind == "gguf" else build_tiny_model(kind, folder)
         return built[kind]
 
     return build

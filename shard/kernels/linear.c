@@ -103,8 +103,11 @@ static void rows_tile(int rows, const float *x, int64_t K, const float *w, float
     }
 }
 
-enum { F32 = 0, BF16 = 1, INT4 = 2, INT8 = 3 };
+enum { F32 = 0, BF16 = 1, INT4 = 2, INT8 = 3, INT8_G16 = 4 };
 #define GROUP 32
+
+/* Weights per scale and offset: 32, or 16 for INT8_G16 (GGUF's Q6_K sub-blocks). */
+static inline __attribute__((always_inline)) int64_t group_of(int wtype) { return wtype == INT8_G16 ? 16 : GROUP; }
 
 typedef struct {
     const void *packed;
@@ -175,8 +178,8 @@ static inline TileStart tile_start(const Weights *wt, int64_t t, int64_t K) {
     else if (wt->wtype == BF16) s.values = (const uint16_t *)wt->packed + t * K * TILE;
     else {
         s.values = (const uint8_t *)wt->packed + t * K * (wt->wtype == INT4 ? TILE / 2 : TILE);
-        s.scales = wt->scales + t * (K / GROUP) * TILE;
-        s.offsets = wt->offsets + t * (K / GROUP) * TILE;
+        s.scales = wt->scales + t * (K / group_of(wt->wtype)) * TILE;
+        s.offsets = wt->offsets + t * (K / group_of(wt->wtype)) * TILE;
     }
     return s;
 }
@@ -193,7 +196,7 @@ static inline __attribute__((always_inline)) void k_row(const int wtype, const T
     if (wtype == BF16) {
         w[0] = bf16_row((const uint16_t *)s->values + k * TILE);
     } else {
-        const int64_t row_bytes = wtype == INT4 ? TILE / 2 : TILE, group = (k / GROUP) * TILE;
+        const int64_t row_bytes = wtype == INT4 ? TILE / 2 : TILE, group = (k / group_of(wtype)) * TILE;
         w[0] = quantized_row(wtype, (const uint8_t *)s->values + k * row_bytes, s->scales + group,
                              s->offsets + group);
     }
@@ -202,7 +205,7 @@ static inline __attribute__((always_inline)) void k_row(const int wtype, const T
     if (wtype == BF16) {
         for (int j = 0; j < TILE; j++) row[j] = bf16_to_f32(((const uint16_t *)s->values)[k * TILE + j]);
     } else {
-        const int64_t row_bytes = wtype == INT4 ? TILE / 2 : TILE, group = (k / GROUP) * TILE;
+        const int64_t row_bytes = wtype == INT4 ? TILE / 2 : TILE, group = (k / group_of(wtype)) * TILE;
         unpack_row(wtype, (const uint8_t *)s->values + k * row_bytes, s->scales + group, s->offsets + group, row);
     }
 #pragma GCC unroll 4
@@ -212,10 +215,10 @@ static inline __attribute__((always_inline)) void k_row(const int wtype, const T
 
 static void unpack_quantized(const Weights *wt, int64_t t, int64_t K, float *buf) {
     const TileStart s = tile_start(wt, t, K);
-    const int64_t row_bytes = wt->wtype == INT4 ? TILE / 2 : TILE;
+    const int64_t row_bytes = wt->wtype == INT4 ? TILE / 2 : TILE, group = group_of(wt->wtype);
     for (int64_t k = 0; k < K; k++)
-        unpack_row(wt->wtype, (const uint8_t *)s.values + k * row_bytes, s.scales + (k / GROUP) * TILE,
-                   s.offsets + (k / GROUP) * TILE, buf + k * TILE);
+        unpack_row(wt->wtype, (const uint8_t *)s.values + k * row_bytes, s.scales + (k / group) * TILE,
+                   s.offsets + (k / group) * TILE, buf + k * TILE);
 }
 
 /* Tile t of the weights as fp32 [K][TILE]: in place for fp32, unpacked into buf otherwise. */
@@ -242,9 +245,10 @@ static inline __attribute__((always_inline)) void prefetch_ahead(const int wtype
     const int64_t row_bytes = wtype == INT4 ? TILE / 2 : TILE;
     const char *q = (const char *)s->values + ahead * row_bytes;
     for (int64_t b = 0; b < 8 * row_bytes; b += 64) __builtin_prefetch(q + b);
-    if (ahead % GROUP == 0) {
-        __builtin_prefetch(s->scales + (ahead / GROUP) * TILE);
-        __builtin_prefetch(s->offsets + (ahead / GROUP) * TILE);
+    const int64_t group = group_of(wtype);
+    if (ahead % group == 0) {
+        __builtin_prefetch(s->scales + (ahead / group) * TILE);
+        __builtin_prefetch(s->offsets + (ahead / group) * TILE);
     }
 }
 
@@ -273,16 +277,16 @@ static inline __attribute__((always_inline)) void few_rows_tiles(const int rows,
             for (int p = 0; p < PANELS; p++) acc[r][j][p] = v_zero();
 #if defined(__AVX2__) && TILE == 16
     if (wtype >= INT4) {
-        /* A group's scales and offsets stay in registers for its 32 rows of k. */
-        const int64_t row_bytes = wtype == INT4 ? TILE / 2 : TILE;
-        for (int64_t k0 = 0; k0 < K; k0 += GROUP) {
+        /* A group's scales and offsets stay in registers for its rows of k. */
+        const int64_t row_bytes = wtype == INT4 ? TILE / 2 : TILE, group = group_of(wtype);
+        for (int64_t k0 = 0; k0 < K; k0 += group) {
             v16 scale[8], offset[8];
 #pragma GCC unroll 8
             for (int j = 0; j < g; j++) {
-                scale[j] = v_load(start[j].scales + (k0 / GROUP) * TILE);
-                offset[j] = v_load(start[j].offsets + (k0 / GROUP) * TILE);
+                scale[j] = v_load(start[j].scales + (k0 / group) * TILE);
+                offset[j] = v_load(start[j].offsets + (k0 / group) * TILE);
             }
-            for (int64_t k = k0; k < k0 + GROUP; k++) {
+            for (int64_t k = k0; k < k0 + group; k++) {
                 if (k % 8 == 0) {
 #pragma GCC unroll 8
                     for (int j = 0; j < g; j++) prefetch_ahead(wtype, &start[j], k, K);
@@ -334,7 +338,8 @@ static inline __attribute__((always_inline)) void few_rows_tiles(const int rows,
 static inline int tiles_per_group(int rows) { return rows == 1 ? ONE_ROW_TILES : rows == 2 ? 2 : 1; }
 
 #define FEW_CASE(R, G, T) case (R) * 64 + (G) * 8 + (T): few_rows_tiles(R, G, T, wt, t0, x, K, c); break;
-#define FEW_TYPES(R, G) FEW_CASE(R, G, F32) FEW_CASE(R, G, BF16) FEW_CASE(R, G, INT4) FEW_CASE(R, G, INT8)
+#define FEW_TYPES(R, G) \
+    FEW_CASE(R, G, F32) FEW_CASE(R, G, BF16) FEW_CASE(R, G, INT4) FEW_CASE(R, G, INT8) FEW_CASE(R, G, INT8_G16)
 static void few_rows(int rows, int g, const Weights *wt, int64_t t0, const float *x, int64_t K, float *c) {
     switch (rows * 64 + g * 8 + wt->wtype) {
         FEW_TYPES(1, ONE_ROW_TILES) FEW_TYPES(1, 1) FEW_TYPES(2, 2) FEW_TYPES(2, 1) FEW_TYPES(3, 1) FEW_TYPES(4, 1)
@@ -804,12 +809,14 @@ int invariant_linear(const void *x, int xtype, const void *packed, int wtype, co
                      const float *offsets, const float *bias, const void *residual, void *y, int ytype, int64_t M,
                      int64_t K, int64_t N, int threads) {
     if (M < 0 || K < 1 || N < 1 || xtype < F32 || xtype > BF16 || ytype < F32 || ytype > BF16) return -1;
-    if (wtype < F32 || wtype > INT8 || (wtype >= INT4 && (K % GROUP || !scales || !offsets))) return -1;
+    if (wtype < F32 || wtype > INT8_G16 || (wtype >= INT4 && (K % group_of(wtype) || !scales || !offsets))) return -1;
     const Weights wt = { packed, scales, offsets, wtype };
     const Output o = { y, bias, residual, ytype, N };
     if (M == 0) return 0;
 #if defined(BF16_DOT)
-    if (xtype == BF16 && wtype != F32 && K % 2 == 0)
+    /* INT8_G16 keeps the fp32 path (bf16 rows are exact in fp32): the pair path's group sums
+     * are written for groups of 32 only. */
+    if (xtype == BF16 && wtype != F32 && wtype != INT8_G16 && K % 2 == 0)
         return dot_linear(&wt, (const uint16_t *)x, &o, M, K, threads);
 #endif
     float *owned;

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from common.model_source import resolve_model
+from shard.invariant_linear import InvariantLinear
 from shard.sampling import SamplingParams
 from tests.models import SMOLLM, smollm_tokenizer
 from tests.shard.engine_driver import Driver, Tracked, make_engine, reference
@@ -64,6 +65,23 @@ def test_tiny_models_match_transformers(kind, backend, tiny_model_dir):
     engine = make_engine(source, attention_backend=backend)
     assert engine.attention.name == backend
     tracked = _run_mixed_batch(Driver(engine), prompts)
+    for t in tracked:
+        want_tokens, want_logprobs = reference(source, t.prompt, NEW_TOKENS)
+        assert t.tokens[:NEW_TOKENS] == want_tokens, f"request {t.request_id}"
+        for got, want in zip(t.logprobs, want_logprobs, strict=False):
+            assert got == pytest.approx(want, abs=1e-3)
+
+
+def test_gguf_blocks_of_every_type_match_transformers(tiny_model_dir):
+    """A GGUF file whose linears hold every stored type (Q4_0 ... Q6_K, tests.gguf_models), served
+    from its own blocks (QUANTIZE=auto): transformers' greedy tokens on the float32 model it
+    de-quantizes, logprobs within 1e-3."""
+    source = resolve_model(str(tiny_model_dir("gguf")))
+    tok = smollm_tokenizer()
+    engine = make_engine(source, quantize="auto")
+    storage = {m.storage for m in engine.model.modules() if isinstance(m, InvariantLinear)}
+    assert storage == {"int4", "int8", "int8/16"}
+    tracked = _run_mixed_batch(Driver(engine), [tok.encode(p) for p in PROMPTS])
     for t in tracked:
         want_tokens, want_logprobs = reference(source, t.prompt, NEW_TOKENS)
         assert t.tokens[:NEW_TOKENS] == want_tokens, f"request {t.request_id}"

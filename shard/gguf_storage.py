@@ -1,0 +1,143 @@
+"""A GGUF checkpoint's linear layers taken from the file's own blocks.
+
+transformers de-quantizes a GGUF file into float tensors as it loads it; the
+linear layers' weights are then replaced here by their blocks, read from the file
+and re-encoded losslessly for the kernel (``shard.gguf_blocks``), whatever the type:
+Q4_0 and Q4_K as 4-bit values, Q5_*, Q6_K and Q8_0 as 8-bit ones. Which file
+tensor is which layer, and the row order transformers gives it (llama's q/k
+projections are stored with their rows permuted), come from transformers' own GGUF
+mapping, so the two cannot disagree; and every stored layer is checked against the
+weight transformers loaded (its de-quantized values rounded to the model's dtype):
+equal, or the start fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from torch import nn
+from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, read_field
+
+from shard.gguf_blocks import FLOAT_TYPES, UnsupportedType, check_supported, decode
+from shard.quantization import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+
+def check_types(reader: gguf.GGUFReader) -> None:
+    """UnsupportedType for the first tensor of a quantized type not stored as it is."""
+    for tensor in reader.tensors:
+        check_supported(tensor.tensor_type, tensor.name)
+
+
+def gguf_linear_storage(model: nn.Module, reader: gguf.GGUFReader) -> dict[str, QuantizedWeight]:
+    """Every ``nn.Linear`` of ``model`` (by qualified name) whose GGUF tensor is quantized, as its
+    blocks; float tensors (F32, F16, BF16) are left to the caller. ``model`` is the model
+    transformers loaded from the file ``reader`` reads (before any fusion of layers)."""
+    tensors = {t.name: t for t in reader.tensors}
+    architecture = read_field(reader, "general.architecture")[0]
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=_text_config(model))
+    name_map = _name_map(model)
+    storage: dict[str, QuantizedWeight] = {}
+    stored_types: Counter[str] = Counter()
+    for module_name, module in model.named_modules():
+        if type(module) is not nn.Linear:
+            continue
+        tensor = tensors.get(f"{_gguf_name(name_map, module_name)}.weight") or _tied_embedding(model, module, tensors)
+        if tensor is None or tensor.tensor_type in FLOAT_TYPES:
+            continue
+        weight = _stored(tensor, module, processor)
+        if weight is not None:
+            storage[module_name] = weight
+            stored_types[tensor.tensor_type.name] += 1
+    log.info(
+        "GGUF blocks kept as stored for %d linear layers (%s)",
+        len(storage),
+        ", ".join(f"{count} {name}" for name, count in sorted(stored_types.items())),
+    )
+    return storage
+
+
+def _name_map(model: nn.Module) -> gguf.TensorNameMap:
+    """gguf's map of transformers' module names to its own, for this architecture (as transformers'
+    ``get_gguf_hf_weights_map`` builds it, once instead of once per submodule)."""
+    config: Any = model.config
+    model_type = GGUF_MODEL_TYPES.get(config.model_type, config.model_type)
+    arch = next((key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == model_type), None)
+    if arch is None:
+        raise RuntimeError(f"gguf knows no architecture {model_type!r}")
+    return gguf.get_tensor_name_map(arch, config.get_text_config().num_hidden_layers)
+
+
+#: transformers' model types that gguf names otherwise (from ``get_gguf_hf_weights_map``).
+GGUF_MODEL_TYPES = {"cohere": "command-r", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gemma3_text": "gemma3"}
+
+
+def _gguf_name(name_map: gguf.TensorNameMap, module_name: str) -> str | None:
+    """The GGUF name of a module, trying its name without leading components too (a causal LM's
+    ``model.layers.0...`` may be mapped as ``layers.0...``)."""
+    parts = module_name.split(".")
+    for start in range(len(parts)):
+        found = name_map.get_name(".".join(parts[start:]))
+        if found is not None:
+            return found
+    return None
+
+
+def _text_config(model: nn.Module) -> dict:
+    config: Any = model.config
+    return config.get_text_config().to_dict()
+
+
+def _tied_embedding(model: nn.Module, module: nn.Module, tensors: dict) -> Any:
+    """The embedding's tensor for an output head that shares its weight (no ``output.weight``)."""
+    get_input = getattr(model, "get_input_embeddings", None)
+    embedding = get_input() if callable(get_input) else None
+    if embedding is not None and module.weight is embedding.weight:
+        return tensors.get("token_embd.weight")
+    return None
+
+
+def _row_order(processor: TensorProcessor, tensor_name: str, rows: int) -> np.ndarray | None:
+    """Where transformers puts each stored row: its processor applied to the row indices (the
+    processors of 2-d linear weights only reorder rows). None if it does anything else."""
+    indices = np.arange(rows, dtype=np.int64).reshape(rows, 1)
+    result = processor.process(weights=indices, name=tensor_name, tensor_key_mapping={}, parsed_parameters={})
+    order = np.asarray(result.weights)
+    if result.name != tensor_name or order.shape != (rows, 1):
+        return None
+    order = order.reshape(rows)
+    return order if np.array_equal(np.sort(order), np.arange(rows)) else None
+
+
+def _stored(tensor, module: nn.Linear, processor: TensorProcessor) -> QuantizedWeight | None:  # type: ignore[no-untyped-def]
+    """The layer's weight as its GGUF blocks, rows in transformers' order, checked against the
+    weight transformers loaded; None where transformers does more than reorder rows."""
+    rows, columns = module.out_features, module.in_features
+    order = _row_order(processor, tensor.name, rows)
+    if order is None:
+        log.warning("GGUF tensor %s: transformers transforms it on load; kept as loaded", tensor.name)
+        return None
+    try:
+        weight = decode(tensor.data, tensor.tensor_type, (rows, columns))
+    except UnsupportedType:
+        raise
+    except ValueError as error:
+        raise RuntimeError(f"GGUF tensor {tensor.name}: {error}") from error
+    if not np.array_equal(order, np.arange(rows)):
+        index = torch.from_numpy(order)
+        weight = QuantizedWeight(
+            weight.bits, weight.q[index], weight.scale[index], weight.offset[index], 0.0, weight.group, weight.q_bits
+        )
+    loaded = module.weight.detach()
+    if not torch.equal(weight.dequantize().to(loaded.dtype), loaded):
+        raise RuntimeError(
+            f"GGUF tensor {tensor.name} ({tensor.tensor_type.name}): its blocks do not give the weight "
+            "transformers loaded; refusing to serve different numbers"
+        )
+    return weight
