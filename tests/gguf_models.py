@@ -55,11 +55,22 @@ def _random_k_blocks(qtype: T, rows: int, columns: int, rng: np.random.Generator
     return blocks.reshape(rows, -1)
 
 
+#: Types the ``gguf`` package quantizes.
+_QUANTIZABLE = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
+
+
 def _tensor(qtype: T, rows: int, columns: int, rng: np.random.Generator) -> np.ndarray:
+    """A weight in ``qtype``: quantized from normal weights, random k-quant blocks, or (any other
+    type, for refusal tests) random bytes."""
     if qtype in _K_SCALES:
         return _random_k_blocks(qtype, rows, columns, rng)
     weights = rng.normal(0.0, 0.2, (rows, columns)).astype(np.float32)
-    return weights if qtype == T.F32 else gguf.quants.quantize(weights, qtype)
+    if qtype == T.F32:
+        return weights
+    if qtype in _QUANTIZABLE:
+        return gguf.quants.quantize(weights, qtype)
+    per_block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    return rng.integers(0, 256, (rows, columns // per_block * block_bytes), dtype=np.uint8)
 
 
 def _linear_shapes() -> dict[str, tuple[int, int]]:

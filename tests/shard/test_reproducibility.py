@@ -218,11 +218,16 @@ def _collect(outputs: Seq, probe: Seq) -> None:
 
 
 @pytest.fixture(
-    scope="module", params=["llama-float32-none", "qwen2-bfloat16-none", "llama-bfloat16-int4", "mixtral-float32-none"]
-)
+    scope="module",
+    params=[
+        "llama-float32-none", "qwen2-bfloat16-none", "llama-bfloat16-int4", "mixtral-float32-none",
+        "gguf-float32-auto", "gguf-bfloat16-auto",
+    ],
+)  # fmt: skip
 def engine_and_references(request, tiny_model_dir):
     """float32; bf16 (Qwen2: biases); bf16 with every linear stored as 4-bit values (QUANTIZE=int4);
-    a mixture of experts (Mixtral: experts and router)."""
+    a mixture of experts (Mixtral: experts and router); a GGUF file's own blocks of every stored
+    type (tests.gguf_models), in float32 and bf16."""
     kind, dtype_name, quantize = request.param.split("-")
     source = resolve_model(str(tiny_model_dir(kind)))
     engine = make_engine(source, dtype=getattr(torch, dtype_name), quantize=quantize)

@@ -1,0 +1,109 @@
+"""GGUF blocks stored as they are (shard.gguf_blocks, shard.gguf_storage): every type's values are
+the ``gguf`` package's reference de-quantization to the bit, at every step size on the kernel."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from common.model_source import resolve_model
+from shard.gguf_blocks import SUPPORTED, UnsupportedType, check_supported, decode
+from shard.invariant_linear import InvariantLinear, linear_kernel
+from tests.gguf_models import _tensor, build_tiny_gguf
+
+#: The kernel storage each type is re-encoded as.
+STORAGE = {
+    T.Q4_0: "int4", T.Q4_1: "int4", T.Q4_K: "int4", T.Q5_0: "int8", T.Q5_1: "int8", T.Q5_K: "int8",
+    T.Q8_0: "int8", T.Q6_K: "int8/16",
+}  # fmt: skip
+
+
+def _random_blocks(qtype: T, rows: int, columns: int, seed: int) -> np.ndarray:
+    """Every byte random but the float16 scale fields (kept finite and small): all bit patterns of
+    q, sub-block scales and mins occur."""
+    rng = np.random.default_rng(seed)
+    if qtype in (T.Q4_K, T.Q5_K, T.Q6_K):
+        return _tensor(qtype, rows, columns, rng)  # random blocks, d and dmin set
+    per_block, block_bytes = GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, (rows, columns // per_block, block_bytes), dtype=np.uint8)
+    for offset in (0, 2) if qtype in (T.Q4_1, T.Q5_1) else (0,):  # d, and m where the type has one
+        halves = (rng.standard_normal(blocks.shape[:2]) * 0.01).astype(np.float16)
+        blocks[..., offset : offset + 2] = halves.view(np.uint8).reshape(*blocks.shape[:2], 2)
+    return blocks.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda t: t.name)
+def test_every_type_decodes_to_the_reference_values_bit_for_bit(qtype):
+    rows, columns = 40, 512
+    data = _random_blocks(qtype, rows, columns, seed=int(qtype))
+    want = torch.from_numpy(dequantize(data, qtype).reshape(rows, columns).copy())
+    weight = decode(data, qtype, (rows, columns))
+    got = weight.dequantize()
+    assert torch.equal(got, want)
+    # To the bit: the same float32 patterns, zeros aside (the kernel's fma gives +0 where the
+    # reference's d * 0 may give -0: equal values in every product and sum).
+    nonzero = want != 0
+    assert torch.equal(got[nonzero].view(torch.int32), want[nonzero].view(torch.int32))
+    assert weight.scale.shape == (rows, columns // weight.group)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    qtype=st.sampled_from(SUPPORTED),
+    rows=st.integers(1, 20),
+    position=st.integers(0, 19),
+    threads=st.sampled_from([1, 2, 3]),
+    out_features=st.sampled_from([16, 40, 200]),
+)
+def test_each_type_gives_a_row_the_reference_bits_at_every_step_size(qtype, rows, position, threads, out_features):
+    """The kernel on a type's blocks computes with exactly the reference's float32 weights: a row
+    alone, or anywhere in a step of up to 21 rows (registers or buffered tiles), any thread count,
+    is the bits of the same layer holding those weights as float32."""
+    kernel = linear_kernel()
+    columns = 512
+    weight = decode(_random_blocks(qtype, out_features, columns, seed=out_features), qtype, (out_features, columns))
+    linear = nn.Linear(columns, out_features, bias=True)
+    layer = InvariantLinear(linear, kernel, weight)
+    assert layer.storage == STORAGE[qtype]
+    plain = nn.Linear(columns, out_features, bias=True)
+    with torch.no_grad():
+        plain.weight.copy_(weight.dequantize())
+        plain.bias.copy_(linear.bias)
+    reference = InvariantLinear(plain, kernel)
+    generator = torch.Generator().manual_seed(rows)
+    probe = torch.randn(1, columns, generator=generator)
+    others = torch.randn(rows, columns, generator=generator)
+    where = position % (rows + 1)
+    batch = torch.cat([others[:where], probe, others[where:]])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        alone = layer(probe)
+        assert torch.equal(alone, reference(probe))
+        assert torch.equal(layer(batch)[where : where + 1], alone)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ2_XS, T.TQ1_0], ids=lambda t: t.name)
+def test_other_types_are_refused_by_name(qtype):
+    with pytest.raises(UnsupportedType, match=re.escape(f"blk.0.attn_q.weight is {qtype.name}")):
+        check_supported(qtype, "blk.0.attn_q.weight")
+    check_supported(T.F16, "blk.0.attn_norm.weight")  # float tensors are loaded as they are
+
+
+def test_a_file_of_an_unsupported_type_stops_the_start_naming_it(tmp_path):
+    from shard.model_loader import load_model
+
+    path = build_tiny_gguf(tmp_path, {"blk.0.attn_output": T.IQ4_NL, "blk.1.ffn_up": T.Q4_K})
+    with pytest.raises(SystemExit, match=re.escape("blk.0.attn_output.weight is IQ4_NL")):
+        load_model(resolve_model(str(path)), torch.float32, torch.device("cpu"), quantize="auto")
