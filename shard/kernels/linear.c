@@ -117,12 +117,35 @@ typedef struct {
 
 /* One k-row of TILE quantized weights to fp32: fma((float)q, scale, offset), which equals
  * GGUF's (q * scale) + offset because the product is exact (see the layouts above); one
- * instruction instead of two on the path a one-row step is bound by. The vector forms
- * compute exactly the same values. */
-/* AVX-512 builds (32-column tiles) use the portable loops until a machine with AVX-512 can test
- * an explicit version bit for bit. */
-#if defined(__AVX2__) && TILE == 16
-static inline __attribute__((always_inline)) v16 quantized_row_with(int wtype, const void *q, v16 scale, v16 offset) {
+ * instruction instead of two on the path a one-row step is bound by. The vector forms (AVX2:
+ * one panel of 16 columns; AVX-512: two) compute exactly the values of the portable loop. */
+#if (defined(__AVX512F__) && TILE == 32) || (defined(__AVX2__) && TILE == 16)
+#define EXPLICIT_UNPACK 1
+#if defined(__AVX512F__)
+static inline __attribute__((always_inline)) void quantized_panels(int wtype, const void *q, const v16 *scale,
+                                                                   const v16 *offset, v16 w[PANELS]) {
+    __m512i a, b; /* columns 0-15 and 16-31 */
+    if (wtype == INT4) { /* byte j: column j in the low nibble, column j + 16 in the high one */
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+        a = _mm512_and_si512(bytes, _mm512_set1_epi32(15));
+        b = _mm512_srli_epi32(bytes, 4);
+    } else {
+        a = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q));
+        b = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)q + 16)));
+    }
+    w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), scale[0], offset[0]);
+    w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), scale[1], offset[1]);
+}
+
+static inline __attribute__((always_inline)) void bf16_panels(const uint16_t *src, v16 w[PANELS]) {
+    for (int p = 0; p < PANELS; p++) {
+        const __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + p * 16)));
+        w[p] = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
+    }
+}
+#else
+static inline __attribute__((always_inline)) void quantized_panels(int wtype, const void *q, const v16 *scale,
+                                                                   const v16 *offset, v16 w[PANELS]) {
     __m256i lo, hi;
     if (wtype == INT4) {
         const __m128i bytes = _mm_loadl_epi64((const __m128i *)q), nibble = _mm_set1_epi8(15);
@@ -132,25 +155,38 @@ static inline __attribute__((always_inline)) v16 quantized_row_with(int wtype, c
         lo = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q));
         hi = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)q + 8)));
     }
-    v16 w = { _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), scale.lo, offset.lo),
-              _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), scale.hi, offset.hi) };
-    return w;
+    v16 r = { _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), scale[0].lo, offset[0].lo),
+              _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), scale[0].hi, offset[0].hi) };
+    w[0] = r;
 }
 
-static inline __attribute__((always_inline)) v16 quantized_row(int wtype, const void *q, const float *sk,
-                                                               const float *ok) {
-    return quantized_row_with(wtype, q, v_load(sk), v_load(ok));
-}
-
-static inline __attribute__((always_inline)) v16 bf16_row(const uint16_t *src) {
+static inline __attribute__((always_inline)) void bf16_panels(const uint16_t *src, v16 w[PANELS]) {
     const __m256i lo = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)src));
     const __m256i hi = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + 8)));
-    v16 w = { _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16)) };
-    return w;
+    v16 r = { _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16)) };
+    w[0] = r;
+}
+#endif
+
+/* A group's scales or offsets ([TILE] fp32) as PANELS vectors. */
+static inline __attribute__((always_inline)) void load_panels(const float *src, v16 v[PANELS]) {
+#pragma GCC unroll 4
+    for (int p = 0; p < PANELS; p++) v[p] = v_load(src + p * 16);
+}
+
+static inline __attribute__((always_inline)) void quantized_row(int wtype, const void *q, const float *sk,
+                                                                const float *ok, v16 w[PANELS]) {
+    v16 scale[PANELS], offset[PANELS];
+    load_panels(sk, scale);
+    load_panels(ok, offset);
+    quantized_panels(wtype, q, scale, offset, w);
 }
 
 static inline void unpack_row(int wtype, const void *q, const float *sk, const float *ok, float *row) {
-    v_store(row, quantized_row(wtype, q, sk, ok));
+    v16 w[PANELS];
+    quantized_row(wtype, q, sk, ok, w);
+#pragma GCC unroll 4
+    for (int p = 0; p < PANELS; p++) v_store(row + p * 16, w[p]);
 }
 #else
 static inline void unpack_row(int wtype, const void *q, const float *sk, const float *ok, float *row) {
@@ -192,13 +228,12 @@ static inline __attribute__((always_inline)) void k_row(const int wtype, const T
         for (int p = 0; p < PANELS; p++) w[p] = v_load((const float *)s->values + k * TILE + p * 16);
         return;
     }
-#if defined(__AVX2__) && TILE == 16
+#if defined(EXPLICIT_UNPACK)
     if (wtype == BF16) {
-        w[0] = bf16_row((const uint16_t *)s->values + k * TILE);
+        bf16_panels((const uint16_t *)s->values + k * TILE, w);
     } else {
         const int64_t row_bytes = wtype == INT4 ? TILE / 2 : TILE, group = (k / group_of(wtype)) * TILE;
-        w[0] = quantized_row(wtype, (const uint8_t *)s->values + k * row_bytes, s->scales + group,
-                             s->offsets + group);
+        quantized_row(wtype, (const uint8_t *)s->values + k * row_bytes, s->scales + group, s->offsets + group, w);
     }
 #else
     float row[TILE];
@@ -275,16 +310,16 @@ static inline __attribute__((always_inline)) void few_rows_tiles(const int rows,
         for (int j = 0; j < g; j++)
 #pragma GCC unroll 8
             for (int p = 0; p < PANELS; p++) acc[r][j][p] = v_zero();
-#if defined(__AVX2__) && TILE == 16
+#if defined(EXPLICIT_UNPACK)
     if (wtype >= INT4) {
         /* A group's scales and offsets stay in registers for its rows of k. */
         const int64_t row_bytes = wtype == INT4 ? TILE / 2 : TILE, group = group_of(wtype);
         for (int64_t k0 = 0; k0 < K; k0 += group) {
-            v16 scale[8], offset[8];
+            v16 scale[8][PANELS], offset[8][PANELS];
 #pragma GCC unroll 8
             for (int j = 0; j < g; j++) {
-                scale[j] = v_load(start[j].scales + (k0 / group) * TILE);
-                offset[j] = v_load(start[j].offsets + (k0 / group) * TILE);
+                load_panels(start[j].scales + (k0 / group) * TILE, scale[j]);
+                load_panels(start[j].offsets + (k0 / group) * TILE, offset[j]);
             }
             for (int64_t k = k0; k < k0 + group; k++) {
                 if (k % 8 == 0) {
@@ -296,10 +331,12 @@ static inline __attribute__((always_inline)) void few_rows_tiles(const int rows,
                 for (int r = 0; r < rows; r++) xr[r] = v_broadcast(x[(int64_t)r * K + k]);
 #pragma GCC unroll 8
                 for (int j = 0; j < g; j++) {
-                    const v16 w = quantized_row_with(wtype, (const uint8_t *)start[j].values + k * row_bytes, scale[j],
-                                                     offset[j]);
+                    v16 w[PANELS];
+                    quantized_panels(wtype, (const uint8_t *)start[j].values + k * row_bytes, scale[j], offset[j], w);
 #pragma GCC unroll 8
-                    for (int r = 0; r < rows; r++) acc[r][j][0] = v_fma(xr[r], w, acc[r][j][0]);
+                    for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+                        for (int p = 0; p < PANELS; p++) acc[r][j][p] = v_fma(xr[r], w[p], acc[r][j][p]);
                 }
             }
         }
