@@ -54,9 +54,12 @@ def setup_vllm() -> Path:
 
 
 def setup_llama_cpp() -> Path:
-    """llama.cpp's server, built from the source vendored in llama_cpp_python's sdist."""
+    """llama.cpp's server (and its quantizer), built from the source vendored in llama_cpp_python's sdist."""
     binary = PEERS / "llama.cpp" / "build" / "bin" / "llama-server"
-    if binary.exists():
+    if binary.exists() and binary.with_name("llama-quantize").exists():
+        return binary
+    if binary.exists():  # built before llama-quantize was needed (benchmarks.model_shapes)
+        _build_llama_cpp(PEERS / "llama.cpp")
         return binary
     downloads = PEERS / "downloads"
     _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", LLAMA_CPP_PYTHON,
@@ -71,8 +74,13 @@ def setup_llama_cpp() -> Path:
     _run(["cmake", "-S", ".", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
           "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"],
          cwd=target)  # fmt: skip
-    _run(["cmake", "--build", "build", "--target", "llama-server", "-j", str(os.cpu_count() or 2)], cwd=target)
+    _build_llama_cpp(target)
     return binary
+
+
+def _build_llama_cpp(source: Path) -> None:
+    targets = ["llama-server", "llama-quantize"]
+    _run(["cmake", "--build", "build", "--target", *targets, "-j", str(os.cpu_count() or 2)], cwd=source)
 
 
 def hf_copy_of_default_model() -> Path:

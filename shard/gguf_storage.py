@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 import gguf
 import numpy as np
@@ -37,26 +37,35 @@ def check_types(reader: gguf.GGUFReader) -> None:
 
 def gguf_linear_storage(model: nn.Module, reader: gguf.GGUFReader) -> dict[str, QuantizedWeight]:
     """Every ``nn.Linear`` of ``model`` (by qualified name) whose GGUF tensor is quantized, as its
-    blocks; float tensors (F32, F16, BF16) are left to the caller. ``model`` is the model
-    transformers loaded from the file ``reader`` reads (before any fusion of layers)."""
+    blocks, and the input embedding (under its name) where its table is; float tensors (F32,
+    F16, BF16) are left to the caller. ``model`` is the model transformers loaded from the file
+    ``reader`` reads (before any fusion of layers)."""
     tensors = {t.name: t for t in reader.tensors}
     architecture = read_field(reader, "general.architecture")[0]
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=_text_config(model))
     name_map = _name_map(model)
+    get_input = getattr(model, "get_input_embeddings", None)
+    embedding = get_input() if callable(get_input) else None
+    decoded: dict[str, QuantizedWeight] = {}  # by tensor: a tied head and its embedding share one
     storage: dict[str, QuantizedWeight] = {}
-    stored_types: Counter[str] = Counter()
     for module_name, module in model.named_modules():
-        if type(module) is not nn.Linear:
+        if type(module) is not nn.Linear and module is not embedding:
             continue
-        tensor = tensors.get(f"{_gguf_name(name_map, module_name)}.weight") or _tied_embedding(model, module, tensors)
+        loaded = cast(nn.Module, module).get_parameter("weight")
+        tensor = tensors.get(f"{_gguf_name(name_map, module_name)}.weight")
+        if tensor is None and loaded is getattr(embedding, "weight", None):  # a tied head
+            tensor = tensors.get("token_embd.weight")
         if tensor is None or tensor.tensor_type in FLOAT_TYPES:
             continue
-        weight = _stored(tensor, module, processor)
-        if weight is not None:
-            storage[module_name] = weight
-            stored_types[tensor.tensor_type.name] += 1
+        if tensor.name not in decoded:
+            weight = _stored(tensor, loaded.detach(), processor)
+            if weight is None:
+                continue
+            decoded[tensor.name] = weight
+        storage[module_name] = decoded[tensor.name]
+    stored_types = Counter(tensors[name].tensor_type.name for name in decoded)
     log.info(
-        "GGUF blocks kept as stored for %d linear layers (%s)",
+        "GGUF blocks kept as stored for %d layers (%s)",
         len(storage),
         ", ".join(f"{count} {name}" for name, count in sorted(stored_types.items())),
     )
@@ -94,15 +103,6 @@ def _text_config(model: nn.Module) -> dict:
     return config.get_text_config().to_dict()
 
 
-def _tied_embedding(model: nn.Module, module: nn.Module, tensors: dict) -> Any:
-    """The embedding's tensor for an output head that shares its weight (no ``output.weight``)."""
-    get_input = getattr(model, "get_input_embeddings", None)
-    embedding = get_input() if callable(get_input) else None
-    if embedding is not None and module.weight is embedding.weight:
-        return tensors.get("token_embd.weight")
-    return None
-
-
 def _row_order(processor: TensorProcessor, tensor_name: str, rows: int) -> np.ndarray | None:
     """Where transformers puts each stored row: its processor applied to the row indices (the
     processors of 2-d linear weights only reorder rows). None if it does anything else."""
@@ -115,10 +115,10 @@ def _row_order(processor: TensorProcessor, tensor_name: str, rows: int) -> np.nd
     return order if np.array_equal(np.sort(order), np.arange(rows)) else None
 
 
-def _stored(tensor, module: nn.Linear, processor: TensorProcessor) -> QuantizedWeight | None:  # type: ignore[no-untyped-def]
-    """The layer's weight as its GGUF blocks, rows in transformers' order, checked against the
-    weight transformers loaded; None where transformers does more than reorder rows."""
-    rows, columns = module.out_features, module.in_features
+def _stored(tensor: Any, loaded: torch.Tensor, processor: TensorProcessor) -> QuantizedWeight | None:
+    """The weight as its GGUF blocks, rows in transformers' order, checked against the weight
+    transformers ``loaded``; None where transformers does more than reorder rows."""
+    rows, columns = loaded.shape
     order = _row_order(processor, tensor.name, rows)
     if order is None:
         log.warning("GGUF tensor %s: transformers transforms it on load; kept as loaded", tensor.name)
@@ -134,7 +134,6 @@ def _stored(tensor, module: nn.Linear, processor: TensorProcessor) -> QuantizedW
         weight = QuantizedWeight(
             weight.bits, weight.q[index], weight.scale[index], weight.offset[index], 0.0, weight.group, weight.q_bits
         )
-    loaded = module.weight.detach()
     if not torch.equal(weight.dequantize().to(loaded.dtype), loaded):
         raise RuntimeError(
             f"GGUF tensor {tensor.name} ({tensor.tensor_type.name}): its blocks do not give the weight "

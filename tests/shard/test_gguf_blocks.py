@@ -107,3 +107,19 @@ def test_a_file_of_an_unsupported_type_stops_the_start_naming_it(tmp_path):
     path = build_tiny_gguf(tmp_path, {"blk.0.attn_output": T.IQ4_NL, "blk.1.ffn_up": T.Q4_K})
     with pytest.raises(SystemExit, match=re.escape("blk.0.attn_output.weight is IQ4_NL")):
         load_model(resolve_model(str(path)), torch.float32, torch.device("cpu"), quantize="auto")
+
+
+def test_the_token_table_stays_in_its_blocks_and_gives_the_loaded_rows(tiny_model_dir):
+    """The GGUF file's Q8_0 token table is kept as its blocks (QuantizedEmbedding): a lookup gives the
+    rows of the de-quantized table transformers loads, bit for bit, in float32 and in bf16."""
+    from shard.model_loader import load_model
+    from shard.quantization import QuantizedEmbedding
+
+    source = resolve_model(str(tiny_model_dir("gguf")))
+    ids = torch.tensor([[0, 5, 49151], [17, 17, 3000]])
+    for dtype in (torch.float32, torch.bfloat16):
+        stored = load_model(source, dtype, torch.device("cpu"), quantize="auto").get_input_embeddings()
+        plain = load_model(source, dtype, torch.device("cpu"), quantize="none").get_input_embeddings()
+        assert isinstance(stored, QuantizedEmbedding) and not isinstance(plain, QuantizedEmbedding)
+        assert torch.equal(stored(ids), plain(ids))
+        assert stored(ids).dtype == dtype
