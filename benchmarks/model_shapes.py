@@ -35,17 +35,17 @@ def _rope(theta: float) -> dict:
 SHAPES: dict[str, PretrainedConfig] = {
     "llama1b": LlamaConfig(
         vocab_size=_VOCAB, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-        intermediate_size=8192, rope_parameters=_rope(500000.0), max_position_embeddings=8192, tie_word_embeddings=True,
+        intermediate_size=8192, rope_parameters=_rope(5e5), max_position_embeddings=8192, tie_word_embeddings=True,
         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
     ),
     "qwen3b": Qwen2Config(
         vocab_size=_VOCAB, hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
-        intermediate_size=11008, rope_parameters=_rope(1000000.0), max_position_embeddings=8192, tie_word_embeddings=True,
+        intermediate_size=11008, rope_parameters=_rope(1e6), max_position_embeddings=8192, tie_word_embeddings=True,
         rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
     ),
     "llama8b": LlamaConfig(
         vocab_size=_VOCAB, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        intermediate_size=14336, rope_parameters=_rope(500000.0), max_position_embeddings=8192, tie_word_embeddings=False,
+        intermediate_size=14336, rope_parameters=_rope(5e5), max_position_embeddings=8192, tie_word_embeddings=False,
         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
     ),
 }  # fmt: skip
