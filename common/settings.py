@@ -86,7 +86,8 @@ SETTINGS: tuple[Setting, ...] = (
     _s("--attention-backend", "ATTENTION_BACKEND", SHARD, "attention: the C kernel on CPU (auto) or gathered SDPA",
        default="auto", choices=("auto", "sdpa", "cpu-paged")),
     _s("--quantize", "QUANTIZE", SHARD,
-       "4-bit weight storage: auto (4-bit checkpoints; in float32 their exact blocks only), int4 (any), none",
+       "quantized weight storage: auto (a GGUF file's own blocks, Q4_0 ... Q6_K; another checkpoint's "
+       "exact 4-bit grid), int4 (also quantizes the rest, lossy), none (de-quantized to DTYPE)",
        default="auto", choices=("auto", "int4", "none")),
     _s("--threads", "SHARD_THREADS", SHARD,
        "CPU compute threads; 0: one per core (the launcher divides the cores among its shards)", kind=int, default=0),
@@ -184,3 +185,28 @@ def env_str(env: Mapping[str, str], *names: str, default: str | None = None) -> 
 def process_env() -> Mapping[str, str]:
     """The environment, read when a process starts (never at import time)."""
     return dict(os.environ)
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md: every setting of every service, as ``SETTINGS`` declares it
+    (``make docs`` writes it; a test checks it is current)."""
+    lines = [
+        "# Configuration",
+        "",
+        "Generated from `SETTINGS` in `common/settings.py` by `make docs`; do not edit by hand.",
+        "Each setting is read from its flag, else from the first of its environment variables that is",
+        "set (TGI's names, so a TGI deployment's env block works unchanged), else its default.",
+        "",
+        "| flag | environment | services | type | default | meaning |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in SETTINGS:
+        default = "" if s.default is None else f"`{s.default}`"
+        choices = f" (one of {', '.join(f'`{c}`' for c in s.choices)})" if s.choices else ""
+        lines.append(
+            f"| `{s.flag}` | {', '.join(f'`{e}`' for e in s.env)} | {', '.join(s.services)} | {s.kind.__name__} "
+            f"| {default} | {s.help}{choices} |"
+        )
+    lines += ["", "Read from the environment only, by every service:", "", "| environment | meaning |", "|---|---|"]
+    lines += [f"| `{names}` | {meaning} |" for names, meaning in ENVIRONMENT_ONLY]
+    return "\n".join(lines) + "\n"
