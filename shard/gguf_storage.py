@@ -130,10 +130,7 @@ def _stored(tensor: Any, loaded: torch.Tensor, processor: TensorProcessor) -> Qu
     except ValueError as error:
         raise RuntimeError(f"GGUF tensor {tensor.name}: {error}") from error
     if not np.array_equal(order, np.arange(rows)):
-        index = torch.from_numpy(order)
-        weight = QuantizedWeight(
-            weight.bits, weight.q[index], weight.scale[index], weight.offset[index], 0.0, weight.group, weight.q_bits
-        )
+        weight = weight.rows(torch.from_numpy(order))
     if not torch.equal(weight.dequantize().to(loaded.dtype), loaded):
         raise RuntimeError(
             f"GGUF tensor {tensor.name} ({tensor.tensor_type.name}): its blocks do not give the weight "

@@ -34,19 +34,13 @@ from shard.quantization import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
-#: The kernel's type codes (``enum`` in linear.c): activations fp32/bf16, weights also
-#: INT4 (two 4-bit values a byte: uint8) and INT8, in groups of 32; INT8_G16 is 8-bit values
-#: in groups of 16 (GGUF's Q6_K), told apart from INT8 by its scales' shape (``weight_code``).
+#: The kernel's type codes (``enum`` in linear.c): activations fp32/bf16; plain weights too.
 ACTIVATION_CODES = {torch.float32: 0, torch.bfloat16: 1}
 TYPE_CODES = {**ACTIVATION_CODES, torch.uint8: 2, torch.int8: 3}
-INT8_G16 = 4
-
-
-def weight_code(packed: torch.Tensor, scales: torch.Tensor | None) -> int:
-    """The kernel's code for a packed weight ([tiles, in, ...]) and its scales ([tiles, in / group, tile])."""
-    if packed.dtype == torch.int8 and scales is not None and scales.shape[1] * 16 == packed.shape[1]:
-        return INT8_G16
-    return TYPE_CODES[packed.dtype]
+#: Quantized weights by storage (bits, group, k-quant factors): INT4 (two 4-bit values a byte)
+#: and INT8 with fp32 scales and offsets per group; the k-quants K4, K5, K6 with their factors.
+QUANTIZED_CODES = {(4, 32, False): 2, (8, 32, False): 3, (8, 16, False): 4, (4, 32, True): 5, (5, 32, True): 6,
+                   (6, 16, True): 7}  # fmt: skip
 
 
 class LinearKernel:
@@ -80,15 +74,39 @@ class LinearKernel:
         """A plain weight [out, in]: bf16 stays bf16, the rest becomes fp32 (exactly)."""
         return self.tiles(weight, weight.dtype if weight.dtype == torch.bfloat16 else torch.float32)
 
-    def pack_quantized(self, weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(values, scales, offsets): int8, or 4-bit values two a byte (byte j: column j in
-        the low nibble, column j + tile/2 in the high one; see linear.c)."""
-        q = self.tiles(weight.q, torch.int8)  # [tiles, in, tile]
-        if weight.bits == 4:
-            q = q.to(torch.uint8)
-            half = self.tile // 2
-            q = (q[..., :half] | (q[..., half:] << 4)).contiguous()
-        return q, self.tiles(weight.scale, torch.float32), self.tiles(weight.offset, torch.float32)
+    def pack_quantized(self, weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(values, scales, offsets): int8, or 4-bit values two a byte (byte j: column j in the
+        low nibble, column j + tile/2 in the high one; see linear.c), then for 5-/6-bit ones their
+        high bits' plane. A k-quant's scales are its factors' bytes per tile, with no offsets."""
+        if weight.bits == 8:
+            return (
+                self.tiles(weight.q, torch.int8),
+                self.tiles(weight.scale, torch.float32),
+                self.tiles(weight.offset, torch.float32),
+            )
+        values = self._planes(self.tiles(weight.q, torch.uint8), weight.bits)  # [tiles, in, row bytes]
+        if weight.factors is None:
+            return values, self.tiles(weight.scale, torch.float32), self.tiles(weight.offset, torch.float32)
+        f = weight.factors
+        parts = [self.tiles(f.d, torch.float16), self.tiles(f.m, torch.float16), self.tiles(f.sc, torch.int8),
+                 self.tiles(f.mc, torch.int8)]  # fmt: skip
+        blob = torch.cat([p.view(torch.uint8).reshape(p.shape[0], -1) for p in parts], dim=1)
+        return values, blob.contiguous(), None
+
+    def _planes(self, q: torch.Tensor, bits: int) -> torch.Tensor:
+        """[tiles, in, tile] values of ``bits`` bits -> [tiles, in, row bytes]: the low nibbles two a
+        byte, then the bits past 4 of every column packed little-endian (column c at bit h * c)."""
+        half = self.tile // 2
+        low = q & 15
+        nibbles = low[..., :half] | (low[..., half:] << 4)
+        extra = bits - 4
+        if not extra:
+            return nibbles.contiguous()
+        high = (q >> 4).reshape(*q.shape[:2], self.tile * extra // 8, 8 // extra)
+        plane = torch.zeros(high.shape[:-1], dtype=torch.uint8)
+        for i in range(8 // extra):
+            plane |= high[..., i] << (i * extra)
+        return torch.cat([nibbles, plane], dim=-1).contiguous()
 
     def __call__(
         self,
@@ -107,7 +125,7 @@ class LinearKernel:
         Called once per linear layer per step: a one-sequence decode step of a small model is
         ~120 calls of ~100 us, so every microsecond of Python here shows (no torch dispatcher,
         no copies of what is already contiguous). ``wtype``: the weight's code where the caller
-        keeps it (``weight_code`` otherwise)."""
+        keeps it (a plain weight's otherwise)."""
         result_dtype = x.dtype
         if result_dtype not in TYPE_CODES:
             x = x.float()
@@ -119,7 +137,7 @@ class LinearKernel:
             residual = residual.contiguous()  # type: ignore[union-attr]
         status = self._function(
             x.data_ptr(), TYPE_CODES[x.dtype], packed.data_ptr(),
-            weight_code(packed, scales) if wtype is None else wtype, _pointer(scales),
+            TYPE_CODES[packed.dtype] if wtype is None else wtype, _pointer(scales),
             _pointer(offsets), _pointer(bias), residual.data_ptr() if fused else None,  # type: ignore[union-attr]
             y.data_ptr(), TYPE_CODES[y.dtype], x.shape[0], packed.shape[1], out_features, torch.get_num_threads(),
         )  # fmt: skip
@@ -169,7 +187,7 @@ class InvariantLinear(nn.Module):
         else:
             packed, scales, offsets = kernel.pack_quantized(quantized)
         self.storage = _storage_name(quantized) if quantized else str(packed.dtype).removeprefix("torch.")
-        self.wtype = weight_code(packed, scales)
+        self.wtype = QUANTIZED_CODES[quantized.storage] if quantized else TYPE_CODES[packed.dtype]
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
         self.register_buffer("offsets", offsets, persistent=False)
@@ -202,7 +220,9 @@ class InvariantLinear(nn.Module):
 
 
 def _storage_name(quantized: QuantizedWeight) -> str:
-    """int4 or int8 (groups of 32), int8/16 (groups of 16)."""
+    """int4 or int8 (groups of 32), int8/16 (groups of 16); q4_k, q5_k, q6_k (k-quants as stored)."""
+    if quantized.factors is not None:
+        return f"q{quantized.bits}_k"
     return f"int{quantized.bits}" + ("" if quantized.group == 32 else f"/{quantized.group}")
 
 

@@ -34,7 +34,7 @@ sequences the two are within noise of each other.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -50,28 +50,61 @@ GRID_TOLERANCE = 0.25
 
 
 @dataclass(frozen=True)
+class KQuantFactors:
+    """A GGUF k-quant's scales and offsets as the file has them: per super-block of 256 weights a
+    float16 d and m, per group an 8-bit multiplier of each; scale = d * sc, offset = m * mc, both
+    exact in fp32. The kernel keeps only these (shard/kernels/linear.c, kquant_start)."""
+
+    d: torch.Tensor  # [out, in / 256] float16
+    m: torch.Tensor  # [out, in / 256] float16
+    sc: torch.Tensor  # [out, in / group] int8
+    mc: torch.Tensor  # [out, in / group] int8
+
+    def expanded(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, offset) [out, in / group] in float32."""
+        per_super = SUPER_BLOCK // group
+        scale = self.d.float().repeat_interleave(per_super, dim=1) * self.sc.float()
+        offset = self.m.float().repeat_interleave(per_super, dim=1) * self.mc.float()
+        return scale, offset
+
+    def rows(self, index: torch.Tensor | slice) -> KQuantFactors:
+        return KQuantFactors(self.d[index], self.m[index], self.sc[index], self.mc[index])
+
+
+SUPER_BLOCK = 256
+#: (bits, group, k-quant factors) the kernel stores (shard/kernels/linear.c's weight types).
+STORAGES = ((4, 32, False), (8, 32, False), (8, 16, False), (4, 32, True), (5, 32, True), (6, 16, True))
+
+
+@dataclass(frozen=True)
 class QuantizedWeight:
-    """w[n, k] = (q[n, k] * scale[n, k // GROUP]) + offset[n, k // GROUP] in fp32.
+    """w[n, k] = (q[n, k] * scale[n, k // group]) + offset[n, k // group] in fp32.
 
     Invariant: every q * scale is exact in fp32 (a scale has at most ``scale_bits``
     significant bits), so the kernel's single fused multiply-add gives these bits."""
 
-    bits: int  # 4: q in 0..15; 8: q in -128..127
+    bits: int  # 4: q in 0..15; 5, 6 (k-quants): 0..31, 0..63; 8: q in -128..127
     q: torch.Tensor  # [out, in] int8
     scale: torch.Tensor  # [out, in / group] float32
     offset: torch.Tensor  # [out, in / group] float32
     #: Largest |w - q level| over the layer, in steps of its group; 0 on an exact grid.
     grid_error: float
-    #: Weights per (scale, offset): 32, or 16 (8-bit values only: GGUF's Q6_K).
+    #: Weights per (scale, offset): 32, or 16 (GGUF's Q6_K).
     group: int = GROUP
     #: Bits of the largest |q| the values may hold (None: 4 for 4-bit, 7 for 8-bit values).
     q_bits: int | None = None
+    #: A k-quant's scale and offset factors (``scale``/``offset`` are their products).
+    factors: KQuantFactors | None = None
 
     def __post_init__(self) -> None:
-        if (self.bits, self.group) not in ((4, GROUP), (8, GROUP), (8, GROUP // 2)):
+        if (self.bits, self.group, self.factors is not None) not in STORAGES:
             raise ValueError(f"no kernel storage for {self.bits}-bit values in groups of {self.group}")
         if bool((self.scale.float().contiguous().view(torch.int32) & _dropped_mask(self.scale_bits)).any()):
             raise ValueError(f"scales of {self.q_bits}-bit values must have at most {self.scale_bits} significant bits")
+        if self.factors is not None:
+            scale, offset = self.factors.expanded(self.group)
+            if not (torch.equal(scale, self.scale) and torch.equal(offset, self.offset)):
+                raise ValueError("k-quant factors must give the scales and offsets exactly")
 
     @property
     def scale_bits(self) -> int:
@@ -84,12 +117,20 @@ class QuantizedWeight:
         offset = self.offset.repeat_interleave(self.group, dim=1)
         return torch.addcmul(offset, self.q.float(), scale)  # the product is exact: as the kernel's fma
 
+    def rows(self, index: torch.Tensor) -> QuantizedWeight:
+        """The weight of these output rows, in this order."""
+        factors = None if self.factors is None else self.factors.rows(index)
+        return replace(self, q=self.q[index], scale=self.scale[index], offset=self.offset[index], factors=factors)
+
     def concatenated(self, others: list[QuantizedWeight]) -> QuantizedWeight:
         """This weight's rows followed by the others' (sibling projections fused into one layer)."""
         parts = [self, *others]
-        if any((p.bits, p.group) != (self.bits, self.group) for p in parts):
+        if any(p.storage != self.storage for p in parts):
             raise ValueError("only weights of one storage concatenate")
-        q_bits = [p.q_bits or DEFAULT_Q_BITS[p.bits] for p in parts]
+        factors = None
+        if self.factors is not None:
+            f = [p.factors for p in parts]
+            factors = KQuantFactors(*(torch.cat([getattr(x, n) for x in f]) for n in ("d", "m", "sc", "mc")))
         return QuantizedWeight(
             self.bits,
             torch.cat([p.q for p in parts]),
@@ -97,8 +138,14 @@ class QuantizedWeight:
             torch.cat([p.offset for p in parts]),
             max(p.grid_error for p in parts),
             group=self.group,
-            q_bits=max(q_bits),
+            q_bits=max(p.q_bits or DEFAULT_Q_BITS[p.bits] for p in parts),
+            factors=factors,
         )
+
+    @property
+    def storage(self) -> tuple[int, int, bool]:
+        """(bits, group, k-quant factors): weights of one storage share a kernel type."""
+        return self.bits, self.group, self.factors is not None
 
 
 #: Bits of the largest |q| unless a weight says otherwise: 4 bits (0..15), or 7 bits of

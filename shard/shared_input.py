@@ -96,7 +96,7 @@ def _fusable(linears: list[nn.Module | None], stored: list[QuantizedWeight | Non
     and k stays apart)."""
     first = linears[0]
     same_storage = all(s is None for s in stored) or all(
-        s is not None and (s.bits, s.group) == (stored[0].bits, stored[0].group)  # type: ignore[union-attr]
+        s is not None and s.storage == stored[0].storage  # type: ignore[union-attr]
         for s in stored
     )
     return (

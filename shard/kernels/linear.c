@@ -103,15 +103,30 @@ static void rows_tile(int rows, const float *x, int64_t K, const float *w, float
     }
 }
 
-enum { F32 = 0, BF16 = 1, INT4 = 2, INT8 = 3, INT8_G16 = 4 };
+/* K4, K5, K6: GGUF's k-quants (Q4_K, Q5_K, Q6_K) as they are stored, see kquant_start(). */
+enum { F32 = 0, BF16 = 1, INT4 = 2, INT8 = 3, INT8_G16 = 4, K4 = 5, K5 = 6, K6 = 7 };
 #define GROUP 32
+#define SUPER 256 /* weights of a k-quant super-block: one pair of float16 factors */
 
-/* Weights per scale and offset: 32, or 16 for INT8_G16 (GGUF's Q6_K sub-blocks). */
-static inline __attribute__((always_inline)) int64_t group_of(int wtype) { return wtype == INT8_G16 ? 16 : GROUP; }
+static inline __attribute__((always_inline)) int is_kquant(int wtype) { return wtype >= K4; }
+
+/* Weights per scale and offset: 32, or 16 (INT8_G16, K6: GGUF's Q6_K sub-blocks). */
+static inline __attribute__((always_inline)) int64_t group_of(int wtype) {
+    return wtype == INT8_G16 || wtype == K6 ? 16 : GROUP;
+}
+
+/* Bits of a k-quant value past its low nibble: 0, 1 (K5) or 2 (K6). */
+static inline __attribute__((always_inline)) int high_bits(int wtype) { return wtype == K5 ? 1 : wtype == K6 ? 2 : 0; }
+
+/* Bytes of one k-row of a tile's values: a nibble plane (4-bit types), then the high bits' plane. */
+static inline __attribute__((always_inline)) int64_t row_bytes_of(int wtype) {
+    if (wtype == INT4 || is_kquant(wtype)) return TILE / 2 + TILE * high_bits(wtype) / 8;
+    return TILE;
+}
 
 typedef struct {
     const void *packed;
-    const float *scales, *offsets; /* quantized types only */
+    const float *scales, *offsets; /* INT4, INT8, INT8_G16; k-quants: scales is their factors' bytes */
     int wtype;
 } Weights;
 
@@ -125,10 +140,22 @@ typedef struct {
 static inline __attribute__((always_inline)) void quantized_panels(int wtype, const void *q, const v16 *scale,
                                                                    const v16 *offset, v16 w[PANELS]) {
     __m512i a, b; /* columns 0-15 and 16-31 */
-    if (wtype == INT4) { /* byte j: column j in the low nibble, column j + 16 in the high one */
+    if (wtype == INT4 || is_kquant(wtype)) { /* byte j: column j in the low nibble, column j + 16 in the high one */
         const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
         a = _mm512_and_si512(bytes, _mm512_set1_epi32(15));
         b = _mm512_srli_epi32(bytes, 4);
+        const int h = high_bits(wtype);
+        if (h) { /* then h bits a column, column c of a panel at bit h * c of its 16h-bit word */
+            const uint8_t *plane = (const uint8_t *)q + TILE / 2;
+            uint32_t w0 = 0, w1 = 0;
+            memcpy(&w0, plane, (size_t)(2 * h));
+            memcpy(&w1, plane + 2 * h, (size_t)(2 * h));
+            const __m512i shifts = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                      _mm512_set1_epi32(h));
+            const __m512i mask = _mm512_set1_epi32((1 << h) - 1);
+            a = _mm512_or_si512(a, _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)w0), shifts), mask), 4));
+            b = _mm512_or_si512(b, _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)w1), shifts), mask), 4));
+        }
     } else {
         a = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q));
         b = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)q + 16)));
@@ -147,10 +174,20 @@ static inline __attribute__((always_inline)) void bf16_panels(const uint16_t *sr
 static inline __attribute__((always_inline)) void quantized_panels(int wtype, const void *q, const v16 *scale,
                                                                    const v16 *offset, v16 w[PANELS]) {
     __m256i lo, hi;
-    if (wtype == INT4) {
+    if (wtype == INT4 || is_kquant(wtype)) {
         const __m128i bytes = _mm_loadl_epi64((const __m128i *)q), nibble = _mm_set1_epi8(15);
         lo = _mm256_cvtepu8_epi32(_mm_and_si128(bytes, nibble));
         hi = _mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
+        const int h = high_bits(wtype);
+        if (h) { /* then h bits a column, column c at bit h * c of one 16h-bit word */
+            uint32_t word = 0;
+            memcpy(&word, (const uint8_t *)q + TILE / 2, (size_t)(2 * h));
+            const __m256i all = _mm256_set1_epi32((int)word), mask = _mm256_set1_epi32((1 << h) - 1);
+            const __m256i steps = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(h));
+            const __m256i high_steps = _mm256_add_epi32(steps, _mm256_set1_epi32(8 * h));
+            lo = _mm256_or_si256(lo, _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(all, steps), mask), 4));
+            hi = _mm256_or_si256(hi, _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(all, high_steps), mask), 4));
+        }
     } else {
         lo = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q));
         hi = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)q + 8)));
@@ -190,10 +227,14 @@ static inline void unpack_row(int wtype, const void *q, const float *sk, const f
 }
 #else
 static inline void unpack_row(int wtype, const void *q, const float *sk, const float *ok, float *row) {
-    if (wtype == INT4) {
-        const uint8_t *b = (const uint8_t *)q;
-        for (int j = 0; j < TILE / 2; j++) row[j] = fmaf((float)(b[j] & 15), sk[j], ok[j]);
-        for (int j = 0; j < TILE / 2; j++) row[j + TILE / 2] = fmaf((float)(b[j] >> 4), sk[j + TILE / 2], ok[j + TILE / 2]);
+    if (wtype == INT4 || is_kquant(wtype)) {
+        const uint8_t *b = (const uint8_t *)q, *plane = b + TILE / 2;
+        const int h = high_bits(wtype);
+        for (int j = 0; j < TILE; j++) {
+            int v = j < TILE / 2 ? b[j] & 15 : b[j - TILE / 2] >> 4;
+            if (h) v |= ((plane[j * h / 8] >> (j * h % 8)) & ((1 << h) - 1)) << 4;
+            row[j] = fmaf((float)v, sk[j], ok[j]);
+        }
     } else {
         const int8_t *b = (const int8_t *)q;
         for (int j = 0; j < TILE; j++) row[j] = fmaf((float)b[j], sk[j], ok[j]);
@@ -205,19 +246,98 @@ static inline void unpack_row(int wtype, const void *q, const float *sk, const f
  * and offsets. */
 typedef struct {
     const void *values;
-    const float *scales, *offsets;
+    const float *scales, *offsets; /* INT4, INT8, INT8_G16: [K / group][TILE] */
+    const uint16_t *d, *m;         /* k-quants: [K / SUPER][TILE] float16 factors of scale and offset */
+    const int8_t *sc, *mc;         /* k-quants: [K / group][TILE] multipliers of d and m */
 } TileStart;
 
+/*
+ * A k-quant tile's factors, in one block of bytes per tile: d and m, then sc and mc. Group g's
+ * scale is d[g / (SUPER / group)] * sc[g] and its offset m[...] * mc[g], both products exact
+ * in fp32 (an 11-bit float16 times an integer of at most 8 bits): GGUF's d * scale and
+ * dmin * min of Q4_K and Q5_K (mc = -min), and Q6_K's d * scale with the values' -32 in the
+ * offset (m = -32 d, mc = scale), so that every value is unsigned. 4.6 (Q4_K), 5.6 (Q5_K)
+ * and 7.1 (Q6_K) bits a weight against the file's 4.5, 5.5 and 6.56.
+ */
+static inline int64_t kquant_tile_bytes(int wtype, int64_t K) {
+    return (K / SUPER) * TILE * 2 * (int64_t)sizeof(uint16_t) + (K / group_of(wtype)) * TILE * 2;
+}
+
+static inline void kquant_start(const Weights *wt, int64_t t, int64_t K, TileStart *s) {
+    const int64_t supers = (K / SUPER) * TILE, groups = (K / group_of(wt->wtype)) * TILE;
+    const uint8_t *block = (const uint8_t *)wt->scales + t * kquant_tile_bytes(wt->wtype, K);
+    s->d = (const uint16_t *)block;
+    s->m = s->d + supers;
+    s->sc = (const int8_t *)(s->m + supers);
+    s->mc = s->sc + groups;
+}
+
 static inline TileStart tile_start(const Weights *wt, int64_t t, int64_t K) {
-    TileStart s = { NULL, NULL, NULL };
+    TileStart s = { NULL, NULL, NULL, NULL, NULL, NULL, NULL };
     if (wt->wtype == F32) s.values = (const float *)wt->packed + t * K * TILE;
     else if (wt->wtype == BF16) s.values = (const uint16_t *)wt->packed + t * K * TILE;
     else {
-        s.values = (const uint8_t *)wt->packed + t * K * (wt->wtype == INT4 ? TILE / 2 : TILE);
-        s.scales = wt->scales + t * (K / group_of(wt->wtype)) * TILE;
-        s.offsets = wt->offsets + t * (K / group_of(wt->wtype)) * TILE;
+        s.values = (const uint8_t *)wt->packed + t * K * row_bytes_of(wt->wtype);
+        if (is_kquant(wt->wtype)) kquant_start(wt, t, K, &s);
+        else {
+            s.scales = wt->scales + t * (K / group_of(wt->wtype)) * TILE;
+            s.offsets = wt->offsets + t * (K / group_of(wt->wtype)) * TILE;
+        }
     }
     return s;
+}
+
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 31, mantissa = h & 1023;
+    float magnitude;
+    if (exponent == 0) magnitude = ldexpf((float)mantissa, -24); /* zero and subnormals: exact */
+    else if (exponent == 31) magnitude = mantissa ? NAN : INFINITY;
+    else magnitude = ldexpf((float)(mantissa | 1024), (int)exponent - 25);
+    uint32_t bits;
+    memcpy(&bits, &magnitude, sizeof bits);
+    bits |= sign;
+    memcpy(&magnitude, &bits, sizeof bits);
+    return magnitude;
+}
+
+/* Group gi of a quantized tile: its scales and offsets [TILE], stored or (k-quants) computed into
+ * sk and ok from the factors. */
+static inline __attribute__((always_inline)) void group_scales(const int wtype, const TileStart *s, int64_t gi,
+                                                               float *sk, float *ok, const float **scales,
+                                                               const float **offsets) {
+    if (!is_kquant(wtype)) {
+        *scales = s->scales + gi * TILE;
+        *offsets = s->offsets + gi * TILE;
+        return;
+    }
+    const uint16_t *d = s->d + (gi * group_of(wtype) / SUPER) * TILE, *m = s->m + (gi * group_of(wtype) / SUPER) * TILE;
+    const int8_t *sc = s->sc + gi * TILE, *mc = s->mc + gi * TILE;
+#if defined(__AVX512F__)
+    for (int p = 0; p < TILE; p += 16) {
+        const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + p)));
+        const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + p)));
+        const __m512 scv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(sc + p))));
+        const __m512 mcv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(mc + p))));
+        _mm512_storeu_ps(sk + p, _mm512_mul_ps(dv, scv));
+        _mm512_storeu_ps(ok + p, _mm512_mul_ps(mv, mcv));
+    }
+#elif defined(__AVX2__) && defined(__F16C__)
+    for (int p = 0; p < TILE; p += 8) {
+        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + p)));
+        const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + p)));
+        const __m256 scv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sc + p))));
+        const __m256 mcv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(mc + p))));
+        _mm256_storeu_ps(sk + p, _mm256_mul_ps(dv, scv));
+        _mm256_storeu_ps(ok + p, _mm256_mul_ps(mv, mcv));
+    }
+#else
+    for (int j = 0; j < TILE; j++) {
+        sk[j] = half_to_float(d[j]) * (float)sc[j];
+        ok[j] = half_to_float(m[j]) * (float)mc[j];
+    }
+#endif
+    *scales = sk;
+    *offsets = ok;
 }
 
 /* Weights k of a tile as fp32 in registers: the very values tile_weights() writes to its buffer. */
@@ -232,16 +352,20 @@ static inline __attribute__((always_inline)) void k_row(const int wtype, const T
     if (wtype == BF16) {
         bf16_panels((const uint16_t *)s->values + k * TILE, w);
     } else {
-        const int64_t row_bytes = wtype == INT4 ? TILE / 2 : TILE, group = (k / group_of(wtype)) * TILE;
-        quantized_row(wtype, (const uint8_t *)s->values + k * row_bytes, s->scales + group, s->offsets + group, w);
+        float sk[TILE], ok[TILE];
+        const float *scales, *offsets;
+        group_scales(wtype, s, k / group_of(wtype), sk, ok, &scales, &offsets);
+        quantized_row(wtype, (const uint8_t *)s->values + k * row_bytes_of(wtype), scales, offsets, w);
     }
 #else
     float row[TILE];
     if (wtype == BF16) {
         for (int j = 0; j < TILE; j++) row[j] = bf16_to_f32(((const uint16_t *)s->values)[k * TILE + j]);
     } else {
-        const int64_t row_bytes = wtype == INT4 ? TILE / 2 : TILE, group = (k / group_of(wtype)) * TILE;
-        unpack_row(wtype, (const uint8_t *)s->values + k * row_bytes, s->scales + group, s->offsets + group, row);
+        float sk[TILE], ok[TILE];
+        const float *scales, *offsets;
+        group_scales(wtype, s, k / group_of(wtype), sk, ok, &scales, &offsets);
+        unpack_row(wtype, (const uint8_t *)s->values + k * row_bytes_of(wtype), scales, offsets, row);
     }
 #pragma GCC unroll 4
     for (int p = 0; p < PANELS; p++) w[p] = v_load(row + p * 16);
@@ -250,10 +374,14 @@ static inline __attribute__((always_inline)) void k_row(const int wtype, const T
 
 static void unpack_quantized(const Weights *wt, int64_t t, int64_t K, float *buf) {
     const TileStart s = tile_start(wt, t, K);
-    const int64_t row_bytes = wt->wtype == INT4 ? TILE / 2 : TILE, group = group_of(wt->wtype);
-    for (int64_t k = 0; k < K; k++)
-        unpack_row(wt->wtype, (const uint8_t *)s.values + k * row_bytes, s.scales + (k / group) * TILE,
-                   s.offsets + (k / group) * TILE, buf + k * TILE);
+    const int64_t row_bytes = row_bytes_of(wt->wtype), group = group_of(wt->wtype);
+    for (int64_t k0 = 0; k0 < K; k0 += group) {
+        float sk[TILE], ok[TILE];
+        const float *scales, *offsets;
+        group_scales(wt->wtype, &s, k0 / group, sk, ok, &scales, &offsets);
+        for (int64_t k = k0; k < k0 + group; k++)
+            unpack_row(wt->wtype, (const uint8_t *)s.values + k * row_bytes, scales, offsets, buf + k * TILE);
+    }
 }
 
 /* Tile t of the weights as fp32 [K][TILE]: in place for fp32, unpacked into buf otherwise. */
@@ -277,11 +405,19 @@ static inline __attribute__((always_inline)) void prefetch_ahead(const int wtype
                                                                  int64_t K) {
     const int64_t ahead = k + PREFETCH_ROWS;
     if (ahead >= K) return;
-    const int64_t row_bytes = wtype == INT4 ? TILE / 2 : TILE;
+    const int64_t row_bytes = row_bytes_of(wtype);
     const char *q = (const char *)s->values + ahead * row_bytes;
     for (int64_t b = 0; b < 8 * row_bytes; b += 64) __builtin_prefetch(q + b);
     const int64_t group = group_of(wtype);
-    if (ahead % group == 0) {
+    if (ahead % group != 0) return;
+    if (is_kquant(wtype)) { /* a group's multipliers: TILE bytes each */
+        __builtin_prefetch(s->sc + (ahead / group) * TILE);
+        __builtin_prefetch(s->mc + (ahead / group) * TILE);
+        if (ahead % SUPER == 0) {
+            __builtin_prefetch(s->d + (ahead / SUPER) * TILE);
+            __builtin_prefetch(s->m + (ahead / SUPER) * TILE);
+        }
+    } else {
         __builtin_prefetch(s->scales + (ahead / group) * TILE);
         __builtin_prefetch(s->offsets + (ahead / group) * TILE);
     }
@@ -313,13 +449,16 @@ static inline __attribute__((always_inline)) void few_rows_tiles(const int rows,
 #if defined(EXPLICIT_UNPACK)
     if (wtype >= INT4) {
         /* A group's scales and offsets stay in registers for its rows of k. */
-        const int64_t row_bytes = wtype == INT4 ? TILE / 2 : TILE, group = group_of(wtype);
+        const int64_t row_bytes = row_bytes_of(wtype), group = group_of(wtype);
         for (int64_t k0 = 0; k0 < K; k0 += group) {
             v16 scale[8][PANELS], offset[8][PANELS];
 #pragma GCC unroll 8
             for (int j = 0; j < g; j++) {
-                load_panels(start[j].scales + (k0 / group) * TILE, scale[j]);
-                load_panels(start[j].offsets + (k0 / group) * TILE, offset[j]);
+                float sk[TILE], ok[TILE];
+                const float *scales, *offsets;
+                group_scales(wtype, &start[j], k0 / group, sk, ok, &scales, &offsets);
+                load_panels(scales, scale[j]);
+                load_panels(offsets, offset[j]);
             }
             for (int64_t k = k0; k < k0 + group; k++) {
                 if (k % 8 == 0) {
@@ -375,8 +514,9 @@ static inline __attribute__((always_inline)) void few_rows_tiles(const int rows,
 static inline int tiles_per_group(int rows) { return rows == 1 ? ONE_ROW_TILES : rows == 2 ? 2 : 1; }
 
 #define FEW_CASE(R, G, T) case (R) * 64 + (G) * 8 + (T): few_rows_tiles(R, G, T, wt, t0, x, K, c); break;
-#define FEW_TYPES(R, G) \
-    FEW_CASE(R, G, F32) FEW_CASE(R, G, BF16) FEW_CASE(R, G, INT4) FEW_CASE(R, G, INT8) FEW_CASE(R, G, INT8_G16)
+#define FEW_TYPES(R, G)                                                                                   \
+    FEW_CASE(R, G, F32) FEW_CASE(R, G, BF16) FEW_CASE(R, G, INT4) FEW_CASE(R, G, INT8) FEW_CASE(R, G, INT8_G16) \
+    FEW_CASE(R, G, K4) FEW_CASE(R, G, K5) FEW_CASE(R, G, K6)
 static void few_rows(int rows, int g, const Weights *wt, int64_t t0, const float *x, int64_t K, float *c) {
     switch (rows * 64 + g * 8 + wt->wtype) {
         FEW_TYPES(1, ONE_ROW_TILES) FEW_TYPES(1, 1) FEW_TYPES(2, 2) FEW_TYPES(2, 1) FEW_TYPES(3, 1) FEW_TYPES(4, 1)
@@ -846,14 +986,15 @@ int invariant_linear(const void *x, int xtype, const void *packed, int wtype, co
                      const float *offsets, const float *bias, const void *residual, void *y, int ytype, int64_t M,
                      int64_t K, int64_t N, int threads) {
     if (M < 0 || K < 1 || N < 1 || xtype < F32 || xtype > BF16 || ytype < F32 || ytype > BF16) return -1;
-    if (wtype < F32 || wtype > INT8_G16 || (wtype >= INT4 && (K % group_of(wtype) || !scales || !offsets))) return -1;
+    if (wtype < F32 || wtype > K6 || (wtype >= INT4 && (K % group_of(wtype) || !scales))) return -1;
+    if ((wtype >= INT4 && !is_kquant(wtype) && !offsets) || (is_kquant(wtype) && K % SUPER)) return -1;
     const Weights wt = { packed, scales, offsets, wtype };
     const Output o = { y, bias, residual, ytype, N };
     if (M == 0) return 0;
 #if defined(BF16_DOT)
-    /* INT8_G16 keeps the fp32 path (bf16 rows are exact in fp32): the pair path's group sums
-     * are written for groups of 32 only. */
-    if (xtype == BF16 && wtype != F32 && wtype != INT8_G16 && K % 2 == 0)
+    /* INT8_G16 and the k-quants keep the fp32 path (bf16 rows are exact in fp32): the pair path
+     * reads stored scales in groups of 32 only. */
+    if (xtype == BF16 && (wtype == BF16 || wtype == INT4 || wtype == INT8) && K % 2 == 0)
         return dot_linear(&wt, (const uint16_t *)x, &o, M, K, threads);
 #endif
     float *owned;

@@ -81,7 +81,7 @@ def test_gguf_blocks_of_every_type_match_transformers(tiny_model_dir):
     tok = smollm_tokenizer()
     engine = make_engine(source, quantize="auto")
     storage = {m.storage for m in engine.model.modules() if isinstance(m, InvariantLinear)}
-    assert storage == {"int4", "int8", "int8/16"}
+    assert storage == {"int4", "int8", "q4_k", "q5_k", "q6_k"}
     assert isinstance(engine.model.get_input_embeddings(), QuantizedEmbedding)  # its Q8_0 table as stored
     tracked = _run_mixed_batch(Driver(engine), [tok.encode(p) for p in PROMPTS])
     for t in tracked:

@@ -22,8 +22,8 @@ from tests.gguf_models import _tensor, build_tiny_gguf
 
 #: The kernel storage each type is re-encoded as.
 STORAGE = {
-    T.Q4_0: "int4", T.Q4_1: "int4", T.Q4_K: "int4", T.Q5_0: "int8", T.Q5_1: "int8", T.Q5_K: "int8",
-    T.Q8_0: "int8", T.Q6_K: "int8/16",
+    T.Q4_0: "int4", T.Q4_1: "int4", T.Q4_K: "q4_k", T.Q5_0: "int8", T.Q5_1: "int8", T.Q5_K: "q5_k",
+    T.Q8_0: "int8", T.Q6_K: "q6_k",
 }  # fmt: skip
 
 
