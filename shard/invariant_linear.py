@@ -57,6 +57,11 @@ class LinearKernel:
         library.linear_tile_columns.restype = ctypes.c_int
         #: Output columns per packed tile in this build (16 or 32, by instruction set).
         self.tile = int(library.linear_tile_columns())
+        self._gather = library.linear_gather_rows
+        self._gather.restype = ctypes.c_int
+        self._gather.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                 ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                 ctypes.c_int]  # fmt: skip
         library.linear_bf16_dot.restype = ctypes.c_int
         #: Whether bf16 activations with bf16 or 4-/8-bit weights multiply by VDPBF16PS (AVX512-BF16
         #: builds: pairs of exact bf16 products, see linear.c) rather than by fp32 FMAs.
@@ -145,6 +150,21 @@ class LinearKernel:
             raise RuntimeError(f"the invariant linear kernel failed with status {status}")
         y = y if y.dtype == result_dtype else y.to(result_dtype)
         return y if fused or residual is None else residual + y
+
+    def gather_rows(self, layer: InvariantLinear, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of ``layer``'s weight [out, in] as fp32 [len(ids), in]: the values its products
+        use (an embedding table kept as its output head's tiles)."""
+        ids = ids.to(torch.int64).contiguous()
+        out = torch.empty((ids.numel(), layer.in_features), dtype=torch.float32)
+        buffers = layer._buffers
+        status = self._gather(
+            buffers["packed"].data_ptr(), layer.wtype, _pointer(buffers["scales"]), _pointer(buffers["offsets"]),  # type: ignore[union-attr]
+            layer.in_features, layer.out_features, ids.data_ptr(), ids.numel(), out.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise IndexError(f"token ids must be within 0..{layer.out_features - 1}")
+        return out
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
@@ -242,3 +262,45 @@ def make_linears_invariant(model: nn.Module, quantized: dict[str, QuantizedWeigh
                 replaced += 1
     log.info("%d linear layers on the step-invariant kernel (tiles of %d columns)", replaced, kernel.tile)
     return replaced
+
+
+class _Table:
+    """A plain holder: the table's layer is registered where it serves as a head, or nowhere."""
+
+    def __init__(self, layer: InvariantLinear):
+        self.layer = layer
+
+
+class TiledEmbedding(nn.Module):
+    """An embedding table kept as a linear layer's packed tiles (a GGUF file's quantized table, shared
+    with the output head it is tied to): a lookup gathers its rows with the very values the head's
+    products use, which are the de-quantized table's (rounded to ``dtype``, its bits)."""
+
+    def __init__(self, layer: InvariantLinear, dtype: torch.dtype):
+        super().__init__()
+        self.table, self.dtype = _Table(layer), dtype
+        #: Shape and dtype of the table (a meta tensor: code that reads them still works).
+        self.weight = torch.empty((layer.out_features, layer.in_features), dtype=dtype, device="meta")
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = linear_kernel().gather_rows(self.table.layer, ids.reshape(-1))
+        return rows.to(self.dtype).reshape(*ids.shape, -1)
+
+
+def embed_as_tiles(model: nn.Module, storage: dict[str, QuantizedWeight]) -> bool:
+    """Replaces the model's input embedding by its quantized table where ``storage`` has it: the
+    output head's tiles when the two are one tensor (tied), else tiles of its own."""
+    get_input, get_output = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    embedding = get_input() if callable(get_input) else None
+    head = get_output() if callable(get_output) else None
+    names = {m: n for n, m in model.named_modules()}
+    table = storage.get(names.get(embedding, ""))  # type: ignore[arg-type]
+    if embedding is None or table is None:
+        return False
+    if isinstance(head, InvariantLinear) and storage.get(names.get(head, "")) is table:
+        layer = head
+    else:
+        rows, columns = table.q.shape
+        layer = InvariantLinear(nn.Linear(columns, rows, bias=False, device="meta"), linear_kernel(), table)
+    model.set_input_embeddings(TiledEmbedding(layer, embedding.weight.dtype))  # type: ignore[operator]
+    return True

@@ -16,8 +16,8 @@ from shard.decoder_layers import make_decoder_layers_fast
 from shard.gguf_blocks import UnsupportedType
 from shard.gguf_storage import check_types, gguf_linear_storage
 from shard.invariant_experts import make_experts_invariant
-from shard.invariant_linear import make_linears_invariant
-from shard.quantization import embed_quantized, plan_storage, wants_quantized
+from shard.invariant_linear import embed_as_tiles, make_linears_invariant
+from shard.quantization import plan_storage, wants_quantized
 from shard.sharded_linear import make_sharded_linears_invariant
 from shard.shared_input import fuse_shared_inputs
 
@@ -89,7 +89,7 @@ def load_model(
         plan = plan_storage(model, quantize, dtype, decided=gguf_blocks)
         make_linears_invariant(model, plan)
         if gguf_blocks is not None:
-            embed_quantized(model, gguf_blocks)  # the token table too stays in its blocks
+            embed_as_tiles(model, gguf_blocks)  # the token table too stays in its blocks
         make_experts_invariant(model)
         make_decoder_layers_fast(model)  # the same layer in fewer calls (shard.decoder_layers)
     elif device.type == "cpu":

@@ -274,36 +274,3 @@ def plan_storage(
         skipped,
     )
     return plan
-
-
-class QuantizedEmbedding(nn.Module):
-    """An embedding table kept as its quantized values: a lookup de-quantizes the rows it takes,
-    to the values (and, rounded to ``dtype``, the bits) of the de-quantized table it replaces."""
-
-    def __init__(self, weight: QuantizedWeight, dtype: torch.dtype):
-        super().__init__()
-        self.group, self.dtype = weight.group, dtype
-        self.register_buffer("q", weight.q, persistent=False)  # [vocab, hidden] int8
-        self.register_buffer("scale", weight.scale, persistent=False)  # [vocab, hidden / group]
-        self.register_buffer("offset", weight.offset, persistent=False)
-        #: Shape and dtype of the table (a meta tensor: code that reads them still works).
-        self.weight = torch.empty(weight.q.shape, dtype=dtype, device="meta")
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        q, scale, offset = (self.get_buffer(name) for name in ("q", "scale", "offset"))
-        flat = ids.reshape(-1)
-        scale = scale[flat].repeat_interleave(self.group, dim=1)
-        offset = offset[flat].repeat_interleave(self.group, dim=1)
-        rows = torch.addcmul(offset, q[flat].float(), scale)  # q * scale is exact: one rounding
-        return rows.to(self.dtype).reshape(*ids.shape, -1)
-
-
-def embed_quantized(model: nn.Module, storage: dict[str, QuantizedWeight]) -> bool:
-    """Replaces the model's input embedding by its quantized table where ``storage`` has it."""
-    get_input = getattr(model, "get_input_embeddings", None)
-    embedding = get_input() if callable(get_input) else None
-    name = next((n for n, m in model.named_modules() if m is embedding), None)
-    if embedding is None or name not in storage:
-        return False
-    model.set_input_embeddings(QuantizedEmbedding(storage[name], embedding.weight.dtype))  # type: ignore[operator]
-    return True

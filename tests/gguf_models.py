@@ -100,15 +100,18 @@ def _copy_metadata(writer: gguf.GGUFWriter) -> None:
         writer.add_key_value(key, value, field.types[0], sub_type=sub_type)
 
 
-def build_tiny_gguf(folder: Path, types: dict[str, T] | None = None, seed: int = 0) -> Path:
+def build_tiny_gguf(folder: Path, types: dict[str, T] | None = None, seed: int = 0, tied: bool = False) -> Path:
     """Writes ``folder``/tiny.gguf: each linear (GGUF name without ``.weight``) in ``types``' type
-    (MIXED_TYPES by default; F32 where not named), norms in F32. Returns the file's path."""
+    (MIXED_TYPES by default; F32 where not named), norms in F32; ``tied``: no ``output`` tensor
+    (the head is the token table). Returns the file's path."""
     types = MIXED_TYPES if types is None else types
     rng = np.random.default_rng(seed)
     path = folder / "tiny.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
     _copy_metadata(writer)
     for name, (rows, columns) in _linear_shapes().items():
+        if tied and name == "output":
+            continue
         qtype = types.get(name, T.F32)
         data = _tensor(qtype, rows, columns, rng)
         writer.add_tensor(f"{name}.weight", data, raw_dtype=None if qtype == T.F32 else qtype)

@@ -1007,3 +1007,48 @@ int invariant_linear(const void *x, int xtype, const void *packed, int wtype, co
     free(owned);
     return status;
 }
+
+/* One column's value in a quantized k-row of a tile (its integer q). */
+static inline int column_value(int wtype, const uint8_t *row, int c) {
+    if (wtype == INT8 || wtype == INT8_G16) return ((const int8_t *)row)[c];
+    int v = c < TILE / 2 ? row[c] & 15 : row[c - TILE / 2] >> 4;
+    const int h = high_bits(wtype);
+    if (h) v |= ((row[TILE / 2 + c * h / 8] >> (c * h % 8)) & ((1 << h) - 1)) << 4;
+    return v;
+}
+
+/* Row `id` of a packed weight [N, K] as fp32 [K]: column id % TILE of tile id / TILE, with the very
+ * values the products use. */
+static void gather_row(const Weights *wt, int64_t K, int64_t id, float *out) {
+    const int64_t t = id / TILE;
+    const int c = (int)(id % TILE);
+    const TileStart s = tile_start(wt, t, K);
+    if (wt->wtype == F32 || wt->wtype == BF16) {
+        for (int64_t k = 0; k < K; k++)
+            out[k] = wt->wtype == F32 ? ((const float *)s.values)[k * TILE + c]
+                                      : bf16_to_f32(((const uint16_t *)s.values)[k * TILE + c]);
+        return;
+    }
+    const int64_t group = group_of(wt->wtype), row_bytes = row_bytes_of(wt->wtype);
+    for (int64_t k0 = 0; k0 < K; k0 += group) {
+        float sk[TILE], ok[TILE];
+        const float *scales, *offsets;
+        group_scales(wt->wtype, &s, k0 / group, sk, ok, &scales, &offsets);
+        for (int64_t k = k0; k < k0 + group; k++)
+            out[k] = fmaf((float)column_value(wt->wtype, (const uint8_t *)s.values + k * row_bytes, c), scales[c],
+                          offsets[c]);
+    }
+}
+
+/* Rows ids[0..n) of a packed weight [N, K] (an embedding table kept as an output head's tiles) as
+ * fp32 out [n, K]. Returns 0, or -1 for bad arguments (an id outside 0..N-1). */
+int linear_gather_rows(const void *packed, int wtype, const float *scales, const float *offsets, int64_t K,
+                       int64_t N, const int64_t *ids, int64_t n, float *out, int threads) {
+    if (K < 1 || N < 1 || n < 0 || wtype < F32 || wtype > K6 || (wtype >= INT4 && !scales)) return -1;
+    for (int64_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= N) return -1;
+    const Weights wt = { packed, scales, offsets, wtype };
+#pragma omp parallel for schedule(static) num_threads(threads) if (n > 16)
+    for (int64_t i = 0; i < n; i++) gather_row(&wt, K, ids[i], out + i * K);
+    return 0;
+}

@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 
 from common.model_source import resolve_model
-from shard.invariant_linear import InvariantLinear
-from shard.quantization import QuantizedEmbedding
+from shard.invariant_linear import InvariantLinear, TiledEmbedding
 from shard.sampling import SamplingParams
 from tests.models import SMOLLM, smollm_tokenizer
 from tests.shard.engine_driver import Driver, Tracked, make_engine, reference
@@ -82,7 +81,7 @@ def test_gguf_blocks_of_every_type_match_transformers(tiny_model_dir):
     engine = make_engine(source, quantize="auto")
     storage = {m.storage for m in engine.model.modules() if isinstance(m, InvariantLinear)}
     assert storage == {"int4", "int8", "q4_k", "q5_k", "q6_k"}
-    assert isinstance(engine.model.get_input_embeddings(), QuantizedEmbedding)  # its Q8_0 table as stored
+    assert isinstance(engine.model.get_input_embeddings(), TiledEmbedding)  # its Q8_0 table as stored
     tracked = _run_mixed_batch(Driver(engine), [tok.encode(p) for p in PROMPTS])
     for t in tracked:
         want_tokens, want_logprobs = reference(source, t.prompt, NEW_TOKENS)

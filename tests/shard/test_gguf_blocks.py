@@ -17,8 +17,8 @@ from torch import nn
 
 from common.model_source import resolve_model
 from shard.gguf_blocks import SUPPORTED, UnsupportedType, check_supported, decode
-from shard.invariant_linear import InvariantLinear, linear_kernel
-from tests.gguf_models import _tensor, build_tiny_gguf
+from shard.invariant_linear import InvariantLinear, TiledEmbedding, linear_kernel
+from tests.gguf_models import MIXED_TYPES, _tensor, build_tiny_gguf
 
 #: The kernel storage each type is re-encoded as.
 STORAGE = {
@@ -90,6 +90,9 @@ def test_each_type_gives_a_row_the_reference_bits_at_every_step_size(qtype, rows
         alone = layer(probe)
         assert torch.equal(alone, reference(probe))
         assert torch.equal(layer(batch)[where : where + 1], alone)
+        # Rows gathered from the tiles (an embedding table kept as its head's) are the weights' rows.
+        ids = torch.tensor([0, out_features - 1, where % out_features, where % out_features])
+        assert torch.equal(kernel.gather_rows(layer, ids), weight.dequantize()[ids])
     finally:
         torch.set_num_threads(previous)
 
@@ -110,16 +113,33 @@ def test_a_file_of_an_unsupported_type_stops_the_start_naming_it(tmp_path):
 
 
 def test_the_token_table_stays_in_its_blocks_and_gives_the_loaded_rows(tiny_model_dir):
-    """The GGUF file's Q8_0 token table is kept as its blocks (QuantizedEmbedding): a lookup gives the
+    """The GGUF file's Q8_0 token table is kept as its blocks (TiledEmbedding): a lookup gives the
     rows of the de-quantized table transformers loads, bit for bit, in float32 and in bf16."""
     from shard.model_loader import load_model
-    from shard.quantization import QuantizedEmbedding
 
     source = resolve_model(str(tiny_model_dir("gguf")))
     ids = torch.tensor([[0, 5, 49151], [17, 17, 3000]])
     for dtype in (torch.float32, torch.bfloat16):
         stored = load_model(source, dtype, torch.device("cpu"), quantize="auto").get_input_embeddings()
         plain = load_model(source, dtype, torch.device("cpu"), quantize="none").get_input_embeddings()
-        assert isinstance(stored, QuantizedEmbedding) and not isinstance(plain, QuantizedEmbedding)
+        assert isinstance(stored, TiledEmbedding) and not isinstance(plain, TiledEmbedding)
         assert torch.equal(stored(ids), plain(ids))
         assert stored(ids).dtype == dtype
+
+
+def test_a_tied_token_table_is_the_heads_tiles(tmp_path):
+    """With no ``output`` tensor the head is the token table: one set of tiles serves both, and a
+    lookup still gives the loaded table's rows; ids outside the vocabulary are an IndexError."""
+    from shard.model_loader import load_model
+
+    path = build_tiny_gguf(tmp_path, {**MIXED_TYPES, "token_embd": T.Q4_K}, tied=True)
+    source = resolve_model(str(path))
+    stored = load_model(source, torch.float32, torch.device("cpu"), quantize="auto")
+    plain = load_model(source, torch.float32, torch.device("cpu"), quantize="none")
+    table = stored.get_input_embeddings()
+    assert isinstance(table, TiledEmbedding) and table.table.layer is stored.get_output_embeddings()
+    assert table.table.layer.storage == "q4_k"
+    ids = torch.tensor([[3, 49151, 0], [7, 7, 100]])
+    assert torch.equal(table(ids), plain.get_input_embeddings()(ids))
+    with pytest.raises(IndexError):
+        table(torch.tensor([49152]))
