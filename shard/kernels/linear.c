@@ -27,9 +27,14 @@
  *          (groups of 32 along K): INT4 q in 0..15, [tiles][K][TILE / 2] bytes, byte j
  *          holding column j (low nibble) and column j + TILE / 2 (high nibble), so that
  *          each half unpacks with contiguous vector loads and stores; INT8 q in
- *          -128..127, [tiles][K][TILE]. The weights are unpacked to fp32 before
- *          any product, so a quantized layer computes with the same values at every step
- *          size (no kernel switch by size, as library int4 kernels need).
+ *          -128..127, [tiles][K][TILE] (INT8_G16: the same in groups of 16). The k-quants
+ *          K4, K5, K6 (GGUF's Q4_K, Q5_K, Q6_K as the file stores them): unsigned values of
+ *          4, 5 or 6 bits, each k-row the INT4 nibble plane then the bits past 4 of every
+ *          column (column c at bit h * c, little-endian), and instead of scales and offsets
+ *          one block of factors per tile (kquant_start) from which each group's scale and
+ *          offset are computed, exactly, as it is read. The weights are unpacked to fp32
+ *          before any product, so a quantized layer computes with the same values at every
+ *          step size (no kernel switch by size, as library int4 kernels need).
  *   bias   [N] fp32 or NULL (added after the chain)
  *   y      [M, N] row-major, fp32 or bf16 (round to nearest even)
  *   residual [M, N] like y, or NULL: added to the rounded result and rounded again (store_rows)
