@@ -72,6 +72,80 @@ def gguf_linear_storage(model: nn.Module, reader: gguf.GGUFReader) -> dict[str, 
     return storage
 
 
+class NotDirectlyLoadable(RuntimeError):
+    """A parameter that is not one GGUF tensor (e.g. a mixture of experts' stacked experts)."""
+
+
+def load_direct(model: nn.Module, reader: gguf.GGUFReader, dtype: torch.dtype) -> dict[str, QuantizedWeight]:
+    """Fills ``model``, built with its parameters on the meta device, from the file: float tensors
+    (norms, biases, float layers) de-quantized as transformers does, in ``dtype``; the quantized
+    linear layers and token table are returned as their blocks and their parameters never take
+    memory (a model's float32 copy would: 4.7 GiB for a 1B Q4_K_M of 0.64 GiB, 32 GiB for an
+    8B). Which tensor is which parameter, and how transformers reorders or transforms it,
+    come from transformers' own GGUF mapping and processors."""
+    tensors = {t.name: t for t in reader.tensors}
+    architecture = read_field(reader, "general.architecture")[0]
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=_text_config(model))
+    name_map = _name_map(model)
+    get_input, get_output = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    embedding = get_input() if callable(get_input) else None
+    head = get_output() if callable(get_output) else None
+    tied = embedding is not None and head is not None and head.weight is embedding.weight
+    decoded: dict[str, QuantizedWeight] = {}
+    storage: dict[str, QuantizedWeight] = {}
+    for module_name, module in model.named_modules():
+        if tied and module is head:
+            continue  # the embedding's tensor, settled with it
+        for param_name, param in list(module.named_parameters(recurse=False)):
+            tensor = tensors.get(f"{_gguf_name(name_map, module_name)}.{param_name}")
+            if tensor is None:
+                raise NotDirectlyLoadable(f"no GGUF tensor for {module_name}.{param_name}")
+            quantized = param_name == "weight" and (type(module) is nn.Linear or module is embedding)
+            if quantized and tensor.tensor_type not in FLOAT_TYPES:
+                weight = decoded.get(tensor.name) or _blocks(tensor, tuple(param.shape), processor)
+                if weight is not None:
+                    decoded[tensor.name] = storage[module_name] = weight
+                    continue
+            module._parameters[param_name] = nn.Parameter(_floats(tensor, param, processor, dtype), requires_grad=False)
+    if tied:
+        assert head is not None and embedding is not None
+        head.weight = embedding.weight  # the loaded table, or still meta when it is stored as blocks
+        if embedding is not None and (names := {m: n for n, m in model.named_modules()}).get(embedding) in storage:
+            storage[names[head]] = storage[names[embedding]]
+    stored_types = Counter(tensors[name].tensor_type.name for name in decoded)
+    log.info(
+        "GGUF blocks kept as stored for %d layers (%s); the float tensors loaded in %s",
+        len(storage),
+        ", ".join(f"{count} {name}" for name, count in sorted(stored_types.items())),
+        dtype,
+    )
+    return storage
+
+
+def _blocks(tensor: Any, shape: tuple[int, ...], processor: TensorProcessor) -> QuantizedWeight | None:
+    """A weight's blocks in transformers' row order; None where transformers does more than reorder."""
+    rows, columns = shape
+    order = _row_order(processor, tensor.name, rows)
+    if order is None:
+        return None
+    weight = decode(tensor.data, tensor.tensor_type, (rows, columns))
+    return weight if np.array_equal(order, np.arange(rows)) else weight.rows(torch.from_numpy(order))
+
+
+def _floats(tensor: Any, param: torch.Tensor, processor: TensorProcessor, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor de-quantized and processed as transformers loads it, in ``dtype``."""
+    values = processor.process(
+        weights=gguf.quants.dequantize(tensor.data, tensor.tensor_type), name=tensor.name, tensor_key_mapping={},
+        parsed_parameters={"tensors": {}},
+    ).weights  # fmt: skip
+    loaded = torch.from_numpy(np.array(values, copy=True)).to(dtype)
+    if loaded.shape != param.shape:
+        raise NotDirectlyLoadable(
+            f"GGUF tensor {tensor.name} has shape {tuple(loaded.shape)}, not {tuple(param.shape)}"
+        )
+    return loaded
+
+
 def _name_map(model: nn.Module) -> gguf.TensorNameMap:
     """gguf's map of transformers' module names to its own, for this architecture (as transformers'
     ``get_gguf_hf_weights_map`` builds it, once instead of once per submodule)."""

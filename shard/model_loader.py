@@ -7,6 +7,7 @@ from pathlib import Path
 
 import gguf
 import torch
+from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.distributed import DistributedConfig
 
@@ -14,7 +15,7 @@ from common.model_source import ModelSource
 from shard import attention
 from shard.decoder_layers import make_decoder_layers_fast
 from shard.gguf_blocks import UnsupportedType
-from shard.gguf_storage import check_types, gguf_linear_storage
+from shard.gguf_storage import NotDirectlyLoadable, check_types, gguf_linear_storage, load_direct
 from shard.invariant_experts import make_experts_invariant
 from shard.invariant_linear import embed_as_tiles, make_linears_invariant
 from shard.quantization import plan_storage, wants_quantized
@@ -68,14 +69,17 @@ def load_model(
     if world_size > 1:
         _check_shardable(config, source, world_size)
         extra["distributed_config"] = DistributedConfig(tp_size=world_size, tp_plan="auto")
-    model = AutoModelForCausalLM.from_pretrained(
-        source.path_or_id,
-        **source.pretrained_kwargs(),
-        dtype=dtype,
-        attn_implementation=attention.register(),
-        **extra,
-    )
-    if world_size == 1:
+    direct = reader is not None and device.type == "cpu" and world_size == 1
+    model, gguf_blocks = _gguf_direct(config, dtype, reader) if direct else (None, None)  # type: ignore[arg-type]
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path_or_id,
+            **source.pretrained_kwargs(),
+            dtype=dtype,
+            attn_implementation=attention.register(),
+            **extra,
+        )
+    if world_size == 1 and gguf_blocks is None:  # a direct GGUF load is on the CPU already, partly meta
         model.to(device)  # type: ignore[arg-type,call-arg]
     model.eval()
     model.requires_grad_(False)
@@ -84,7 +88,8 @@ def load_model(
         # numbers), then every linear on the step-invariant kernel (shard.invariant_linear),
         # a GGUF file's layers stored as its own blocks (shard.gguf_storage), another 4-bit
         # checkpoint's on their own grid (shard.quantization).
-        gguf_blocks = None if reader is None else gguf_linear_storage(model, reader)
+        if reader is not None and gguf_blocks is None:  # loaded by transformers: blocks checked against it
+            gguf_blocks = gguf_linear_storage(model, reader)
         fuse_shared_inputs(model, gguf_blocks)
         plan = plan_storage(model, quantize, dtype, decided=gguf_blocks)
         make_linears_invariant(model, plan)
@@ -95,6 +100,20 @@ def load_model(
     elif device.type == "cpu":
         make_sharded_linears_invariant(model)  # tensor parallel: the rule is in shard.sharded_linear
     return model
+
+
+def _gguf_direct(config, dtype: torch.dtype, reader: gguf.GGUFReader):  # type: ignore[no-untyped-def]
+    """The model built on the meta device and filled from the GGUF file, its quantized layers as
+    blocks (shard.gguf_storage.load_direct); (None, None) for a file that is not one tensor per
+    parameter (transformers then loads it, de-quantized)."""
+    with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed, not loaded
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention.register())
+    model.tie_weights()  # a tied head shares the embedding's parameter, as from_pretrained leaves it
+    try:
+        return model, load_direct(model, reader, dtype)
+    except NotDirectlyLoadable as error:
+        log.info("%s: transformers loads this file (%s)", type(model).__name__, error)
+        return None, None
 
 
 def gguf_reader(source: ModelSource) -> gguf.GGUFReader:
