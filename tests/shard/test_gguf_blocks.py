@@ -19,6 +19,7 @@ from common.model_source import resolve_model
 from shard.gguf_blocks import SUPPORTED, UnsupportedType, check_supported, decode
 from shard.invariant_linear import InvariantLinear, TiledEmbedding, linear_kernel
 from tests.gguf_models import MIXED_TYPES, _tensor, build_tiny_gguf
+from tests.shard.linear_steps import alone_and_in_step
 
 #: The kernel storage each type is re-encoded as.
 STORAGE = {
@@ -83,18 +84,12 @@ def test_each_type_gives_a_row_the_reference_bits_at_every_step_size(qtype, rows
     probe = torch.randn(1, columns, generator=generator)
     others = torch.randn(rows, columns, generator=generator)
     where = position % (rows + 1)
-    batch = torch.cat([others[:where], probe, others[where:]])
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        alone = layer(probe)
-        assert torch.equal(alone, reference(probe))
-        assert torch.equal(layer(batch)[where : where + 1], alone)
-        # Rows gathered from the tiles (an embedding table kept as its head's) are the weights' rows.
-        ids = torch.tensor([0, out_features - 1, where % out_features, where % out_features])
-        assert torch.equal(kernel.gather_rows(layer, ids), weight.dequantize()[ids])
-    finally:
-        torch.set_num_threads(previous)
+    alone, in_step = alone_and_in_step(layer, probe, others, where, threads)
+    assert torch.equal(alone, reference(probe))
+    assert torch.equal(in_step, alone)
+    # Rows gathered from the tiles (an embedding table kept as its head's) are the weights' rows.
+    ids = torch.tensor([0, out_features - 1, where % out_features, where % out_features])
+    assert torch.equal(kernel.gather_rows(layer, ids), weight.dequantize()[ids])
 
 
 @pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ2_XS, T.TQ1_0], ids=lambda t: t.name)

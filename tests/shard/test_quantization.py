@@ -12,6 +12,7 @@ from shard.decoder_layers import FastDecoderLayer
 from shard.invariant_linear import InvariantLinear, linear_kernel, make_linears_invariant
 from shard.quantization import GROUP, exact_grid, plan_storage, quantize_int4, quantize_int8
 from tests.models import SMOLLM
+from tests.shard.linear_steps import alone_and_in_step
 
 
 def _on_grid(out_features: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
@@ -197,19 +198,12 @@ def test_every_storage_gives_a_row_the_same_bits_in_any_batch(
     reference = InvariantLinear(plain, kernel)
     probe = torch.randn(1, 96, generator=generator).to(activations)
     others = torch.randn(rows, 96, generator=generator).to(activations)
-    where = position % (rows + 1)
-    batch = torch.cat([others[:where], probe, others[where:]])
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        alone = layer(probe)
-        if activations == torch.bfloat16 and kernel.bf16_dot and storage != "float32":
-            torch.testing.assert_close(alone.float(), reference(probe).float(), atol=1e-2, rtol=2**-7)
-        else:
-            assert torch.equal(alone, reference(probe))
-        assert torch.equal(layer(batch)[where : where + 1], alone)
-    finally:
-        torch.set_num_threads(previous)
+    alone, in_step = alone_and_in_step(layer, probe, others, position % (rows + 1), threads)
+    if activations == torch.bfloat16 and kernel.bf16_dot and storage != "float32":
+        torch.testing.assert_close(alone.float(), reference(probe).float(), atol=1e-2, rtol=2**-7)
+    else:
+        assert torch.equal(alone, reference(probe))
+    assert torch.equal(in_step, alone)
 
 
 @pytest.mark.parametrize("storage", ["bfloat16", "int4", "int8"])
