@@ -45,9 +45,14 @@ class UnsupportedType(ValueError):
     """A quantized GGUF type this server does not store as it is."""
 
 
+def _halves(raw: np.ndarray) -> np.ndarray:
+    """Little-endian float16 fields: [..., 2] bytes -> [...] float16."""
+    return np.ascontiguousarray(raw).view(np.float16)[..., 0]
+
+
 def _f16(raw: np.ndarray) -> np.ndarray:
-    """Little-endian float16 fields ([..., 2] bytes) as float32 (exactly)."""
-    return np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32)
+    """Float16 fields as float32 (exactly)."""
+    return _halves(raw).astype(np.float32)
 
 
 def _nibbles(qs: np.ndarray) -> np.ndarray:
@@ -55,10 +60,9 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
-def _high_bits(qh: np.ndarray, count: int) -> np.ndarray:
+def _high_bits(qh: np.ndarray) -> np.ndarray:
     """Q5_0/Q5_1: [..., 4] bytes -> [..., 32]: bit j of the little-endian word is weight j's 5th bit."""
-    bits = np.unpackbits(np.ascontiguousarray(qh), axis=-1, bitorder="little")
-    return bits[..., :count]
+    return np.unpackbits(np.ascontiguousarray(qh), axis=-1, bitorder="little")
 
 
 def _k_scales(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +91,7 @@ def _q4_1(b: np.ndarray) -> Groups:
 
 
 def _q5(low: np.ndarray, qh: np.ndarray) -> np.ndarray:
-    return _nibbles(low) | (_high_bits(qh, 32) << 4)
+    return _nibbles(low) | (_high_bits(qh) << 4)
 
 
 def _q5_0(b: np.ndarray) -> Groups:
@@ -102,11 +106,6 @@ def _q5_1(b: np.ndarray) -> Groups:
 def _q8_0(b: np.ndarray) -> Groups:
     d = _f16(b[..., 0:2])[..., None]
     return np.ascontiguousarray(b[..., 2:34]).view(np.int8), d, np.zeros_like(d), None
-
-
-def _halves(raw: np.ndarray) -> np.ndarray:
-    """[..., 2] bytes -> [...] float16."""
-    return np.ascontiguousarray(raw).view(np.float16)[..., 0]
 
 
 def _products(d: np.ndarray, m: np.ndarray, sc: np.ndarray, mc: np.ndarray) -> tuple[np.ndarray, np.ndarray, Factors]:

@@ -1,14 +1,14 @@
-"""A GGUF checkpoint's linear layers taken from the file's own blocks.
+"""A GGUF checkpoint's quantized layers taken from the file's own blocks.
 
-transformers de-quantizes a GGUF file into float tensors as it loads it; the
-linear layers' weights are then replaced here by their blocks, read from the file
-and re-encoded losslessly for the kernel (``shard.gguf_blocks``), whatever the type:
-Q4_0 and Q4_K as 4-bit values, Q5_*, Q6_K and Q8_0 as 8-bit ones. Which file
-tensor is which layer, and the row order transformers gives it (llama's q/k
-projections are stored with their rows permuted), come from transformers' own GGUF
-mapping, so the two cannot disagree; and every stored layer is checked against the
-weight transformers loaded (its de-quantized values rounded to the model's dtype):
-equal, or the start fails.
+Which file tensor is which parameter, and the order or transformation transformers
+gives it (llama's q/k projections are stored with their rows permuted), come from
+transformers' own GGUF mapping and processors, so the two cannot disagree. A file
+whose parameters are one tensor each is loaded directly (``load_direct``): the model
+is built on the meta device, its float tensors are de-quantized as transformers does,
+and its quantized layers and token table are taken as blocks (``shard.gguf_blocks``)
+and never materialized. Other files (stacked MoE experts) are loaded by transformers,
+and their layers' blocks are checked against the weights it loaded
+(``gguf_linear_storage``): equal, or the start fails.
 """
 
 from __future__ import annotations
@@ -35,40 +35,68 @@ def check_types(reader: gguf.GGUFReader) -> None:
         check_supported(tensor.tensor_type, tensor.name)
 
 
+class _Mapping:
+    """A GGUF file's tensors as the parameters of ``model``, transformers' processor for them, and
+    the blocks decoded so far (by tensor: a tied head and its embedding share one)."""
+
+    def __init__(self, model: nn.Module, reader: gguf.GGUFReader):
+        self.tensors = {t.name: t for t in reader.tensors}
+        architecture = read_field(reader, "general.architecture")[0]
+        self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=_text_config(model))
+        self.name_map = _name_map(model)
+        get_input = getattr(model, "get_input_embeddings", None)
+        self.embedding = get_input() if callable(get_input) else None
+        self.decoded: dict[str, QuantizedWeight] = {}
+
+    def tensor(self, module_name: str, param_name: str) -> Any:
+        return self.tensors.get(f"{_gguf_name(self.name_map, module_name)}.{param_name}")
+
+    def blocks(self, tensor: Any, shape: tuple[int, ...]) -> QuantizedWeight | None:
+        """A weight's blocks in transformers' row order, decoded once; None where transformers
+        does more than reorder its rows."""
+        if tensor.name not in self.decoded:
+            weight = _blocks(tensor, shape, self.processor)
+            if weight is None:
+                return None
+            self.decoded[tensor.name] = weight
+        return self.decoded[tensor.name]
+
+    def log_stored(self, layers: int, detail: str = "") -> None:
+        stored_types = Counter(self.tensors[name].tensor_type.name for name in self.decoded)
+        log.info(
+            "GGUF blocks kept as stored for %d layers (%s)%s",
+            layers,
+            ", ".join(f"{count} {name}" for name, count in sorted(stored_types.items())),
+            detail,
+        )
+
+
 def gguf_linear_storage(model: nn.Module, reader: gguf.GGUFReader) -> dict[str, QuantizedWeight]:
     """Every ``nn.Linear`` of ``model`` (by qualified name) whose GGUF tensor is quantized, as its
     blocks, and the input embedding (under its name) where its table is; float tensors (F32,
     F16, BF16) are left to the caller. ``model`` is the model transformers loaded from the file
-    ``reader`` reads (before any fusion of layers)."""
-    tensors = {t.name: t for t in reader.tensors}
-    architecture = read_field(reader, "general.architecture")[0]
-    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=_text_config(model))
-    name_map = _name_map(model)
-    get_input = getattr(model, "get_input_embeddings", None)
-    embedding = get_input() if callable(get_input) else None
-    decoded: dict[str, QuantizedWeight] = {}  # by tensor: a tied head and its embedding share one
+    ``reader`` reads (before any fusion of layers); every weight taken is checked against it."""
+    mapping = _Mapping(model, reader)
     storage: dict[str, QuantizedWeight] = {}
     for module_name, module in model.named_modules():
-        if type(module) is not nn.Linear and module is not embedding:
+        if type(module) is not nn.Linear and module is not mapping.embedding:
             continue
-        loaded = cast(nn.Module, module).get_parameter("weight")
-        tensor = tensors.get(f"{_gguf_name(name_map, module_name)}.weight")
-        if tensor is None and loaded is getattr(embedding, "weight", None):  # a tied head
-            tensor = tensors.get("token_embd.weight")
+        loaded = cast(nn.Module, module).get_parameter("weight").detach()
+        tensor = mapping.tensor(module_name, "weight")
+        if tensor is None and loaded is getattr(mapping.embedding, "weight", None):  # a tied head
+            tensor = mapping.tensors.get("token_embd.weight")
         if tensor is None or tensor.tensor_type in FLOAT_TYPES:
             continue
-        if tensor.name not in decoded:
-            weight = _stored(tensor, loaded.detach(), processor)
-            if weight is None:
-                continue
-            decoded[tensor.name] = weight
-        storage[module_name] = decoded[tensor.name]
-    stored_types = Counter(tensors[name].tensor_type.name for name in decoded)
-    log.info(
-        "GGUF blocks kept as stored for %d layers (%s)",
-        len(storage),
-        ", ".join(f"{count} {name}" for name, count in sorted(stored_types.items())),
-    )
+        weight = mapping.blocks(tensor, tuple(loaded.shape))
+        if weight is None:
+            continue
+        if not torch.equal(weight.dequantize().to(loaded.dtype), loaded):
+            raise RuntimeError(
+                f"GGUF tensor {tensor.name} ({tensor.tensor_type.name}): its blocks do not give the weight "
+                "transformers loaded; refusing to serve different numbers"
+            )
+        storage[module_name] = weight
+    mapping.log_stored(len(storage))
     return storage
 
 
@@ -81,44 +109,36 @@ def load_direct(model: nn.Module, reader: gguf.GGUFReader, dtype: torch.dtype) -
     (norms, biases, float layers) de-quantized as transformers does, in ``dtype``; the quantized
     linear layers and token table are returned as their blocks and their parameters never take
     memory (a model's float32 copy would: 4.7 GiB for a 1B Q4_K_M of 0.64 GiB, 32 GiB for an
-    8B). Which tensor is which parameter, and how transformers reorders or transforms it,
-    come from transformers' own GGUF mapping and processors."""
-    tensors = {t.name: t for t in reader.tensors}
-    architecture = read_field(reader, "general.architecture")[0]
-    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=_text_config(model))
-    name_map = _name_map(model)
-    get_input, get_output = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
-    embedding = get_input() if callable(get_input) else None
+    8B)."""
+    mapping = _Mapping(model, reader)
+    embedding = mapping.embedding
+    get_output = getattr(model, "get_output_embeddings", None)
     head = get_output() if callable(get_output) else None
     tied = embedding is not None and head is not None and head.weight is embedding.weight
-    decoded: dict[str, QuantizedWeight] = {}
+    names = {module: name for name, module in model.named_modules()}
     storage: dict[str, QuantizedWeight] = {}
-    for module_name, module in model.named_modules():
+    for module, module_name in names.items():
         if tied and module is head:
             continue  # the embedding's tensor, settled with it
         for param_name, param in list(module.named_parameters(recurse=False)):
-            tensor = tensors.get(f"{_gguf_name(name_map, module_name)}.{param_name}")
+            tensor = mapping.tensor(module_name, param_name)
             if tensor is None:
                 raise NotDirectlyLoadable(f"no GGUF tensor for {module_name}.{param_name}")
             quantized = param_name == "weight" and (type(module) is nn.Linear or module is embedding)
             if quantized and tensor.tensor_type not in FLOAT_TYPES:
-                weight = decoded.get(tensor.name) or _blocks(tensor, tuple(param.shape), processor)
+                weight = mapping.blocks(tensor, tuple(param.shape))
                 if weight is not None:
-                    decoded[tensor.name] = storage[module_name] = weight
+                    storage[module_name] = weight
                     continue
-            module._parameters[param_name] = nn.Parameter(_floats(tensor, param, processor, dtype), requires_grad=False)
+            module._parameters[param_name] = nn.Parameter(
+                _floats(tensor, param, mapping.processor, dtype), requires_grad=False
+            )
     if tied:
         assert head is not None and embedding is not None
         head.weight = embedding.weight  # the loaded table, or still meta when it is stored as blocks
-        if embedding is not None and (names := {m: n for n, m in model.named_modules()}).get(embedding) in storage:
+        if names[embedding] in storage:
             storage[names[head]] = storage[names[embedding]]
-    stored_types = Counter(tensors[name].tensor_type.name for name in decoded)
-    log.info(
-        "GGUF blocks kept as stored for %d layers (%s); the float tensors loaded in %s",
-        len(storage),
-        ", ".join(f"{count} {name}" for name, count in sorted(stored_types.items())),
-        dtype,
-    )
+    mapping.log_stored(len(storage), f"; the float tensors loaded in {dtype}")
     return storage
 
 
@@ -127,8 +147,14 @@ def _blocks(tensor: Any, shape: tuple[int, ...], processor: TensorProcessor) -> 
     rows, columns = shape
     order = _row_order(processor, tensor.name, rows)
     if order is None:
+        log.warning("GGUF tensor %s: transformers transforms it on load; kept as loaded", tensor.name)
         return None
-    weight = decode(tensor.data, tensor.tensor_type, (rows, columns))
+    try:
+        weight = decode(tensor.data, tensor.tensor_type, (rows, columns))
+    except UnsupportedType:
+        raise
+    except ValueError as error:
+        raise RuntimeError(f"GGUF tensor {tensor.name}: {error}") from error
     return weight if np.array_equal(order, np.arange(rows)) else weight.rows(torch.from_numpy(order))
 
 
@@ -187,27 +213,3 @@ def _row_order(processor: TensorProcessor, tensor_name: str, rows: int) -> np.nd
         return None
     order = order.reshape(rows)
     return order if np.array_equal(np.sort(order), np.arange(rows)) else None
-
-
-def _stored(tensor: Any, loaded: torch.Tensor, processor: TensorProcessor) -> QuantizedWeight | None:
-    """The weight as its GGUF blocks, rows in transformers' order, checked against the weight
-    transformers ``loaded``; None where transformers does more than reorder rows."""
-    rows, columns = loaded.shape
-    order = _row_order(processor, tensor.name, rows)
-    if order is None:
-        log.warning("GGUF tensor %s: transformers transforms it on load; kept as loaded", tensor.name)
-        return None
-    try:
-        weight = decode(tensor.data, tensor.tensor_type, (rows, columns))
-    except UnsupportedType:
-        raise
-    except ValueError as error:
-        raise RuntimeError(f"GGUF tensor {tensor.name}: {error}") from error
-    if not np.array_equal(order, np.arange(rows)):
-        weight = weight.rows(torch.from_numpy(order))
-    if not torch.equal(weight.dequantize().to(loaded.dtype), loaded):
-        raise RuntimeError(
-            f"GGUF tensor {tensor.name} ({tensor.tensor_type.name}): its blocks do not give the weight "
-            "transformers loaded; refusing to serve different numbers"
-        )
-    return weight

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from shard.kernels import load_library
-from shard.quantization import QuantizedWeight
+from shard.quantization import STORAGES, QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ ACTIVATION_CODES = {torch.float32: 0, torch.bfloat16: 1}
 TYPE_CODES = {**ACTIVATION_CODES, torch.uint8: 2, torch.int8: 3}
 #: Quantized weights by storage (bits, group, k-quant factors): INT4 (two 4-bit values a byte)
 #: and INT8 with fp32 scales and offsets per group; the k-quants K4, K5, K6 with their factors.
-QUANTIZED_CODES = {(4, 32, False): 2, (8, 32, False): 3, (8, 16, False): 4, (4, 32, True): 5, (5, 32, True): 6,
-                   (6, 16, True): 7}  # fmt: skip
+#: STORAGES lists them in the order of linear.c's enum, from INT4 = 2 on.
+QUANTIZED_CODES = {storage: code for code, storage in enumerate(STORAGES, start=2)}
 
 
 class LinearKernel:

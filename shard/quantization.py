@@ -72,7 +72,7 @@ class KQuantFactors:
 
 
 SUPER_BLOCK = 256
-#: (bits, group, k-quant factors) the kernel stores (shard/kernels/linear.c's weight types).
+#: (bits, group, k-quant factors) the kernel stores: linear.c's INT4, INT8, INT8_G16, K4, K5, K6.
 STORAGES = ((4, 32, False), (8, 32, False), (8, 16, False), (4, 32, True), (5, 32, True), (6, 16, True))
 
 

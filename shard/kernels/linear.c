@@ -135,6 +135,12 @@ typedef struct {
     int wtype;
 } Weights;
 
+/* A group's scales or offsets ([TILE] fp32) as PANELS vectors. */
+static inline __attribute__((always_inline)) void load_panels(const float *src, v16 v[PANELS]) {
+#pragma GCC unroll 4
+    for (int p = 0; p < PANELS; p++) v[p] = v_load(src + p * 16);
+}
+
 /* One k-row of TILE quantized weights to fp32: fma((float)q, scale, offset), which equals
  * GGUF's (q * scale) + offset because the product is exact (see the layouts above); one
  * instruction instead of two on the path a one-row step is bound by. The vector forms (AVX2:
@@ -210,23 +216,11 @@ static inline __attribute__((always_inline)) void bf16_panels(const uint16_t *sr
 }
 #endif
 
-/* A group's scales or offsets ([TILE] fp32) as PANELS vectors. */
-static inline __attribute__((always_inline)) void load_panels(const float *src, v16 v[PANELS]) {
-#pragma GCC unroll 4
-    for (int p = 0; p < PANELS; p++) v[p] = v_load(src + p * 16);
-}
-
-static inline __attribute__((always_inline)) void quantized_row(int wtype, const void *q, const float *sk,
-                                                                const float *ok, v16 w[PANELS]) {
-    v16 scale[PANELS], offset[PANELS];
+static inline void unpack_row(int wtype, const void *q, const float *sk, const float *ok, float *row) {
+    v16 scale[PANELS], offset[PANELS], w[PANELS];
     load_panels(sk, scale);
     load_panels(ok, offset);
     quantized_panels(wtype, q, scale, offset, w);
-}
-
-static inline void unpack_row(int wtype, const void *q, const float *sk, const float *ok, float *row) {
-    v16 w[PANELS];
-    quantized_row(wtype, q, sk, ok, w);
 #pragma GCC unroll 4
     for (int p = 0; p < PANELS; p++) v_store(row + p * 16, w[p]);
 }
@@ -244,6 +238,17 @@ static inline void unpack_row(int wtype, const void *q, const float *sk, const f
         const int8_t *b = (const int8_t *)q;
         for (int j = 0; j < TILE; j++) row[j] = fmaf((float)b[j], sk[j], ok[j]);
     }
+}
+
+/* The panels' form of unpack_row(), for the few-rows path's group loop. */
+static inline void quantized_panels(int wtype, const void *q, const v16 *scale, const v16 *offset, v16 w[PANELS]) {
+    float sk[TILE], ok[TILE], row[TILE];
+    for (int p = 0; p < PANELS; p++) {
+        v_store(sk + p * 16, scale[p]);
+        v_store(ok + p * 16, offset[p]);
+    }
+    unpack_row(wtype, q, sk, ok, row);
+    for (int p = 0; p < PANELS; p++) w[p] = v_load(row + p * 16);
 }
 #endif
 
@@ -345,7 +350,8 @@ static inline __attribute__((always_inline)) void group_scales(const int wtype, 
     *offsets = ok;
 }
 
-/* Weights k of a tile as fp32 in registers: the very values tile_weights() writes to its buffer. */
+/* Row k of a plain (fp32 or bf16) tile as fp32 in registers: the very values tile_weights() writes
+ * to its buffer. Quantized tiles are read a group at a time (few_rows_tiles). */
 static inline __attribute__((always_inline)) void k_row(const int wtype, const TileStart *s, int64_t k,
                                                         v16 w[PANELS]) {
     if (wtype == F32) {
@@ -354,26 +360,11 @@ static inline __attribute__((always_inline)) void k_row(const int wtype, const T
         return;
     }
 #if defined(EXPLICIT_UNPACK)
-    if (wtype == BF16) {
-        bf16_panels((const uint16_t *)s->values + k * TILE, w);
-    } else {
-        float sk[TILE], ok[TILE];
-        const float *scales, *offsets;
-        group_scales(wtype, s, k / group_of(wtype), sk, ok, &scales, &offsets);
-        quantized_row(wtype, (const uint8_t *)s->values + k * row_bytes_of(wtype), scales, offsets, w);
-    }
+    bf16_panels((const uint16_t *)s->values + k * TILE, w);
 #else
     float row[TILE];
-    if (wtype == BF16) {
-        for (int j = 0; j < TILE; j++) row[j] = bf16_to_f32(((const uint16_t *)s->values)[k * TILE + j]);
-    } else {
-        float sk[TILE], ok[TILE];
-        const float *scales, *offsets;
-        group_scales(wtype, s, k / group_of(wtype), sk, ok, &scales, &offsets);
-        unpack_row(wtype, (const uint8_t *)s->values + k * row_bytes_of(wtype), scales, offsets, row);
-    }
-#pragma GCC unroll 4
-    for (int p = 0; p < PANELS; p++) w[p] = v_load(row + p * 16);
+    for (int j = 0; j < TILE; j++) row[j] = bf16_to_f32(((const uint16_t *)s->values)[k * TILE + j]);
+    load_panels(row, w);
 #endif
 }
 
@@ -451,7 +442,6 @@ static inline __attribute__((always_inline)) void few_rows_tiles(const int rows,
         for (int j = 0; j < g; j++)
 #pragma GCC unroll 8
             for (int p = 0; p < PANELS; p++) acc[r][j][p] = v_zero();
-#if defined(EXPLICIT_UNPACK)
     if (wtype >= INT4) {
         /* A group's scales and offsets stay in registers for its rows of k. */
         const int64_t row_bytes = row_bytes_of(wtype), group = group_of(wtype);
@@ -485,12 +475,7 @@ static inline __attribute__((always_inline)) void few_rows_tiles(const int rows,
             }
         }
     } else
-#endif
     for (int64_t k = 0; k < K; k++) {
-        if (wtype >= INT4 && k % 8 == 0) {
-#pragma GCC unroll 8
-            for (int j = 0; j < g; j++) prefetch_ahead(wtype, &start[j], k, K);
-        }
         vb xr[SMALL_ROWS];
 #pragma GCC unroll 8
         for (int r = 0; r < rows; r++) xr[r] = v_broadcast(x[(int64_t)r * K + k]);
