@@ -28,7 +28,7 @@ from benchmarks.engine import BLOCK
 from benchmarks.served import LOADGEN, PLAN
 from common.model_source import resolve_model, tokenizer_source
 from router.config import CPU_PREFILL_BUDGET
-from router.scheduler import DECODE_BLOCK_RUN, blocks_to_take
+from router.planner import DECODE_BLOCK_RUN, blocks_to_take
 from router.tokenization import Tokenizer
 from shard.config import parse_config
 from shard.engine import Engine, NewRequest

@@ -141,6 +141,11 @@ ENVIRONMENT_ONLY: tuple[tuple[str, str], ...] = (
 )
 
 
+def default_of(env_name: str, service: str) -> Any:
+    """The default of the ``service``'s setting whose first environment name is ``env_name``."""
+    return next(s.default for s in settings_of(service) if s.env[0] == env_name)
+
+
 def settings_of(service: str) -> Iterable[Setting]:
     return (s for s in SETTINGS if service in s.services)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 2.0
 #: How often a lost shard is probed while it restarts.
 RETRY_INTERVAL_S = 0.2
+#: How often the scheduler looks at its queue while the shards are being restored.
+QUEUE_CHECK_INTERVAL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -71,3 +74,12 @@ class ShardLink:
             except grpc.aio.AioRpcError as exc:
                 log.debug("shards not back yet: %s", exc.code().name)
             await asyncio.sleep(RETRY_INTERVAL_S)
+
+    async def restore_watching(self, check_queue: Callable[[], None]) -> pb.WarmupResponse:
+        """``restore``, calling ``check_queue`` every QUEUE_CHECK_INTERVAL_S meanwhile (the
+        scheduler ends the requests that waited longer than the recovery timeout)."""
+        restore = asyncio.create_task(self.restore())
+        while not restore.done():
+            check_queue()
+            await asyncio.wait([restore], timeout=QUEUE_CHECK_INTERVAL_S)
+        return restore.result()

@@ -142,7 +142,7 @@ class ReplicaSet:
     def place(self, request: Request, chain: list[int] | None = None) -> Replica:
         candidates = [r for r in self.replicas if r.available] or self.replicas
         if self.max_per_replica is not None and len(self.replicas) > 1:  # one: the router's own limit
-            candidates = [r for r in candidates if r.scheduler.in_flight < self.max_per_replica]
+            candidates = [r for r in candidates if r.scheduler.open_requests < self.max_per_replica]
             if not candidates:
                 raise Overloaded(f"every replica holds {self.max_per_replica} requests; retry later")
         if len(candidates) == 1:

@@ -80,7 +80,7 @@ async def test_an_arrival_joins_the_step_after_the_one_computing(tokenizer, tmp_
 async def settled(harness) -> None:
     """Waits for the loop to go idle after the last event (it then clears the shard's batch)."""
     for _ in range(200):
-        if harness.scheduler._in_flight is None and not harness.engine.store.sequences:
+        if harness.scheduler.steps.sent is None and not harness.engine.store.sequences:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the shard still holds sequences")

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from router.errors import ShardsUnavailable
+from router.planner import DECODE_BLOCK_RUN
 from router.request import Phase
-from router.scheduler import DECODE_BLOCK_RUN
 from tests.router.harness import expected_tokens, fake_router
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]

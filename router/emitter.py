@@ -1,0 +1,45 @@
+"""From a sampled token to the event its caller receives: text, token details, finish and usage."""
+
+from __future__ import annotations
+
+from router.request import Request, StreamEvent, TokenInfo
+from router.shard_client import ShardGeneration
+from router.tokenization import Tokenizer
+
+
+class Emitter:
+    def __init__(self, tokenizer: Tokenizer, max_total_tokens: int):
+        self.tokenizer = tokenizer
+        self.max_total_tokens = max_total_tokens
+
+    def event(self, r: Request, g: ShardGeneration) -> tuple[StreamEvent, str | None]:
+        """The event for ``r``'s newest token ``g`` (already appended to ``r.generated``) and, when
+        it is the last, why the request finished (the stream's reason: "stop", "length",
+        "stop_sequence"; a tool-call answer's event says "tool_calls")."""
+        text = r.stream.push(g.token_id)
+        token = self._token_info(r, g)
+        finish = r.stream.finish
+        if finish is None and r.length >= self.max_total_tokens:
+            finish = "length"
+        if finish is None:
+            return StreamEvent(text, (token,)), None
+        return self._final_event(r, text, token, finish), finish
+
+    def _final_event(self, r: Request, text: str, token: TokenInfo, finish: str) -> StreamEvent:
+        counts = (len(r.prompt_ids), len(r.generated))
+        made = r.stream.tool_calls()
+        if made is not None:
+            after, calls = made
+            return StreamEvent(
+                text + after, (token,), "tool_calls", *counts, tool_calls=tuple(calls), cached_tokens=r.cached_tokens
+            )
+        text += r.stream.unreleased()  # a call cut short (max_tokens): what there is goes out as text
+        return StreamEvent(text, (token,), finish, *counts, cached_tokens=r.cached_tokens)
+
+    def _token_info(self, r: Request, g: ShardGeneration) -> TokenInfo:
+        special = self.tokenizer.is_special(g.token_id)
+        if not r.want_logprobs:
+            return TokenInfo(g.token_id, g.logprob, special)
+        text = self.tokenizer.token_text
+        top = tuple((t, lp, text(t)) for t, lp in g.top)
+        return TokenInfo(g.token_id, g.logprob, special, text(g.token_id), top)
