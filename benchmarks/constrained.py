@@ -14,10 +14,10 @@ import torch
 from benchmarks.engine import BLOCK, _engine, _prompt
 from common.model_source import resolve_model
 from router.grammar import json_schema_grammar
-from shard.engine import Engine, NewRequest
-from shard.grammar import GrammarCompiler
-from shard.model_loader import choose_dtype
-from shard.sampling import SamplingParams
+from shard.loading.model_loader import choose_dtype
+from shard.numerics.sampling import SamplingParams
+from shard.runtime.engine import Engine, NewRequest
+from shard.runtime.grammar import GrammarCompiler
 
 SCHEMA = {
     "type": "object",

@@ -26,9 +26,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from common.model_source import ModelSource, resolve_model
-from shard.engine import Engine, NewRequest
-from shard.model_loader import choose_dtype, load_model
-from shard.sampling import SamplingParams
+from shard.loading.model_loader import choose_dtype, load_model
+from shard.numerics.sampling import SamplingParams
+from shard.runtime.engine import Engine, NewRequest
 
 BLOCK = 16
 
@@ -118,7 +118,7 @@ _ROUNDS = """
 import json, statistics, sys, torch
 from benchmarks.engine import _engine, engine_decode_rate, engine_prefill_rate
 from common.model_source import resolve_model
-from shard.model_loader import choose_dtype
+from shard.loading.model_loader import choose_dtype
 rounds, streams, prompt_len, new_tokens = (int(a) for a in sys.argv[1:5])
 dtype = choose_dtype(None, torch.device("cpu"))
 engine = _engine(resolve_model(None), dtype, (streams + 1) * (prompt_len + new_tokens + 16) + 1024)

@@ -31,9 +31,9 @@ from router.config import CPU_PREFILL_BUDGET
 from router.planner import DECODE_BLOCK_RUN, blocks_to_take
 from router.tokenization import Tokenizer
 from shard.config import parse_config
-from shard.engine import Engine, NewRequest
-from shard.model_loader import choose_dtype, load_model
-from shard.sampling import SamplingParams
+from shard.loading.model_loader import choose_dtype, load_model
+from shard.numerics.sampling import SamplingParams
+from shard.runtime.engine import Engine, NewRequest
 
 #: The router's default prompt tokens per step on CPU (MAX_BATCH_PREFILL_TOKENS).
 PREFILL_BUDGET = CPU_PREFILL_BUDGET

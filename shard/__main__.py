@@ -18,11 +18,11 @@ from common.model_source import ModelNotFound, ModelSource, resolve_model
 from common.settings import process_env
 from common.tracing import setup_tracing
 from shard.config import ShardConfig, parse_config
-from shard.engine import Engine
-from shard.grammar import GrammarCompiler
-from shard.model_loader import choose_dtype
-from shard.prepared_model import load_prepared_model
-from shard.server import ShardServicer, create_server
+from shard.loading.model_loader import choose_dtype
+from shard.loading.prepared_model import load_prepared_model
+from shard.runtime.engine import Engine
+from shard.runtime.grammar import GrammarCompiler
+from shard.runtime.server import ShardServicer, create_server
 
 log = logging.getLogger("shard")
 

@@ -39,7 +39,7 @@ class ShardConfig:
     kv_prefault: bool = True
     #: Seconds of warmup spent mapping the cache's lowest blocks before the shard reports ready.
     kv_prefault_ready_s: float = 10.0
-    #: Save the prepared model under SWITCHYARD_CACHE and map it on later starts (shard.prepared_model).
+    #: Save the prepared model under SWITCHYARD_CACHE and map it on later starts (shard.loading.prepared_model).
     prepared_cache: bool = True
     otlp_endpoint: str | None = None
     otlp_service_name: str = "switchyard-shard"

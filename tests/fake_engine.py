@@ -1,4 +1,4 @@
-"""A model-free stand-in for ``shard.engine.Engine`` that checks what the router tells it.
+"""A model-free stand-in for ``shard.runtime.engine.Engine`` that checks what the router tells it.
 
 It keeps, per KV slot, which (position, token) was written there, and before
 every step verifies that the context a request claims to have cached
@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from shard.batch_state import BatchStore, Sequence
-from shard.engine import Generation, NewRequest, StepResult
-from shard.errors import CapacityError, InvalidRequest
+from shard.runtime.batch_state import BatchStore, Sequence
+from shard.runtime.engine import Generation, NewRequest, StepResult
+from shard.runtime.errors import CapacityError, InvalidRequest
 
 #: Tokens the fake emits: plain word pieces of SmolLM2's vocabulary, never special tokens.
 FIRST_TOKEN, TOKEN_RANGE = 1000, 5000

@@ -23,7 +23,7 @@ from router.shard_client import ShardClient
 from router.tokenization import Tokenizer
 from router.validation import Validator
 from shard.config import ShardConfig
-from shard.server import ShardServicer, create_server
+from shard.runtime.server import ShardServicer, create_server
 from tests.fake_engine import FakeEngine, next_token
 
 

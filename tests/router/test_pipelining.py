@@ -19,9 +19,9 @@ from protos import router_pb2 as rpb
 from protos import shard_pb2 as pb
 from router.request import Phase, Request, StreamEvent
 from shard.config import ShardConfig
-from shard.errors import CapacityError, InvalidRequest
-from shard.server import ShardServicer
-from shard.step_order import StepOrder
+from shard.runtime.errors import CapacityError, InvalidRequest
+from shard.runtime.server import ShardServicer
+from shard.runtime.step_order import StepOrder
 from tests.fake_engine import FakeEngine
 from tests.router.harness import expected_tokens, fake_router
 

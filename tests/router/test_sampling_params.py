@@ -9,8 +9,8 @@ import pytest
 from common import sampling_params
 from common.sampling_params import SamplingParams
 from protos import shard_pb2 as pb
-from shard.errors import InvalidRequest
-from shard.server import request_from_pb
+from shard.runtime.errors import InvalidRequest
+from shard.runtime.server import request_from_pb
 
 
 def test_the_dataclass_and_the_message_have_the_same_fields():

@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from common.model_source import ModelSource
-from shard.engine import Engine, NewRequest
-from shard.model_loader import load_model
-from shard.sampling import SamplingParams
+from shard.loading.model_loader import load_model
+from shard.numerics.sampling import SamplingParams
+from shard.runtime.engine import Engine, NewRequest
 
 
 @dataclass

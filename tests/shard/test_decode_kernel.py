@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shard.attention import gathered_sdpa
-from shard.attention.cpu_paged import backend
-from shard.attention.step import SequenceSpan, build_step
-from shard.kv_cache import KVLayout, PagedKVCache
+from shard.numerics.attention import gathered_sdpa
+from shard.numerics.attention.cpu_paged import backend
+from shard.numerics.attention.step import SequenceSpan, build_step
+from shard.runtime.kv_cache import KVLayout, PagedKVCache
 
 BLOCK = 16
 CASES = [

@@ -1,4 +1,4 @@
-"""Llama-family decoder layers in the fused form (shard.decoder_layers): same computation, fewer calls."""
+"""Llama-family decoder layers in the fused form (shard.numerics.decoder_layers): same computation, fewer calls."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from shard.decoder_layers import FastDecoderLayer, layer_ops, make_decoder_layers_fast
+from shard.numerics.decoder_layers import FastDecoderLayer, layer_ops, make_decoder_layers_fast
 from tests.models import TINY_CONFIGS
 
 DTYPES = [torch.float32, torch.bfloat16]

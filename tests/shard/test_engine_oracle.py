@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from common.model_source import resolve_model
-from shard.invariant_linear import InvariantLinear, TiledEmbedding
-from shard.sampling import SamplingParams
+from shard.numerics.invariant_linear import InvariantLinear, TiledEmbedding
+from shard.numerics.sampling import SamplingParams
 from tests.models import SMOLLM, smollm_tokenizer
 from tests.shard.engine_driver import Driver, Tracked, make_engine, reference
 

@@ -1,4 +1,4 @@
-"""GGUF blocks stored as they are (shard.gguf_blocks, shard.gguf_storage): every type's values are
+"""GGUF blocks stored as they are (shard.loading.gguf_blocks, shard.loading.gguf_storage): every type's values are
 the ``gguf`` package's reference de-quantization to the bit, at every step size on the kernel."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from common.model_source import resolve_model
-from shard.gguf_blocks import SUPPORTED, UnsupportedType, check_supported, decode
-from shard.invariant_linear import InvariantLinear, TiledEmbedding, linear_kernel
+from shard.loading.gguf_blocks import SUPPORTED, UnsupportedType, check_supported, decode
+from shard.numerics.invariant_linear import InvariantLinear, TiledEmbedding, linear_kernel
 from tests.gguf_models import MIXED_TYPES, _tensor, build_tiny_gguf
 from tests.shard.linear_steps import alone_and_in_step
 
@@ -100,7 +100,7 @@ def test_other_types_are_refused_by_name(qtype):
 
 
 def test_a_file_of_an_unsupported_type_stops_the_start_naming_it(tmp_path):
-    from shard.model_loader import load_model
+    from shard.loading.model_loader import load_model
 
     path = build_tiny_gguf(tmp_path, {"blk.0.attn_output": T.IQ4_NL, "blk.1.ffn_up": T.Q4_K})
     with pytest.raises(SystemExit, match=re.escape("blk.0.attn_output.weight is IQ4_NL")):
@@ -110,7 +110,7 @@ def test_a_file_of_an_unsupported_type_stops_the_start_naming_it(tmp_path):
 def test_the_token_table_stays_in_its_blocks_and_gives_the_loaded_rows(tiny_model_dir):
     """The GGUF file's Q8_0 token table is kept as its blocks (TiledEmbedding): a lookup gives the
     rows of the de-quantized table transformers loads, bit for bit, in float32 and in bf16."""
-    from shard.model_loader import load_model
+    from shard.loading.model_loader import load_model
 
     source = resolve_model(str(tiny_model_dir("gguf")))
     ids = torch.tensor([[0, 5, 49151], [17, 17, 3000]])
@@ -125,7 +125,7 @@ def test_the_token_table_stays_in_its_blocks_and_gives_the_loaded_rows(tiny_mode
 def test_a_tied_token_table_is_the_heads_tiles(tmp_path):
     """With no ``output`` tensor the head is the token table: one set of tiles serves both, and a
     lookup still gives the loaded table's rows; ids outside the vocabulary are an IndexError."""
-    from shard.model_loader import load_model
+    from shard.loading.model_loader import load_model
 
     path = build_tiny_gguf(tmp_path, {**MIXED_TYPES, "token_embd": T.Q4_K}, tied=True)
     source = resolve_model(str(path))

@@ -8,8 +8,8 @@ import jsonschema
 
 from common.model_source import resolve_model
 from router.grammar import json_schema_grammar
-from shard.grammar import GrammarCompiler
-from shard.sampling import SamplingParams
+from shard.numerics.sampling import SamplingParams
+from shard.runtime.grammar import GrammarCompiler
 from tests.models import smollm_tokenizer
 from tests.shard.engine_driver import Driver, Tracked, make_engine
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from shard.invariant_linear import InvariantLinear, linear_kernel, make_linears_invariant
+from shard.numerics.invariant_linear import InvariantLinear, linear_kernel, make_linears_invariant
 
 
 def _layer(

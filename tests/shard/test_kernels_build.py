@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from shard.kernels import HERE, _build, _compiler
+from shard.numerics.kernels import HERE, _build, _compiler
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in HERE.glob("*.c")))

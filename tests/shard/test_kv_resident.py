@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from common.model_source import resolve_model
-from shard.engine import Engine
-from shard.kv_cache import PAGE, KVLayout, PagedKVCache, page_span
-from shard.model_loader import load_model
+from shard.loading.model_loader import load_model
+from shard.runtime.engine import Engine
+from shard.runtime.kv_cache import PAGE, KVLayout, PagedKVCache, page_span
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="MADV_POPULATE_WRITE is Linux's")
 

@@ -20,8 +20,8 @@ from protos import shard_pb2 as pb
 from protos import shard_pb2_grpc as pb_grpc
 from shard import __main__ as shard_main
 from shard.config import parse_config
-from shard.engine import Engine
-from shard.sampling import SamplingParams
+from shard.numerics.sampling import SamplingParams
+from shard.runtime.engine import Engine
 
 
 def test_the_model_loads_and_steps_on_one_thread(tiny_model_dir, tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""The one-call decoder layer and layer stack (shard.native_layer): the very bits of the Python path.
+"""The one-call decoder layer and layer stack (shard.numerics.native_layer): the very bits of the Python path.
 
 A schedule with prefill steps, mixed steps (decode tokens and a prompt chunk in one forward:
 two attention groups, queries in packed order) and decode steps runs three times on the same
@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from common.model_source import resolve_model
-from shard import model_forward, native_layer
-from shard.decoder_layers import FastDecoderLayer
-from shard.sampling import SamplingParams
+from shard.numerics import model_forward, native_layer
+from shard.numerics.decoder_layers import FastDecoderLayer
+from shard.numerics.sampling import SamplingParams
 from tests.shard.engine_driver import Driver, Tracked, make_engine
 
 PARAMS = SamplingParams(temperature=0.0, top_n_tokens=3)
@@ -75,7 +75,7 @@ def test_one_call_layer_is_the_python_path_bit_for_bit(case, tiny_model_dir):
 
 @pytest.mark.parametrize("case", ["llama-bfloat16-int4", "qwen2-float32-none", "mistral-bfloat16-none"])
 def test_the_direct_model_forward_is_transformers_forward_bit_for_bit(case, tiny_model_dir):
-    """shard.model_forward against transformers' model forward, on the same engine and schedule."""
+    """shard.numerics.model_forward against transformers' model forward, on the same engine and schedule."""
     kind, dtype_name, quantize = case.split("-")
     engine = make_engine(resolve_model(str(tiny_model_dir(kind))), dtype=getattr(torch, dtype_name), quantize=quantize)
     direct = ours = _schedule(engine)

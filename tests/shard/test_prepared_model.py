@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from common.model_source import resolve_model
-from shard import prepared_model
-from shard.engine import Engine
-from shard.kv_cache import KVLayout, PagedKVCache
-from shard.prepared_model import cache_key, load_prepared_model
-from shard.sampling import SamplingParams
+from shard.loading import prepared_model
+from shard.loading.prepared_model import cache_key, load_prepared_model
+from shard.numerics.sampling import SamplingParams
+from shard.runtime.engine import Engine
+from shard.runtime.kv_cache import KVLayout, PagedKVCache
 from tests.shard.engine_driver import Driver, Tracked
 
 CPU = torch.device("cpu")
@@ -39,7 +39,7 @@ def test_a_restart_maps_the_same_model(tiny_model_dir, cache_folder, caplog):
     source = resolve_model(str(tiny_model_dir("qwen2")))
     fresh = load_prepared_model(source, torch.float32, CPU, 1, "none", use_cache=True)
     assert len(list(cache_folder.glob("*.pt"))) == 1
-    with caplog.at_level("INFO", logger="shard.prepared_model"):
+    with caplog.at_level("INFO", logger="shard.loading.prepared_model"):
         mapped = load_prepared_model(source, torch.float32, CPU, 1, "none", use_cache=True)
     assert "mapped from" in caplog.text
     fresh_state, mapped_state = dict(fresh.named_buffers()), dict(mapped.named_buffers())

@@ -1,4 +1,4 @@
-"""Quantized weight storage (shard.quantization) on the step-invariant kernel."""
+"""Quantized weight storage (shard.numerics.quantization) on the step-invariant kernel."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from shard.decoder_layers import FastDecoderLayer
-from shard.invariant_linear import InvariantLinear, linear_kernel, make_linears_invariant
-from shard.quantization import GROUP, exact_grid, plan_storage, quantize_int4, quantize_int8
+from shard.numerics.decoder_layers import FastDecoderLayer
+from shard.numerics.invariant_linear import InvariantLinear, linear_kernel, make_linears_invariant
+from shard.numerics.quantization import GROUP, exact_grid, plan_storage, quantize_int4, quantize_int8
 from tests.models import SMOLLM
 from tests.shard.linear_steps import alone_and_in_step
 
@@ -124,17 +124,17 @@ def test_auto_stores_only_layers_on_a_grid():
 def test_smollm2_q4_1_is_stored_on_its_own_4bit_values():
     """The default model's GGUF is Q4_1 with a Q8_0 head: every decoder linear is on a grid and is
     stored as 4-bit values, the head as 8-bit ones; outputs stay within 2% of the bf16 layers."""
-    from shard.model_loader import load_model
+    from shard.loading.model_loader import load_model
 
     model = load_model(SMOLLM, torch.bfloat16, torch.device("cpu"), quantize="auto")
     storage = [m.storage for m in model.modules() if isinstance(m, InvariantLinear)]
     head = model.get_output_embeddings()
     assert isinstance(head, InvariantLinear) and head.storage == "int8"
-    # Its fused gate/up product feeds silu(gate) * up in one C call (shard.decoder_layers).
+    # Its fused gate/up product feeds silu(gate) * up in one C call (shard.numerics.decoder_layers).
     fast = [m for m in model.modules() if isinstance(m, FastDecoderLayer)]
     assert len(fast) == model.config.num_hidden_layers
     assert all(m.silu_width == model.config.intermediate_size for m in fast)
-    # Per layer: q/k/v fused, o, gate/up fused, down (shard.shared_input); and the head.
+    # Per layer: q/k/v fused, o, gate/up fused, down (shard.numerics.shared_input); and the head.
     assert storage.count("int4") == 4 * model.config.num_hidden_layers
     plain = load_model(SMOLLM, torch.bfloat16, torch.device("cpu"), quantize="none")
     x = torch.randn(3, plain.config.hidden_size).to(torch.bfloat16)
@@ -145,7 +145,7 @@ def test_smollm2_q4_1_is_stored_on_its_own_4bit_values():
 def test_smollm2_int4_in_float32_is_lossless():
     """QUANTIZE=int4 in float32 stores the Q4_1 layers and the Q8_0 head as their GGUF blocks:
     every layer's output is bit for bit the de-quantized float32 layer's (transformers' weights)."""
-    from shard.model_loader import load_model
+    from shard.loading.model_loader import load_model
 
     stored = load_model(SMOLLM, torch.float32, torch.device("cpu"), quantize="int4")
     plain = load_model(SMOLLM, torch.float32, torch.device("cpu"), quantize="none")

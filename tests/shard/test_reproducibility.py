@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.model_source import resolve_model
-from shard.engine import Engine, Generation, NewRequest
-from shard.sampling import SamplingParams
+from shard.numerics.sampling import SamplingParams
+from shard.runtime.engine import Engine, Generation, NewRequest
 from tests.shard.engine_driver import make_engine
 
 BATCH = 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from shard.sampling import SamplingParams, SequenceView, sample
+from shard.numerics.sampling import SamplingParams, SequenceView, sample
 
 VOCAB = 50
 
@@ -85,7 +85,7 @@ def test_seeded_sampling_is_reproducible_and_filters_work():
 def test_top_candidate_tiers_draw_what_a_full_sort_draws(monkeypatch):
     """Rows that filter draw among their most likely tokens (64, then 1024) without sorting the
     vocabulary; that must pick exactly the token the whole sorted vocabulary gives."""
-    import shard.sampling as sampling
+    import shard.numerics.sampling as sampling
 
     vocab, generator = 5000, torch.Generator().manual_seed(7)
     x = torch.randn(120, vocab, generator=generator) * torch.linspace(0.5, 6, 120)[:, None]
@@ -132,7 +132,7 @@ def _rows_for_argmax(width: int) -> torch.Tensor:
 
 
 def test_argmax_kernels_match_torch_max():
-    from shard.row_reductions import max_logsumexp, row_argmax
+    from shard.numerics.row_reductions import max_logsumexp, row_argmax
 
     for width in (1, 17, 49152 + 3):
         x = _rows_for_argmax(width) if width > 1 else torch.randn(4, 1)

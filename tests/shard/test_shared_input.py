@@ -1,4 +1,4 @@
-"""Projections of one input fused into one matmul (shard.shared_input) give the model's own outputs."""
+"""Projections of one input fused into one matmul (shard.numerics.shared_input) give the model's own outputs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from shard.shared_input import SharedInputSlice, fuse_shared_inputs
+from shard.numerics.shared_input import SharedInputSlice, fuse_shared_inputs
 from tests.models import TINY_CONFIGS
 
 

@@ -1,0 +1,1044 @@
+/*
+ * Linear layers whose results do not depend on the step: y = x W^T + b where every
+ * output element y[m, n] is one fused multiply-add chain over k = 0, 1, ..., K-1,
+ * started from 0 and rounded once at the end, whatever M is, whichever row of the
+ * step m is, and however many threads run. That is the invariant the shard's
+ * reproducibility rests on: a request's logits never depend on its batch companions
+ * or on how its prompt was chunked. Library GEMMs switch kernels and K-blocking with
+ * M (a one-row product is a GEMV with split accumulators, a 512-row one a blocked
+ * GEMM), so the same row comes out differently in a decode step and in a prefill.
+ *
+ * Why it is still fast: the work is split over tiles of output columns only (never
+ * over K); a tile's weights are unpacked once to fp32 in a per-thread buffer that
+ * stays in L1/L2, and MR rows at a time stream past it with MR x TILE accumulators in
+ * registers (the classic register-blocked microkernel). Rows and threads change the
+ * order in which elements are computed, never the order of the terms of one element.
+ *
+ * Layouts:
+ *   x      [M, K] row-major, fp32 or bf16 (converted to fp32 once per call)
+ *   packed [N / TILE rounded up][K][TILE] in the storage type, columns past N zero;
+ *          TILE is what linear_tile_columns() returns for this build. Storage types:
+ *          fp32, bf16, and the quantized ones, whose weight is (q * scale) + offset in
+ *          fp32 as GGUF's de-quantization computes it (so a Q4_1 or Q8_0 checkpoint's
+ *          weights come back bit for bit, and a float32 model stored this way is the
+ *          float32 model). Every scale has few enough significant bits that q * scale is
+ *          exact (shard/numerics/quantization.py guarantees it), so one fused multiply-add gives
+ *          the bits of GGUF's multiply-then-add. scale/offset [tiles][K / 32][TILE] fp32
+ *          (groups of 32 along K): INT4 q in 0..15, [tiles][K][TILE / 2] bytes, byte j
+ *          holding column j (low nibble) and column j + TILE / 2 (high nibble), so that
+ *          each half unpacks with contiguous vector loads and stores; INT8 q in
+ *          -128..127, [tiles][K][TILE] (INT8_G16: the same in groups of 16). The k-quants
+ *          K4, K5, K6 (GGUF's Q4_K, Q5_K, Q6_K as the file stores them): unsigned values of
+ *          4, 5 or 6 bits, each k-row the INT4 nibble plane then the bits past 4 of every
+ *          column (column c at bit h * c, little-endian), and instead of scales and offsets
+ *          one block of factors per tile (kquant_start) from which each group's scale and
+ *          offset are computed, exactly, as it is read. The weights are unpacked to fp32
+ *          before any product, so a quantized layer computes with the same values at every
+ *          step size (no kernel switch by size, as library int4 kernels need).
+ *   bias   [N] fp32 or NULL (added after the chain)
+ *   y      [M, N] row-major, fp32 or bf16 (round to nearest even)
+ *   residual [M, N] like y, or NULL: added to the rounded result and rounded again (store_rows)
+ *
+ * Built at run time by shard/numerics/kernels/__init__.py for the host (-march=native). The
+ * arithmetic is spelled with explicit FMA intrinsics (or fmaf), so no compiler flag
+ * can reassociate it, and built with -ffp-contract=off, so that a written a * b + c
+ * stays two roundings.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bf16.h"
+#include "simd16.h"
+
+/* TILE = 16 * PANELS columns per tile; MR rows per microkernel call. */
+#if defined(__AVX512F__)
+#define PANELS 2
+#define MR 12
+#elif defined(__AVX2__) && defined(__FMA__)
+#define PANELS 1
+#define MR 6
+#else
+#define PANELS 1
+#define MR 4
+#endif
+#define TILE (16 * PANELS)
+
+int linear_tile_columns(void) { return TILE; }
+
+/* c[r][0..TILE) = sum over k of x[r][k] * w[k][0..TILE), for rows r < ROWS; one FMA chain per element. */
+static inline __attribute__((always_inline)) void microkernel(const int rows, const float *x, int64_t K,
+                                                              const float *w, float *c) {
+    v16 acc[MR][PANELS];
+#pragma GCC unroll 16
+    for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+        for (int p = 0; p < PANELS; p++) acc[r][p] = v_zero();
+    for (int64_t k = 0; k < K; k++) {
+        v16 wk[PANELS];
+#pragma GCC unroll 4
+        for (int p = 0; p < PANELS; p++) wk[p] = v_load(w + k * TILE + p * 16);
+#pragma GCC unroll 16
+        for (int r = 0; r < rows; r++) {
+            const vb xr = v_broadcast(x[(int64_t)r * K + k]);
+#pragma GCC unroll 4
+            for (int p = 0; p < PANELS; p++) acc[r][p] = v_fma(xr, wk[p], acc[r][p]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+        for (int p = 0; p < PANELS; p++) v_store(c + r * TILE + p * 16, acc[r][p]);
+}
+
+/* One call per row count, each with its loops fully unrolled and its accumulators in registers. */
+#define ROWS_CASE(R) case R: microkernel(R, x, K, w, c); break;
+static void rows_tile(int rows, const float *x, int64_t K, const float *w, float *c) {
+    switch (rows) {
+        ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4)
+#if MR > 4
+        ROWS_CASE(5) ROWS_CASE(6)
+#endif
+#if MR > 6
+        ROWS_CASE(7) ROWS_CASE(8) ROWS_CASE(9) ROWS_CASE(10) ROWS_CASE(11) ROWS_CASE(12)
+#endif
+        default: break;
+    }
+}
+
+/* K4, K5, K6: GGUF's k-quants (Q4_K, Q5_K, Q6_K) as they are stored, see kquant_start(). */
+enum { F32 = 0, BF16 = 1, INT4 = 2, INT8 = 3, INT8_G16 = 4, K4 = 5, K5 = 6, K6 = 7 };
+#define GROUP 32
+#define SUPER 256 /* weights of a k-quant super-block: one pair of float16 factors */
+
+static inline __attribute__((always_inline)) int is_kquant(int wtype) { return wtype >= K4; }
+
+/* Weights per scale and offset: 32, or 16 (INT8_G16, K6: GGUF's Q6_K sub-blocks). */
+static inline __attribute__((always_inline)) int64_t group_of(int wtype) {
+    return wtype == INT8_G16 || wtype == K6 ? 16 : GROUP;
+}
+
+/* Bits of a k-quant value past its low nibble: 0, 1 (K5) or 2 (K6). */
+static inline __attribute__((always_inline)) int high_bits(int wtype) { return wtype == K5 ? 1 : wtype == K6 ? 2 : 0; }
+
+/* Bytes of one k-row of a tile's values: a nibble plane (4-bit types), then the high bits' plane. */
+static inline __attribute__((always_inline)) int64_t row_bytes_of(int wtype) {
+    if (wtype == INT4 || is_kquant(wtype)) return TILE / 2 + TILE * high_bits(wtype) / 8;
+    return TILE;
+}
+
+typedef struct {
+    const void *packed;
+    const float *scales, *offsets; /* INT4, INT8, INT8_G16; k-quants: scales is their factors' bytes */
+    int wtype;
+} Weights;
+
+/* A group's scales or offsets ([TILE] fp32) as PANELS vectors. */
+static inline __attribute__((always_inline)) void load_panels(const float *src, v16 v[PANELS]) {
+#pragma GCC unroll 4
+    for (int p = 0; p < PANELS; p++) v[p] = v_load(src + p * 16);
+}
+
+/* One k-row of TILE quantized weights to fp32: fma((float)q, scale, offset), which equals
+ * GGUF's (q * scale) + offset because the product is exact (see the layouts above); one
+ * instruction instead of two on the path a one-row step is bound by. The vector forms (AVX2:
+ * one panel of 16 columns; AVX-512: two) compute exactly the values of the portable loop. */
+#if (defined(__AVX512F__) && TILE == 32) || (defined(__AVX2__) && TILE == 16)
+#define EXPLICIT_UNPACK 1
+#if defined(__AVX512F__)
+static inline __attribute__((always_inline)) void quantized_panels(int wtype, const void *q, const v16 *scale,
+                                                                   const v16 *offset, v16 w[PANELS]) {
+    __m512i a, b; /* columns 0-15 and 16-31 */
+    if (wtype == INT4 || is_kquant(wtype)) { /* byte j: column j in the low nibble, column j + 16 in the high one */
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+        a = _mm512_and_si512(bytes, _mm512_set1_epi32(15));
+        b = _mm512_srli_epi32(bytes, 4);
+        const int h = high_bits(wtype);
+        if (h) { /* then h bits a column, column c of a panel at bit h * c of its 16h-bit word */
+            const uint8_t *plane = (const uint8_t *)q + TILE / 2;
+            uint32_t w0 = 0, w1 = 0;
+            memcpy(&w0, plane, (size_t)(2 * h));
+            memcpy(&w1, plane + 2 * h, (size_t)(2 * h));
+            const __m512i shifts = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                      _mm512_set1_epi32(h));
+            const __m512i mask = _mm512_set1_epi32((1 << h) - 1);
+            a = _mm512_or_si512(a, _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)w0), shifts), mask), 4));
+            b = _mm512_or_si512(b, _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)w1), shifts), mask), 4));
+        }
+    } else {
+        a = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q));
+        b = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)q + 16)));
+    }
+    w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), scale[0], offset[0]);
+    w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), scale[1], offset[1]);
+}
+
+static inline __attribute__((always_inline)) void bf16_panels(const uint16_t *src, v16 w[PANELS]) {
+    for (int p = 0; p < PANELS; p++) {
+        const __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + p * 16)));
+        w[p] = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
+    }
+}
+#else
+static inline __attribute__((always_inline)) void quantized_panels(int wtype, const void *q, const v16 *scale,
+                                                                   const v16 *offset, v16 w[PANELS]) {
+    __m256i lo, hi;
+    if (wtype == INT4 || is_kquant(wtype)) {
+        const __m128i bytes = _mm_loadl_epi64((const __m128i *)q), nibble = _mm_set1_epi8(15);
+        lo = _mm256_cvtepu8_epi32(_mm_and_si128(bytes, nibble));
+        hi = _mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
+        const int h = high_bits(wtype);
+        if (h) { /* then h bits a column, column c at bit h * c of one 16h-bit word */
+            uint32_t word = 0;
+            memcpy(&word, (const uint8_t *)q + TILE / 2, (size_t)(2 * h));
+            const __m256i all = _mm256_set1_epi32((int)word), mask = _mm256_set1_epi32((1 << h) - 1);
+            const __m256i steps = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(h));
+            const __m256i high_steps = _mm256_add_epi32(steps, _mm256_set1_epi32(8 * h));
+            lo = _mm256_or_si256(lo, _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(all, steps), mask), 4));
+            hi = _mm256_or_si256(hi, _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(all, high_steps), mask), 4));
+        }
+    } else {
+        lo = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q));
+        hi = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)q + 8)));
+    }
+    v16 r = { _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), scale[0].lo, offset[0].lo),
+              _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), scale[0].hi, offset[0].hi) };
+    w[0] = r;
+}
+
+static inline __attribute__((always_inline)) void bf16_panels(const uint16_t *src, v16 w[PANELS]) {
+    const __m256i lo = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)src));
+    const __m256i hi = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + 8)));
+    v16 r = { _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16)) };
+    w[0] = r;
+}
+#endif
+
+static inline void unpack_row(int wtype, const void *q, const float *sk, const float *ok, float *row) {
+    v16 scale[PANELS], offset[PANELS], w[PANELS];
+    load_panels(sk, scale);
+    load_panels(ok, offset);
+    quantized_panels(wtype, q, scale, offset, w);
+#pragma GCC unroll 4
+    for (int p = 0; p < PANELS; p++) v_store(row + p * 16, w[p]);
+}
+#else
+static inline void unpack_row(int wtype, const void *q, const float *sk, const float *ok, float *row) {
+    if (wtype == INT4 || is_kquant(wtype)) {
+        const uint8_t *b = (const uint8_t *)q, *plane = b + TILE / 2;
+        const int h = high_bits(wtype);
+        for (int j = 0; j < TILE; j++) {
+            int v = j < TILE / 2 ? b[j] & 15 : b[j - TILE / 2] >> 4;
+            if (h) v |= ((plane[j * h / 8] >> (j * h % 8)) & ((1 << h) - 1)) << 4;
+            row[j] = fmaf((float)v, sk[j], ok[j]);
+        }
+    } else {
+        const int8_t *b = (const int8_t *)q;
+        for (int j = 0; j < TILE; j++) row[j] = fmaf((float)b[j], sk[j], ok[j]);
+    }
+}
+
+/* The panels' form of unpack_row(), for the few-rows path's group loop. */
+static inline void quantized_panels(int wtype, const void *q, const v16 *scale, const v16 *offset, v16 w[PANELS]) {
+    float sk[TILE], ok[TILE], row[TILE];
+    for (int p = 0; p < PANELS; p++) {
+        v_store(sk + p * 16, scale[p]);
+        v_store(ok + p * 16, offset[p]);
+    }
+    unpack_row(wtype, q, sk, ok, row);
+    for (int p = 0; p < PANELS; p++) w[p] = v_load(row + p * 16);
+}
+#endif
+
+/* Where tile t's weights start: values (in the storage type) and, quantized, its groups' scales
+ * and offsets. */
+typedef struct {
+    const void *values;
+    const float *scales, *offsets; /* INT4, INT8, INT8_G16: [K / group][TILE] */
+    const uint16_t *d, *m;         /* k-quants: [K / SUPER][TILE] float16 factors of scale and offset */
+    const int8_t *sc, *mc;         /* k-quants: [K / group][TILE] multipliers of d and m */
+} TileStart;
+
+/*
+ * A k-quant tile's factors, in one block of bytes per tile: d and m, then sc and mc. Group g's
+ * scale is d[g / (SUPER / group)] * sc[g] and its offset m[...] * mc[g], both products exact
+ * in fp32 (an 11-bit float16 times an integer of at most 8 bits): GGUF's d * scale and
+ * dmin * min of Q4_K and Q5_K (mc = -min), and Q6_K's d * scale with the values' -32 in the
+ * offset (m = -32 d, mc = scale), so that every value is unsigned. 4.6 (Q4_K), 5.6 (Q5_K)
+ * and 7.1 (Q6_K) bits a weight against the file's 4.5, 5.5 and 6.56.
+ */
+static inline int64_t kquant_tile_bytes(int wtype, int64_t K) {
+    return (K / SUPER) * TILE * 2 * (int64_t)sizeof(uint16_t) + (K / group_of(wtype)) * TILE * 2;
+}
+
+static inline void kquant_start(const Weights *wt, int64_t t, int64_t K, TileStart *s) {
+    const int64_t supers = (K / SUPER) * TILE, groups = (K / group_of(wt->wtype)) * TILE;
+    const uint8_t *block = (const uint8_t *)wt->scales + t * kquant_tile_bytes(wt->wtype, K);
+    s->d = (const uint16_t *)block;
+    s->m = s->d + supers;
+    s->sc = (const int8_t *)(s->m + supers);
+    s->mc = s->sc + groups;
+}
+
+static inline TileStart tile_start(const Weights *wt, int64_t t, int64_t K) {
+    TileStart s = { NULL, NULL, NULL, NULL, NULL, NULL, NULL };
+    if (wt->wtype == F32) s.values = (const float *)wt->packed + t * K * TILE;
+    else if (wt->wtype == BF16) s.values = (const uint16_t *)wt->packed + t * K * TILE;
+    else {
+        s.values = (const uint8_t *)wt->packed + t * K * row_bytes_of(wt->wtype);
+        if (is_kquant(wt->wtype)) kquant_start(wt, t, K, &s);
+        else {
+            s.scales = wt->scales + t * (K / group_of(wt->wtype)) * TILE;
+            s.offsets = wt->offsets + t * (K / group_of(wt->wtype)) * TILE;
+        }
+    }
+    return s;
+}
+
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 31, mantissa = h & 1023;
+    float magnitude;
+    if (exponent == 0) magnitude = ldexpf((float)mantissa, -24); /* zero and subnormals: exact */
+    else if (exponent == 31) magnitude = mantissa ? NAN : INFINITY;
+    else magnitude = ldexpf((float)(mantissa | 1024), (int)exponent - 25);
+    uint32_t bits;
+    memcpy(&bits, &magnitude, sizeof bits);
+    bits |= sign;
+    memcpy(&magnitude, &bits, sizeof bits);
+    return magnitude;
+}
+
+/* Group gi of a quantized tile: its scales and offsets [TILE], stored or (k-quants) computed into
+ * sk and ok from the factors. */
+static inline __attribute__((always_inline)) void group_scales(const int wtype, const TileStart *s, int64_t gi,
+                                                               float *sk, float *ok, const float **scales,
+                                                               const float **offsets) {
+    if (!is_kquant(wtype)) {
+        *scales = s->scales + gi * TILE;
+        *offsets = s->offsets + gi * TILE;
+        return;
+    }
+    const uint16_t *d = s->d + (gi * group_of(wtype) / SUPER) * TILE, *m = s->m + (gi * group_of(wtype) / SUPER) * TILE;
+    const int8_t *sc = s->sc + gi * TILE, *mc = s->mc + gi * TILE;
+#if defined(__AVX512F__)
+    for (int p = 0; p < TILE; p += 16) {
+        const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + p)));
+        const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + p)));
+        const __m512 scv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(sc + p))));
+        const __m512 mcv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(mc + p))));
+        _mm512_storeu_ps(sk + p, _mm512_mul_ps(dv, scv));
+        _mm512_storeu_ps(ok + p, _mm512_mul_ps(mv, mcv));
+    }
+#elif defined(__AVX2__) && defined(__F16C__)
+    for (int p = 0; p < TILE; p += 8) {
+        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + p)));
+        const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + p)));
+        const __m256 scv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sc + p))));
+        const __m256 mcv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(mc + p))));
+        _mm256_storeu_ps(sk + p, _mm256_mul_ps(dv, scv));
+        _mm256_storeu_ps(ok + p, _mm256_mul_ps(mv, mcv));
+    }
+#else
+    for (int j = 0; j < TILE; j++) {
+        sk[j] = half_to_float(d[j]) * (float)sc[j];
+        ok[j] = half_to_float(m[j]) * (float)mc[j];
+    }
+#endif
+    *scales = sk;
+    *offsets = ok;
+}
+
+/* Row k of a plain (fp32 or bf16) tile as fp32 in registers: the very values tile_weights() writes
+ * to its buffer. Quantized tiles are read a group at a time (few_rows_tiles). */
+static inline __attribute__((always_inline)) void k_row(const int wtype, const TileStart *s, int64_t k,
+                                                        v16 w[PANELS]) {
+    if (wtype == F32) {
+#pragma GCC unroll 4
+        for (int p = 0; p < PANELS; p++) w[p] = v_load((const float *)s->values + k * TILE + p * 16);
+        return;
+    }
+#if defined(EXPLICIT_UNPACK)
+    bf16_panels((const uint16_t *)s->values + k * TILE, w);
+#else
+    float row[TILE];
+    for (int j = 0; j < TILE; j++) row[j] = bf16_to_f32(((const uint16_t *)s->values)[k * TILE + j]);
+    load_panels(row, w);
+#endif
+}
+
+static void unpack_quantized(const Weights *wt, int64_t t, int64_t K, float *buf) {
+    const TileStart s = tile_start(wt, t, K);
+    const int64_t row_bytes = row_bytes_of(wt->wtype), group = group_of(wt->wtype);
+    for (int64_t k0 = 0; k0 < K; k0 += group) {
+        float sk[TILE], ok[TILE];
+        const float *scales, *offsets;
+        group_scales(wt->wtype, &s, k0 / group, sk, ok, &scales, &offsets);
+        for (int64_t k = k0; k < k0 + group; k++)
+            unpack_row(wt->wtype, (const uint8_t *)s.values + k * row_bytes, scales, offsets, buf + k * TILE);
+    }
+}
+
+/* Tile t of the weights as fp32 [K][TILE]: in place for fp32, unpacked into buf otherwise. */
+static const float *tile_weights(const Weights *wt, int64_t t, int64_t K, float *buf) {
+    const int64_t n = K * TILE;
+    if (wt->wtype == F32) return (const float *)wt->packed + t * n;
+    if (wt->wtype == BF16) {
+        const uint16_t *src = (const uint16_t *)wt->packed + t * n;
+        for (int64_t i = 0; i < n; i++) buf[i] = bf16_to_f32(src[i]);
+    } else {
+        unpack_quantized(wt, t, K, buf);
+    }
+    return buf;
+}
+
+/* Quantized weights stream from memory in three arrays per tile (values, scales, offsets), too
+ * many concurrent streams for the hardware prefetcher when several tiles run at once: ask
+ * for the lines a few groups ahead (called every 8 rows of k: one 64-byte line of 4-bit values). */
+#define PREFETCH_ROWS 64
+static inline __attribute__((always_inline)) void prefetch_ahead(const int wtype, const TileStart *s, int64_t k,
+                                                                 int64_t K) {
+    const int64_t ahead = k + PREFETCH_ROWS;
+    if (ahead >= K) return;
+    const int64_t row_bytes = row_bytes_of(wtype);
+    const char *q = (const char *)s->values + ahead * row_bytes;
+    for (int64_t b = 0; b < 8 * row_bytes; b += 64) __builtin_prefetch(q + b);
+    const int64_t group = group_of(wtype);
+    if (ahead % group != 0) return;
+    if (is_kquant(wtype)) { /* a group's multipliers: TILE bytes each */
+        __builtin_prefetch(s->sc + (ahead / group) * TILE);
+        __builtin_prefetch(s->mc + (ahead / group) * TILE);
+        if (ahead % SUPER == 0) {
+            __builtin_prefetch(s->d + (ahead / SUPER) * TILE);
+            __builtin_prefetch(s->m + (ahead / SUPER) * TILE);
+        }
+    } else {
+        __builtin_prefetch(s->scales + (ahead / group) * TILE);
+        __builtin_prefetch(s->offsets + (ahead / group) * TILE);
+    }
+}
+
+/*
+ * Steps of a few rows (decode of a few sequences): no buffer. Each k-row of G tiles is
+ * unpacked in registers and used at once by every row, so the weights are read once from
+ * memory and nothing is written back; G tiles at a time give G x PANELS x rows independent
+ * FMA chains, enough to hide the FMA latency even for one row (one tile's two chains would
+ * leave the core waiting on them). Every element is still one chain over k = 0, 1, ..., K-1
+ * from 0 with the values tile_weights() gives, so the bits equal the buffered path's.
+ * c[(j * rows + r) * TILE ...]: row r of tile t0 + j.
+ */
+#define SMALL_ROWS 4
+static inline __attribute__((always_inline)) void few_rows_tiles(const int rows, const int g, const int wtype,
+                                                                 const Weights *wt, int64_t t0, const float *x,
+                                                                 int64_t K, float *c) {
+    v16 acc[SMALL_ROWS][8][PANELS];
+    TileStart start[8];
+#pragma GCC unroll 8
+    for (int j = 0; j < g; j++) start[j] = tile_start(wt, t0 + j, K);
+#pragma GCC unroll 8
+    for (int r = 0; r < rows; r++)
+#pragma GCC unroll 8
+        for (int j = 0; j < g; j++)
+#pragma GCC unroll 8
+            for (int p = 0; p < PANELS; p++) acc[r][j][p] = v_zero();
+    if (wtype >= INT4) {
+        /* A group's scales and offsets stay in registers for its rows of k. */
+        const int64_t row_bytes = row_bytes_of(wtype), group = group_of(wtype);
+        for (int64_t k0 = 0; k0 < K; k0 += group) {
+            v16 scale[8][PANELS], offset[8][PANELS];
+#pragma GCC unroll 8
+            for (int j = 0; j < g; j++) {
+                float sk[TILE], ok[TILE];
+                const float *scales, *offsets;
+                group_scales(wtype, &start[j], k0 / group, sk, ok, &scales, &offsets);
+                load_panels(scales, scale[j]);
+                load_panels(offsets, offset[j]);
+            }
+            for (int64_t k = k0; k < k0 + group; k++) {
+                if (k % 8 == 0) {
+#pragma GCC unroll 8
+                    for (int j = 0; j < g; j++) prefetch_ahead(wtype, &start[j], k, K);
+                }
+                vb xr[SMALL_ROWS];
+#pragma GCC unroll 8
+                for (int r = 0; r < rows; r++) xr[r] = v_broadcast(x[(int64_t)r * K + k]);
+#pragma GCC unroll 8
+                for (int j = 0; j < g; j++) {
+                    v16 w[PANELS];
+                    quantized_panels(wtype, (const uint8_t *)start[j].values + k * row_bytes, scale[j], offset[j], w);
+#pragma GCC unroll 8
+                    for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+                        for (int p = 0; p < PANELS; p++) acc[r][j][p] = v_fma(xr[r], w[p], acc[r][j][p]);
+                }
+            }
+        }
+    } else
+    for (int64_t k = 0; k < K; k++) {
+        vb xr[SMALL_ROWS];
+#pragma GCC unroll 8
+        for (int r = 0; r < rows; r++) xr[r] = v_broadcast(x[(int64_t)r * K + k]);
+#pragma GCC unroll 8
+        for (int j = 0; j < g; j++) {
+            v16 w[PANELS];
+            k_row(wtype, &start[j], k, w);
+#pragma GCC unroll 8
+            for (int r = 0; r < rows; r++)
+#pragma GCC unroll 8
+                for (int p = 0; p < PANELS; p++) acc[r][j][p] = v_fma(xr[r], w[p], acc[r][j][p]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < g; j++)
+#pragma GCC unroll 8
+        for (int r = 0; r < rows; r++)
+#pragma GCC unroll 8
+            for (int p = 0; p < PANELS; p++) v_store(c + (j * rows + r) * TILE + p * 16, acc[r][j][p]);
+}
+
+/* Tiles grouped per row count: 2 x PANELS chains for one row (of 2, 3, 4 and 8 tiles, 2 and 3
+ * were fastest on a 2-core AVX2 EPYC: 30 layers of SmolLM2 at one row, cold weights), fewer
+ * tiles as rows grow. */
+#define ONE_ROW_TILES 2
+static inline int tiles_per_group(int rows) { return rows == 1 ? ONE_ROW_TILES : rows == 2 ? 2 : 1; }
+
+#define FEW_CASE(R, G, T) case (R) * 64 + (G) * 8 + (T): few_rows_tiles(R, G, T, wt, t0, x, K, c); break;
+#define FEW_TYPES(R, G)                                                                                   \
+    FEW_CASE(R, G, F32) FEW_CASE(R, G, BF16) FEW_CASE(R, G, INT4) FEW_CASE(R, G, INT8) FEW_CASE(R, G, INT8_G16) \
+    FEW_CASE(R, G, K4) FEW_CASE(R, G, K5) FEW_CASE(R, G, K6)
+static void few_rows(int rows, int g, const Weights *wt, int64_t t0, const float *x, int64_t K, float *c) {
+    switch (rows * 64 + g * 8 + wt->wtype) {
+        FEW_TYPES(1, ONE_ROW_TILES) FEW_TYPES(1, 1) FEW_TYPES(2, 2) FEW_TYPES(2, 1) FEW_TYPES(3, 1) FEW_TYPES(4, 1)
+        default: break;
+    }
+}
+
+/* Where a call's results go: y [M, N] in ytype, plus bias [N] (fp32) and residual [M, N] (ytype)
+ * where given. */
+typedef struct {
+    void *y;
+    const float *bias;
+    const void *residual;
+    int ytype;
+    int64_t N;
+} Output;
+
+/* y = (c + bias) rounded to ytype, then residual + y rounded again: the very bits of adding the
+ * residual to the layer's output tensor afterwards (as x + layer(h) does), in one pass. */
+static void store_rows(const Output *o, int rows, const float *c, int64_t col0, int64_t cols, int64_t row0) {
+    const float *bias = o->bias;
+    for (int r = 0; r < rows; r++) {
+        const float *cr = c + r * TILE;
+        const int64_t at = (row0 + r) * o->N + col0;
+        if (o->ytype == F32) {
+            float *yr = (float *)o->y + at;
+            const float *res = o->residual ? (const float *)o->residual + at : NULL;
+            for (int64_t j = 0; j < cols; j++) {
+                const float v = bias ? cr[j] + bias[col0 + j] : cr[j];
+                yr[j] = res ? res[j] + v : v;
+            }
+        } else {
+            uint16_t *yr = (uint16_t *)o->y + at;
+            const uint16_t *res = o->residual ? (const uint16_t *)o->residual + at : NULL;
+#if defined(BF16X16)
+            for (int64_t j = 0; j < cols; j += 16) {
+                const __mmask16 m = cols - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (cols - j)) - 1);
+                __m512 v = _mm512_maskz_loadu_ps(m, cr + j);
+                if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + col0 + j));
+                __m512i bits = bf16_bits_x16(v);
+                if (res) {
+                    const __m512 y = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+                    bits = bf16_bits_x16(_mm512_add_ps(load_bf16x16(res + j, m), y));
+                }
+                store_bf16x16(yr + j, m, bits);
+            }
+            continue;
+#endif
+            for (int64_t j = 0; j < cols; j++) {
+                const uint16_t v = f32_to_bf16(bias ? cr[j] + bias[col0 + j] : cr[j]);
+                yr[j] = res ? f32_to_bf16(bf16_to_f32(res[j]) + bf16_to_f32(v)) : v;
+            }
+        }
+    }
+}
+
+/* x fp32 [M, K] for the microkernel: the input itself, or a converted copy in *owned. */
+static const float *rows_as_f32(const void *x, int xtype, int64_t M, int64_t K, float **owned) {
+    *owned = NULL;
+    if (xtype == F32) return (const float *)x;
+    float *f = malloc(sizeof(float) * M * K);
+    if (!f) return NULL;
+    const uint16_t *src = (const uint16_t *)x;
+    for (int64_t i = 0; i < M * K; i++) f[i] = bf16_to_f32(src[i]);
+    *owned = f;
+    return f;
+}
+
+/* Steps of more rows: each tile unpacked once into a per-thread buffer, MR rows at a time past it.
+ *
+ * Tiles are handed out guided (large contiguous runs first, single tiles at the end) rather than
+ * in two fixed halves: a thread preempted by the router or the facade, which share these cores,
+ * no longer holds up the other one at the end of the layer, and each thread still streams long
+ * contiguous runs of weights. Which thread computes a tile never changes its bits. Interleaved
+ * A/B, 2-core EPYC, against static halves: prefill of 214 tokens 0.97-0.98x the time, decode of
+ * 16 and 64 sequences the same alone and 0.93-0.95x with a 20% duty load on the cores. */
+static int buffered_tiles(const Weights *wt, const float *xf, const Output *o, int64_t M, int64_t K, int threads) {
+    const int64_t N = o->N;
+    const int64_t tiles = (N + TILE - 1) / TILE;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *buf = malloc(sizeof(float) * (K * TILE + MR * TILE));
+        if (!buf) failed = 1;
+        float *c = buf ? buf + K * TILE : NULL;
+#pragma omp for schedule(guided)
+        for (int64_t t = 0; t < tiles; t++) {
+            if (!buf) continue;
+            const float *w = tile_weights(wt, t, K, buf);
+            const int64_t col0 = t * TILE, cols = N - col0 < TILE ? N - col0 : TILE;
+            for (int64_t m = 0; m < M; m += MR) {
+                const int rows = (int)(M - m < MR ? M - m : MR);
+                rows_tile(rows, xf + m * K, K, w, c);
+                store_rows(o, rows, c, col0, cols, m);
+            }
+        }
+        free(buf);
+    }
+    return failed ? -2 : 0;
+}
+
+/*
+ * bf16 activations on CPUs with AVX512-BF16: the products by VDPBF16PS, which adds two exact
+ * bf16 products to each fp32 lane (in the order the CPU defines) per
+ * instruction: twice the multiply-adds of an fp32 FMA, and half the bytes in a tile buffer.
+ * The order is as fixed as the fp32 path's, the same at every step size, row and thread count:
+ *   bf16 weights: each element is one VDPBF16PS chain over the pairs (k, k + 1), k = 0, 2, ...,
+ *     K - 2, started from 0;
+ *   4-/8-bit weights: per group of 32 k, G = such a chain over its 16 pairs with the integer
+ *     q values (exact in bf16), then acc = fma(scale, G, acc) and acc = fma(offset, S, acc),
+ *     group after group from acc = 0, S the group's sum of x (fp32, k ascending): the sum of
+ *     x (q scale + offset) regrouped; the weights are still exactly GGUF's.
+ * Only for bf16 activations (exact in bf16: nothing is rounded on the way in) and even K; the
+ * packed layouts are the ones above, paired up as they are read.
+ */
+#if defined(__AVX512BF16__) && TILE == 32
+#define BF16_DOT 1
+
+static inline __attribute__((always_inline)) __m512 dot_pairs(__m512 acc, __m512i x, __m512i w) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
+}
+
+/* Word indices: pairs (row k, row k + 1) of one panel from two 32-column rows (bf16), or from the
+ * 32 words of two 16-byte rows (4-bit: word i of row k, word 16 + i of row k + 1). */
+static const uint16_t BF16_PANEL_PAIRS[2][32] = {
+    { 0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47 },
+    { 16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63 },
+};
+static const uint16_t BYTE_PAIRS[32] = { 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                         8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31 };
+/* bf16 bits of 0, 1, ..., 15: a 4-bit value to bf16 is one word permutation. */
+static const uint16_t NIBBLE_BF16[32] = { 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+                                          0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170 };
+
+/* Two int8 rows of 16 columns to (row k, row k + 1) bf16 pairs: ints of 8 bits are exact in
+ * fp32 and in its upper half. */
+static inline __attribute__((always_inline)) __m512i int8_pairs(const int8_t *even, const int8_t *odd) {
+    const __m512i a = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)even))));
+    const __m512i b = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)odd))));
+    return _mm512_or_si512(_mm512_srli_epi32(a, 16), _mm512_and_si512(b, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+/* Rows k and k + 1 (k even) of a tile as bf16 pairs, one vector per panel of 16 columns. */
+static inline __attribute__((always_inline)) void pair_rows(const int wtype, const TileStart *s, int64_t k,
+                                                            __m512i w[2]) {
+    if (wtype == BF16) {
+        const uint16_t *v = (const uint16_t *)s->values + k * TILE;
+        const __m512i a = _mm512_loadu_si512(v), b = _mm512_loadu_si512(v + TILE);
+        w[0] = _mm512_permutex2var_epi16(a, _mm512_loadu_si512(BF16_PANEL_PAIRS[0]), b);
+        w[1] = _mm512_permutex2var_epi16(a, _mm512_loadu_si512(BF16_PANEL_PAIRS[1]), b);
+    } else if (wtype == INT4) {
+        const __m256i bytes = _mm256_loadu_si256((const __m256i *)((const uint8_t *)s->values + k * (TILE / 2)));
+        const __m512i paired = _mm512_permutexvar_epi16(_mm512_loadu_si512(BYTE_PAIRS), _mm512_cvtepu8_epi16(bytes));
+        const __m512i table = _mm512_loadu_si512(NIBBLE_BF16);
+        w[0] = _mm512_permutexvar_epi16(_mm512_and_si512(paired, _mm512_set1_epi16(15)), table);
+        w[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(paired, 4), table);
+    } else {
+        const int8_t *v = (const int8_t *)s->values + k * TILE;
+        w[0] = int8_pairs(v, v + TILE);
+        w[1] = int8_pairs(v + 16, v + TILE + 16);
+    }
+}
+
+/* S: each row's sum over each group of 32 x (fp32, k ascending), [rows][K / GROUP].
+ * Sixteen groups at a time, one per lane: lane j adds the x of its group in k order, from 0, so
+ * every sum is the same chain of additions as one group alone (a group's sum in one lane would
+ * wait on each addition in turn; across groups they are independent). */
+static void group_sums(const uint16_t *x, int64_t rows, int64_t K, float *sums, int threads) {
+    const int64_t groups = K / GROUP;
+    /* Byte offsets of the 32-bit word holding x[k], x[k + 1] of groups g0 .. g0 + 15. */
+    const __m512i words = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                             _mm512_set1_epi32(GROUP * 2));
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows > 16)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * K;
+        int64_t g0 = 0;
+        for (; g0 + 16 <= groups; g0 += 16) {
+            __m512 s = _mm512_setzero_ps();
+            for (int k = 0; k < GROUP; k += 2) {
+                const __m512i pair = _mm512_i32gather_epi32(words, xr + g0 * GROUP + k, 1);
+                s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16)));
+                s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_and_si512(pair, high)));
+            }
+            _mm512_storeu_ps(sums + r * groups + g0, s);
+        }
+        for (; g0 < groups; g0++) {
+            float s = 0.f;
+            for (int k = 0; k < GROUP; k++) s += bf16_to_f32(xr[g0 * GROUP + k]);
+            sums[r * groups + g0] = s;
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) __m512i x_pair(const uint16_t *x, int64_t r, int64_t K, int64_t k) {
+    uint32_t pair;
+    memcpy(&pair, x + r * K + k, sizeof pair);
+    return _mm512_set1_epi32((int)pair);
+}
+
+/* acc = fma(scale, G, acc), then fma(offset, S, acc): the end of one group of a quantized layer. */
+static inline __attribute__((always_inline)) __m512 group_end(__m512 acc, __m512 g, const float *scale,
+                                                              const float *offset, float sum) {
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(scale), g, acc);
+    return _mm512_fmadd_ps(_mm512_loadu_ps(offset), _mm512_set1_ps(sum), acc);
+}
+
+/* few_rows_tiles() on bf16 pairs: the k-rows of G tiles paired in registers, no buffer. */
+static inline __attribute__((always_inline)) void few_rows_dot_tiles(const int rows, const int g, const int wtype,
+                                                                     const Weights *wt, int64_t t0, const uint16_t *x,
+                                                                     const float *sums, int64_t K, float *c) {
+    __m512 acc[SMALL_ROWS][8][2], part[SMALL_ROWS][8][2];
+    TileStart start[8];
+#pragma GCC unroll 8
+    for (int j = 0; j < g; j++) start[j] = tile_start(wt, t0 + j, K);
+#pragma GCC unroll 8
+    for (int r = 0; r < rows; r++)
+#pragma GCC unroll 8
+        for (int j = 0; j < g; j++) acc[r][j][0] = acc[r][j][1] = _mm512_setzero_ps();
+    const int64_t span = wtype == BF16 ? K : GROUP; /* k-rows per chain */
+    for (int64_t k0 = 0; k0 < K; k0 += span) {
+#pragma GCC unroll 8
+        for (int r = 0; r < rows; r++)
+#pragma GCC unroll 8
+            for (int j = 0; j < g; j++) part[r][j][0] = part[r][j][1] = _mm512_setzero_ps();
+        for (int64_t k = k0; k < k0 + span; k += 2) {
+            if (wtype != BF16 && k % 8 == 0) {
+#pragma GCC unroll 8
+                for (int j = 0; j < g; j++) prefetch_ahead(wtype, &start[j], k, K);
+            }
+            __m512i xr[SMALL_ROWS];
+#pragma GCC unroll 8
+            for (int r = 0; r < rows; r++) xr[r] = x_pair(x, r, K, k);
+#pragma GCC unroll 8
+            for (int j = 0; j < g; j++) {
+                __m512i w[2];
+                pair_rows(wtype, &start[j], k, w);
+#pragma GCC unroll 8
+                for (int r = 0; r < rows; r++) {
+                    part[r][j][0] = dot_pairs(part[r][j][0], xr[r], w[0]);
+                    part[r][j][1] = dot_pairs(part[r][j][1], xr[r], w[1]);
+                }
+            }
+        }
+        if (wtype == BF16) {
+#pragma GCC unroll 8
+            for (int r = 0; r < rows; r++)
+#pragma GCC unroll 8
+                for (int j = 0; j < g; j++) acc[r][j][0] = part[r][j][0], acc[r][j][1] = part[r][j][1];
+            break;
+        }
+#pragma GCC unroll 8
+        for (int j = 0; j < g; j++) {
+            const int64_t at = (k0 / GROUP) * TILE;
+#pragma GCC unroll 8
+            for (int r = 0; r < rows; r++)
+#pragma GCC unroll 2
+                for (int p = 0; p < 2; p++)
+                    acc[r][j][p] = group_end(acc[r][j][p], part[r][j][p], start[j].scales + at + p * 16,
+                                             start[j].offsets + at + p * 16, sums[r * (K / GROUP) + k0 / GROUP]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < g; j++)
+#pragma GCC unroll 8
+        for (int r = 0; r < rows; r++)
+#pragma GCC unroll 2
+            for (int p = 0; p < 2; p++) _mm512_storeu_ps(c + (j * rows + r) * TILE + p * 16, acc[r][j][p]);
+}
+
+#define FEW_DOT_CASE(R, G, T) case (R) * 64 + (G) * 8 + (T): few_rows_dot_tiles(R, G, T, wt, t0, x, sums, K, c); break;
+#define FEW_DOT_TYPES(R, G) FEW_DOT_CASE(R, G, BF16) FEW_DOT_CASE(R, G, INT4) FEW_DOT_CASE(R, G, INT8)
+static void few_rows_dot(int rows, int g, const Weights *wt, int64_t t0, const uint16_t *x, const float *sums,
+                         int64_t K, float *c) {
+    switch (rows * 64 + g * 8 + wt->wtype) {
+        FEW_DOT_TYPES(1, ONE_ROW_TILES) FEW_DOT_TYPES(1, 1) FEW_DOT_TYPES(2, 2) FEW_DOT_TYPES(2, 1)
+        FEW_DOT_TYPES(3, 1) FEW_DOT_TYPES(4, 1)
+        default: break;
+    }
+}
+
+/* Tile t as bf16 pairs [K / 2][TILE] (32-bit lanes, panel 0 then panel 1 of each pair of k-rows). */
+static void tile_pairs(const Weights *wt, int64_t t, int64_t K, __m512i *buf) {
+    const TileStart s = tile_start(wt, t, K);
+    for (int64_t k = 0; k < K; k += 2) pair_rows(wt->wtype, &s, k, buf + k);
+}
+
+/* MR rows past one tile's pairs: bf16 weights one chain over all pairs; quantized ones a chain per
+ * group, ended into acc (both in registers, so quantized steps take at most QUANTIZED_ROWS rows). */
+#define QUANTIZED_ROWS 6
+static inline __attribute__((always_inline)) void dot_microkernel(const int rows, const int wtype, const uint16_t *x,
+                                                                  int64_t K, const __m512i *w, const TileStart *s,
+                                                                  const float *sums, float *c) {
+    const int64_t span = wtype == BF16 ? K : GROUP;
+    __m512 acc[MR][2];
+#pragma GCC unroll 16
+    for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += span) {
+        __m512 part[MR][2];
+#pragma GCC unroll 16
+        for (int r = 0; r < rows; r++) part[r][0] = part[r][1] = _mm512_setzero_ps();
+        for (int64_t k = k0; k < k0 + span; k += 2) {
+            const __m512i w0 = w[k], w1 = w[k + 1];
+#pragma GCC unroll 16
+            for (int r = 0; r < rows; r++) {
+                const __m512i xr = x_pair(x, r, K, k);
+                part[r][0] = dot_pairs(part[r][0], xr, w0);
+                part[r][1] = dot_pairs(part[r][1], xr, w1);
+            }
+        }
+        if (wtype == BF16) {
+#pragma GCC unroll 16
+            for (int r = 0; r < rows; r++) acc[r][0] = part[r][0], acc[r][1] = part[r][1];
+            break;
+        }
+        const int64_t at = (k0 / GROUP) * TILE;
+#pragma GCC unroll 16
+        for (int r = 0; r < rows; r++)
+#pragma GCC unroll 2
+            for (int p = 0; p < 2; p++)
+                acc[r][p] = group_end(acc[r][p], part[r][p], s->scales + at + p * 16, s->offsets + at + p * 16,
+                                      sums[r * (K / GROUP) + k0 / GROUP]);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < rows; r++)
+#pragma GCC unroll 2
+        for (int p = 0; p < 2; p++) _mm512_storeu_ps(c + r * TILE + p * 16, acc[r][p]);
+}
+
+#define DOT_ROWS_CASE(R, T) case (R) * 8 + (T): dot_microkernel(R, T, x, K, w, s, sums, c); break;
+#define DOT_ROWS_QUANTIZED(R) DOT_ROWS_CASE(R, INT4) DOT_ROWS_CASE(R, INT8)
+static void dot_rows_block(int rows, int wtype, const uint16_t *x, int64_t K, const __m512i *w, const TileStart *s,
+                           const float *sums, float *c) {
+    switch (rows * 8 + wtype) {
+        DOT_ROWS_CASE(1, BF16) DOT_ROWS_CASE(2, BF16) DOT_ROWS_CASE(3, BF16) DOT_ROWS_CASE(4, BF16)
+        DOT_ROWS_CASE(5, BF16) DOT_ROWS_CASE(6, BF16) DOT_ROWS_CASE(7, BF16) DOT_ROWS_CASE(8, BF16)
+        DOT_ROWS_CASE(9, BF16) DOT_ROWS_CASE(10, BF16) DOT_ROWS_CASE(11, BF16) DOT_ROWS_CASE(12, BF16)
+        DOT_ROWS_QUANTIZED(1) DOT_ROWS_QUANTIZED(2) DOT_ROWS_QUANTIZED(3) DOT_ROWS_QUANTIZED(4)
+        DOT_ROWS_QUANTIZED(5) DOT_ROWS_QUANTIZED(6)
+        default: break;
+    }
+}
+
+/* Up to MR rows: at once for bf16 weights, QUANTIZED_ROWS at a time for quantized ones. */
+static void dot_rows_tile(int rows, int wtype, const uint16_t *x, int64_t K, const __m512i *w, const TileStart *s,
+                          const float *sums, float *c) {
+    const int step = wtype == BF16 ? MR : QUANTIZED_ROWS;
+    for (int r = 0; r < rows; r += step)
+        dot_rows_block(rows - r < step ? rows - r : step, wtype, x + r * K, K, w, s,
+                       sums ? sums + r * (K / GROUP) : NULL, c + r * TILE);
+}
+
+static int buffered_dot_tiles(const Weights *wt, const uint16_t *x, const float *sums, const Output *o, int64_t M,
+                              int64_t K, int threads) {
+    const int64_t N = o->N;
+    const int64_t tiles = (N + TILE - 1) / TILE;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        __m512i *buf = aligned_alloc(64, sizeof(__m512i) * K);
+        float *c = aligned_alloc(64, sizeof(float) * MR * TILE);
+        if (!buf || !c) failed = 1;
+#pragma omp for schedule(guided) /* as buffered_tiles() */
+        for (int64_t t = 0; t < tiles; t++) {
+            if (!buf || !c) continue;
+            tile_pairs(wt, t, K, buf);
+            const TileStart s = tile_start(wt, t, K);
+            const int64_t col0 = t * TILE, cols = N - col0 < TILE ? N - col0 : TILE;
+            for (int64_t m = 0; m < M; m += MR) {
+                const int rows = (int)(M - m < MR ? M - m : MR);
+                dot_rows_tile(rows, wt->wtype, x + m * K, K, buf, &s, sums ? sums + m * (K / GROUP) : NULL, c);
+                store_rows(o, rows, c, col0, cols, m);
+            }
+        }
+        free(buf);
+        free(c);
+    }
+    return failed ? -2 : 0;
+}
+
+#endif
+
+/* A step's input rows: fp32 ones for the fp32 path, or bf16 ones and their groups' sums (for
+ * quantized weights) for the bf16-pair path. */
+typedef struct {
+    const float *f32;
+    const uint16_t *bf16;
+    const float *sums;
+} StepRows;
+
+/* few_rows() or few_rows_dot(), by the path the rows are for. */
+static void few_rows_of(const StepRows *x, int rows, int g, const Weights *wt, int64_t t0, int64_t K, float *c) {
+#if defined(BF16_DOT)
+    if (x->bf16) {
+        few_rows_dot(rows, g, wt, t0, x->bf16, x->sums, K, c);
+        return;
+    }
+#endif
+    few_rows(rows, g, wt, t0, x->f32, K, c);
+}
+
+/* M <= SMALL_ROWS: groups of tiles_per_group(M) tiles split over the threads, no buffer. Static
+ * halves here: each thread streams one contiguous half of the weights from memory, which the
+ * prefetchers follow (handed out dynamically, a one-sequence decode step took 1.10x the time). */
+static void unbuffered_tiles(const Weights *wt, const StepRows *x, const Output *o, int M, int64_t K, int threads) {
+    const int64_t N = o->N;
+    const int64_t tiles = (N + TILE - 1) / TILE, per_group = tiles_per_group(M);
+    const int64_t groups = (tiles + per_group - 1) / per_group;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t group = 0; group < groups; group++) {
+        float c[SMALL_ROWS * 8 * TILE];
+        const int64_t t0 = group * per_group;
+        const int g = (int)(tiles - t0 < per_group ? tiles - t0 : per_group);
+        if (g == per_group) few_rows_of(x, M, g, wt, t0, K, c);
+        else
+            for (int j = 0; j < g; j++) few_rows_of(x, M, 1, wt, t0 + j, K, c + j * M * TILE);
+        for (int j = 0; j < g; j++) {
+            const int64_t col0 = (t0 + j) * TILE, cols = N - col0 < TILE ? N - col0 : TILE;
+            store_rows(o, M, c + j * M * TILE, col0, cols, 0);
+        }
+    }
+}
+
+#if defined(BF16_DOT)
+/* The same output from row m on. */
+static Output rows_from(const Output *o, int64_t m) {
+    const int64_t bytes = m * o->N * (o->ytype == F32 ? 4 : 2);
+    Output shifted = *o;
+    shifted.y = (char *)o->y + bytes;
+    shifted.residual = o->residual ? (const char *)o->residual + bytes : NULL;
+    return shifted;
+}
+
+/* The bf16-pair path; sums only for quantized weights. */
+static int dot_linear(const Weights *wt, const uint16_t *x, const Output *o, int64_t M, int64_t K, int threads) {
+    float *sums = NULL;
+    if (wt->wtype != BF16) {
+        sums = malloc(sizeof(float) * M * (K / GROUP));
+        if (!sums) return -2;
+        group_sums(x, M, K, sums, threads);
+    }
+    int status = 0;
+    if (M <= 2 * SMALL_ROWS) {
+        for (int64_t m = 0; m < M; m += SMALL_ROWS) {
+            const int rows = (int)(M - m < SMALL_ROWS ? M - m : SMALL_ROWS);
+            const Output part = rows_from(o, m);
+            const StepRows chunk = { NULL, x + m * K, sums ? sums + m * (K / GROUP) : NULL };
+            unbuffered_tiles(wt, &chunk, &part, rows, K, threads);
+        }
+    } else status = buffered_dot_tiles(wt, x, sums, o, M, K, threads);
+    free(sums);
+    return status;
+}
+#endif
+
+/* Whether bf16 activations take the bf16-pair path in this build (1) or the fp32 one (0). */
+int linear_bf16_dot(void) {
+#if defined(BF16_DOT)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Returns 0, or a negative status (-1 bad arguments, -2 out of memory). */
+int invariant_linear(const void *x, int xtype, const void *packed, int wtype, const float *scales,
+                     const float *offsets, const float *bias, const void *residual, void *y, int ytype, int64_t M,
+                     int64_t K, int64_t N, int threads) {
+    if (M < 0 || K < 1 || N < 1 || xtype < F32 || xtype > BF16 || ytype < F32 || ytype > BF16) return -1;
+    if (wtype < F32 || wtype > K6 || (wtype >= INT4 && (K % group_of(wtype) || !scales))) return -1;
+    if ((wtype >= INT4 && !is_kquant(wtype) && !offsets) || (is_kquant(wtype) && K % SUPER)) return -1;
+    const Weights wt = { packed, scales, offsets, wtype };
+    const Output o = { y, bias, residual, ytype, N };
+    if (M == 0) return 0;
+#if defined(BF16_DOT)
+    /* INT8_G16 and the k-quants keep the fp32 path (bf16 rows are exact in fp32): the pair path
+     * reads stored scales in groups of 32 only. */
+    if (xtype == BF16 && (wtype == BF16 || wtype == INT4 || wtype == INT8) && K % 2 == 0)
+        return dot_linear(&wt, (const uint16_t *)x, &o, M, K, threads);
+#endif
+    float *owned;
+    const float *xf = rows_as_f32(x, xtype, M, K, &owned);
+    if (!xf) return -2;
+    int status = 0;
+    const StepRows rows = { xf, NULL, NULL };
+    if (M <= SMALL_ROWS) unbuffered_tiles(&wt, &rows, &o, (int)M, K, threads);
+    else status = buffered_tiles(&wt, xf, &o, M, K, threads);
+    free(owned);
+    return status;
+}
+
+/* One column's value in a quantized k-row of a tile (its integer q). */
+static inline int column_value(int wtype, const uint8_t *row, int c) {
+    if (wtype == INT8 || wtype == INT8_G16) return ((const int8_t *)row)[c];
+    int v = c < TILE / 2 ? row[c] & 15 : row[c - TILE / 2] >> 4;
+    const int h = high_bits(wtype);
+    if (h) v |= ((row[TILE / 2 + c * h / 8] >> (c * h % 8)) & ((1 << h) - 1)) << 4;
+    return v;
+}
+
+/* Row `id` of a packed weight [N, K] as fp32 [K]: column id % TILE of tile id / TILE, with the very
+ * values the products use. */
+static void gather_row(const Weights *wt, int64_t K, int64_t id, float *out) {
+    const int64_t t = id / TILE;
+    const int c = (int)(id % TILE);
+    const TileStart s = tile_start(wt, t, K);
+    if (wt->wtype == F32 || wt->wtype == BF16) {
+        for (int64_t k = 0; k < K; k++)
+            out[k] = wt->wtype == F32 ? ((const float *)s.values)[k * TILE + c]
+                                      : bf16_to_f32(((const uint16_t *)s.values)[k * TILE + c]);
+        return;
+    }
+    const int64_t group = group_of(wt->wtype), row_bytes = row_bytes_of(wt->wtype);
+    for (int64_t k0 = 0; k0 < K; k0 += group) {
+        float sk[TILE], ok[TILE];
+        const float *scales, *offsets;
+        group_scales(wt->wtype, &s, k0 / group, sk, ok, &scales, &offsets);
+        for (int64_t k = k0; k < k0 + group; k++)
+            out[k] = fmaf((float)column_value(wt->wtype, (const uint8_t *)s.values + k * row_bytes, c), scales[c],
+                          offsets[c]);
+    }
+}
+
+/* Rows ids[0..n) of a packed weight [N, K] (an embedding table kept as an output head's tiles) as
+ * fp32 out [n, K]. Returns 0, or -1 for bad arguments (an id outside 0..N-1). */
+int linear_gather_rows(const void *packed, int wtype, const float *scales, const float *offsets, int64_t K,
+                       int64_t N, const int64_t *ids, int64_t n, float *out, int threads) {
+    if (K < 1 || N < 1 || n < 0 || wtype < F32 || wtype > K6 || (wtype >= INT4 && !scales)) return -1;
+    for (int64_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= N) return -1;
+    const Weights wt = { packed, scales, offsets, wtype };
+#pragma omp parallel for schedule(static) num_threads(threads) if (n > 16)
+    for (int64_t i = 0; i < n; i++) gather_row(&wt, K, ids[i], out + i * K);
+    return 0;
+}
