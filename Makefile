@@ -41,7 +41,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy router shard facade launcher common benchmarks tests tools
+	$(BIN)/mypy router shard facade launcher common benchmarks support tests tools
 
 # Regenerates docs/configuration.md from the settings table (a test fails when it is stale).
 docs: $(STAMP)

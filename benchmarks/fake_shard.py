@@ -1,6 +1,6 @@
 """``python -m benchmarks.fake_shard``: a shard server whose model costs nothing, or a known cost.
 
-It serves the real shard servicer over gRPC with ``tests.fake_engine.FakeEngine``
+It serves the real shard servicer over gRPC with ``support.fake_engine.FakeEngine``
 (no KV verification), so that a benchmark measures the router alone; with
 ``--step-ms`` / ``--token-ms`` each step sleeps as a model of that cost would
 compute (a fixed cost per step plus a cost per token computed: prompt chunks
@@ -17,7 +17,7 @@ from shard.config import ShardConfig
 from shard.runtime.batch_state import Sequence as ShardSequence
 from shard.runtime.engine import Generation
 from shard.runtime.server import ShardServicer, create_server
-from tests.fake_engine import FakeEngine
+from support.fake_engine import FakeEngine
 
 
 class TimedEngine(FakeEngine):

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig
 
 from benchmarks import served
-from tests.models import smollm_tokenizer
+from support.tiny_models import smollm_tokenizer
 
 MODELS = served.ROOT / "build" / "models"
 _VOCAB = 49152  # SmolLM2's tokenizer; the real models' vocabularies are larger (their heads too)

@@ -121,7 +121,7 @@ def placement_cost_us() -> float:
     from router.scheduler import Scheduler
     from router.shard_client import ShardClient
     from router.tokenization import Tokenizer
-    from tests.models import smollm_tokenizer
+    from support.tiny_models import smollm_tokenizer
 
     tokenizer = Tokenizer(smollm_tokenizer(), frozenset({2}))
     limits = Limits(4095, 4096, 2048, 128, 1.2, 20)

@@ -14,8 +14,8 @@ import pytest
 from common.model_source import resolve_model
 from common.ports import free_port
 from router.tokenization import Tokenizer
-from tests.gguf_models import build_tiny_gguf
-from tests.models import build_tiny_model
+from support.gguf_files import build_tiny_gguf
+from support.tiny_models import build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +27,7 @@ def tiny_model_dir(tmp_path_factory) -> Callable[[str], Path]:
     def build(kind: str) -> Path:
         if kind not in built:
             folder = tmp_path_factory.mktemp(f"tiny-{kind}")
-            # "gguf": a llama-shaped GGUF file with every stored GGUF type (tests.gguf_models)
+            # "gguf": a llama-shaped GGUF file with every stored GGUF type (support.gguf_files)
             built[kind] = build_tiny_gguf(folder).parent if kind == "gguf" else build_tiny_model(kind, folder)
         return built[kind]
 

@@ -7,8 +7,8 @@ import torch
 from openai import OpenAI
 from transformers import AutoModelForCausalLM
 
+from support.tiny_models import SMOLLM, smollm_tokenizer
 from tests.conftest import running_stack
-from tests.models import SMOLLM, smollm_tokenizer
 
 QUESTION = "Why is open-source software important?"
 MESSAGES = [

@@ -24,7 +24,7 @@ from router.tokenization import Tokenizer
 from router.validation import Validator
 from shard.config import ShardConfig
 from shard.runtime.server import ShardServicer, create_server
-from tests.fake_engine import FakeEngine, next_token
+from support.fake_engine import FakeEngine, next_token
 
 
 @dataclass

@@ -22,7 +22,7 @@ from shard.config import ShardConfig
 from shard.runtime.errors import CapacityError, InvalidRequest
 from shard.runtime.server import ShardServicer
 from shard.runtime.step_order import StepOrder
-from tests.fake_engine import FakeEngine
+from support.fake_engine import FakeEngine
 from tests.router.harness import expected_tokens, fake_router
 
 

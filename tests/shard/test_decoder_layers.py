@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from shard.numerics.decoder_layers import FastDecoderLayer, layer_ops, make_decoder_layers_fast
-from tests.models import TINY_CONFIGS
+from support.tiny_models import TINY_CONFIGS
 
 DTYPES = [torch.float32, torch.bfloat16]
 

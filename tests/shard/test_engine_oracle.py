@@ -12,7 +12,7 @@ import pytest
 from common.model_source import resolve_model
 from shard.numerics.invariant_linear import InvariantLinear, TiledEmbedding
 from shard.numerics.sampling import SamplingParams
-from tests.models import SMOLLM, smollm_tokenizer
+from support.tiny_models import SMOLLM, smollm_tokenizer
 from tests.shard.engine_driver import Driver, Tracked, make_engine, reference
 
 GREEDY = SamplingParams()
@@ -73,7 +73,7 @@ def test_tiny_models_match_transformers(kind, backend, tiny_model_dir):
 
 
 def test_gguf_blocks_of_every_type_match_transformers(tiny_model_dir):
-    """A GGUF file whose linears hold every stored type (Q4_0 ... Q6_K, tests.gguf_models), served
+    """A GGUF file whose linears hold every stored type (Q4_0 ... Q6_K, support.gguf_files), served
     from its own blocks (QUANTIZE=auto): transformers' greedy tokens on the float32 model it
     de-quantizes, logprobs within 1e-3."""
     source = resolve_model(str(tiny_model_dir("gguf")))

@@ -18,7 +18,7 @@ from torch import nn
 from common.model_source import resolve_model
 from shard.loading.gguf_blocks import SUPPORTED, UnsupportedType, check_supported, decode
 from shard.numerics.invariant_linear import InvariantLinear, TiledEmbedding, linear_kernel
-from tests.gguf_models import MIXED_TYPES, _tensor, build_tiny_gguf
+from support.gguf_files import MIXED_TYPES, _tensor, build_tiny_gguf
 from tests.shard.linear_steps import alone_and_in_step
 
 #: The kernel storage each type is re-encoded as.

@@ -10,7 +10,7 @@ from common.model_source import resolve_model
 from router.grammar import json_schema_grammar
 from shard.numerics.sampling import SamplingParams
 from shard.runtime.grammar import GrammarCompiler
-from tests.models import smollm_tokenizer
+from support.tiny_models import smollm_tokenizer
 from tests.shard.engine_driver import Driver, Tracked, make_engine
 
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}}, "required": ["n"]}

@@ -11,7 +11,7 @@ from torch import nn
 from shard.numerics.decoder_layers import FastDecoderLayer
 from shard.numerics.invariant_linear import InvariantLinear, linear_kernel, make_linears_invariant
 from shard.numerics.quantization import GROUP, exact_grid, plan_storage, quantize_int4, quantize_int8
-from tests.models import SMOLLM
+from support.tiny_models import SMOLLM
 from tests.shard.linear_steps import alone_and_in_step
 
 

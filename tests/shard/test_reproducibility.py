@@ -227,7 +227,7 @@ def _collect(outputs: Seq, probe: Seq) -> None:
 def engine_and_references(request, tiny_model_dir):
     """float32; bf16 (Qwen2: biases); bf16 with every linear stored as 4-bit values (QUANTIZE=int4);
     a mixture of experts (Mixtral: experts and router); a GGUF file's own blocks of every stored
-    type (tests.gguf_models), in float32 and bf16."""
+    type (support.gguf_files), in float32 and bf16."""
     kind, dtype_name, quantize = request.param.split("-")
     source = resolve_model(str(tiny_model_dir(kind)))
     engine = make_engine(source, dtype=getattr(torch, dtype_name), quantize=quantize)

@@ -7,7 +7,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from shard.numerics.shared_input import SharedInputSlice, fuse_shared_inputs
-from tests.models import TINY_CONFIGS
+from support.tiny_models import TINY_CONFIGS
 
 
 def _tiny(kind: str) -> nn.Module:
