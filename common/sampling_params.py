@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from common.sampling_fields import SAMPLING_FIELDS
 from protos import shard_pb2 as pb
 
 
@@ -46,17 +47,13 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     def problems(self) -> list[str]:
-        """What makes these values unusable (the router validates requests before; a shard
-        called directly checks again rather than divide by a zero it was sent)."""
+        """What makes these values unusable, by the ranges of ``SAMPLING_FIELDS`` (the router
+        validates requests before; a shard called directly checks again rather than divide by a
+        zero it was sent)."""
         wrong = []
-        if not 0.0 < self.top_p <= 1.0:
-            wrong.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0.0 < self.typical_p <= 1.0:
-            wrong.append(f"typical_p must be in (0, 1], got {self.typical_p}")
-        if self.repetition_penalty <= 0.0:
-            wrong.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.temperature < 0.0:
-            wrong.append(f"temperature must be >= 0, got {self.temperature}")
+        for spec in SAMPLING_FIELDS:
+            values = [b for _, b in self.logit_bias] if spec.name == "logit_bias" else [getattr(self, spec.name)]
+            wrong += [why for v in values if (why := spec.problem(v)) is not None]
         return wrong
 
 

@@ -13,10 +13,13 @@ the environment at import time: a process reads it once when it starts
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+ConfigT = TypeVar("ConfigT")
 
 SHARD, ROUTER, FACADE, LAUNCHER = "shard", "router", "facade", "launcher"
 SERVICES = (SHARD, ROUTER, FACADE, LAUNCHER)
@@ -141,9 +144,18 @@ ENVIRONMENT_ONLY: tuple[tuple[str, str], ...] = (
 )
 
 
-def default_of(env_name: str, service: str) -> Any:
-    """The default of the ``service``'s setting whose first environment name is ``env_name``."""
-    return next(s.default for s in settings_of(service) if s.env[0] == env_name)
+def default_of(service: str, dest: str) -> Any:
+    """The default of the ``service``'s setting ``dest`` (a config field's name): config
+    dataclasses take their defaults from here rather than write them again."""
+    return next(s.default for s in settings_of(service) if s.dest == dest)
+
+
+def config_from(config_type: type[ConfigT], args: argparse.Namespace, **derived: Any) -> ConfigT:
+    """A service's config dataclass from its parsed settings: each field is the setting of the
+    same name, except those ``derived`` from them (parsed lists, TLS files)."""
+    names = [f.name for f in dataclasses.fields(config_type)]  # type: ignore[arg-type]
+    values = {name: getattr(args, name) for name in names if name not in derived}
+    return config_type(**values, **derived)
 
 
 def settings_of(service: str) -> Iterable[Setting]:

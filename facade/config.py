@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from common.grpc_security import TlsConfig
-from common.settings import FACADE, parser_for
+from common.settings import FACADE, config_from, default_of, parser_for
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class FacadeConfig:
     #: TLS of the channel to the router (GRPC_TLS_*).
     tls: TlsConfig = field(default_factory=TlsConfig)
     #: Responses kept in memory for previous_response_id and GET /v1/responses/{id}.
-    responses_store_size: int = 1000
+    responses_store_size: int = default_of(FACADE, "responses_store_size")
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -43,17 +43,4 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> FacadeCo
     p = build_parser(env)
     a = p.parse_args(argv)
     origins = [o.strip() for o in a.cors_allow_origin.split(",") if o.strip()]
-    return FacadeConfig(
-        a.hostname,
-        a.port,
-        a.router,
-        a.payload_limit,
-        a.api_key,
-        origins,
-        a.otlp_endpoint,
-        a.otlp_service_name,
-        a.metrics_api_key,
-        a.metrics_port,
-        TlsConfig.from_env(env),
-        a.responses_store_size,
-    )
+    return config_from(FacadeConfig, a, cors_allow_origin=origins, tls=TlsConfig.from_env(env))

@@ -18,12 +18,18 @@ orjson: pydantic stays off the output path.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.sampling_fields import BY_NAME
 from facade.errors import invalid
+
+
+def sampling_field(name: str, description: str | None = None) -> Any:
+    """An optional field with the range ``common.sampling_fields`` declares for ``name``."""
+    return Field(None, description=description, **BY_NAME[name].pydantic_bounds())
 
 
 class RequestModel(BaseModel):
@@ -100,6 +106,7 @@ class ResponseFormat(RequestModel):
 
 
 Stop = str | list[str] | None
+Bias = Annotated[float, Field(**BY_NAME["logit_bias"].pydantic_bounds())]
 
 
 class SamplingFields(RequestModel):
@@ -109,20 +116,20 @@ class SamplingFields(RequestModel):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = sampling_field("temperature")
+    top_p: float | None = sampling_field("top_p")
     seed: int | None = None
     stop: Stop = Field(None, description="up to MAX_STOP_SEQUENCES strings")
     n: int | None = Field(None, ge=1, le=128)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = Field(None, description="token id -> bias in [-100, 100]")
+    frequency_penalty: float | None = sampling_field("frequency_penalty")
+    presence_penalty: float | None = sampling_field("presence_penalty")
+    logit_bias: dict[str, Bias] | None = Field(None, description="token id -> bias in [-100, 100]")
     top_k: int | None = Field(None, description="-1 or 0: off")
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    typical_p: float | None = None
+    min_p: float | None = sampling_field("min_p")
+    repetition_penalty: float | None = sampling_field("repetition_penalty")
+    typical_p: float | None = sampling_field("typical_p")
     ignore_eos: bool | None = None
-    min_tokens: int | None = None
+    min_tokens: int | None = sampling_field("min_tokens")
     best_of: int | None = Field(None, description="only 1 or n")
     # Informational: accepted, change nothing.
     user: str | None = None
@@ -170,8 +177,8 @@ class CreateResponse(RequestModel):
     input: str | list[dict[str, Any]] = Field(description="text, or message / function-call-output items")
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = sampling_field("temperature")
+    top_p: float | None = sampling_field("top_p")
     stream: bool | None = None
     tools: list[ResponsesTool] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -214,17 +221,17 @@ class GenerateParameters(RequestModel):
     decoder_input_details: bool | None = Field(None, description="neutral only: false")
     details: bool | None = None
     do_sample: bool | None = None
-    frequency_penalty: float | None = None
+    frequency_penalty: float | None = sampling_field("frequency_penalty")
     max_new_tokens: int | None = Field(None, ge=1)
-    repetition_penalty: float | None = None
+    repetition_penalty: float | None = sampling_field("repetition_penalty")
     return_full_text: bool | None = None
     seed: int | None = None
     stop: list[str] | None = None
-    temperature: float | None = None
-    top_k: int | None = Field(None, ge=0)
-    top_n_tokens: int | None = Field(None, ge=0)
-    top_p: float | None = None
-    typical_p: float | None = None
+    temperature: float | None = sampling_field("temperature")
+    top_k: int | None = sampling_field("top_k")
+    top_n_tokens: int | None = sampling_field("top_n_tokens", "up to MAX_TOP_N_TOKENS")
+    top_p: float | None = sampling_field("top_p")
+    typical_p: float | None = sampling_field("typical_p")
     truncate: int | None = Field(None, description="neutral only: null")
     watermark: bool | None = Field(None, description="neutral only: false")
     grammar: Grammar | None = None

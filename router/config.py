@@ -11,13 +11,15 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from common.settings import ROUTER, parser_for
+from common.settings import ROUTER, config_from, parser_for
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RouterConfig:
+    """The router's settings (``common.settings.SETTINGS``, each field the setting of its name)."""
+
     model_id: str | None
     listen: str
     shard_uds_path: str
@@ -32,24 +34,24 @@ class RouterConfig:
     max_top_n_tokens: int
     waiting_served_ratio: float | None
     max_waiting_tokens: int | None
-    otlp_endpoint: str | None = None
-    otlp_service_name: str = "switchyard-router"
+    otlp_endpoint: str | None
+    otlp_service_name: str
     #: Seconds a request waits for a restarted shard before it fails.
-    shard_recovery_timeout: float = 60.0
+    shard_recovery_timeout: float
     #: Bearer key every public call but Health must carry; None = open.
-    api_key: str | None = None
+    api_key: str | None
     #: How the model writes tool calls: "auto" (from its chat template) or a router.tools format.
-    tool_call_format: str = "auto"
+    tool_call_format: str
     #: Rank 0 of each model replica (SHARD_ADDRESSES), when there are several.
-    shard_addresses: tuple[str, ...] = ()
+    shard_addresses: tuple[str, ...]
     #: How much busier (share of KV capacity) the replica with the longest cached prefix may be.
-    placement_load_margin: float = 0.1
+    placement_load_margin: float
     #: cache_aware, least_loaded or round_robin (router.replicas).
-    placement_policy: str = "cache_aware"
+    placement_policy: str
     #: Seconds the start waits for the other replicas once one is up.
-    replica_start_wait: float = 60.0
-    #: Send decode step N+1 before step N's answer is in (router.scheduler).
-    pipeline_steps: bool = True
+    replica_start_wait: float
+    #: Send decode step N+1 before step N's answer is in (router.step_pipeline).
+    pipeline_steps: bool
 
     @property
     def shard_entries(self) -> list[str]:
@@ -139,29 +141,5 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> RouterCo
     for name in ("max_batch_size", "max_concurrent_requests"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    return RouterConfig(
-        model_id=a.model_id,
-        listen=a.listen,
-        shard_uds_path=a.shard_uds_path,
-        shard_address=a.shard_address,
-        max_input_tokens=a.max_input_tokens,
-        max_total_tokens=a.max_total_tokens,
-        max_batch_prefill_tokens=a.max_batch_prefill_tokens,
-        max_batch_total_tokens=a.max_batch_total_tokens,
-        max_batch_size=a.max_batch_size,
-        max_concurrent_requests=a.max_concurrent_requests,
-        max_stop_sequences=a.max_stop_sequences,
-        max_top_n_tokens=a.max_top_n_tokens,
-        waiting_served_ratio=a.waiting_served_ratio,
-        max_waiting_tokens=a.max_waiting_tokens,
-        otlp_endpoint=a.otlp_endpoint,
-        otlp_service_name=a.otlp_service_name,
-        shard_recovery_timeout=a.shard_recovery_timeout,
-        api_key=a.api_key,
-        tool_call_format=a.tool_call_format,
-        shard_addresses=tuple(x.strip() for x in (a.shard_addresses or "").split(",") if x.strip()),
-        placement_load_margin=a.placement_load_margin,
-        placement_policy=a.placement_policy,
-        pipeline_steps=a.pipeline_steps,
-        replica_start_wait=a.replica_start_wait,
-    )
+    addresses = tuple(x.strip() for x in (a.shard_addresses or "").split(",") if x.strip())
+    return config_from(RouterConfig, a, shard_addresses=addresses)

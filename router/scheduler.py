@@ -53,7 +53,7 @@ class Scheduler:
         tokenizer: Tokenizer,
         metrics: RouterMetrics | None = None,
         tracer: trace.Tracer | None = None,
-        recovery_timeout_s: float = default_of("SHARD_RECOVERY_TIMEOUT", ROUTER),
+        recovery_timeout_s: float = default_of(ROUTER, "shard_recovery_timeout"),
         pipeline: bool = True,
     ):
         self.link = link

@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from common.sampling_fields import BY_NAME, SAMPLING_FIELDS
 from common.sampling_params import SamplingParams
 from protos import router_pb2 as pb
 from router.config import Limits
@@ -111,36 +112,15 @@ class Validator:
 
     def _sampling(self, p: pb.GenerationParameters) -> SamplingParams:
         d = self.defaults
-        temperature = p.temperature if p.HasField("temperature") else d.temperature
-        _check_range("temperature", temperature, 0.0, 2.0)
-        top_p = p.top_p if p.HasField("top_p") else d.top_p
-        if not 0.0 < top_p <= 1.0:
-            raise ValidationError(f"top_p must be in (0, 1], got {top_p}", param="top_p")
-        typical_p = p.typical_p if p.HasField("typical_p") else 1.0
-        if not 0.0 < typical_p <= 1.0:
-            raise ValidationError(f"typical_p must be in (0, 1], got {typical_p}", param="typical_p")
-        repetition = p.repetition_penalty if p.HasField("repetition_penalty") else d.repetition_penalty
-        if repetition <= 0.0:
-            raise ValidationError(f"repetition_penalty must be > 0, got {repetition}", param="repetition_penalty")
-        _check_range("min_p", p.min_p, 0.0, 1.0)
-        _check_range("frequency_penalty", p.frequency_penalty, -2.0, 2.0)
-        _check_range("presence_penalty", p.presence_penalty, -2.0, 2.0)
-        if p.top_n_tokens > self.max_top_n_tokens:
-            raise ValidationError(f"top_logprobs must be at most {self.max_top_n_tokens}", param="top_logprobs")
-        for token, bias in p.logit_bias.items():
-            if token >= self.vocab_size:
-                raise ValidationError(f"logit_bias token id {token} is not in the vocabulary", param="logit_bias")
-            _check_range("logit_bias", bias, -100.0, 100.0)
-        seed = p.seed if p.HasField("seed") else random.getrandbits(63)
-        return SamplingParams(
-            temperature=temperature,
-            top_p=top_p,
+        sampling = SamplingParams(
+            temperature=p.temperature if p.HasField("temperature") else d.temperature,
+            top_p=p.top_p if p.HasField("top_p") else d.top_p,
             # A client that picks its own temperature gets no hidden top_k.
             top_k=p.top_k or (0 if p.HasField("temperature") else d.top_k),
-            seed=seed,
+            seed=p.seed if p.HasField("seed") else random.getrandbits(63),
             min_p=p.min_p,
-            typical_p=typical_p,
-            repetition_penalty=repetition,
+            typical_p=p.typical_p if p.HasField("typical_p") else BY_NAME["typical_p"].neutral,
+            repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else d.repetition_penalty,
             frequency_penalty=p.frequency_penalty,
             presence_penalty=p.presence_penalty,
             logit_bias=tuple(sorted(p.logit_bias.items())),
@@ -148,6 +128,25 @@ class Validator:
             min_tokens=0 if p.ignore_eos else p.min_new_tokens,
             eos_token_ids=tuple(sorted(self.tokenizer.eos_token_ids)),
         )
+        self._check_sampling(sampling)
+        return sampling
+
+    def _check_sampling(self, sampling: SamplingParams) -> None:
+        """The ranges of ``SAMPLING_FIELDS``, and what depends on this router: the vocabulary and
+        MAX_TOP_N_TOKENS."""
+        for spec in SAMPLING_FIELDS:
+            if spec.kind is float and spec.name != "logit_bias":
+                why = spec.problem(getattr(sampling, spec.name))
+                if why is not None:
+                    raise ValidationError(why, param=spec.name)
+        if sampling.top_n_tokens > self.max_top_n_tokens:
+            raise ValidationError(f"top_logprobs must be at most {self.max_top_n_tokens}", param="top_logprobs")
+        bias = BY_NAME["logit_bias"]
+        for token, value in sampling.logit_bias:
+            if token >= self.vocab_size:
+                raise ValidationError(f"logit_bias token id {token} is not in the vocabulary", param="logit_bias")
+            if (why := bias.problem(value)) is not None:
+                raise ValidationError(why, param="logit_bias")
 
     def _max_new_tokens(self, p: pb.GenerationParameters, prompt_len: int) -> int:
         limits = self.limits
@@ -170,11 +169,6 @@ class Validator:
                 param="messages",
             )
         return p.max_new_tokens
-
-
-def _check_range(name: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
-        raise ValidationError(f"{name} must be in [{low:g}, {high:g}], got {value:g}", param=name)
 
 
 def _template_message(m: pb.ChatMessage) -> dict[str, Any]:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from common.settings import SHARD, parser_for
+from common.settings import SHARD, config_from, default_of, parser_for
 
 
 @dataclass(frozen=True)
@@ -27,20 +26,20 @@ class ShardConfig:
     #: Host other services reach this shard at, when listening on TCP (e.g. its compose service name).
     advertise_host: str | None = None
     #: Where rank 0 listens for torch.distributed's rendezvous (tensor parallelism).
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
+    master_addr: str = default_of(SHARD, "master_addr")
+    master_port: int = default_of(SHARD, "master_port")
     #: Attention: "auto" (the C kernel on CPU where it builds), "sdpa" or "cpu-paged".
-    attention_backend: str = "auto"
+    attention_backend: str = default_of(SHARD, "attention_backend")
     #: "auto": a 4-bit checkpoint's linears stored as their 4-bit values (not in float32); "int4", "none".
-    quantize: str = "auto"
+    quantize: str = default_of(SHARD, "quantize")
     #: torch compute threads (0: torch's default, one per core).
-    threads: int = 0
+    threads: int = default_of(SHARD, "threads")
     #: Fault the KV cache's memory in on an idle-priority thread after warmup (PagedKVCache.make_resident).
-    kv_prefault: bool = True
+    kv_prefault: bool = default_of(SHARD, "kv_prefault")
     #: Seconds of warmup spent mapping the cache's lowest blocks before the shard reports ready.
-    kv_prefault_ready_s: float = 10.0
+    kv_prefault_ready_s: float = default_of(SHARD, "kv_prefault_ready_s")
     #: Save the prepared model under SWITCHYARD_CACHE and map it on later starts (shard.loading.prepared_model).
-    prepared_cache: bool = True
+    prepared_cache: bool = default_of(SHARD, "prepared_cache")
     otlp_endpoint: str | None = None
     otlp_service_name: str = "switchyard-shard"
 
@@ -67,5 +66,4 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> ShardCon
         p.error("--threads must be >= 0")
     if a.block_size < 1 or not 0 < a.kv_cache_fraction <= 1:
         p.error("--block-size must be >= 1 and --kv-cache-fraction in (0, 1]")
-    # Every flag's dest is a ShardConfig field of the same name.
-    return ShardConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(ShardConfig)})
+    return config_from(ShardConfig, a)
