@@ -14,7 +14,16 @@ from facade import params, sse
 from facade.choices import StreamSet, generate_all
 from facade.errors import invalid
 from facade.json_body import json_response, read_json
-from facade.request_models import ChatCompletionRequest, fields_of, validate_body
+from facade.request_models import (
+    ChatCompletionRequest,
+    ChatMessage,
+    ContentPart,
+    NamedToolChoice,
+    RequestModel,
+    ToolCall,
+    fields_of,
+    validate_body,
+)
 from facade.state import ROUTER
 from protos import router_pb2 as pb
 
@@ -25,7 +34,6 @@ FINISH_REASON = {
     pb.FINISH_REASON_STOP_SEQUENCE: "stop",
     pb.FINISH_REASON_LENGTH: "length",
 }
-ROLES_WITH_TEXT = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 _FIELDS = fields_of(ChatCompletionRequest)
 
@@ -40,106 +48,72 @@ class ChatRequest:
 
 
 def parse_chat(body: Any) -> ChatRequest:
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object")
-    params.check_fields(body, _FIELDS)
-    validate_body(ChatCompletionRequest, body)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise invalid("'messages' is required and must be a non-empty array", "messages")
-    chat = pb.Chat(messages=[_message(i, m) for i, m in enumerate(messages)])
-    _tools(body, chat)
-    stream = params.typed(body, "stream", bool, False)
-    p = params.parameters(body, "max_completion_tokens")
-    p.response_format.CopyFrom(params.response_format(body.get("response_format")))
-    logprobs = params.typed(body, "logprobs", bool, False)
-    top = params.typed(body, "top_logprobs", int)
-    if top is not None:
-        if not logprobs:
+    if isinstance(body, dict):  # unknown fields are named before anything else
+        params.check_fields(body, _FIELDS)
+    req = validate_body(ChatCompletionRequest, body)
+    chat = pb.Chat(messages=[_message(i, m) for i, m in enumerate(req.messages)])
+    _tools(req, chat)
+    p = params.parameters(req, req.max_completion_tokens or req.max_tokens)
+    p.response_format.CopyFrom(params.response_format(_as_dict(req.response_format)))
+    p.logprobs = bool(req.logprobs)
+    if req.top_logprobs is not None:
+        if not req.logprobs:
             raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
-        if not 0 <= top <= 20:
-            raise invalid("'top_logprobs' must be between 0 and 20", "top_logprobs")
-        p.top_n_tokens = top
-    p.logprobs = logprobs
-    n = params.choices_count(body)
-    requests = [pb.GenerateRequest(chat=chat, parameters=choice) for choice in params.per_choice(p, n)]
-    model = params.typed(body, "model", str, "tgi")
-    return ChatRequest(model, stream, params.include_usage(body, stream), logprobs, requests)
+        p.top_n_tokens = req.top_logprobs
+    requests = [pb.GenerateRequest(chat=chat, parameters=choice) for choice in params.per_choice(p, req.n or 1)]
+    return ChatRequest(req.model or "tgi", bool(req.stream), params.include_usage(req), p.logprobs, requests)
 
 
-def _message(i: int, m: Any) -> pb.ChatMessage:
-    if not isinstance(m, dict):
-        raise invalid(f"messages[{i}] must be an object", f"messages[{i}]")
-    role = m.get("role")
-    if not isinstance(role, str):
-        raise invalid(f"messages[{i}].role is required and must be a string", f"messages[{i}].role")
-    name = m.get("name") or ""
-    if not isinstance(name, str):
-        raise invalid(f"messages[{i}].name must be a string", f"messages[{i}].name")
-    history = m.get("tool_calls") or []
-    if not isinstance(history, list):
-        raise invalid(f"messages[{i}].tool_calls must be an array", f"messages[{i}].tool_calls")
-    calls = [_history_call(i, j, c) for j, c in enumerate(history)]
-    content = m.get("content")
-    if content is None and (calls or role == "assistant"):
+def _as_dict(model: RequestModel | None) -> dict[str, Any] | None:
+    """A format object as the shared converter (``params.response_format``) reads it."""
+    return None if model is None else model.model_dump(by_alias=True, exclude_none=True)
+
+
+def _message(i: int, m: ChatMessage) -> pb.ChatMessage:
+    calls = [_history_call(f"messages[{i}].tool_calls[{j}]", c) for j, c in enumerate(m.tool_calls or [])]
+    content = m.content
+    if content is None and (calls or m.role == "assistant"):
         content = ""
-    tool_call_id = m.get("tool_call_id") or ""
-    if not isinstance(tool_call_id, str):
-        raise invalid(f"messages[{i}].tool_call_id must be a string", f"messages[{i}].tool_call_id")
     return pb.ChatMessage(
-        role=role, content=_content(i, content), name=name, tool_calls=calls, tool_call_id=tool_call_id
+        role=m.role,
+        content=_content(i, content),
+        name=m.name or "",
+        tool_calls=calls,
+        tool_call_id=m.tool_call_id or "",
     )
 
 
-def _history_call(i: int, j: int, call: Any) -> pb.ToolCall:
-    where = f"messages[{i}].tool_calls[{j}]"
-    function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise invalid(f"{where} must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}", where)
-    arguments = function.get("arguments") or "{}"
+def _history_call(where: str, call: ToolCall) -> pb.ToolCall:
+    arguments = call.function.arguments or "{}"
     try:
-        json.loads(arguments)
+        json.loads(arguments)  # type: ignore[arg-type]  # an object is refused here: OpenAI sends JSON text
     except (TypeError, json.JSONDecodeError):
         raise invalid(f"{where}.function.arguments must be a JSON string", f"{where}.function.arguments") from None
-    return pb.ToolCall(id=str(call.get("id") or ""), name=function["name"], arguments=arguments)
+    return pb.ToolCall(id=call.id or "", name=call.function.name, arguments=str(arguments))
 
 
-def _tools(body: dict, chat: pb.Chat) -> None:
-    tools = params.typed(body, "tools", list, [])
-    choice = body.get("tool_choice")
+def _tools(req: ChatCompletionRequest, chat: pb.Chat) -> None:
+    tools = req.tools or []
+    choice = req.tool_choice
     if choice is not None and not tools:
         raise invalid("tool_choice is only allowed when tools are given", "tool_choice")
     for k, tool in enumerate(tools):
-        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
-            raise invalid(f"tools[{k}] must be {{'type': 'function', 'function': {{'name', ...}}}}", f"tools[{k}]")
-        parameters = function.get("parameters")
-        if parameters is not None and not isinstance(parameters, dict):
-            raise invalid(
-                f"tools[{k}].function.parameters must be a JSON schema object", f"tools[{k}].function.parameters"
-            )
-        chat.tools.append(
-            pb.Tool(
-                name=function["name"],
-                description=str(function.get("description") or ""),
-                parameters=json.dumps(parameters) if parameters is not None else "",
-            )
-        )
-    chat.parallel_tool_calls = params.typed(body, "parallel_tool_calls", bool, True)
+        function = tool.function
+        if not function.name:
+            raise invalid(f"tools[{k}].function.name must not be empty", f"tools[{k}].function.name")
+        parameters = json.dumps(function.parameters) if function.parameters is not None else ""
+        chat.tools.append(pb.Tool(name=function.name, description=function.description or "", parameters=parameters))
+    chat.parallel_tool_calls = req.parallel_tool_calls is not False
     if choice is None or choice == "auto":
         chat.tool_choice = pb.TOOL_CHOICE_MODE_AUTO
     elif choice == "none":
         chat.tool_choice = pb.TOOL_CHOICE_MODE_NONE
     elif choice == "required":
         chat.tool_choice = pb.TOOL_CHOICE_MODE_REQUIRED
-    elif (
-        isinstance(choice, dict)
-        and isinstance(choice.get("function"), dict)
-        and isinstance(choice["function"].get("name"), str)
-    ):
+    elif isinstance(choice, NamedToolChoice):
         chat.tool_choice = pb.TOOL_CHOICE_MODE_FUNCTION
-        chat.tool_choice_function = choice["function"]["name"]
-    elif isinstance(choice, str) and choice in {t.name for t in chat.tools}:
+        chat.tool_choice_function = choice.function.name
+    elif choice in {t.name for t in chat.tools}:
         # TGI also takes a bare function name.
         chat.tool_choice = pb.TOOL_CHOICE_MODE_FUNCTION
         chat.tool_choice_function = choice
@@ -149,20 +123,20 @@ def _tools(body: dict, chat: pb.Chat) -> None:
         )
 
 
-def _content(i: int, content: Any) -> str:
+def _content(i: int, content: str | list[ContentPart] | None) -> str:
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        parts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise invalid(
-                    f"messages[{i}].content[{j}] must be a text part {{'type': 'text', 'text': ...}}",
-                    f"messages[{i}].content[{j}]",
-                )
-            parts.append(part["text"])
-        return "".join(parts)
-    raise invalid(f"messages[{i}].content must be a string or an array of text parts", f"messages[{i}].content")
+    if content is None:
+        raise invalid(f"messages[{i}].content must be a string or an array of text parts", f"messages[{i}].content")
+    parts = []
+    for j, part in enumerate(content):
+        if part.type != "text" or part.text is None:
+            raise invalid(
+                f"messages[{i}].content[{j}] must be a text part {{'type': 'text', 'text': ...}}",
+                f"messages[{i}].content[{j}]",
+            )
+        parts.append(part.text)
+    return "".join(parts)
 
 
 def token_logprobs(tokens: Any) -> list[dict[str, Any]]:

@@ -14,8 +14,8 @@ from facade.choices import StreamSet, generate_all
 from facade.errors import invalid
 from facade.json_body import json_response, read_json
 from facade.openai_chat import FINISH_REASON, SYSTEM_FINGERPRINT, usage_body
+from facade.request_models import UINT32_MAX, fields_of, validate_body
 from facade.request_models import CompletionRequest as CompletionBody
-from facade.request_models import fields_of, validate_body
 from facade.state import ROUTER
 from protos import router_pb2 as pb
 
@@ -34,37 +34,32 @@ class CompletionRequest:
     n: int
 
 
-def _prompts(body: dict) -> list[str | list[int]]:
-    prompt = body.get("prompt")
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """One prompt per text or token-id list (the model's types; what they cannot say is checked here)."""
     if isinstance(prompt, str):
         return [prompt]
-    if isinstance(prompt, list) and prompt:
-        if params.token_ids(prompt):
-            return [list(prompt)]
-        if all(isinstance(p, str) for p in prompt):
-            return list(prompt)
-        if all(p and params.token_ids(p) for p in prompt):
-            return [list(p) for p in prompt]
+    if prompt and params.token_ids(prompt):
+        return [list(prompt)]  # type: ignore[arg-type]
+    if prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)  # type: ignore[arg-type]
+    if prompt and all(isinstance(p, list) and p and params.token_ids(p) for p in prompt):
+        return [list(p) for p in prompt]  # type: ignore[arg-type]
     raise invalid(
-        f"'prompt' must be a string, an array of strings, or token ids (integers in 0..{params.UINT32_MAX})",
-        "prompt",
+        f"'prompt' must be a string, an array of strings, or token ids (integers in 0..{UINT32_MAX})", "prompt"
     )
 
 
 def parse_completion(body: Any) -> CompletionRequest:
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object")
-    params.check_fields(body, _FIELDS)
-    validate_body(CompletionBody, body)
-    prompts = _prompts(body)
-    stream = params.typed(body, "stream", bool, False)
-    p = params.parameters(body)
-    logprobs = params.typed(body, "logprobs", int)
-    if logprobs is not None:
-        if not 0 <= logprobs <= 5:
+    if isinstance(body, dict):  # unknown fields are named before anything else
+        params.check_fields(body, _FIELDS)
+    req = validate_body(CompletionBody, body)
+    prompts = _prompts(req.prompt)
+    p = params.parameters(req, req.max_tokens)
+    if req.logprobs is not None:
+        if req.logprobs > 5:
             raise invalid("'logprobs' must be between 0 and 5", "logprobs")
-        p.logprobs, p.top_n_tokens = True, logprobs
-    n = params.choices_count(body)
+        p.logprobs, p.top_n_tokens = True, req.logprobs
+    n = req.n or 1
     if len(prompts) * n > params.MAX_SEQUENCES:
         raise invalid(
             f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} sequences; at most "
@@ -78,9 +73,10 @@ def parse_completion(body: Any) -> CompletionRequest:
                 requests.append(pb.GenerateRequest(prompt=prompt, parameters=choice))
             else:
                 requests.append(pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=prompt), parameters=choice))
-    echo = params.typed(body, "echo", bool, False)
-    model = params.typed(body, "model", str, "tgi")
-    return CompletionRequest(model, stream, params.include_usage(body, stream), echo, logprobs, prompts, requests, n)
+    stream = bool(req.stream)
+    return CompletionRequest(
+        req.model or "tgi", stream, params.include_usage(req), bool(req.echo), req.logprobs, prompts, requests, n
+    )
 
 
 def _logprobs(tokens: Any, offset: int) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """OpenAI request fields shared by chat and text completions -> router GenerationParameters.
 
-Type and shape checks live here (a wrong JSON type is a 400 naming the field);
-value ranges are checked once, by the router, for HTTP and gRPC callers alike.
+Types and ranges are the request models' (``facade.request_models``, validated
+before); what is left here is what a type cannot say: unknown and unsupported
+fields, logit_bias keys that must name token ids, stream_options without stream.
+The router checks value ranges again for gRPC callers, with the same table.
 """
 
 from __future__ import annotations
@@ -10,36 +12,11 @@ import json
 from typing import Any
 
 from facade.errors import invalid
+from facade.request_models import UINT32_MAX, SamplingFields
 from protos import router_pb2 as pb
 
-MAX_N = 128  # as OpenAI
-#: Largest value of the protobuf uint32 fields counts and token ids travel in.
-UINT32_MAX = (1 << 32) - 1
 #: Most sequences one request may ask for (prompts x n): each is a router call.
 MAX_SEQUENCES = 256
-
-
-def typed(body: dict, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
-    value = body.get(key)
-    if value is None:
-        return default
-    # bool is an int in Python, but a JSON true is never a number here.
-    is_bool = isinstance(value, bool)
-    wants_bool = kind is bool or (isinstance(kind, tuple) and bool in kind)
-    if not isinstance(value, kind) or (is_bool and not wants_bool):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise invalid(f"'{key}' must be of type {names}, got {type(value).__name__}", key)
-    return value
-
-
-def count(body: dict, key: str, low: int, default: int | None = None) -> int | None:
-    """An integer field in [low, 2^32 - 1] (what its protobuf field holds), or a 400 naming it."""
-    value = typed(body, key, int)
-    if value is None:
-        return default
-    if not low <= value <= UINT32_MAX:
-        raise invalid(f"'{key}' must be between {low} and {UINT32_MAX}, got {value}", key)
-    return value
 
 
 def token_ids(value: Any) -> bool:
@@ -68,72 +45,51 @@ def check_fields(body: dict, allowed: frozenset[str]) -> None:
         raise invalid(f"Unrecognized request argument supplied: {key}", key)
 
 
-def choices_count(body: dict) -> int:
-    n = typed(body, "n", int, 1)
-    if not 1 <= n <= MAX_N:
-        raise invalid(f"'n' must be between 1 and {MAX_N}", "n")
-    return n
-
-
-def include_usage(body: dict, stream: bool) -> bool:
-    options = typed(body, "stream_options", dict)
-    if options is None:
+def include_usage(req: SamplingFields) -> bool:
+    if req.stream_options is None:
         return False
-    if not stream:
+    if not req.stream:
         raise invalid("stream_options is only allowed when stream is true", "stream_options")
-    return bool(typed(options, "include_usage", bool, False))
+    return bool(req.stream_options.include_usage)
 
 
-def parameters(body: dict, max_tokens_key: str = "max_tokens") -> pb.GenerationParameters:
+def parameters(req: SamplingFields, max_tokens: int | None) -> pb.GenerationParameters:
+    """The router parameters of a validated chat or completion body (types and ranges are the
+    request model's; value ranges the router also enforces for gRPC callers)."""
     p = pb.GenerationParameters()
     # Absent sampling fields stay absent: the router fills in the model's recommended defaults.
     for key in ("temperature", "top_p", "typical_p", "repetition_penalty"):
-        if (value := typed(body, key, (int, float))) is not None:
-            setattr(p, key, float(value))
-    for key in ("min_p", "frequency_penalty", "presence_penalty"):
-        setattr(p, key, float(typed(body, key, (int, float), 0.0)))
-    if body.get("top_k") == -1:  # -1 means off, as in vLLM
-        p.top_k = 0
-    elif (top_k := count(body, "top_k", 0)) is not None:
-        p.top_k = top_k
-    if (seed := typed(body, "seed", int)) is not None:
-        p.seed = seed % (1 << 64)
-    max_tokens = count(body, max_tokens_key, 1)
-    if max_tokens is None and max_tokens_key != "max_tokens":
-        max_tokens = count(body, "max_tokens", 1)
+        if (value := getattr(req, key)) is not None:
+            setattr(p, key, value)
+    p.min_p = req.min_p or 0.0
+    p.frequency_penalty = req.frequency_penalty or 0.0
+    p.presence_penalty = req.presence_penalty or 0.0
+    if req.top_k is not None:
+        p.top_k = max(0, req.top_k)  # -1 means off, as in vLLM
+    if req.seed is not None:
+        p.seed = req.seed % (1 << 64)
     if max_tokens is not None:
         p.max_new_tokens = max_tokens
-    p.stop.extend(_stop(body))
-    p.ignore_eos = typed(body, "ignore_eos", bool, False)
-    if (min_tokens := count(body, "min_tokens", 0)) is not None:
-        p.min_new_tokens = min_tokens
-    for token, bias in _logit_bias(body).items():
+    p.stop.extend([req.stop] if isinstance(req.stop, str) else req.stop or [])
+    p.ignore_eos = bool(req.ignore_eos)
+    if req.min_tokens is not None:
+        p.min_new_tokens = req.min_tokens
+    for token, bias in _logit_bias(req.logit_bias or {}).items():
         p.logit_bias[token] = bias
     return p
 
 
-def _stop(body: dict) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        return [stop]
-    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        return list(stop)
-    raise invalid("'stop' must be a string or an array of strings", "stop")
-
-
-def _logit_bias(body: dict) -> dict[int, float]:
-    bias = typed(body, "logit_bias", dict, {})
+def _logit_bias(bias: dict[str, float]) -> dict[int, float]:
+    """Token ids are JSON object keys, so strings: each must name a token id."""
     result = {}
     for key, value in bias.items():
         try:
             token = int(key)
         except ValueError:
             raise invalid(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
-        if not 0 <= token <= UINT32_MAX or isinstance(value, bool) or not isinstance(value, int | float):
+        if not 0 <= token <= UINT32_MAX:
             raise invalid("logit_bias maps token ids to numbers in [-100, 100]", "logit_bias")
-        result[token] = float(value)
+        result[token] = value
     return result
 
 

@@ -1,14 +1,14 @@
 """The request bodies the facade accepts, as pydantic models: one source for validation and docs.
 
 Each handler validates its body against its model first (``validate_body``: a
-wrong JSON type is a 400 naming the field, as ``messages[0].content``), and
-``/openapi.json`` is generated from the same models, so the document cannot
-drift from what is accepted: the accepted field names *are* the models' fields.
-The parsers in openai_chat, openai_completions, responses_request and tgi then
-turn the validated body into router calls and check what types cannot say
-(which roles may have empty content, neutral-only parameters, ...); value ranges
-that the router also enforces for gRPC callers are declared here for the docs
-and checked in both places with the same bounds.
+wrong JSON type is a 400 naming the field, as ``messages[0].content``) and reads
+the typed model it returns; ``/openapi.json`` is generated from the same models,
+so the document cannot drift from what is accepted: the accepted field names
+*are* the models' fields. The parsers in openai_chat, openai_completions,
+responses_request and tgi turn the validated model into router calls and check
+what types cannot say (which roles may have empty content, neutral-only
+parameters, ...). Sampling ranges come from ``common.sampling_fields``, the table
+the router checks gRPC callers against too.
 
 Models allow extra fields so that the parsers can answer unknown ones in
 OpenAI's wording ("Unrecognized request argument supplied") and unsupported
@@ -18,18 +18,34 @@ orjson: pydantic stays off the output path.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.chat_roles import Role
 from common.sampling_fields import BY_NAME
 from facade.errors import invalid
 
+#: Largest value of the protobuf uint32 fields counts and token ids travel in.
+UINT32_MAX = (1 << 32) - 1
+#: Most choices (n) one request may ask for, as OpenAI.
+MAX_N = 128
+
 
 def sampling_field(name: str, description: str | None = None) -> Any:
-    """An optional field with the range ``common.sampling_fields`` declares for ``name``."""
-    return Field(None, description=description, **BY_NAME[name].pydantic_bounds())
+    """An optional field with the range ``common.sampling_fields`` declares for ``name`` (integers
+    also within the uint32 they travel in)."""
+    spec = BY_NAME[name]
+    bounds = spec.pydantic_bounds()
+    if spec.kind is int and spec.high is None:
+        bounds["le"] = UINT32_MAX
+    return Field(None, description=description, **bounds)
+
+
+def count_field(low: int, description: str | None = None) -> Any:
+    """An optional count: at least ``low``, at most what a uint32 holds."""
+    return Field(None, ge=low, le=UINT32_MAX, description=description)
 
 
 class RequestModel(BaseModel):
@@ -65,7 +81,7 @@ class ToolCall(RequestModel):
 
 
 class ChatMessage(RequestModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
@@ -115,16 +131,16 @@ class SamplingFields(RequestModel):
     model: str | None = Field(None, description='the served model\'s id, or "tgi"')
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = count_field(1)
     temperature: float | None = sampling_field("temperature")
     top_p: float | None = sampling_field("top_p")
     seed: int | None = None
     stop: Stop = Field(None, description="up to MAX_STOP_SEQUENCES strings")
-    n: int | None = Field(None, ge=1, le=128)
+    n: int | None = Field(None, ge=1, le=MAX_N)
     frequency_penalty: float | None = sampling_field("frequency_penalty")
     presence_penalty: float | None = sampling_field("presence_penalty")
     logit_bias: dict[str, Bias] | None = Field(None, description="token id -> bias in [-100, 100]")
-    top_k: int | None = Field(None, description="-1 or 0: off")
+    top_k: int | None = Field(None, ge=-1, le=UINT32_MAX, description="-1 or 0: off")
     min_p: float | None = sampling_field("min_p")
     repetition_penalty: float | None = sampling_field("repetition_penalty")
     typical_p: float | None = sampling_field("typical_p")
@@ -140,7 +156,7 @@ class SamplingFields(RequestModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = count_field(1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[ChatTool] | None = None
@@ -176,7 +192,7 @@ class CreateResponse(RequestModel):
     model: str | None = None
     input: str | list[dict[str, Any]] = Field(description="text, or message / function-call-output items")
     instructions: str | None = None
-    max_output_tokens: int | None = Field(None, ge=1)
+    max_output_tokens: int | None = count_field(1)
     temperature: float | None = sampling_field("temperature")
     top_p: float | None = sampling_field("top_p")
     stream: bool | None = None
@@ -222,7 +238,7 @@ class GenerateParameters(RequestModel):
     details: bool | None = None
     do_sample: bool | None = None
     frequency_penalty: float | None = sampling_field("frequency_penalty")
-    max_new_tokens: int | None = Field(None, ge=1)
+    max_new_tokens: int | None = count_field(1)
     repetition_penalty: float | None = sampling_field("repetition_penalty")
     return_full_text: bool | None = None
     seed: int | None = None
@@ -259,15 +275,20 @@ class DetokenizeRequest(RequestModel):
     tokens: list[int]
 
 
+ModelT = TypeVar("ModelT", bound=RequestModel)
+
+
 def fields_of(model: type[BaseModel]) -> frozenset[str]:
     """The JSON names a model accepts."""
     return frozenset(f.alias or name for name, f in model.model_fields.items())
 
 
-def validate_body(model: type[RequestModel], body: dict[str, Any]) -> None:
-    """Checks ``body`` against ``model``; a 400 naming the first wrong field."""
+def validate_body(model: type[ModelT], body: Any) -> ModelT:
+    """``body`` as ``model``, typed; a 400 naming the first wrong field."""
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object")
     try:
-        model.model_validate(body)
+        return model.model_validate(body)
     except pydantic.ValidationError as exc:
         param, message = _first_problem(exc)
         raise invalid(f"'{param}': {message}" if param else message, param or None) from None

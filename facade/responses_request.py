@@ -13,7 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from facade import params
+from common.chat_roles import MESSAGE_ITEM_ROLES
 from facade.errors import ApiError, invalid
 from facade.openai_chat import ChatRequest, parse_chat
 from facade.request_models import CreateResponse, fields_of, validate_body
@@ -79,46 +79,43 @@ class ResponsesRequest:
     previous_response_id: str | None
 
 
-def parse_responses(body: dict[str, Any], store: ResponseStore) -> ResponsesRequest:
-    _check_fields(body)
-    previous_id = params.typed(body, "previous_response_id", str)
+def parse_responses(body: Any, store: ResponseStore) -> ResponsesRequest:
+    req = _validate(body)
     history: list[dict[str, Any]] = []
-    if previous_id is not None:
-        previous = store.get(previous_id)
+    if req.previous_response_id is not None:
+        previous = store.get(req.previous_response_id)
         if previous is None:
-            raise invalid(f"Previous response with id '{previous_id}' not found.", "previous_response_id")
+            raise invalid(f"Previous response with id '{req.previous_response_id}' not found.", "previous_response_id")
         history = previous.messages
-    messages = [*history, *input_messages(body.get("input"))]
-    instructions = params.typed(body, "instructions", str)
-    system = [{"role": "developer", "content": instructions}] if instructions else []
-    chat_body: dict[str, Any] = {"messages": system + messages, "stream": params.typed(body, "stream", bool, False)}
+    messages = [*history, *input_messages(body["input"])]
+    system = [{"role": "developer", "content": req.instructions}] if req.instructions else []
+    chat_body: dict[str, Any] = {"messages": system + messages, "stream": bool(req.stream)}
     for key in ("temperature", "top_p", "seed", "parallel_tool_calls", "model"):
-        if body.get(key) is not None:
-            chat_body[key] = body[key]
-    if body.get("max_output_tokens") is not None:
-        chat_body["max_tokens"] = body["max_output_tokens"]
-    _tools(body, chat_body)
-    _text_format(body, chat_body)
+        if (value := getattr(req, key)) is not None:
+            chat_body[key] = value
+    if req.max_output_tokens is not None:
+        chat_body["max_tokens"] = req.max_output_tokens
+    _tools(req, chat_body)
+    _text_format(req, chat_body)
     try:
         chat = parse_chat(chat_body)
     except ApiError as exc:
         exc.param = _responses_param(exc.param)
         raise
-    return ResponsesRequest(body, chat, messages, previous_id)
+    return ResponsesRequest(body, chat, messages, req.previous_response_id)
 
 
-def _check_fields(body: dict[str, Any]) -> None:
-    for key, value in body.items():
-        if key in NEUTRAL and value not in NEUTRAL[key]:
-            raise invalid(f"'{key}' is not supported yet", key)
-        if key not in FIELDS:
-            raise invalid(f"Unrecognized request argument supplied: {key}", key)
-    if "input" not in body:
-        raise invalid("'input' is required", "input")
-    validate_body(CreateResponse, body)
-    metadata = params.typed(body, "metadata", dict, {})
-    if not all(isinstance(v, str) for v in metadata.values()):
-        raise invalid("'metadata' maps keys to strings", "metadata")
+def _validate(body: Any) -> CreateResponse:
+    """Unknown and non-neutral fields named first, then the model's types."""
+    if isinstance(body, dict):
+        for key, value in body.items():
+            if key in NEUTRAL and value not in NEUTRAL[key]:
+                raise invalid(f"'{key}' is not supported yet", key)
+            if key not in FIELDS:
+                raise invalid(f"Unrecognized request argument supplied: {key}", key)
+        if "input" not in body:
+            raise invalid("'input' is required", "input")
+    return validate_body(CreateResponse, body)
 
 
 def input_messages(value: Any) -> list[dict[str, Any]]:
@@ -147,7 +144,7 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
 
 def _message(i: int, item: dict[str, Any]) -> dict[str, Any]:
     role = item.get("role")
-    if role not in ("user", "assistant", "system", "developer"):
+    if role not in MESSAGE_ITEM_ROLES:
         raise invalid(f"input[{i}].role must be user, assistant, system or developer", f"input[{i}].role")
     return {"role": role, "content": _text(item.get("content"), f"input[{i}].content")}
 
@@ -189,26 +186,22 @@ def _function_output(i: int, item: dict[str, Any]) -> dict[str, Any]:
     return {"role": "tool", "tool_call_id": item["call_id"], "content": _text(item.get("output"), f"input[{i}].output")}
 
 
-def _tools(body: dict[str, Any], chat_body: dict[str, Any]) -> None:
-    tools = params.typed(body, "tools", list, [])
+def _tools(req: CreateResponse, chat_body: dict[str, Any]) -> None:
     converted = []
-    for k, tool in enumerate(tools):
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            raise invalid(f"tools[{k}]: only function tools are supported", f"tools[{k}].type")
-        function = {key: tool[key] for key in ("name", "description", "parameters") if tool.get(key) is not None}
-        converted.append({"type": "function", "function": function})
+    for tool in req.tools or []:
+        function = {"name": tool.name, "description": tool.description, "parameters": tool.parameters}
+        converted.append({"type": "function", "function": {k: v for k, v in function.items() if v is not None}})
     if converted:
         chat_body["tools"] = converted
-    choice = body.get("tool_choice")
+    choice = req.tool_choice
     if isinstance(choice, dict) and choice.get("type") == "function":
         choice = {"type": "function", "function": {"name": choice.get("name")}}
     if choice is not None and (converted or choice != "auto"):
         chat_body["tool_choice"] = choice
 
 
-def _text_format(body: dict[str, Any], chat_body: dict[str, Any]) -> None:
-    text = params.typed(body, "text", dict, {})
-    fmt = params.typed(text, "format", dict)
+def _text_format(req: CreateResponse, chat_body: dict[str, Any]) -> None:
+    fmt = req.text.format if req.text is not None else None
     if fmt is None:
         return
     if fmt.get("type") == "json_schema":

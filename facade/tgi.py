@@ -10,11 +10,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from common.sampling_fields import BY_NAME
 from facade import sse
 from facade.choices import StreamSet, generate_all, router_info
 from facade.errors import invalid
 from facade.json_body import json_response, read_json
-from facade.params import count, response_format, typed
+from facade.params import response_format
 from facade.request_models import GenerateParameters, GenerateRequest, fields_of, validate_body
 from facade.state import ROUTER
 from protos import router_pb2 as pb
@@ -32,41 +33,39 @@ _NEUTRAL: dict[str, Any] = {
 }  # fmt: skip
 
 
-def parse_generate(body: dict) -> tuple[pb.GenerateRequest, dict]:
+def parse_generate(body: Any) -> tuple[pb.GenerateRequest, GenerateParameters]:
     """A TGI body (``inputs``, ``parameters``) -> the router request, and the parameters given."""
-    inputs = body.get("inputs")
-    if not isinstance(inputs, str) or not inputs:
-        raise invalid("'inputs' must be a non-empty string", "inputs")
-    raw = typed(body, "parameters", dict, {})
-    given = {k: v for k, v in raw.items() if v is not None}
-    for key, value in given.items():
+    raw = body.get("parameters") if isinstance(body, dict) else None
+    for key, value in (raw or {}).items() if isinstance(raw, dict) else ():
+        if value is None:
+            continue
         if key not in _ACCEPTED:
             raise invalid(f"unknown parameter '{key}'", f"parameters.{key}")
         if key in _NEUTRAL and value != _NEUTRAL[key]:
             raise invalid(f"'{key}' is not supported yet", f"parameters.{key}")
-    validate_body(GenerateRequest, body)
-    sampling = given.get("do_sample", False) or any(
-        key in given and given[key] != neutral
-        for key, neutral in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0), ("typical_p", 1.0))
+    req = validate_body(GenerateRequest, body)
+    given = req.parameters or GenerateParameters.model_validate({})
+    sampling = bool(given.do_sample) or any(
+        (value := getattr(given, key)) is not None and value != BY_NAME[key].neutral
+        for key in ("temperature", "top_k", "top_p", "typical_p")
     )
-    p = pb.GenerationParameters(temperature=float(typed(given, "temperature", (int, float), 1.0)) if sampling else 0.0)
+    temperature = given.temperature if given.temperature is not None else 1.0
+    p = pb.GenerationParameters(temperature=temperature if sampling else 0.0)
     for key in ("top_p", "typical_p", "repetition_penalty"):
-        if key in given:
-            setattr(p, key, float(typed(given, key, (int, float))))
-    p.frequency_penalty = float(typed(given, "frequency_penalty", (int, float), 0.0))
-    p.top_k = count(given, "top_k", 0, 0) or 0
-    if "seed" in given:
-        p.seed = typed(given, "seed", int) % (1 << 64)
-    if (max_new_tokens := count(given, "max_new_tokens", 1)) is not None:
-        p.max_new_tokens = max_new_tokens
-    stops = typed(given, "stop", list, [])
-    if not all(isinstance(s, str) for s in stops):
-        raise invalid("'stop' must be a list of strings", "stop")
-    p.stop.extend(stops)
-    p.top_n_tokens = count(given, "top_n_tokens", 0, 0) or 0
+        if (value := getattr(given, key)) is not None:
+            setattr(p, key, value)
+    p.frequency_penalty = given.frequency_penalty or 0.0
+    p.top_k = given.top_k or 0
+    if given.seed is not None:
+        p.seed = given.seed % (1 << 64)
+    if given.max_new_tokens is not None:
+        p.max_new_tokens = given.max_new_tokens
+    p.stop.extend(given.stop or [])
+    p.top_n_tokens = given.top_n_tokens or 0
     p.logprobs = True  # TGI reports every token's text
-    p.response_format.CopyFrom(response_format(given.get("grammar"), "grammar"))
-    return pb.GenerateRequest(prompt=inputs, parameters=p), given
+    grammar = given.grammar.model_dump(exclude_none=True) if given.grammar is not None else None
+    p.response_format.CopyFrom(response_format(grammar, "grammar"))
+    return pb.GenerateRequest(prompt=req.inputs, parameters=p), given
 
 
 def _token(t: Any) -> dict[str, Any]:
@@ -94,9 +93,9 @@ def _details(answer: Any, tokens: list, seed: int | None, top_n: int) -> dict[st
 async def generate(request: web.Request) -> web.Response:
     message, given = parse_generate(await read_json(request))
     [answer] = await generate_all(request.app[ROUTER], [message])
-    text = (message.prompt if given.get("return_full_text") else "") + answer.text
+    text = (message.prompt if given.return_full_text else "") + answer.text
     body: dict[str, Any] = {"generated_text": text}
-    if given.get("details"):
+    if given.details:
         seed = message.parameters.seed if message.parameters.temperature > 0 else None
         body["details"] = _details(answer, list(answer.tokens), seed, message.parameters.top_n_tokens)
     return json_response(body)
@@ -106,11 +105,11 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
     return await _stream(request, *parse_generate(await read_json(request)))
 
 
-async def _stream(request: web.Request, message: pb.GenerateRequest, given: dict) -> web.StreamResponse:
+async def _stream(request: web.Request, message: pb.GenerateRequest, given: GenerateParameters) -> web.StreamResponse:
     streams = StreamSet(request.app[ROUTER], [message])
     await streams.start()
     response = await sse.open_stream(request, sse.TGI)
-    text = message.prompt if given.get("return_full_text") else ""
+    text = message.prompt if given.return_full_text else ""
     try:
         async for _, m in streams.messages():
             text += m.text
@@ -139,9 +138,9 @@ async def compat(request: web.Request) -> web.StreamResponse:
     if isinstance(body, dict) and body.get("stream"):
         return await _stream(request, message, given)
     [answer] = await generate_all(request.app[ROUTER], [message])
-    text = (message.prompt if given.get("return_full_text") else "") + answer.text
+    text = (message.prompt if given.return_full_text else "") + answer.text
     result: dict[str, Any] = {"generated_text": text}
-    if given.get("details"):
+    if given.details:
         result["details"] = _details(answer, list(answer.tokens), None, message.parameters.top_n_tokens)
     return json_response([result])  # TGI's compat route answers a one-element list (its client reads [0])
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from aiohttp import web
 
@@ -9,29 +11,27 @@ from facade.choices import router_info
 from facade.errors import from_grpc, invalid, use_tgi_errors
 from facade.json_body import json_response, read_json
 from facade.openai_chat import parse_chat
-from facade.params import UINT32_MAX, token_ids, typed
-from facade.request_models import DetokenizeRequest, TokenizeRequest, validate_body
+from facade.params import token_ids
+from facade.request_models import UINT32_MAX, DetokenizeRequest, TokenizeRequest, validate_body
 from facade.state import ROUTER
 from protos import router_pb2 as pb
 
 
-def parse_tokenize(body: dict) -> pb.TokenizeRequest:
-    validate_body(TokenizeRequest, body)
-    if "messages" in body:
-        chat = parse_chat({"messages": body["messages"], "model": body.get("model", "tgi")})
+def parse_tokenize(body: Any) -> pb.TokenizeRequest:
+    req = validate_body(TokenizeRequest, body)
+    if req.messages is not None:
+        chat = parse_chat({"messages": body["messages"], "model": req.model or "tgi"})
         return pb.TokenizeRequest(chat=chat.requests[0].chat)
-    prompt = typed(body, "prompt", str)
-    if prompt is None:
+    if req.prompt is None:
         raise invalid("'prompt' (a string) or 'messages' is required", "prompt")
-    return pb.TokenizeRequest(prompt=prompt)
+    return pb.TokenizeRequest(prompt=req.prompt)
 
 
-def parse_detokenize(body: dict) -> pb.DetokenizeRequest:
-    validate_body(DetokenizeRequest, body)
-    tokens = body.get("tokens")
-    if not token_ids(tokens):
+def parse_detokenize(body: Any) -> pb.DetokenizeRequest:
+    req = validate_body(DetokenizeRequest, body)
+    if not token_ids(req.tokens):
         raise invalid(f"'tokens' must be an array of token ids (integers in 0..{UINT32_MAX})", "tokens")
-    return pb.DetokenizeRequest(ids=tokens)
+    return pb.DetokenizeRequest(ids=req.tokens)
 
 
 async def tokenize(request: web.Request) -> web.Response:
@@ -60,9 +60,8 @@ async def detokenize(request: web.Request) -> web.Response:
 async def _tgi_tokenize(request: web.Request, body: dict) -> web.Response:
     """TGI's shape: ``{"inputs": text}`` -> ``[{"id", "text", "start", "stop"}, ...]`` (character offsets)."""
     use_tgi_errors(request)
-    validate_body(TokenizeRequest, body)
-    inputs = body.get("inputs")
-    if not isinstance(inputs, str) or not inputs:
+    inputs = validate_body(TokenizeRequest, body).inputs
+    if not inputs:
         raise invalid("'inputs' must be a non-empty string", "inputs")
     try:
         answer = await request.app[ROUTER].Tokenize(pb.TokenizeRequest(prompt=inputs))

@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from common.chat_roles import ROLES
 from common.sampling_fields import BY_NAME, SAMPLING_FIELDS
 from common.sampling_params import SamplingParams
 from protos import router_pb2 as pb
@@ -18,8 +19,6 @@ from router.request import Request
 from router.stopping import StopCondition, TextStream
 from router.tokenization import Tokenizer
 from router.tools import HERMES, CallWatch, ToolCallFormat, calls_possible, template_calls, template_tools, tool_grammar
-
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ def test_completion_sequences_per_request_are_bounded():
 @pytest.mark.parametrize(
     ("parameters", "param"),
     [({"max_new_tokens": -1}, "parameters.max_new_tokens"), ({"top_k": -5}, "parameters.top_k"),
-     ({"top_n_tokens": -1}, "parameters.top_n_tokens"), ({"max_new_tokens": 2**32}, "max_new_tokens")],
+     ({"top_n_tokens": -1}, "parameters.top_n_tokens"), ({"max_new_tokens": 2**32}, "parameters.max_new_tokens")],
 )  # fmt: skip
 def test_tgi_parameters_out_of_range(parameters, param):
     assert rejected(tgi_parameters, {"inputs": "hi", "parameters": parameters}).param == param

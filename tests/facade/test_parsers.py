@@ -11,7 +11,7 @@ from facade import params
 from facade.errors import ApiError
 from facade.openai_chat import parse_chat
 from facade.openai_completions import parse_completion
-from facade.request_models import ChatCompletionRequest, fields_of
+from facade.request_models import ChatCompletionRequest, CompletionRequest, fields_of, validate_body
 from facade.responses_request import ResponseStore, parse_responses
 from facade.tgi import parse_generate
 from facade.tokenize import parse_detokenize, parse_tokenize
@@ -82,25 +82,32 @@ def _messages(parsed: Any) -> list[Any]:
 # --- shared sampling fields -----------------------------------------------------------------
 
 
+def sampling(body: dict) -> pb.GenerationParameters:
+    """A completion body's sampling fields as the handlers read them: validated, then converted."""
+    req = validate_body(CompletionRequest, {"prompt": "x", **body})
+    return params.parameters(req, req.max_tokens)
+
+
 def test_sampling_fields_map_to_router_parameters():
     body = {"temperature": 0.5, "top_p": 0.9, "top_k": -1, "seed": -1, "stop": "x", "max_tokens": 7,
             "logit_bias": {"42": -100}, "min_tokens": 2, "ignore_eos": True}  # fmt: skip
-    p = params.parameters(body)
+    p = sampling(body)
     assert (p.temperature, p.top_k, p.seed, list(p.stop), p.max_new_tokens) == (0.5, 0, (1 << 64) - 1, ["x"], 7)
     assert dict(p.logit_bias) == {42: -100.0} and p.min_new_tokens == 2 and p.ignore_eos
-    assert not params.parameters({}).HasField("temperature")  # absent: the model's defaults apply
-    assert params.parameters({"max_completion_tokens": 3, "max_tokens": 9}, "max_completion_tokens").max_new_tokens == 3
+    assert not sampling({}).HasField("temperature")  # absent: the model's defaults apply
+    two_limits = {"messages": USER, "max_completion_tokens": 3, "max_tokens": 9}
+    assert parse_chat(two_limits).requests[0].parameters.max_new_tokens == 3
 
 
 @pytest.mark.parametrize(
     ("body", "param"),
     [({"max_tokens": 10**12}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": True}, "max_tokens"),
      ({"top_k": 2**40}, "top_k"), ({"min_tokens": -1}, "min_tokens"), ({"temperature": "hot"}, "temperature"),
-     ({"seed": 1.5}, "seed"), ({"stop": [1]}, "stop"), ({"logit_bias": {"10000000000": 5}}, "logit_bias"),
+     ({"seed": 1.5}, "seed"), ({"stop": [1]}, "stop[0]"), ({"logit_bias": {"10000000000": 5}}, "logit_bias"),
      ({"logit_bias": {"x": 5}}, "logit_bias"), ({"logit_bias": {"5": True}}, "logit_bias")],
 )  # fmt: skip
 def test_wrong_sampling_fields_are_400s_naming_them(body, param):
-    assert rejected(params.parameters, body).param == param
+    assert rejected(sampling, body).param == param
 
 
 def test_fields_accepted_ignored_or_refused():
@@ -177,7 +184,7 @@ def test_wrong_or_too_many_prompts_are_400s(body):
 def test_tgi_parameters():
     message, given = parse_generate({"inputs": "x", "parameters": {"do_sample": True, "top_n_tokens": 2, "seed": 3}})
     p = message.parameters
-    assert p.temperature == 1.0 and p.top_n_tokens == 2 and p.seed == 3 and given["do_sample"]
+    assert p.temperature == 1.0 and p.top_n_tokens == 2 and p.seed == 3 and given.do_sample
     assert parse_generate({"inputs": "x", "parameters": {"best_of": 1, "watermark": False}})[0].prompt == "x"
     greedy, _ = parse_generate({"inputs": "x"})
     assert greedy.parameters.temperature == 0.0
