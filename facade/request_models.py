@@ -255,7 +255,7 @@ class GenerateParameters(RequestModel):
 
 
 class GenerateRequest(RequestModel):
-    inputs: str = Field(min_length=1)
+    inputs: str = Field(description="the prompt, not empty")
     parameters: GenerateParameters | None = None
     stream: bool | None = None
 

@@ -144,7 +144,7 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
 
 def _message(i: int, item: dict[str, Any]) -> dict[str, Any]:
     role = item.get("role")
-    if role not in MESSAGE_ITEM_ROLES:
+    if not isinstance(role, str) or role not in MESSAGE_ITEM_ROLES:
         raise invalid(f"input[{i}].role must be user, assistant, system or developer", f"input[{i}].role")
     return {"role": role, "content": _text(item.get("content"), f"input[{i}].content")}
 

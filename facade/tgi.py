@@ -44,6 +44,8 @@ def parse_generate(body: Any) -> tuple[pb.GenerateRequest, GenerateParameters]:
         if key in _NEUTRAL and value != _NEUTRAL[key]:
             raise invalid(f"'{key}' is not supported yet", f"parameters.{key}")
     req = validate_body(GenerateRequest, body)
+    if not req.inputs:
+        raise invalid("'inputs' must be a non-empty string", "inputs")
     given = req.parameters or GenerateParameters.model_validate({})
     sampling = bool(given.do_sample) or any(
         (value := getattr(given, key)) is not None and value != BY_NAME[key].neutral

@@ -82,10 +82,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def shard_threads(num_shard: int, env: Mapping[str, str]) -> list[str]:
     """``--threads`` for shards that share this host with the router and the facade: every core.
 
-    Measured under the shared load (2-core AMD EPYC, AVX2): the shard is the only busy
-    process (98% of a core; router and facade ~2% each), so a shard on one thread left
-    the other core idle. Two threads: 88 tokens/s at 16 streams instead of 54, TTFT
-    p50 6.6 s instead of 13.2 s, and 21 instead of 18 tokens/s to one stream. (The
+    Under load the shard is the only busy process, so a shard on one thread left the other
+    core idle (docs/performance.md, "Shard threads"). (The
     old advice, one core left free, came from library GEMMs whose threads stalled at
     every barrier when preempted; our kernels split work over output tiles and the
     other services wake rarely.) SHARD_THREADS or OMP_NUM_THREADS override it.

@@ -97,14 +97,10 @@ class Limits:
 
 
 #: Prompt tokens per step on a CPU shard: every step carries the decode tokens of the
-#: running streams, and a 512-token chunk holds them back ~0.6 s on a 2-core CPU, where
-#: TGI's whole-prompt default (up to 8,191 tokens) held them ~12 s. Smaller chunks also
-#: serve a burst of arrivals first come, first served: the first prompt's first token comes
-#: after its own chunk, not after 2,048 tokens of everyone's. Measured through the stack on
-#: a 2-core AVX512-BF16 EPYC (shared workload, side by side): 64 streams, TTFT p50 4.4 s with
-#: 2,048 vs 2.1 s with 512 (1.7 s with 256, at 4% less throughput), tokens/s 261 vs 268;
-#: 16 streams, 2.5 s vs 1.2 s. The matrix products run at the same speed at 512 rows as at
-#: 2,048, so the chunking costs one step's fixed overhead (a few ms) per chunk.
+#: running streams, which a bounded chunk holds back far less than TGI's whole-prompt
+#: default; smaller chunks also serve a burst of arrivals first come, first served (the
+#: first prompt's first token comes after its own chunk, not after everyone's). The
+#: measurements: docs/performance.md, "Prompt chunks on CPU".
 CPU_PREFILL_BUDGET = 512
 
 
@@ -120,8 +116,8 @@ def default_admission(device: str) -> tuple[float, int]:
 
     Every step carries the running streams' decode tokens and the prompt chunks together, and
     on CPU the chunks are bounded (CPU_PREFILL_BUDGET): holding arrivals back (TGI's 1.2 and 20)
-    then only leaves their slots empty, ~20 steps (~3 s at 64 streams on a 2-core CPU) of each
-    request's life, for no saving, since their prompts cost the same later. So a CPU shard takes
+    then only leaves their slots empty for ~20 steps of each request's life (docs/performance.md,
+    "Admission on CPU"), for no saving, since their prompts cost the same later. So a CPU shard takes
     arrivals at the next step, as vLLM's chunked prefill does. On GPU, where a step takes whole
     prompts (4,096+ tokens) and running streams stall for them, TGI's policy stays.
     """

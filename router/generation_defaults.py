@@ -14,16 +14,19 @@ from dataclasses import dataclass
 from transformers import GenerationConfig
 
 from common.model_source import DEFAULT_MODEL_NAME, ModelSource
+from common.sampling_fields import BY_NAME
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class GenerationDefaults:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
+    """Without a recommendation: OpenAI's defaults, the table's neutral values."""
+
+    temperature: float = BY_NAME["temperature"].neutral
+    top_p: float = BY_NAME["top_p"].neutral
+    top_k: int = BY_NAME["top_k"].neutral
+    repetition_penalty: float = BY_NAME["repetition_penalty"].neutral
 
 
 #: The embedded model's GGUF carries no generation config: these are its model card's settings.

@@ -86,9 +86,8 @@ async def serve(config: ShardConfig) -> None:
     # Every torch and kernel call of this process runs on this one thread, loading included.
     # OpenMP (libgomp) keeps a team of threads per thread that starts parallel regions; once
     # two threads have teams, it counts more threads than cores and makes idle workers sleep
-    # after ~100 spins, so every parallel region waits for a futex wake-up. Measured (2-core
-    # AMD EPYC): a 1x576x3072 bf16 product 33 -> 106 us, a one-sequence decode step 7.8 ->
-    # 16.5 ms, when the model loaded on the main thread and stepped on this one.
+    # after ~100 spins, so every parallel region waits for a futex wake-up: a decode step took
+    # twice as long (docs/performance.md, "One model thread").
     model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
     loop = asyncio.get_running_loop()
     engine, architecture = await loop.run_in_executor(model_thread, prepare_engine, config, source, device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from common.settings import SETTINGS, reference_markdown
@@ -22,3 +23,16 @@ def test_the_readme_fits_on_a_screen_and_its_links_resolve():
     for page in ("api", "configuration", "deployment", "reproducibility", "performance"):
         assert f"(docs/{page}.md)" in readme
         assert (ROOT / "docs" / f"{page}.md").exists()
+
+
+def test_measurement_pointers_name_sections_of_the_performance_document():
+    """Code points to docs/performance.md for the figures behind a choice: every section it names exists."""
+    headings = set(re.findall(r"^### (.+)$", (ROOT / "docs" / "performance.md").read_text(), re.M))
+    pointer = re.compile(r'docs/performance\.md,[\s#*]*"([^"]+)"')
+    named = {}
+    for package in ("common", "router", "facade", "shard", "launcher"):
+        for path in [*(ROOT / package).rglob("*.py"), *(ROOT / package).rglob("*.c")]:
+            for section in pointer.findall(path.read_text()):
+                named[section] = path
+    assert len(named) >= 10
+    assert {s: str(p) for s, p in named.items() if s not in headings} == {}

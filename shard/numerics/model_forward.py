@@ -5,12 +5,10 @@ final norm -> head on the kept rows (Llama, Mistral, Qwen2: no embedding scale, 
 soft-capping), with every decoder layer ours (``FastDecoderLayer``), the engine calls those
 very modules on the very tensors itself: the same bits, without what transformers adds each
 step that our layers never read (the causal mask and its packed-sequence detection, output
-capturing, keyword plumbing). A/B in one process, SmolLM2 bf16 one sequence, 2-core AMD
-EPYC: 8.8-9.6 ms per decode step through transformers' forward, 8.4-9.0 ms direct.
+capturing, keyword plumbing): docs/performance.md, "Fewer calls per layer and per step".
 
 Being ours, it also runs the layer stack as one C call where every layer has its one-call
-path (``shard.numerics.native_layer.NativeStack``): A/B alternated in one process, one sequence, same
-machine, 8.03-8.14 ms per decode step against 8.47-8.75 layer by layer (4-5%). The final norm
+path (``shard.numerics.native_layer.NativeStack``), 4-5% of a one-sequence decode step. The final norm
 runs on the rows the head reads only (a norm is per row: the same bits as norming every row
 and keeping some; it stays transformers' own, whose reduction order the logits' bits follow).
 """

@@ -1,14 +1,14 @@
 """A fused decoder layer in one C call (``shard/numerics/kernels/decoder_layer.c``).
 
 Why: ``FastDecoderLayer`` already computes a layer in a dozen kernel calls, but each costs
-Python, ctypes and tensor bookkeeping around the kernel: ~150 us a layer, 4-5 ms of a
-one-sequence decode step of SmolLM2-135M (30 layers), as much as all its matrix products.
+Python, ctypes and tensor bookkeeping around the kernel, as much as all of a small model's
+matrix products at one sequence (docs/performance.md, "Fewer calls per layer and per step").
 ``decoder_layer.c`` makes the same calls in the same order on the same buffers (the same
 bits, tested), from C. What stays from step to step (weights, shapes) is described once per
 layer (``NativeLayer``); what a step shares across its layers (slots, block tables, rotary
 tables, scratch buffers) once per step (``NativeStep``, kept on the ``PagedStep``). Where the
 model forward is ours (``shard.numerics.model_forward``), the whole stack of layers is one call
-(``NativeStack``): the Python between the layers cost another ~20 us a layer, 0.6-0.7 ms a step.
+(``NativeStack``), without the Python between the layers.
 
 It applies where every piece is the kernels' own: fused q/k/v and gate/up products on the
 step-invariant linear kernel, silu, the CPU paged attention for every query, activations,

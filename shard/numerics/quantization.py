@@ -25,10 +25,8 @@ these give back every loaded weight bit for bit (``exact_grid``: GGUF's scale an
 offset are float16 numbers, found among the float16 neighbours of the group's span),
 so the model computes exactly the float32 model transformers loads while a decode
 step reads a fifth of the bytes. ``auto`` does this for exact blocks only (lossless);
-``int4`` also quantizes the layers that have none. A one-sequence decode step of the
-default model on a 2-core AVX2 EPYC: 4-bit 29-31 ms, float32 38-41 ms (the kernel
-unpacks a few rows' weights in registers, several tiles at a time); at 16 and 64
-sequences the two are within noise of each other.
+``int4`` also quantizes the layers that have none. The kernel unpacks a few rows' weights
+in registers, several tiles at a time (figures: docs/performance.md, "Quantized storage").
 """
 
 from __future__ import annotations

@@ -165,8 +165,8 @@ CANDIDATES = (64, 1024)
 def _sample_filtered(scores: torch.Tensor, rows: list[SequenceView]) -> torch.Tensor:
     """One token per row, drawn by inverse CDF with the row's counter-based uniform.
 
-    Sorting the whole vocabulary costs ~90 ms for 64 rows of 49k logits here, more
-    than the forward. So: a row without filters draws in token-id order (no sort);
+    Sorting the whole vocabulary costs more than the forward (docs/performance.md,
+    "Sampling"). So: a row without filters draws in token-id order (no sort);
     a row with filters draws among its most likely tokens (``_draw_among_top``);
     only rows whose kept set is larger than every candidate tier, or that use
     typical-p (not ordered by probability), sort the whole vocabulary.
@@ -236,7 +236,7 @@ def _search(weights: torch.Tensor, target: torch.Tensor, chunk: int = 256) -> to
     """Per row, the first index where the running sum of ``weights`` exceeds ``target``.
 
     Two levels (sums of chunks, then one chunk) instead of a cumulative sum over the
-    whole vocabulary: torch's CPU cumsum is a serial loop, ~4 ms for 64 x 49k.
+    whole vocabulary: torch's CPU cumsum is a serial loop (docs/performance.md, "Sampling").
     """
     rows, width = weights.shape
     pad = -width % chunk

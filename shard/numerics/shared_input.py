@@ -2,9 +2,8 @@
 
 Why: a decode step is bound by streaming weights, and each matmul call has a
 fixed cost on top (dispatch, a parallel region, a partial last tile). One call
-over the concatenated weights instead of three (two) saves it: measured on this
-machine for SmolLM2's 30 layers, prepacked bf16 at 16 rows 15.0 -> 12.8 ms per
-step, at 64 rows 19.0 -> 16.5 ms; int4 at one row 0.42 ms.
+over the concatenated weights instead of three (two) saves it (docs/performance.md,
+"Fused projections").
 
 transformers' modules call ``self.q_proj(x)``, ``self.k_proj(x)``,
 ``self.v_proj(x)`` in turn on the same ``x``, so the model code stays as it is:

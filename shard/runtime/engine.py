@@ -154,10 +154,9 @@ class Engine:
 
         Why in warmup as well as in the background: a load that starts as soon as the shard is
         ready never leaves the engine idle, so the background thread cannot get ahead of it,
-        and the steps pay the first-touch faults (on the 2-core EPYC VM, 64 streams of the
-        shared workload against a fresh stack: 275 and 307 tokens/s, against 333 and 346 with
-        the first GiBs mapped beforehand). The router hands out the lowest never-used blocks
-        first, so these are the blocks the first requests get. Where memory maps at its normal
+        and the steps pay the first-touch faults (docs/performance.md, "KV cache memory"). The
+        router hands out the lowest never-used blocks first, so these are the blocks the first
+        requests get. Where memory maps at its normal
         speed (GiB/s) the whole cache is done well within the budget."""
         if self.kv_prefault_ready_s <= 0:
             return

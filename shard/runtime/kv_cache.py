@@ -69,16 +69,13 @@ class PagedKVCache:
         """Faults in every page of a CPU cache without changing a byte; returns the bytes done.
 
         Why: the cache is calloc'ed memory that the OS maps on first write, and on a VM whose
-        host backs guest memory lazily a first write costs 15-25 us per 4 KiB page (measured
-        on the 2-core EPYC VM: 0.15-0.26 GiB/s, against 17 GiB/s for pages touched before).
-        Left to the steps, that is ~1.4 ms per new 16-token block of SmolLM2, paid by the
-        model thread while its OpenMP team waits: a 214-token prefill into never-used blocks
-        took 224 ms against 178 ms into mapped ones, and a fresh server spent 5% of a
-        64-stream run in the kernel clearing pages. MADV_POPULATE_WRITE (Linux 5.14) maps a
+        host backs guest memory lazily a first write is ~100x slower than a write to a mapped
+        page; left to the steps, the model thread pays it while its OpenMP team waits
+        (docs/performance.md, "KV cache memory"). MADV_POPULATE_WRITE (Linux 5.14) maps a
         range writable as a write would, but leaves its contents alone, so it is safe while
         steps write KV. Lowest blocks first: the router hands out never-used blocks in that
-        order. Each call maps ``blocks_per_call`` blocks of one layer's K or V (12 pages, ~0.3 ms
-        there) once ``may_run()`` allows it. Stops early when ``stop`` is set, at ``deadline``
+        order. Each call maps ``blocks_per_call`` blocks of one layer's K or V once ``may_run()``
+        allows it. Stops early when ``stop`` is set, at ``deadline``
         (``time.monotonic()``), or when the kernel refuses (older kernels); a later call goes on
         from the first block not yet done (``resident_blocks``)."""
         populate = _populate_write()
@@ -107,9 +104,9 @@ class PagedKVCache:
     def make_resident_in_background(self, may_run: Callable[[], bool]) -> threading.Event:
         """``make_resident`` on a daemon thread, between steps only; set the event to stop it.
 
-        Only while ``may_run()`` (the engine has been idle a while): a first measurement with
-        the thread running freely at nice 19 put the one-stream ITL up 10% on the 2-core EPYC,
-        its page faults delaying the OpenMP workers' wake-ups. Idle time before the first
+        Only while ``may_run()`` (the engine has been idle a while): running freely, even at
+        nice 19, its page faults delayed the OpenMP workers' wake-ups (docs/performance.md,
+        "KV cache memory"). Idle time before the first
         request and between bursts gets it ahead of the allocator; a load that starts at
         once and never pauses pays for the first blocks it reaches, as without it."""
         stop = threading.Event()
@@ -182,7 +179,7 @@ def _addresses_of(tensors: list[torch.Tensor]) -> torch.Tensor:
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Zeroed KV memory. On CPU through calloc (numpy.zeros): the OS hands out zero
     pages as they are first touched, so a cache of several GiB costs nothing at
-    Warmup (torch.zeros writes every page: 32 s for 15 GiB on a 2-core EPYC).
+    Warmup (torch.zeros writes every page: docs/performance.md, "KV cache memory").
     Zeros, not garbage: a masked slot read by the gathering backend is multiplied
     by a zero weight, which must not meet a NaN bit pattern."""
     if device.type != "cpu":

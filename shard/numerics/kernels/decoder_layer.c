@@ -2,8 +2,7 @@
  * A whole Llama-family decoder layer in one call: the same kernels FastDecoderLayer calls one
  * by one from Python (shard/numerics/decoder_layers.py), called here in the same order on the same
  * buffers, so the result is the very same bits with none of the per-call Python, ctypes and
- * tensor bookkeeping in between (~150 us a layer, 4-5 ms of a one-sequence decode step of a
- * 30-layer model, more than the attention itself).
+ * tensor bookkeeping in between (docs/performance.md, "Fewer calls per layer and per step").
  *
  *   h    = rms_norm(x)
  *   qkv  = h @ Wqkv (+ bias)                 one fused product, rows [q | k | v]
@@ -16,8 +15,7 @@
  *   out  = out + a @ Wdown                   (in place: each element reads its residual once)
  *
  * decoder_layers runs a model's whole stack of layers in one call, each layer reading the
- * previous one's output: the same per-layer calls without the Python between the layers
- * (~20 us a layer, 0.6-0.7 ms of a one-sequence decode step of a 30-layer model).
+ * previous one's output: the same per-layer calls without the Python between the layers.
  *
  * The kernels live in their own shared objects (linear.c, layer_ops.c, paged_decode.c) and
  * are reached through the function pointers the caller passes in Kernels: one build of each,

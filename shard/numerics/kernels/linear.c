@@ -497,9 +497,8 @@ static inline __attribute__((always_inline)) void few_rows_tiles(const int rows,
             for (int p = 0; p < PANELS; p++) v_store(c + (j * rows + r) * TILE + p * 16, acc[r][j][p]);
 }
 
-/* Tiles grouped per row count: 2 x PANELS chains for one row (of 2, 3, 4 and 8 tiles, 2 and 3
- * were fastest on a 2-core AVX2 EPYC: 30 layers of SmolLM2 at one row, cold weights), fewer
- * tiles as rows grow. */
+/* Tiles grouped per row count: 2 x PANELS chains for one row, fewer tiles as rows grow
+ * (docs/performance.md, "Linear kernel work split"). */
 #define ONE_ROW_TILES 2
 static inline int tiles_per_group(int rows) { return rows == 1 ? ONE_ROW_TILES : rows == 2 ? 2 : 1; }
 
@@ -580,9 +579,8 @@ static const float *rows_as_f32(const void *x, int xtype, int64_t M, int64_t K, 
  * Tiles are handed out guided (large contiguous runs first, single tiles at the end) rather than
  * in two fixed halves: a thread preempted by the router or the facade, which share these cores,
  * no longer holds up the other one at the end of the layer, and each thread still streams long
- * contiguous runs of weights. Which thread computes a tile never changes its bits. Interleaved
- * A/B, 2-core EPYC, against static halves: prefill of 214 tokens 0.97-0.98x the time, decode of
- * 16 and 64 sequences the same alone and 0.93-0.95x with a 20% duty load on the cores. */
+ * contiguous runs of weights. Which thread computes a tile never changes its bits
+ * (docs/performance.md, "Linear kernel work split"). */
 static int buffered_tiles(const Weights *wt, const float *xf, const Output *o, int64_t M, int64_t K, int threads) {
     const int64_t N = o->N;
     const int64_t tiles = (N + TILE - 1) / TILE;

@@ -349,8 +349,8 @@ static inline void prefetch_row(const uint16_t *row, int elements) {
  * step reads every cached position once, and a sequence's rows come from memory; fetched
  * only as each pass reaches them, the first KV head's passes wait on memory while the later
  * heads' passes (from cache) leave it idle. Spread over the current item's passes, the next
- * item's rows stream in the whole time (64 sequences x 340 positions x 30 layers, 2-core
- * EPYC: 27 ms against 34-45 ms). Loads only: no result changes. */
+ * item's rows stream in the whole time (docs/performance.md, "Decode attention prefetch").
+ * Loads only: no result changes. */
 typedef struct {
     const char *k, *v;
     const int64_t *slots; /* the next item's positions; NULL where there is none */
