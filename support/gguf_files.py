@@ -59,7 +59,7 @@ def _random_k_blocks(qtype: T, rows: int, columns: int, rng: np.random.Generator
 _QUANTIZABLE = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
 
 
-def _tensor(qtype: T, rows: int, columns: int, rng: np.random.Generator) -> np.ndarray:
+def quantized_tensor(qtype: T, rows: int, columns: int, rng: np.random.Generator) -> np.ndarray:
     """A weight in ``qtype``: quantized from normal weights, random k-quant blocks, or (any other
     type, for refusal tests) random bytes."""
     if qtype in _K_SCALES:
@@ -113,7 +113,7 @@ def build_tiny_gguf(folder: Path, types: dict[str, T] | None = None, seed: int =
         if tied and name == "output":
             continue
         qtype = types.get(name, T.F32)
-        data = _tensor(qtype, rows, columns, rng)
+        data = quantized_tensor(qtype, rows, columns, rng)
         writer.add_tensor(f"{name}.weight", data, raw_dtype=None if qtype == T.F32 else qtype)
     for layer in range(LAYERS):
         for norm in ("attn_norm", "ffn_norm"):

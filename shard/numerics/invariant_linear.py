@@ -41,6 +41,11 @@ TYPE_CODES = {**ACTIVATION_CODES, torch.uint8: 2, torch.int8: 3}
 #: and INT8 with fp32 scales and offsets per group; the k-quants K4, K5, K6 with their factors.
 #: STORAGES lists them in the order of linear.c's enum, from INT4 = 2 on.
 QUANTIZED_CODES = {storage: code for code, storage in enumerate(STORAGES, start=2)}
+#: Added to a weight's code: its products take linear.c's int8-activation path (x quantized per row in
+#: blocks of 32, integer products; see ``quantize_activations``). For the storages of unsigned values
+#: below 64: the 4-bit ones and the k-quants.
+INT8_ACTIVATIONS = 16
+INT8_ACTIVATION_STORAGES = tuple(s for s in STORAGES if s[0] <= 6)
 
 
 class LinearKernel:
@@ -62,6 +67,10 @@ class LinearKernel:
         self._gather.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                  ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                  ctypes.c_int]  # fmt: skip
+        self._quad_layout = library.linear_quad_layout
+        self._quad_layout.restype = ctypes.c_int
+        self._quad_layout.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                      ctypes.c_void_p, ctypes.c_int]  # fmt: skip
         library.linear_bf16_dot.restype = ctypes.c_int
         #: Whether bf16 activations with bf16 or 4-/8-bit weights multiply by VDPBF16PS (AVX512-BF16
         #: builds: pairs of exact bf16 products, see linear.c) rather than by fp32 FMAs.
@@ -151,6 +160,18 @@ class LinearKernel:
         y = y if y.dtype == result_dtype else y.to(result_dtype)
         return y if fused or residual is None else residual + y
 
+    def quad_layout(self, layer: InvariantLinear) -> torch.Tensor:
+        """``layer``'s packed values rewritten in the layout of linear.c's int8 products (the same size)."""
+        packed: torch.Tensor = layer._buffers["packed"]  # type: ignore[assignment]
+        out = torch.empty_like(packed)
+        status = self._quad_layout(
+            packed.data_ptr(), layer.wtype, _pointer(layer._buffers["scales"]), layer.in_features, layer.out_features,
+            out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise ValueError(f"no int8 products for a {layer.storage} layer of {layer.in_features} inputs")
+        return out
+
     def gather_rows(self, layer: InvariantLinear, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of ``layer``'s weight [out, in] as fp32 [len(ids), in]: the values its products
         use (an embedding table kept as its output head's tiles)."""
@@ -232,10 +253,14 @@ class InvariantLinear(nn.Module):
             x, packed, buffers["scales"], buffers["offsets"], buffers["bias"], self.out_features, residual, self.wtype
         )
 
+    @property
+    def int8_activations(self) -> bool:
+        return self.wtype >= INT8_ACTIVATIONS
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"storage={self.storage}"
+            f"storage={self.storage}" + (", activations=int8" if self.int8_activations else "")
         )
 
 
@@ -262,6 +287,24 @@ def make_linears_invariant(model: nn.Module, quantized: dict[str, QuantizedWeigh
                 replaced += 1
     log.info("%d linear layers on the step-invariant kernel (tiles of %d columns)", replaced, kernel.tile)
     return replaced
+
+
+def quantize_activations(model: nn.Module) -> int:
+    """Every step-invariant layer stored as 4-, 5- or 6-bit values multiplies in int8 from now on, on
+    its input quantized per row (linear.c, "int8 activations"): faster where the float products
+    bound a step, and no longer the float model's exact arithmetic (docs/performance.md,
+    "int8 activations"). Returns how many layers switched; others keep their path. Applied after
+    loading, so a prepared model cached either way serves both."""
+    codes = {QUANTIZED_CODES[s] for s in INT8_ACTIVATION_STORAGES}
+    kernel = linear_kernel()
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, InvariantLinear) and module.wtype in codes and module.in_features % 32 == 0:
+            module.packed = kernel.quad_layout(module)  # values in the order the int8 products read them
+            module.wtype += INT8_ACTIVATIONS
+            switched += 1
+    log.info("%d linear layers multiply in int8 on quantized activations", switched)
+    return switched
 
 
 class _Table:

@@ -18,7 +18,7 @@ from torch import nn
 from common.model_source import resolve_model
 from shard.loading.gguf_blocks import SUPPORTED, UnsupportedType, check_supported, decode
 from shard.numerics.invariant_linear import InvariantLinear, TiledEmbedding, linear_kernel
-from support.gguf_files import MIXED_TYPES, _tensor, build_tiny_gguf
+from support.gguf_files import MIXED_TYPES, build_tiny_gguf, quantized_tensor
 from tests.shard.linear_steps import alone_and_in_step
 
 #: The kernel storage each type is re-encoded as.
@@ -33,7 +33,7 @@ def _random_blocks(qtype: T, rows: int, columns: int, seed: int) -> np.ndarray:
     q, sub-block scales and mins occur."""
     rng = np.random.default_rng(seed)
     if qtype in (T.Q4_K, T.Q5_K, T.Q6_K):
-        return _tensor(qtype, rows, columns, rng)  # random blocks, d and dmin set
+        return quantized_tensor(qtype, rows, columns, rng)  # random blocks, d and dmin set
     per_block, block_bytes = GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, (rows, columns // per_block, block_bytes), dtype=np.uint8)
     for offset in (0, 2) if qtype in (T.Q4_1, T.Q5_1) else (0,):  # d, and m where the type has one

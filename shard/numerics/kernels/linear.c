@@ -148,8 +148,8 @@ static inline __attribute__((always_inline)) void load_panels(const float *src, 
 #if (defined(__AVX512F__) && TILE == 32) || (defined(__AVX2__) && TILE == 16)
 #define EXPLICIT_UNPACK 1
 #if defined(__AVX512F__)
-static inline __attribute__((always_inline)) void quantized_panels(int wtype, const void *q, const v16 *scale,
-                                                                   const v16 *offset, v16 w[PANELS]) {
+/* One k-row's integer values q, one 32-bit lane a column: v[0] columns 0-15, v[1] 16-31. */
+static inline __attribute__((always_inline)) void quantized_ints(int wtype, const void *q, __m512i v[2]) {
     __m512i a, b; /* columns 0-15 and 16-31 */
     if (wtype == INT4 || is_kquant(wtype)) { /* byte j: column j in the low nibble, column j + 16 in the high one */
         const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
@@ -171,8 +171,16 @@ static inline __attribute__((always_inline)) void quantized_panels(int wtype, co
         a = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q));
         b = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)q + 16)));
     }
-    w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), scale[0], offset[0]);
-    w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), scale[1], offset[1]);
+    v[0] = a;
+    v[1] = b;
+}
+
+static inline __attribute__((always_inline)) void quantized_panels(int wtype, const void *q, const v16 *scale,
+                                                                   const v16 *offset, v16 w[PANELS]) {
+    __m512i v[2];
+    quantized_ints(wtype, q, v);
+    w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v[0]), scale[0], offset[0]);
+    w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v[1]), scale[1], offset[1]);
 }
 
 static inline __attribute__((always_inline)) void bf16_panels(const uint16_t *src, v16 w[PANELS]) {
@@ -182,8 +190,8 @@ static inline __attribute__((always_inline)) void bf16_panels(const uint16_t *sr
     }
 }
 #else
-static inline __attribute__((always_inline)) void quantized_panels(int wtype, const void *q, const v16 *scale,
-                                                                   const v16 *offset, v16 w[PANELS]) {
+/* One k-row's integer values q, one 32-bit lane a column: v[0] columns 0-7, v[1] 8-15. */
+static inline __attribute__((always_inline)) void quantized_ints(int wtype, const void *q, __m256i v[2]) {
     __m256i lo, hi;
     if (wtype == INT4 || is_kquant(wtype)) {
         const __m128i bytes = _mm_loadl_epi64((const __m128i *)q), nibble = _mm_set1_epi8(15);
@@ -203,8 +211,16 @@ static inline __attribute__((always_inline)) void quantized_panels(int wtype, co
         lo = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q));
         hi = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)q + 8)));
     }
-    v16 r = { _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), scale[0].lo, offset[0].lo),
-              _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), scale[0].hi, offset[0].hi) };
+    v[0] = lo;
+    v[1] = hi;
+}
+
+static inline __attribute__((always_inline)) void quantized_panels(int wtype, const void *q, const v16 *scale,
+                                                                   const v16 *offset, v16 w[PANELS]) {
+    __m256i v[2];
+    quantized_ints(wtype, q, v);
+    v16 r = { _mm256_fmadd_ps(_mm256_cvtepi32_ps(v[0]), scale[0].lo, offset[0].lo),
+              _mm256_fmadd_ps(_mm256_cvtepi32_ps(v[1]), scale[0].hi, offset[0].hi) };
     w[0] = r;
 }
 
@@ -969,16 +985,465 @@ int linear_bf16_dot(void) {
 #endif
 }
 
+/* One column's value in a quantized k-row of a tile (its integer q). */
+static inline int column_value(int wtype, const uint8_t *row, int c) {
+    if (wtype == INT8 || wtype == INT8_G16) return ((const int8_t *)row)[c];
+    int v = c < TILE / 2 ? row[c] & 15 : row[c - TILE / 2] >> 4;
+    const int h = high_bits(wtype);
+    if (h) v |= ((row[TILE / 2 + c * h / 8] >> (c * h % 8)) & ((1 << h) - 1)) << 4;
+    return v;
+}
+
+/*
+ * int8 activations (QUANTIZED_ACTIVATIONS; llama.cpp's way with quantized weights), for the 4-,
+ * 5- and 6-bit types. Each row of x is quantized on its own, in blocks of 32 along K:
+ *     d = amax / 127,  q8 = rint(x * (127 / amax))  in -127..127
+ * (amax: the block's largest |x|; a block of zeros has d = 0 and q8 = 0). A weight group's products
+ * are then exact integers, P = the sum over its k of q * q8, and with S = the sum of its q8 the
+ * group adds to the element, in this order, each operation rounded once:
+ *     t = P * scale;  u = S * offset;  t = t + u;  t = d * t;  acc = acc + t
+ * group after group from acc = 0 (the sum of x (q scale + offset) with x ~ d q8, regrouped).
+ * Integer sums have no order and the rest is one fixed chain per element; each row's q8 depend on
+ * that row alone: a row's result is the same at every step size, place and thread count. Plain
+ * multiplies and adds, no fused ones: a numpy reference reproduces them to the bit. Weights are
+ * unsigned and below 64 (the types allowed), so the AVX2 form's 16-bit pair sums never saturate.
+ *
+ * The products: four k of one column in each 32-bit lane, u8 weights by s8 activations into an
+ * int32 (VPDPBUSD where the CPU has AVX512-VNNI or AVX-VNNI; else VPMADDUBSW then VPMADDWD).
+ * The layer's values are kept in the quad layout below (rewritten once, when the layer switches),
+ * which gives those lanes with a few instructions a quad.
+ */
+#define INT8_ACTIVATIONS 16 /* added to a weight's type code: its products take this path, its values
+                               are in the quad layout */
+#define Q8_BLOCK 32
+
+static inline int q8_weights(int wtype) { return wtype == INT4 || is_kquant(wtype); }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+typedef __m512i vi16;
+static inline vi16 vi_zero(void) { return _mm512_setzero_si512(); }
+static inline vi16 vi_broadcast(int32_t x) { return _mm512_set1_epi32(x); }
+static inline vi16 vi_dot4(vi16 acc, vi16 w, vi16 x) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(acc, w, x);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(w, x), _mm512_set1_epi16(1)));
+#endif
+}
+static inline v16 vi_float(vi16 v) { return _mm512_cvtepi32_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef struct { __m256i lo, hi; } vi16;
+static inline vi16 vi_zero(void) { vi16 v = { _mm256_setzero_si256(), _mm256_setzero_si256() }; return v; }
+static inline vi16 vi_broadcast(int32_t x) { vi16 v = { _mm256_set1_epi32(x), _mm256_set1_epi32(x) }; return v; }
+static inline __m256i dot4_half(__m256i acc, __m256i w, __m256i x) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, w, x);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+#endif
+}
+static inline vi16 vi_dot4(vi16 acc, vi16 w, vi16 x) {
+    vi16 r = { dot4_half(acc.lo, w.lo, x.lo), dot4_half(acc.hi, w.hi, x.hi) };
+    return r;
+}
+static inline v16 vi_float(vi16 v) { v16 r = { _mm256_cvtepi32_ps(v.lo), _mm256_cvtepi32_ps(v.hi) }; return r; }
+#else
+typedef struct { int32_t v[16]; } vi16;
+static inline vi16 vi_zero(void) { vi16 v; memset(&v, 0, sizeof v); return v; }
+static inline vi16 vi_broadcast(int32_t x) { vi16 v; for (int i = 0; i < 16; i++) v.v[i] = x; return v; }
+static inline vi16 vi_dot4(vi16 acc, vi16 w, vi16 x) {
+    for (int i = 0; i < 16; i++) {
+        uint8_t wb[4];
+        int8_t xb[4];
+        memcpy(wb, &w.v[i], 4);
+        memcpy(xb, &x.v[i], 4);
+        for (int j = 0; j < 4; j++) acc.v[i] += (int32_t)wb[j] * xb[j];
+    }
+    return acc;
+}
+static inline v16 vi_float(vi16 v) {
+    float f[16];
+    for (int i = 0; i < 16; i++) f[i] = (float)v.v[i];
+    return v_load(f);
+}
+#endif
+
+/* Four k-rows from k of a tile (values below 64), one 32-bit lane a column: byte i row k + i. */
+static inline __attribute__((always_inline)) void quad_panels(const int wtype, const TileStart *s, int64_t k, vi16 out[PANELS]) {
+    const int64_t row_bytes = row_bytes_of(wtype);
+    const uint8_t *rows = (const uint8_t *)s->values + k * row_bytes;
+#if defined(EXPLICIT_UNPACK) && defined(__AVX512F__) && defined(__AVX512BW__)
+    __m512i acc[2] = { _mm512_setzero_si512(), _mm512_setzero_si512() };
+    for (int i = 0; i < 4; i++) {
+        __m512i v[2];
+        quantized_ints(wtype, rows + i * row_bytes, v);
+        acc[0] = _mm512_or_si512(acc[0], _mm512_slli_epi32(v[0], 8 * i));
+        acc[1] = _mm512_or_si512(acc[1], _mm512_slli_epi32(v[1], 8 * i));
+    }
+    out[0] = acc[0];
+    out[1] = acc[1];
+#elif defined(EXPLICIT_UNPACK) && !defined(__AVX512F__)
+    __m256i acc[2] = { _mm256_setzero_si256(), _mm256_setzero_si256() };
+    for (int i = 0; i < 4; i++) {
+        __m256i v[2];
+        quantized_ints(wtype, rows + i * row_bytes, v);
+        acc[0] = _mm256_or_si256(acc[0], _mm256_slli_epi32(v[0], 8 * i));
+        acc[1] = _mm256_or_si256(acc[1], _mm256_slli_epi32(v[1], 8 * i));
+    }
+    vi16 r = { acc[0], acc[1] };
+    out[0] = r;
+#else
+    uint32_t lanes[TILE];
+    for (int c = 0; c < TILE; c++) {
+        lanes[c] = 0;
+        for (int i = 0; i < 4; i++) lanes[c] |= (uint32_t)column_value(wtype, rows + i * row_bytes, c) << (8 * i);
+    }
+    for (int p = 0; p < PANELS; p++) memcpy(&out[p], lanes + 16 * p, sizeof(vi16));
+#endif
+}
+
+/* x quantized: q [M][K], d [M][K / Q8_BLOCK], and each weight group's sum of q as fp32 (exact)
+ * [M][K / group]. */
+typedef struct {
+    int8_t *q;
+    float *d, *sums;
+    int64_t K, group;
+} Q8Rows;
+
+/* One block of 32: q8, d, and the sums of its groups (one, or two of 16). The vector form computes
+ * the scalar one's values: max and integer sums are exact in any order, x * inv is one rounding and
+ * VCVTPS2DQ rounds to nearest even as rintf does. */
+static void q8_block(const float *x, int8_t *q, float *d, float *sums, int64_t group) {
+#if defined(__AVX512F__)
+    const __m512 sign = _mm512_set1_ps(-0.f);
+    const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, x0), _mm512_andnot_ps(sign, x1)));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    *d = amax / 127.f;
+    const __m512 limit = _mm512_set1_ps(127.f), vinv = _mm512_set1_ps(inv);
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x0, vinv), _mm512_sub_ps(_mm512_setzero_ps(), limit)), limit));
+    const __m512i q1 = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x1, vinv), _mm512_sub_ps(_mm512_setzero_ps(), limit)), limit));
+    _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(q1));
+    const int32_t s0 = _mm512_reduce_add_epi32(q0), s1 = _mm512_reduce_add_epi32(q1);
+    if (group == Q8_BLOCK) sums[0] = (float)(s0 + s1);
+    else sums[0] = (float)s0, sums[1] = (float)s1;
+#else
+    float amax = 0.f;
+    for (int i = 0; i < Q8_BLOCK; i++) amax = fmaxf(amax, fabsf(x[i]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    *d = amax / 127.f;
+    int32_t sum[2] = { 0, 0 };
+    for (int i = 0; i < Q8_BLOCK; i++) {
+        float r = rintf(x[i] * inv);
+        r = r > 127.f ? 127.f : r < -127.f ? -127.f : r;
+        q[i] = (int8_t)r;
+        sum[i / 16] += q[i];
+    }
+    if (group == Q8_BLOCK) sums[0] = (float)(sum[0] + sum[1]);
+    else sums[0] = (float)sum[0], sums[1] = (float)sum[1];
+#endif
+}
+
+static int q8_rows(const void *x, int xtype, int64_t M, int64_t K, int64_t group, Q8Rows *out, int threads) {
+    out->K = K;
+    out->group = group;
+    out->q = malloc((size_t)(M * K));
+    out->d = malloc(sizeof(float) * (size_t)(M * (K / Q8_BLOCK)));
+    out->sums = malloc(sizeof(float) * (size_t)(M * (K / group)));
+    if (!out->q || !out->d || !out->sums) return -2;
+#pragma omp parallel for schedule(static) num_threads(threads) if (M > 4)
+    for (int64_t r = 0; r < M; r++) {
+        float row[Q8_BLOCK];
+        for (int64_t b = 0; b < K / Q8_BLOCK; b++) {
+            const int64_t at = r * K + b * Q8_BLOCK;
+            for (int i = 0; i < Q8_BLOCK; i++)
+                row[i] = xtype == F32 ? ((const float *)x)[at + i] : bf16_to_f32(((const uint16_t *)x)[at + i]);
+            q8_block(row, out->q + at, out->d + r * (K / Q8_BLOCK) + b,
+                     out->sums + r * (K / group) + b * (Q8_BLOCK / group), group);
+        }
+    }
+    return 0;
+}
+
+static void q8_free(Q8Rows *x) {
+    free(x->q);
+    free(x->d);
+    free(x->sums);
+}
+
+/*
+ * The quad layout: a layer that multiplies in int8 keeps its values as the products read them, in
+ * the bytes the row layout takes (so its memory is the same). Per tile and per quad of k-rows
+ * (k, k + 1, k + 2, k + 3), 4 * row_bytes_of(wtype) bytes: the tile's columns in two halves, A
+ * (columns 0 .. TILE / 2 - 1) and B (the rest); within a half, column c's row k + i is byte
+ * b = 4 c + i, which is its place in the products' 32-bit lanes. Then:
+ *   nibbles [2 TILE]: byte b holds A's b in its low nibble and B's b in its high one;
+ *   high bits [TILE h / 2] (K5: h = 1, K6: h = 2): A's b at bit h L of byte b % n, B's at bit
+ *     4 + h L, where n = TILE h / 2 and L = b / n;
+ * so one load, a mask and a shift give both halves' low nibbles, and the high bits of each 32-bit
+ * lane are one variable shift of the plane repeated across the vector.
+ */
+static inline int64_t plane_bytes(int wtype) { return TILE * high_bits(wtype) / 2; }
+
+/* Value (row k + i, column c) of a quad. */
+static inline int quad_value(int wtype, const uint8_t *quad, int i, int c) {
+    const int half = c >= TILE / 2, b = 4 * (c % (TILE / 2)) + i, h = high_bits(wtype);
+    int v = (quad[b] >> (4 * half)) & 15;
+    if (h) {
+        const int64_t n = plane_bytes(wtype);
+        v |= ((quad[2 * TILE + b % n] >> (4 * half + h * (b / n))) & ((1 << h) - 1)) << 4;
+    }
+    return v;
+}
+
+/* A quad's values as the products' lanes (vi16 out[PANELS]: A's lanes, then B's). */
+static inline __attribute__((always_inline)) void stored_quad(const int wtype, const uint8_t *quad,
+                                                              vi16 out[PANELS]) {
+    const int h = high_bits(wtype);
+#if defined(EXPLICIT_UNPACK) && defined(__AVX512F__) && defined(__AVX512BW__)
+    const __m512i nibbles = _mm512_loadu_si512(quad), low = _mm512_set1_epi8(15);
+    __m512i a = _mm512_and_si512(nibbles, low), b = _mm512_and_si512(_mm512_srli_epi16(nibbles, 4), low);
+    if (h) { /* 32-bit lane e holds bytes 4e .. 4e + 3: L = 4e / n */
+        const uint8_t *plane = quad + 2 * TILE;
+        const __m512i bits = h == 1 ? _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)plane))
+                                    : _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)plane));
+        const __m512i steps = h == 1 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
+                                     : _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
+        const __m512i mask = _mm512_set1_epi8((char)(((1 << h) - 1) << 4));
+        a = _mm512_or_si512(a, _mm512_and_si512(_mm512_sllv_epi32(bits, _mm512_sub_epi32(_mm512_set1_epi32(4), steps)), mask));
+        b = _mm512_or_si512(b, _mm512_and_si512(_mm512_srlv_epi32(bits, steps), mask));
+    }
+    out[0] = a;
+    out[1] = b;
+#elif defined(EXPLICIT_UNPACK) && !defined(__AVX512F__)
+    const __m256i nibbles = _mm256_loadu_si256((const __m256i *)quad), low = _mm256_set1_epi8(15);
+    __m256i a = _mm256_and_si256(nibbles, low), b = _mm256_and_si256(_mm256_srli_epi16(nibbles, 4), low);
+    if (h) {
+        const uint8_t *plane = quad + 2 * TILE;
+        int64_t eight;
+        memcpy(&eight, plane, sizeof eight);
+        const __m256i bits = h == 1 ? _mm256_set1_epi64x(eight)
+                                    : _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)plane));
+        const __m256i steps = h == 1 ? _mm256_set_epi32(3, 3, 2, 2, 1, 1, 0, 0) : _mm256_set_epi32(2, 2, 2, 2, 0, 0, 0, 0);
+        const __m256i mask = _mm256_set1_epi8((char)(((1 << h) - 1) << 4));
+        a = _mm256_or_si256(a, _mm256_and_si256(_mm256_sllv_epi32(bits, _mm256_sub_epi32(_mm256_set1_epi32(4), steps)), mask));
+        b = _mm256_or_si256(b, _mm256_and_si256(_mm256_srlv_epi32(bits, steps), mask));
+    }
+    vi16 r = { a, b };
+    out[0] = r;
+#else
+    uint8_t lanes[4 * TILE];
+    for (int c = 0; c < TILE; c++)
+        for (int i = 0; i < 4; i++) lanes[(c >= TILE / 2) * 2 * TILE + 4 * (c % (TILE / 2)) + i] = (uint8_t)quad_value(wtype, quad, i, c);
+    memcpy(out, lanes, sizeof lanes);
+    (void)h;
+#endif
+}
+
+/* Tile t of a row-layout weight [K][row bytes] rewritten in the quad layout. */
+static inline __attribute__((always_inline)) void quad_layout_tile(const int wtype, const Weights *wt, int64_t t,
+                                                                   int64_t K, uint8_t *out) {
+    const TileStart s = tile_start(wt, t, K);
+    const int h = high_bits(wtype);
+    const int64_t n = plane_bytes(wtype), quad_bytes = 4 * row_bytes_of(wtype);
+    for (int64_t k = 0; k < K; k += 4) {
+        vi16 lanes[PANELS];
+        uint8_t v[4 * TILE]; /* A's bytes, then B's */
+        quad_panels(wtype, &s, k, lanes);
+        memcpy(v, lanes, sizeof v);
+        uint8_t *quad = out + (k / 4) * quad_bytes;
+        memset(quad, 0, (size_t)quad_bytes);
+        for (int b = 0; b < 2 * TILE; b++) {
+            const int va = v[b], vb = v[2 * TILE + b];
+            quad[b] = (uint8_t)((va & 15) | (vb & 15) << 4);
+            if (h) quad[2 * TILE + b % n] |= (uint8_t)((va >> 4) << (h * (b / n)) | (vb >> 4) << (4 + h * (b / n)));
+        }
+    }
+}
+
+/* A 4-/5-/6-bit weight's values (row layout, as packed) rewritten in the quad layout, into `out` of
+ * the same size. Returns 0, or -1 for a type without int8 products or K not a multiple of 32. */
+int linear_quad_layout(const void *packed, int wtype, const float *scales, int64_t K, int64_t N, void *out,
+                       int threads) {
+    if (!q8_weights(wtype) || K % Q8_BLOCK || K < 1 || N < 1) return -1;
+    const Weights wt = { packed, scales, NULL, wtype };
+    const int64_t tiles = (N + TILE - 1) / TILE, tile_bytes = K * row_bytes_of(wtype);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < tiles; t++) {
+        uint8_t *dst = (uint8_t *)out + t * tile_bytes;
+        switch (wtype) {
+            case INT4: quad_layout_tile(INT4, &wt, t, K, dst); break;
+            case K4: quad_layout_tile(K4, &wt, t, K, dst); break;
+            case K5: quad_layout_tile(K5, &wt, t, K, dst); break;
+            case K6: quad_layout_tile(K6, &wt, t, K, dst); break;
+            default: break;
+        }
+    }
+    return 0;
+}
+
+/* The group end of the header above: t = P scale, u = S offset, t + u, d (t + u), acc + that. */
+static inline __attribute__((always_inline)) v16 q8_group_end(v16 acc, vi16 part, const float *scale,
+                                                              const float *offset, float sum, float d) {
+    v16 t = v_mul(vi_float(part), v_load(scale));
+    const v16 u = v_mul_b(v_broadcast(sum), v_load(offset));
+    t = v_add(t, u);
+    return v_add(acc, v_mul_b(v_broadcast(d), t));
+}
+
+#if defined(__AVX512F__)
+#define Q8_MR 6
+#else
+#define Q8_MR 2
+#endif
+
+/* Up to Q8_MR rows (from row0 of x) past tile s's quads: c[r][TILE]. The quads are read from the
+ * stored layout, or (lanes != NULL) from the tile's lanes decoded once for all rows of a larger step:
+ * the same integers either way. */
+static inline __attribute__((always_inline)) void q8_microkernel(const int rows, const int wtype, const Q8Rows *x,
+                                                                 int64_t row0, const TileStart *s,
+                                                                 const vi16 *lanes, float *c) {
+    const int64_t K = x->K, group = group_of(wtype), blocks = K / Q8_BLOCK, groups = K / group;
+    const int64_t quad_bytes = 4 * row_bytes_of(wtype);
+    const int8_t *xq = x->q + row0 * K;
+    v16 acc[Q8_MR][PANELS];
+#pragma GCC unroll 8
+    for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+        for (int p = 0; p < PANELS; p++) acc[r][p] = v_zero();
+    for (int64_t g = 0; g < groups; g++) {
+        vi16 part[Q8_MR][PANELS];
+#pragma GCC unroll 8
+        for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+            for (int p = 0; p < PANELS; p++) part[r][p] = vi_zero();
+        for (int64_t k = g * group; k < (g + 1) * group; k += 4) {
+            vi16 wk[PANELS];
+            if (lanes) {
+#pragma GCC unroll 4
+                for (int p = 0; p < PANELS; p++) wk[p] = lanes[(k / 4) * PANELS + p];
+            } else {
+                if (k % 8 == 0) prefetch_ahead(wtype, s, k, K);
+                stored_quad(wtype, (const uint8_t *)s->values + (k / 4) * quad_bytes, wk);
+            }
+#pragma GCC unroll 8
+            for (int r = 0; r < rows; r++) {
+                int32_t four;
+                memcpy(&four, xq + r * K + k, sizeof four);
+                const vi16 xb = vi_broadcast(four);
+#pragma GCC unroll 4
+                for (int p = 0; p < PANELS; p++) part[r][p] = vi_dot4(part[r][p], wk[p], xb);
+            }
+        }
+        float sk[TILE], ok[TILE];
+        const float *scales, *offsets;
+        group_scales(wtype, s, g, sk, ok, &scales, &offsets);
+        const int64_t block = g * group / Q8_BLOCK;
+#pragma GCC unroll 8
+        for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+            for (int p = 0; p < PANELS; p++)
+                acc[r][p] = q8_group_end(acc[r][p], part[r][p], scales + p * 16, offsets + p * 16,
+                                         x->sums[(row0 + r) * groups + g], x->d[(row0 + r) * blocks + block]);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+        for (int p = 0; p < PANELS; p++) v_store(c + r * TILE + p * 16, acc[r][p]);
+}
+
+#define Q8_CASE(R, T) case (R) * 8 + (T): q8_microkernel(R, T, x, row0, s, lanes, c); break;
+#define Q8_TYPES(R) Q8_CASE(R, INT4) Q8_CASE(R, K4) Q8_CASE(R, K5) Q8_CASE(R, K6)
+static void q8_rows_tile(int rows, int wtype, const Q8Rows *x, int64_t row0, const TileStart *s, const vi16 *lanes,
+                         float *c) {
+    switch (rows * 8 + wtype) {
+        Q8_TYPES(1) Q8_TYPES(2)
+#if Q8_MR > 2
+        Q8_TYPES(3) Q8_TYPES(4) Q8_TYPES(5) Q8_TYPES(6)
+#endif
+        default: break;
+    }
+}
+
+static inline __attribute__((always_inline)) void decode_tile_of(const int wtype, const TileStart *s, int64_t K,
+                                                                 vi16 *lanes) {
+    const int64_t quad_bytes = 4 * row_bytes_of(wtype);
+    for (int64_t k = 0; k < K; k += 4) stored_quad(wtype, (const uint8_t *)s->values + (k / 4) * quad_bytes, lanes + (k / 4) * PANELS);
+}
+
+/* A tile's quads as lanes [K / 4][PANELS]. */
+static void decode_tile(int wtype, const TileStart *s, int64_t K, vi16 *lanes) {
+    switch (wtype) {
+        case INT4: decode_tile_of(INT4, s, K, lanes); break;
+        case K4: decode_tile_of(K4, s, K, lanes); break;
+        case K5: decode_tile_of(K5, s, K, lanes); break;
+        case K6: decode_tile_of(K6, s, K, lanes); break;
+        default: break;
+    }
+}
+
+/* Tile t for every row, Q8_MR rows at a time; with `lanes` (a buffer of K / 4 * PANELS), decoded once. */
+static void q8_tile_rows(const Weights *wt, const Q8Rows *x, const Output *o, int64_t M, int64_t t, vi16 *lanes,
+                         float *c) {
+    const TileStart s = tile_start(wt, t, x->K);
+    const int64_t col0 = t * TILE, cols = o->N - col0 < TILE ? o->N - col0 : TILE;
+    if (lanes) decode_tile(wt->wtype, &s, x->K, lanes);
+    for (int64_t m = 0; m < M; m += Q8_MR) {
+        const int rows = (int)(M - m < Q8_MR ? M - m : Q8_MR);
+        q8_rows_tile(rows, wt->wtype, x, m, &s, lanes, c);
+        store_rows(o, rows, c, col0, cols, m);
+    }
+}
+
+/* The int8 products (weights in the quad layout): a few rows split the tiles in static halves (each
+ * thread streams its half, as unbuffered_tiles()), more rows guided (as buffered_tiles()); where a
+ * tile is computed never changes its bits. */
+static int q8_linear(const Weights *wt, const void *x, int xtype, const Output *o, int64_t M, int64_t K,
+                     int threads) {
+    const int64_t tiles = (o->N + TILE - 1) / TILE;
+    Q8Rows q;
+    if (q8_rows(x, xtype, M, K, group_of(wt->wtype), &q, threads)) {
+        q8_free(&q);
+        return -2;
+    }
+    int failed = 0;
+    if (M <= SMALL_ROWS) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t t = 0; t < tiles; t++) {
+            float c[Q8_MR * TILE];
+            q8_tile_rows(wt, &q, o, M, t, NULL, c);
+        }
+    } else {
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+        {
+            vi16 *lanes = aligned_alloc(64, sizeof(vi16) * (size_t)(K / 4 * PANELS));
+            if (!lanes) failed = 1;
+            float c[Q8_MR * TILE];
+#pragma omp for schedule(guided)
+            for (int64_t t = 0; t < tiles; t++)
+                if (lanes) q8_tile_rows(wt, &q, o, M, t, lanes, c);
+            free(lanes);
+        }
+    }
+    q8_free(&q);
+    return failed ? -2 : 0;
+}
+
 /* Returns 0, or a negative status (-1 bad arguments, -2 out of memory). */
 int invariant_linear(const void *x, int xtype, const void *packed, int wtype, const float *scales,
                      const float *offsets, const float *bias, const void *residual, void *y, int ytype, int64_t M,
                      int64_t K, int64_t N, int threads) {
+    const int int8_activations = wtype >= INT8_ACTIVATIONS;
+    if (int8_activations) wtype -= INT8_ACTIVATIONS;
     if (M < 0 || K < 1 || N < 1 || xtype < F32 || xtype > BF16 || ytype < F32 || ytype > BF16) return -1;
+    if (int8_activations && (!q8_weights(wtype) || K % Q8_BLOCK)) return -1;
     if (wtype < F32 || wtype > K6 || (wtype >= INT4 && (K % group_of(wtype) || !scales))) return -1;
     if ((wtype >= INT4 && !is_kquant(wtype) && !offsets) || (is_kquant(wtype) && K % SUPER)) return -1;
     const Weights wt = { packed, scales, offsets, wtype };
     const Output o = { y, bias, residual, ytype, N };
     if (M == 0) return 0;
+    if (int8_activations) return q8_linear(&wt, x, xtype, &o, M, K, threads);
 #if defined(BF16_DOT)
     /* INT8_G16 and the k-quants keep the fp32 path (bf16 rows are exact in fp32): the pair path
      * reads stored scales in groups of 32 only. */
@@ -996,18 +1461,9 @@ int invariant_linear(const void *x, int xtype, const void *packed, int wtype, co
     return status;
 }
 
-/* One column's value in a quantized k-row of a tile (its integer q). */
-static inline int column_value(int wtype, const uint8_t *row, int c) {
-    if (wtype == INT8 || wtype == INT8_G16) return ((const int8_t *)row)[c];
-    int v = c < TILE / 2 ? row[c] & 15 : row[c - TILE / 2] >> 4;
-    const int h = high_bits(wtype);
-    if (h) v |= ((row[TILE / 2 + c * h / 8] >> (c * h % 8)) & ((1 << h) - 1)) << 4;
-    return v;
-}
-
 /* Row `id` of a packed weight [N, K] as fp32 [K]: column id % TILE of tile id / TILE, with the very
  * values the products use. */
-static void gather_row(const Weights *wt, int64_t K, int64_t id, float *out) {
+static void gather_row(const Weights *wt, int quads, int64_t K, int64_t id, float *out) {
     const int64_t t = id / TILE;
     const int c = (int)(id % TILE);
     const TileStart s = tile_start(wt, t, K);
@@ -1022,9 +1478,12 @@ static void gather_row(const Weights *wt, int64_t K, int64_t id, float *out) {
         float sk[TILE], ok[TILE];
         const float *scales, *offsets;
         group_scales(wt->wtype, &s, k0 / group, sk, ok, &scales, &offsets);
-        for (int64_t k = k0; k < k0 + group; k++)
-            out[k] = fmaf((float)column_value(wt->wtype, (const uint8_t *)s.values + k * row_bytes, c), scales[c],
-                          offsets[c]);
+        for (int64_t k = k0; k < k0 + group; k++) {
+            const uint8_t *values = (const uint8_t *)s.values;
+            const int q = quads ? quad_value(wt->wtype, values + (k / 4) * 4 * row_bytes, (int)(k % 4), c)
+                                : column_value(wt->wtype, values + k * row_bytes, c);
+            out[k] = fmaf((float)q, scales[c], offsets[c]);
+        }
     }
 }
 
@@ -1032,11 +1491,13 @@ static void gather_row(const Weights *wt, int64_t K, int64_t id, float *out) {
  * fp32 out [n, K]. Returns 0, or -1 for bad arguments (an id outside 0..N-1). */
 int linear_gather_rows(const void *packed, int wtype, const float *scales, const float *offsets, int64_t K,
                        int64_t N, const int64_t *ids, int64_t n, float *out, int threads) {
+    const int quads = wtype >= INT8_ACTIVATIONS; /* the same values, in the quad layout */
+    if (quads) wtype -= INT8_ACTIVATIONS;
     if (K < 1 || N < 1 || n < 0 || wtype < F32 || wtype > K6 || (wtype >= INT4 && !scales)) return -1;
     for (int64_t i = 0; i < n; i++)
         if (ids[i] < 0 || ids[i] >= N) return -1;
     const Weights wt = { packed, scales, offsets, wtype };
 #pragma omp parallel for schedule(static) num_threads(threads) if (n > 16)
-    for (int64_t i = 0; i < n; i++) gather_row(&wt, K, ids[i], out + i * K);
+    for (int64_t i = 0; i < n; i++) gather_row(&wt, quads, K, ids[i], out + i * K);
     return 0;
 }
