@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks import constrained, engine, engine_workload, placement, router_overhead, served
+from benchmarks import activation_accuracy, constrained, engine, engine_workload, placement, router_overhead, served
 
 
 def main() -> None:
@@ -16,6 +16,7 @@ def main() -> None:
     engines = engine.run()
     print(engine.report(engines), flush=True)
     print(constrained.report(constrained.run()), flush=True)
+    print(activation_accuracy.report(activation_accuracy.run()), flush=True)
     # The shared workload through make serve, set against the engine alone on the same workload
     # and against the engine's decode, all of this same run.
     alone = engine_workload.run()

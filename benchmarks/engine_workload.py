@@ -32,6 +32,7 @@ from router.planner import DECODE_BLOCK_RUN, blocks_to_take
 from router.tokenization import Tokenizer
 from shard.config import parse_config
 from shard.loading.model_loader import choose_dtype, load_model
+from shard.numerics.invariant_linear import quantize_activations
 from shard.numerics.sampling import SamplingParams
 from shard.runtime.engine import Engine, NewRequest
 
@@ -167,16 +168,23 @@ def _common_prefix(prompts: list[list[int]]) -> int:
     return n
 
 
-def run(seed: int = 5000) -> dict[int, float]:
-    """Output tokens/s at each of the stack benchmark's loads (same request counts), with the
-    model, dtype and storage ``make serve`` uses."""
-    source = resolve_model(None)
-    model = load_model(source, choose_dtype(None, torch.device("cpu")), torch.device("cpu"), quantize="auto")
-    served = parse_config([], os.environ)  # the KV cache mapped before the first request, as a served shard's
+def run(seed: int = 5000, plan: dict[int, int] | None = None) -> dict[int, float]:
+    """Output tokens/s at each of the stack benchmark's loads (same request counts unless ``plan``
+    gives others), with the model, dtype, storage and activations ``make serve`` uses (MODEL_ID,
+    QUANTIZE, QUANTIZED_ACTIVATIONS and the KV cache's mapping read from the environment, as a
+    served shard reads them)."""
+    served = parse_config([], os.environ)
+    source = resolve_model(served.model_id)
+    model = load_model(
+        source, choose_dtype(served.dtype, torch.device("cpu")), torch.device("cpu"), quantize=served.quantize
+    )
+    if served.quantized_activations:
+        quantize_activations(model)
     engine = Engine(
         model, torch.device("cpu"), BLOCK, kv_fraction=0.5,
         kv_prefault=served.kv_prefault, kv_prefault_ready_s=served.kv_prefault_ready_s,
     )  # fmt: skip
     engine.warmup(PREFILL_BUDGET, max(PLAN), max(PLAN) * 640)
     tokenizer = Tokenizer.load(tokenizer_source(source))
-    return {c: workload_rate(engine, workload_prompts(tokenizer, n, seed + c), c) for c, n in PLAN.items()}
+    loads = PLAN if plan is None else plan
+    return {c: workload_rate(engine, workload_prompts(tokenizer, n, seed + c), c) for c, n in loads.items()}

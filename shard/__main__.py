@@ -20,6 +20,7 @@ from common.tracing import setup_tracing
 from shard.config import ShardConfig, parse_config
 from shard.loading.model_loader import choose_dtype
 from shard.loading.prepared_model import load_prepared_model
+from shard.numerics.invariant_linear import quantize_activations
 from shard.runtime.engine import Engine
 from shard.runtime.grammar import GrammarCompiler
 from shard.runtime.server import ShardServicer, create_server
@@ -63,6 +64,8 @@ def prepare_engine(config: ShardConfig, source: ModelSource, device: torch.devic
     if config.world_size > 1:
         join_process_group(config, device)
     model = load_prepared_model(source, dtype, device, config.world_size, config.quantize, config.prepared_cache)
+    if config.quantized_activations and not quantize_activations(model):  # after the prepared model: one
+        log.warning("QUANTIZED_ACTIVATIONS is set, but no layer is stored as 4-, 5- or 6-bit values")  # serves both
     engine = Engine(
         model,
         device,

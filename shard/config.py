@@ -32,6 +32,8 @@ class ShardConfig:
     attention_backend: str = default_of(SHARD, "attention_backend")
     #: "auto": a 4-bit checkpoint's linears stored as their 4-bit values (not in float32); "int4", "none".
     quantize: str = default_of(SHARD, "quantize")
+    #: 4-/5-/6-bit layers multiply in int8 on quantized inputs (shard.numerics.invariant_linear.quantize_activations).
+    quantized_activations: bool = default_of(SHARD, "quantized_activations")
     #: torch compute threads (0: torch's default, one per core).
     threads: int = default_of(SHARD, "threads")
     #: Fault the KV cache's memory in on an idle-priority thread after warmup (PagedKVCache.make_resident).
