@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from common.model_source import ModelSource
 from shard.loading.model_loader import load_model
+from shard.numerics.invariant_linear import quantize_activations
 from shard.numerics.sampling import SamplingParams
 from shard.runtime.engine import Engine, NewRequest
 
@@ -104,8 +105,11 @@ def make_engine(
     max_batch_size: int = 32,
     dtype: torch.dtype = torch.float32,
     quantize: str = "none",
+    int8_activations: bool = False,
 ) -> Engine:
     model = load_model(source, dtype, torch.device("cpu"), quantize=quantize)
+    if int8_activations:  # before the first step, as the shard does: native layers read the layers then
+        quantize_activations(model)
     engine = Engine(
         model,
         torch.device("cpu"),

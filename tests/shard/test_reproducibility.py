@@ -221,16 +221,18 @@ def _collect(outputs: Seq, probe: Seq) -> None:
     scope="module",
     params=[
         "llama-float32-none", "qwen2-bfloat16-none", "llama-bfloat16-int4", "mixtral-float32-none",
-        "gguf-float32-auto", "gguf-bfloat16-auto",
+        "gguf-float32-auto", "gguf-bfloat16-auto", "gguf-float32-auto-int8",
     ],
 )  # fmt: skip
 def engine_and_references(request, tiny_model_dir):
     """float32; bf16 (Qwen2: biases); bf16 with every linear stored as 4-bit values (QUANTIZE=int4);
     a mixture of experts (Mixtral: experts and router); a GGUF file's own blocks of every stored
-    type (support.gguf_files), in float32 and bf16."""
-    kind, dtype_name, quantize = request.param.split("-")
+    type (support.gguf_files), in float32 and bf16, and with int8 activations (QUANTIZED_ACTIVATIONS)."""
+    kind, dtype_name, quantize, *activations = request.param.split("-")
     source = resolve_model(str(tiny_model_dir(kind)))
-    engine = make_engine(source, dtype=getattr(torch, dtype_name), quantize=quantize)
+    engine = make_engine(
+        source, dtype=getattr(torch, dtype_name), quantize=quantize, int8_activations=activations == ["int8"]
+    )
     references = {
         name: run_probe(engine, params, chunk=len(PROBE_PROMPT), others=[]) for name, params in PROBES.items()
     }
