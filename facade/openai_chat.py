@@ -70,6 +70,8 @@ def _as_dict(model: RequestModel | None) -> dict[str, Any] | None:
 
 
 def _message(i: int, m: ChatMessage) -> pb.ChatMessage:
+    if m.role == "tool" and not m.tool_call_id:  # OpenAI's 400: a result must name the call it answers
+        raise invalid(f"messages[{i}].tool_call_id is required for a tool message", f"messages[{i}].tool_call_id")
     calls = [_history_call(f"messages[{i}].tool_calls[{j}]", c) for j, c in enumerate(m.tool_calls or [])]
     content = m.content
     if content is None and (calls or m.role == "assistant"):

@@ -46,6 +46,7 @@ def test_chat_numbers_beyond_their_protobuf_field(extra, param):
     ("body", "param"),
     [
         ({"messages": [{"role": "tool", "content": "x", "tool_call_id": 5}]}, "messages[0].tool_call_id"),
+        ({"messages": [*CHAT, {"role": "tool", "content": "sunny"}]}, f"messages[{len(CHAT)}].tool_call_id"),
         ({"messages": [{"role": "user", "content": "x", "tool_call_id": 5}]}, "messages[0].tool_call_id"),
         ({"messages": [{"role": "assistant", "content": "", "tool_calls": 5}]}, "messages[0].tool_calls"),
         (

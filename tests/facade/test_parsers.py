@@ -147,6 +147,8 @@ def test_chat_makes_one_request_per_choice_with_distinct_seeds():
     ("body", "param"),
     [({"messages": []}, "messages"),
      ({"messages": [*USER, {"role": "tool", "tool_call_id": 5, "content": "x"}]}, "messages[1].tool_call_id"),
+     ({"messages": [*USER, {"role": "tool", "content": "x"}]}, "messages[1].tool_call_id"),
+     ({"messages": [*USER, {"role": "tool", "tool_call_id": "", "content": "x"}]}, "messages[1].tool_call_id"),
      ({"messages": [*USER, {"role": "assistant", "tool_calls": 5}]}, "messages[1].tool_calls"),
      ({"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}],
        "tool_choice": {"type": "function", "function": "f"}}, "tool_choice.function"),
