@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common.model_source import resolve_model
+from common.model_source import ModelSource, resolve_model
 from shard.loading.gguf_storage import gguf_linear_storage
 from shard.loading.model_loader import gguf_reader
 from shard.numerics.invariant_linear import make_linears_invariant, quantize_activations
@@ -37,14 +37,12 @@ class Accuracy:
     mean_kl: float
 
 
-def _served_model(int8: bool) -> torch.nn.Module:
-    source = resolve_model(None)
+def _served_model(source: ModelSource) -> torch.nn.Module:
+    """transformers' model of the file, its linears on the served kernels as its own blocks."""
     model = AutoModelForCausalLM.from_pretrained(source.path_or_id, **source.pretrained_kwargs(), dtype=torch.float32)
     model.eval()
     blocks = gguf_linear_storage(model, gguf_reader(source))
     make_linears_invariant(model, plan_storage(model, "auto", torch.float32, decided=blocks))
-    if int8:
-        quantize_activations(model)
     return model
 
 
@@ -64,7 +62,10 @@ def run() -> Accuracy:
     tokenizer = AutoTokenizer.from_pretrained(source.path_or_id, **source.pretrained_kwargs())
     text = "\n\n".join((ROOT / name).read_text() for name in TEXT_FILES)
     ids = torch.tensor(tokenizer(text)["input_ids"][: TOKENS + 1])
-    exact, int8 = (_log_probs(_served_model(q), ids) for q in (False, True))
+    model = _served_model(source)
+    exact = _log_probs(model, ids)
+    quantize_activations(model)  # the same model, switched in place
+    int8 = _log_probs(model, ids)
     targets = ids[1 : 1 + exact.shape[0]]
     kl = (exact.exp() * (exact - int8)).sum(dim=-1)
     return Accuracy(

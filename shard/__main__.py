@@ -64,8 +64,9 @@ def prepare_engine(config: ShardConfig, source: ModelSource, device: torch.devic
     if config.world_size > 1:
         join_process_group(config, device)
     model = load_prepared_model(source, dtype, device, config.world_size, config.quantize, config.prepared_cache)
-    if config.quantized_activations and not quantize_activations(model):  # after the prepared model: one
-        log.warning("QUANTIZED_ACTIVATIONS is set, but no layer is stored as 4-, 5- or 6-bit values")  # serves both
+    # Switched after the prepared model is mapped: one cached preparation serves either setting.
+    if config.quantized_activations and not quantize_activations(model):
+        log.warning("QUANTIZED_ACTIVATIONS is set, but no layer is stored as 4-, 5- or 6-bit values")
     engine = Engine(
         model,
         device,

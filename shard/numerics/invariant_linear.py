@@ -299,7 +299,7 @@ def quantize_activations(model: nn.Module) -> int:
     kernel = linear_kernel()
     switched = 0
     for module in model.modules():
-        if isinstance(module, InvariantLinear) and module.wtype in codes and module.in_features % 32 == 0:
+        if isinstance(module, InvariantLinear) and module.wtype in codes:
             module.packed = kernel.quad_layout(module)  # values in the order the int8 products read them
             module.wtype += INT8_ACTIVATIONS
             switched += 1

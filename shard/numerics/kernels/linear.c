@@ -1120,9 +1120,9 @@ static void q8_block(const float *x, int8_t *q, float *d, float *sums, int64_t g
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, x0), _mm512_andnot_ps(sign, x1)));
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
     *d = amax / 127.f;
-    const __m512 limit = _mm512_set1_ps(127.f), vinv = _mm512_set1_ps(inv);
-    const __m512i q0 = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x0, vinv), _mm512_sub_ps(_mm512_setzero_ps(), limit)), limit));
-    const __m512i q1 = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x1, vinv), _mm512_sub_ps(_mm512_setzero_ps(), limit)), limit));
+    const __m512 high = _mm512_set1_ps(127.f), low = _mm512_set1_ps(-127.f), vinv = _mm512_set1_ps(inv);
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x0, vinv), low), high));
+    const __m512i q1 = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x1, vinv), low), high));
     _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(q0));
     _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(q1));
     const int32_t s0 = _mm512_reduce_add_epi32(q0), s1 = _mm512_reduce_add_epi32(q1);
@@ -1145,7 +1145,8 @@ static void q8_block(const float *x, int8_t *q, float *d, float *sums, int64_t g
 #endif
 }
 
-static int q8_rows(const void *x, int xtype, int64_t M, int64_t K, int64_t group, Q8Rows *out, int threads) {
+/* x fp32 [M, K] (rows_as_f32) quantized into out. */
+static int q8_rows(const float *x, int64_t M, int64_t K, int64_t group, Q8Rows *out, int threads) {
     out->K = K;
     out->group = group;
     out->q = malloc((size_t)(M * K));
@@ -1153,16 +1154,12 @@ static int q8_rows(const void *x, int xtype, int64_t M, int64_t K, int64_t group
     out->sums = malloc(sizeof(float) * (size_t)(M * (K / group)));
     if (!out->q || !out->d || !out->sums) return -2;
 #pragma omp parallel for schedule(static) num_threads(threads) if (M > 4)
-    for (int64_t r = 0; r < M; r++) {
-        float row[Q8_BLOCK];
+    for (int64_t r = 0; r < M; r++)
         for (int64_t b = 0; b < K / Q8_BLOCK; b++) {
             const int64_t at = r * K + b * Q8_BLOCK;
-            for (int i = 0; i < Q8_BLOCK; i++)
-                row[i] = xtype == F32 ? ((const float *)x)[at + i] : bf16_to_f32(((const uint16_t *)x)[at + i]);
-            q8_block(row, out->q + at, out->d + r * (K / Q8_BLOCK) + b,
+            q8_block(x + at, out->q + at, out->d + r * (K / Q8_BLOCK) + b,
                      out->sums + r * (K / group) + b * (Q8_BLOCK / group), group);
         }
-    }
     return 0;
 }
 
@@ -1402,8 +1399,12 @@ static void q8_tile_rows(const Weights *wt, const Q8Rows *x, const Output *o, in
 static int q8_linear(const Weights *wt, const void *x, int xtype, const Output *o, int64_t M, int64_t K,
                      int threads) {
     const int64_t tiles = (o->N + TILE - 1) / TILE;
-    Q8Rows q;
-    if (q8_rows(x, xtype, M, K, group_of(wt->wtype), &q, threads)) {
+    float *owned;
+    const float *xf = rows_as_f32(x, xtype, M, K, &owned);
+    Q8Rows q = { NULL, NULL, NULL, 0, 0 };
+    const int failed_rows = !xf || q8_rows(xf, M, K, group_of(wt->wtype), &q, threads);
+    free(owned);
+    if (failed_rows) {
         q8_free(&q);
         return -2;
     }
