@@ -121,6 +121,10 @@ SETTINGS: tuple[Setting, ...] = (
        kind=float),
     _s("--max-waiting-tokens", "MAX_WAITING_TOKENS", ROUTER,
        "...or once this many decode steps ran without them; default: 0 on CPU, 20 on GPU", kind=int),
+    _s("--scheduling-policy", "SCHEDULING_POLICY", ROUTER,
+       "fcfs: first come, first served; priority: by each request's priority (lower sooner), a waiting "
+       "request preempting running ones of a higher value when KV blocks are short",
+       default="fcfs", choices=("fcfs", "priority")),
     _s("--shard-recovery-timeout", "SHARD_RECOVERY_TIMEOUT", ROUTER,
        "seconds a request waits for a restarted shard before it fails", kind=float, default=60.0),
     _s("--pipeline-steps", "PIPELINE_STEPS", ROUTER,

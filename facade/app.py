@@ -36,8 +36,11 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
     try:
         return await handler(request)
     except ApiError as exc:
+        if exc.status in (400, 413) and not exc.from_router:
+            request.app[METRICS].refused_by_facade(request.path)
         return await sse.end_with_error(request, exc) or exc.response(error_shape(request))
     except web.HTTPRequestEntityTooLarge as exc:
+        request.app[METRICS].refused_by_facade(request.path)
         too_large = ApiError(413, f"the request body is too large: {exc.text}", "invalid_request_error")
         return too_large.response(error_shape(request))
     except web.HTTPException as exc:

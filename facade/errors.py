@@ -66,6 +66,8 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else {}
+        #: The router refused or failed it (and counted it); False for the facade's own refusals.
+        self.from_router = False
 
     def body(self) -> dict:
         return {
@@ -102,7 +104,9 @@ def from_grpc(error: grpc.aio.AioRpcError) -> ApiError:
         log.warning("fault %s: router call ended by gRPC: %s %s", fault_id, error.code().name, error.details())
         generic = _TRANSPORT_MESSAGE.get(error.code(), "internal error")
         message = f"{generic} (fault id {fault_id})"
-    return ApiError(status, message, type_, _OPENAI_PARAM.get(param or "", param), error.code().name.lower())
+    api_error = ApiError(status, message, type_, _OPENAI_PARAM.get(param or "", param), error.code().name.lower())
+    api_error.from_router = True
+    return api_error
 
 
 #: TGI's native routes answer errors in TGI's shape; /tokenize does when given TGI's body.

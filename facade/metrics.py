@@ -11,6 +11,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+#: Routes whose refusals are generation requests refused (TGI counts them in tgi_request_failure).
+GENERATION_PATHS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/generate", "/generate_stream", "/"}
+)
+
 
 class FacadeMetrics:
     def __init__(self) -> None:
@@ -24,6 +29,27 @@ class FacadeMetrics:
             ["route"],
             registry=self.registry,
         )
+
+        #: Generation requests this facade refused before they reached the router (a body that
+        #: is not valid JSON, an unknown field, ...): the router never saw them, so they are
+        #: added to its TGI counters here (``with_refusals``).
+        self.validation_refusals = 0
+
+    def refused_by_facade(self, path: str) -> None:
+        if path in GENERATION_PATHS:
+            self.validation_refusals += 1
+
+    def with_refusals(self, router_text: bytes) -> bytes:
+        """The router's exposition with this facade's refusals added to TGI's request counters
+        (``tgi_request_count`` and ``tgi_request_failure{err="validation"}``), as TGI's own
+        router counts a request its validation refuses."""
+        if not self.validation_refusals:
+            return router_text
+        lines = router_text.decode().split("\n")
+        _add_to_series(lines, "tgi_request_count", "tgi_request_count", self.validation_refusals)
+        series = 'tgi_request_failure{err="validation"}'
+        _add_to_series(lines, "tgi_request_failure", series, self.validation_refusals)
+        return "\n".join(lines).encode()
 
     def middleware(self) -> Middleware:
         @web.middleware
@@ -39,3 +65,18 @@ class FacadeMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _add_to_series(lines: list[str], family: str, series: str, amount: int) -> None:
+    """Adds ``amount`` to ``series``'s sample in ``lines``, or adds the sample under its family's
+    TYPE line when the router has none yet."""
+    for i, line in enumerate(lines):
+        name, _, value = line.rpartition(" ")
+        if name == series:
+            lines[i] = f"{series} {float(value) + amount}"
+            return
+    for i, line in enumerate(lines):
+        if line == f"# TYPE {family} counter":
+            lines.insert(i + 1, f"{series} {float(amount)}")
+            return
+    lines += [f"# TYPE {family} counter", f"{series} {float(amount)}"]

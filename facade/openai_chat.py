@@ -53,6 +53,8 @@ def parse_chat(body: Any) -> ChatRequest:
     req = validate_body(ChatCompletionRequest, body)
     chat = pb.Chat(messages=[_message(i, m) for i, m in enumerate(req.messages)])
     _tools(req, chat)
+    if req.chat_template_kwargs:
+        chat.template_kwargs = json.dumps(req.chat_template_kwargs)
     p = params.parameters(req, req.max_completion_tokens or req.max_tokens)
     p.response_format.CopyFrom(params.response_format(_as_dict(req.response_format)))
     p.logprobs = bool(req.logprobs)

@@ -76,6 +76,12 @@ def parameters(req: SamplingFields, max_tokens: int | None) -> pb.GenerationPara
         p.min_new_tokens = req.min_tokens
     for token, bias in _logit_bias(req.logit_bias or {}).items():
         p.logit_bias[token] = bias
+    if req.truncate_prompt_tokens is not None:
+        if req.truncate_prompt_tokens == 0:
+            why = "truncate_prompt_tokens must be at least 1, or -1 for the model's limit"
+            raise invalid(why, "truncate_prompt_tokens")
+        p.truncate = max(0, req.truncate_prompt_tokens)  # the router reads 0 as MAX_INPUT_TOKENS
+    p.priority = req.priority or 0
     return p
 
 

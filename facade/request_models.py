@@ -147,6 +147,12 @@ class SamplingFields(RequestModel):
     ignore_eos: bool | None = None
     min_tokens: int | None = sampling_field("min_tokens")
     best_of: int | None = Field(None, description="only 1 or n")
+    truncate_prompt_tokens: int | None = Field(
+        None, ge=-1, le=UINT32_MAX, description="keep the last N prompt tokens (vLLM's); -1: the last MAX_INPUT_TOKENS"
+    )
+    priority: int | None = Field(
+        None, ge=-(1 << 31), lt=1 << 31, description="lower is served sooner under SCHEDULING_POLICY=priority"
+    )
     # Informational: accepted, change nothing.
     user: str | None = None
     metadata: dict[str, Any] | None = None
@@ -165,6 +171,9 @@ class ChatCompletionRequest(SamplingFields):
     )
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description='extra chat template variables (vLLM\'s), e.g. {"enable_thinking": false}'
+    )
 
 
 class CompletionRequest(SamplingFields):
@@ -248,7 +257,7 @@ class GenerateParameters(RequestModel):
     top_n_tokens: int | None = sampling_field("top_n_tokens", "up to MAX_TOP_N_TOKENS")
     top_p: float | None = sampling_field("top_p")
     typical_p: float | None = sampling_field("typical_p")
-    truncate: int | None = Field(None, description="neutral only: null")
+    truncate: int | None = Field(None, ge=1, le=UINT32_MAX, description="keep the last N prompt tokens")
     watermark: bool | None = Field(None, description="neutral only: false")
     grammar: Grammar | None = None
     adapter_id: str | None = Field(None, description="neutral only: null")
@@ -268,6 +277,7 @@ class TokenizeRequest(RequestModel):
     messages: list[ChatMessage] | None = None
     inputs: str | None = None
     add_special_tokens: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="as in chat completions")
 
 
 class DetokenizeRequest(RequestModel):

@@ -56,7 +56,8 @@ async def metrics(request: web.Request) -> web.Response:
         router_text = (await request.app[ROUTER].Metrics(pb.MetricsRequest(), timeout=10)).text.encode()
     except grpc.aio.AioRpcError as exc:
         raise from_grpc(exc) from exc
-    body = request.app[METRICS].exposition() + router_text
+    facade_metrics = request.app[METRICS]
+    body = facade_metrics.exposition() + facade_metrics.with_refusals(router_text)
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 

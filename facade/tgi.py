@@ -29,7 +29,7 @@ TGI_FINISH = {
 _ACCEPTED = fields_of(GenerateParameters)
 #: Accepted only at their neutral value: anything else would change the output and is not implemented.
 _NEUTRAL: dict[str, Any] = {
-    "best_of": 1, "decoder_input_details": False, "truncate": None, "watermark": False, "adapter_id": None,
+    "best_of": 1, "decoder_input_details": False, "watermark": False, "adapter_id": None,
 }  # fmt: skip
 
 
@@ -64,6 +64,8 @@ def parse_generate(body: Any) -> tuple[pb.GenerateRequest, GenerateParameters]:
         p.max_new_tokens = given.max_new_tokens
     p.stop.extend(given.stop or [])
     p.top_n_tokens = given.top_n_tokens or 0
+    if given.truncate is not None:
+        p.truncate = given.truncate
     p.logprobs = True  # TGI reports every token's text
     grammar = given.grammar.model_dump(exclude_none=True) if given.grammar is not None else None
     p.response_format.CopyFrom(response_format(grammar, "grammar"))

@@ -20,7 +20,10 @@ from protos import router_pb2 as pb
 def parse_tokenize(body: Any) -> pb.TokenizeRequest:
     req = validate_body(TokenizeRequest, body)
     if req.messages is not None:
-        chat = parse_chat({"messages": body["messages"], "model": req.model or "tgi"})
+        chat_body = {"messages": body["messages"], "model": req.model or "tgi"}
+        if req.chat_template_kwargs is not None:
+            chat_body["chat_template_kwargs"] = req.chat_template_kwargs
+        chat = parse_chat(chat_body)
         return pb.TokenizeRequest(chat=chat.requests[0].chat)
     if req.prompt is None:
         raise invalid("'prompt' (a string) or 'messages' is required", "prompt")

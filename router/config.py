@@ -52,6 +52,8 @@ class RouterConfig:
     replica_start_wait: float
     #: Send decode step N+1 before step N's answer is in (router.step_pipeline).
     pipeline_steps: bool
+    #: fcfs or priority (router.planner).
+    scheduling_policy: str
 
     @property
     def shard_entries(self) -> list[str]:
@@ -74,6 +76,8 @@ class Limits:
     waiting_served_ratio: float = 0.0
     #: ... or once this many decode steps ran without them (MAX_WAITING_TOKENS).
     max_waiting_tokens: int = 0
+    #: Serve by request priority rather than arrival (SCHEDULING_POLICY=priority).
+    by_priority: bool = False
 
     @classmethod
     def resolve(cls, config: RouterConfig, max_positions: int, device: str = "cpu") -> Limits:
@@ -93,7 +97,8 @@ class Limits:
             ratio = config.waiting_served_ratio
         if config.max_waiting_tokens is not None:
             steps = config.max_waiting_tokens
-        return cls(inputs, total, prefill, config.max_batch_size, ratio, steps)
+        by_priority = config.scheduling_policy == "priority"
+        return cls(inputs, total, prefill, config.max_batch_size, ratio, steps, by_priority)
 
 
 #: Prompt tokens per step on a CPU shard: every step carries the decode tokens of the

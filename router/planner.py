@@ -17,6 +17,14 @@ keeping its tokens and is recomputed (mostly from the prefix cache) when blocks
 free up. After a shard restart every running request is requeued the same way
 (``requeue_running``).
 
+Under SCHEDULING_POLICY=priority the queue is kept in (priority, arrival) order
+instead (lower priority values first, vLLM's convention; a preempted request
+goes back to its own place in that order), the request preempted for blocks is
+the lowest-priority, youngest one, and a queued request that cannot be admitted
+(blocks short, or the batch full) preempts running requests of a strictly higher
+value until it fits. Recomputation is lossless, so preemption changes when a
+request's tokens come, never which.
+
 Invariants (checked by tests/router/test_planner.py after every call): a request
 is queued, running or finished, never two; queued requests hold no blocks; the
 allocator's reference counts are exactly the blocks running requests hold; the
@@ -40,6 +48,11 @@ from router.shard_client import PrefillItem
 #: (decode attention walks a sequence's blocks in order; the measurements are in
 #: docs/performance.md, "KV block runs"). Blocks taken ahead are used or freed with the request.
 DECODE_BLOCK_RUN = 4
+
+
+def _priority_key(r: Request) -> tuple[int, int]:
+    """Queue order under the priority policy: priority value, then arrival (ids grow with it)."""
+    return r.priority, r.id
 
 
 def blocks_to_take(needed: int, fillable: int, spare: int) -> int:
@@ -98,11 +111,20 @@ class Planner:
     # --- the queue --------------------------------------------------------------
 
     def enqueue(self, request: Request) -> None:
-        self.waiting.append(request)
+        self._queue(request, first=False)
 
     def enqueue_first(self, request: Request) -> None:
         """A request whose tokens are recomputed (moved from a failed replica): first in line."""
-        self.waiting.appendleft(request)
+        self._queue(request, first=True)
+
+    def _queue(self, request: Request, first: bool) -> None:
+        """Into the queue: at its head or tail (fcfs), or at its place in (priority, arrival) order."""
+        if not self.limits.by_priority:
+            self.waiting.appendleft(request) if first else self.waiting.append(request)
+            return
+        key = _priority_key(request)
+        at = next((i for i, r in enumerate(self.waiting) if _priority_key(r) > key), len(self.waiting))
+        self.waiting.insert(at, request)
 
     def retire(self, request: Request) -> None:
         """The request is done (finished, cancelled or failed): it leaves the queue or the batch
@@ -140,14 +162,14 @@ class Planner:
         for r in cancelled:
             self.retire(r)
         admitted: list[Admission] = []
-        chunks = self._plan_chunks(admitted)
+        preempted: list[Request] = []
+        chunks = self._plan_chunks(admitted, preempted if not ahead else None)
         chunked = {item.request.id for item in chunks}
         decoding = [r for r in self.active if r.phase is Phase.DECODING and r.id not in chunked]
         if ahead:
             decoding = [r for r in decoding if not self.ends_with_step_in_flight(r)]
-        preempted: list[Request] = []
         extensions = self._grow_blocks(decoding, 1 if ahead else 0, preempted)
-        # Growing blocks may have preempted requests, just-admitted ones included.
+        # Admitting or growing blocks may have preempted requests, just-admitted ones included.
         chunks = [item for item in chunks if item.request.phase is Phase.PREFILLING]
         decoding = [r for r in decoding if r.phase is Phase.DECODING]
         method = "decode" if decoding else "prefill" if chunks and not ahead else None
@@ -178,7 +200,9 @@ class Planner:
         """Whether the token r gets from the step in flight is its last for sure (a length limit)."""
         return len(r.generated) + 1 >= r.max_new_tokens or r.length + 1 >= self.limits.max_total_tokens
 
-    def _plan_chunks(self, admitted: list[Admission]) -> list[PrefillItem]:
+    def _plan_chunks(self, admitted: list[Admission], preempted: list[Request] | None) -> list[PrefillItem]:
+        """Prompt chunks within the budget; ``preempted``: where requests preempted for a
+        higher-priority arrival go (None: none may be, as in a step planned ahead)."""
         budget = self.limits.max_batch_prefill_tokens
         items: list[PrefillItem] = []
         for r in self.active:  # prompts part-way through chunked prefill go first: they are older
@@ -191,10 +215,14 @@ class Planner:
         if not self.admission_due():
             return items
         self.decodes_since_admission = 0
-        while self.waiting and budget > 0 and len(self.active) < self.limits.max_batch_size:
-            admission = self._admit(self.waiting[0], budget)
+        while self.waiting and budget > 0:
+            head = self.waiting[0]
+            full = len(self.active) >= self.limits.max_batch_size
+            admission = None if full else self._admit(head, budget)
             if admission is None:
-                break  # first come, first served: nobody overtakes the head of the queue
+                if preempted is not None and self._preempt_for(head, preempted):
+                    continue
+                break  # nobody overtakes the head of the queue
             item, r = admission, self.waiting.popleft()
             r.phase = Phase.PREFILLING
             self.active.append(r)
@@ -258,9 +286,9 @@ class Planner:
                 try:
                     new = self.allocator.allocate(self._run_of(r, needed))
                 except OutOfBlocks:
-                    youngest = max(self.active, key=lambda x: x.id)  # ids grow with arrival
-                    self._preempt(youngest)
-                    preempted.append(youngest)
+                    victim = self._victim()
+                    self._preempt(victim)
+                    preempted.append(victim)
                     continue
                 r.blocks += new
                 extensions[r.id] = new
@@ -275,12 +303,32 @@ class Planner:
         spare = self.allocator.free_blocks - len(self.active) * DECODE_BLOCK_RUN
         return blocks_to_take(needed, fillable, spare)
 
+    def _victim(self) -> Request:
+        """The running request preempted when blocks run out: the youngest (ids grow with
+        arrival), of the lowest priority under the priority policy."""
+        if self.limits.by_priority:
+            return max(self.active, key=_priority_key)
+        return max(self.active, key=lambda x: x.id)
+
+    def _preempt_for(self, head: Request, preempted: list[Request]) -> bool:
+        """Priority policy: preempts the lowest-priority running request if its priority value is
+        above ``head``'s, so that ``head`` may be admitted; False when none is."""
+        if not self.limits.by_priority or not self.active:
+            return False
+        victim = self._victim()
+        if victim.priority <= head.priority:
+            return False
+        self._preempt(victim)
+        preempted.append(victim)
+        return True
+
     def _preempt(self, r: Request) -> None:
-        """Back to the head of the queue keeping its tokens; its KV is to be recomputed."""
+        """Back to the queue (its head, or its place by priority) keeping its tokens; its KV is
+        to be recomputed."""
         self.active.remove(r)
         self.allocator.release(r.blocks)
         r.blocks, r.computed, r.chain, r.phase = [], 0, NEW_CHAIN, Phase.WAITING
-        self.waiting.appendleft(r)
+        self._queue(r, first=True)
 
     # --- what the shards computed ------------------------------------------------------
 
@@ -307,7 +355,7 @@ class Planner:
         running, self.active = self.active, []
         for r in reversed(running):
             r.blocks, r.computed, r.chain, r.phase = [], 0, NEW_CHAIN, Phase.WAITING
-            self.waiting.appendleft(r)
+            self._queue(r, first=True)
         return len(running)
 
     def reset(self, num_blocks: int, block_size: int) -> None:

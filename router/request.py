@@ -73,6 +73,8 @@ class Request:
     use_prefix_cache: bool = True
     #: Whether events carry each token's text and alternatives (OpenAI logprobs).
     want_logprobs: bool = False
+    #: Lower is served sooner under SCHEDULING_POLICY=priority (router.planner).
+    priority: int = 0
     arrived_at: float = field(default_factory=time.monotonic)
     #: The caller's trace context (the public RPC's span): batch steps it joins are traced under it.
     trace_context: Context | None = None

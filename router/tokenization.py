@@ -17,6 +17,13 @@ from router.tools import HERMES, ToolCallFormat, with_tools_in_text
 
 log = logging.getLogger(__name__)
 
+#: Arguments of ``apply_chat_template`` itself, which a request's template variables may not set.
+TEMPLATE_CALL_ARGUMENTS = frozenset(
+    {"conversation", "tools", "documents", "chat_template", "add_generation_prompt", "continue_final_message",
+     "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+     "return_assistant_tokens_mask", "tokenizer_kwargs", "messages"}
+)  # fmt: skip
+
 #: Prompt tokens kept as context when detokenizing, so that tokenizers which
 #: mark word starts (SentencePiece's "▁") decode the first new token's space.
 _DETOKENIZE_CONTEXT = 5
@@ -57,19 +64,31 @@ class Tokenizer:
         return token_id in self.special_ids and self.hf.convert_ids_to_tokens(token_id) == text
 
     def render_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, fmt: ToolCallFormat = HERMES
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        fmt: ToolCallFormat = HERMES,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> str:
         """The prompt of a chat; tools go through the template when it renders them, else in the
-        system prompt, with calls written in ``fmt``."""
+        system prompt, with calls written in ``fmt``; ``template_kwargs``: the request's own
+        template variables (e.g. enable_thinking)."""
+        extra = template_kwargs or {}
         if not self.has_chat_template:
             raise NoChatTemplate(
                 "this model has no chat template; send a raw prompt (/v1/completions or /generate) instead"
             )
         if tools and self.template_knows_tools:
-            rendered = self.hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)  # type: ignore[arg-type]
+            rendered = self.hf.apply_chat_template(
+                messages,  # type: ignore[arg-type]
+                tools=tools,  # type: ignore[arg-type]
+                tokenize=False,
+                add_generation_prompt=True,
+                **extra,
+            )
         else:
             rendered = self.hf.apply_chat_template(
-                with_tools_in_text(messages, tools or [], fmt), tokenize=False, add_generation_prompt=True
+                with_tools_in_text(messages, tools or [], fmt), tokenize=False, add_generation_prompt=True, **extra
             )
         return str(rendered)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from router.generation_defaults import GenerationDefaults
 from router.grammar import json_object_grammar, json_schema_grammar, regex_grammar
 from router.request import Request
 from router.stopping import StopCondition, TextStream
-from router.tokenization import Tokenizer
+from router.tokenization import TEMPLATE_CALL_ARGUMENTS, Tokenizer
 from router.tools import HERMES, CallWatch, ToolCallFormat, calls_possible, template_calls, template_tools, tool_grammar
 
 
@@ -62,12 +63,32 @@ class Validator:
                     param=f"messages[{i}].role",
                 )
             messages.append(_template_message(m))
+        kwargs = self._template_kwargs(chat.template_kwargs)
         try:
-            return self.tokenizer.render_chat(messages, template_tools(chat), self.tool_format)
+            return self.tokenizer.render_chat(messages, template_tools(chat), self.tool_format, kwargs)
         except NoChatTemplate as exc:
             raise ValidationError(str(exc), param="messages") from exc
         except Exception as exc:  # templates raise their own errors (e.g. role order)
             raise ValidationError(f"the chat template rejected these messages: {exc}", param="messages") from exc
+
+    @staticmethod
+    def _template_kwargs(text: str) -> dict[str, Any]:
+        """The chat's extra template variables: a JSON object whose keys are not arguments of
+        the template call itself (those are the router's to set)."""
+        if not text:
+            return {}
+        try:
+            kwargs = json.loads(text)
+        except ValueError:
+            kwargs = None
+        if not isinstance(kwargs, dict):
+            raise ValidationError("chat_template_kwargs must be a JSON object", "chat_template_kwargs")
+        reserved = sorted(set(kwargs) & TEMPLATE_CALL_ARGUMENTS)
+        if reserved:
+            raise ValidationError(
+                f"chat_template_kwargs may not set {reserved}: the server sets them", "chat_template_kwargs"
+            )
+        return kwargs
 
     def request(self, request_id: int, message: pb.GenerateRequest) -> Request:
         ids, _text = self.prompt_ids(message)
@@ -75,6 +96,8 @@ class Validator:
             param = "messages" if message.WhichOneof("input") == "chat" else "prompt"
             raise ValidationError("the prompt is empty once tokenized: it has no text the model can read", param)
         p = message.parameters
+        if p.HasField("truncate"):
+            ids = self._truncated(ids, p.truncate)
         sampling = self._sampling(p)
         max_new = self._max_new_tokens(p, len(ids))
         stops = list(p.stop)
@@ -91,7 +114,17 @@ class Validator:
         stream = TextStream(self.tokenizer.detokenizer(ids, keep_special), condition)
         if may_call:
             stream.calls = CallWatch(self.tool_format)
-        return Request(id=request_id, prompt_ids=ids, sampling=sampling, stream=stream, want_logprobs=p.logprobs)
+        return Request(
+            id=request_id, prompt_ids=ids, sampling=sampling, stream=stream, want_logprobs=p.logprobs,
+            priority=p.priority,
+        )  # fmt: skip
+
+    def _truncated(self, ids: list[int], keep: int) -> list[int]:
+        """The last ``keep`` tokens (0: the last MAX_INPUT_TOKENS), as TGI's truncate."""
+        most = self.limits.max_input_tokens
+        if keep > most:
+            raise ValidationError(f"truncate must be at most the maximum input length {most}, got {keep}", "truncate")
+        return ids[-(keep or most) :]
 
     def _grammar(self, message: pb.GenerateRequest) -> tuple[str, bool]:
         """The output constraint (EBNF, or empty) and whether the answer may be a tool call."""

@@ -89,7 +89,12 @@ SAMPLING = {
     "min_tokens": field(SMALL),
     "response_format": RESPONSE_FORMAT,
     "user": field(st.text(max_size=6)),
+    "truncate_prompt_tokens": field(st.integers(-2, 2**33)),
+    "priority": field(st.integers(-(2**33), 2**33)),
 }
+TEMPLATE_KWARGS = field(
+    st.dictionaries(st.sampled_from(["enable_thinking", "tokenize", "x"]), st.booleans() | SMALL, max_size=2)
+)
 CHAT = st.fixed_dictionaries(
     {"messages": field(st.lists(MESSAGE, min_size=0, max_size=3))},
     optional={
@@ -102,6 +107,7 @@ CHAT = st.fixed_dictionaries(
             st.sampled_from(["none", "auto", "required", {"type": "function", "function": {"name": "f"}}])
         ),
         "parallel_tool_calls": field(st.booleans()),
+        "chat_template_kwargs": TEMPLATE_KWARGS,
     },
 )
 COMPLETION = st.fixed_dictionaries(
@@ -144,6 +150,7 @@ TOKENIZE = st.fixed_dictionaries(
         "prompt": field(st.text(max_size=20)),
         "messages": field(st.lists(MESSAGE, max_size=2)),
         "add_special_tokens": field(st.booleans()),
+        "chat_template_kwargs": TEMPLATE_KWARGS,
     },
 )
 DETOKENIZE = st.fixed_dictionaries({"tokens": field(st.lists(SMALL, max_size=5))})

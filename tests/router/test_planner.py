@@ -58,9 +58,12 @@ def check(planner: Planner, plan: StepPlan | None = None) -> None:
     assert all(r.phase is Phase.WAITING for r in planner.waiting)
     assert all(r.phase in (Phase.PREFILLING, Phase.DECODING) for r in planner.active)
     assert len(planner.active) <= planner.limits.max_batch_size
-    # First come, first served: the queue is in arrival order, and everyone running arrived before it.
-    queue = [r.id for r in planner.waiting]
-    assert queue == sorted(queue) and max(active, default=0) < min(queue, default=1 << 62)
+    if planner.limits.by_priority:  # the queue is in (priority, arrival) order
+        keys = [(r.priority, r.id) for r in planner.waiting]
+        assert keys == sorted(keys)
+    else:  # first come, first served: the queue is in arrival order, and everyone running arrived before it
+        queue = [r.id for r in planner.waiting]
+        assert queue == sorted(queue) and max(active, default=0) < min(queue, default=1 << 62)
     planner.allocator.check({r.id: r.blocks for r in planner.active})
     for r in planner.active:  # every running request holds the blocks its computed tokens need
         assert len(r.blocks) >= planner.allocator.blocks_for(r.computed)
@@ -112,6 +115,9 @@ def test_every_request_finishes_with_its_own_tokens(arrivals, num_blocks, budget
         admitted_order += [a.request.id for a in plan.admitted if a.first]
         shard.run(plan)
         check(planner)
+    # A request preempted before its first token comes back as a first admission again: its
+    # first time counts.
+    admitted_order = list(dict.fromkeys(admitted_order))
     assert admitted_order == sorted(admitted_order), "a request overtook the head of the queue"
     assert planner.allocator.used_blocks == 0
     for r in requests:
@@ -180,3 +186,76 @@ def test_requeue_running_keeps_tokens_and_order():
     plan = planner.plan()
     assert [i.request.id for i in plan.chunks] == [1, 2, 3]
     assert [i.chunk_len for i in plan.chunks] == [first.length, second.length, late.length]
+
+
+def drive(planner: Planner, shard: Shard, steps: int = 5000) -> None:
+    for _ in range(steps):
+        if not planner.waiting and not planner.active:
+            return
+        plan = planner.plan()
+        check(planner, plan)
+        shard.run(plan)
+        check(planner)
+    raise AssertionError("requests did not finish")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    arrivals=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 12), st.integers(-2, 2)), min_size=1, max_size=12),
+    num_blocks=st.integers(13, 40),
+    budget=st.integers(1, 24),
+    batch=st.integers(1, 6),
+    late=st.integers(0, 6),
+)
+def test_priority_policy_keeps_every_token_and_serves_the_urgent_first(arrivals, num_blocks, budget, batch, late):
+    """SCHEDULING_POLICY=priority: whatever preempts whom, every request ends with the tokens it
+    would have had alone; requests arriving while others run are admitted in priority order."""
+    limits = Limits(47, 48, budget, batch, 0.0, 0, by_priority=True)
+    planner = Planner(BlockAllocator(num_blocks, BLOCK), limits)
+    shard = Shard(planner)
+    requests = []
+    for i, (p, n, priority) in enumerate(arrivals):
+        r = make_request(i + 1, p, n)
+        r.priority = priority
+        requests.append(r)
+    for r in requests[: len(requests) // 2]:
+        planner.enqueue(r)
+    for _ in range(late):  # the rest arrive while the first half runs
+        plan = planner.plan()
+        check(planner, plan)
+        shard.run(plan)
+    for r in requests[len(requests) // 2 :]:
+        planner.enqueue(r)
+    check(planner)
+    drive(planner, shard)
+    assert planner.allocator.used_blocks == 0
+    for r in requests:
+        assert r.phase is Phase.FINISHED
+        assert r.generated == expected(r), "preemption changed a token"
+
+
+def test_an_urgent_arrival_preempts_the_least_urgent_running_request():
+    """Two low-priority requests hold every block; a priority -1 arrival preempts the least
+    urgent (the youngest among equals) and runs at the next step; fcfs would make it wait."""
+    for by_priority in (True, False):
+        planner = Planner(BlockAllocator(8, BLOCK), Limits(47, 48, 64, 8, 0.0, 0, by_priority=by_priority))
+        shard = Shard(planner)
+        background = [make_request(1, 14, 12), make_request(2, 14, 12)]
+        for r in background:
+            r.priority = 5
+            planner.enqueue(r)
+        shard.run(planner.plan())
+        assert planner.allocator.free_blocks == 0
+        urgent = make_request(3, 8, 2)
+        urgent.priority = -1
+        planner.enqueue(urgent)
+        plan = planner.plan()
+        check(planner, plan)
+        if by_priority:
+            assert [r.id for r in plan.preempted] == [2] and [a.request.id for a in plan.admitted] == [3]
+            assert [r.id for r in planner.waiting] == [2]
+        else:
+            assert not plan.admitted and [r.id for r in planner.waiting] == [3]
+        shard.run(plan)
+        drive(planner, shard)
+        assert all(r.generated == expected(r) for r in [*background, urgent])

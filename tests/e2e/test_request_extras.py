@@ -1,0 +1,134 @@
+"""What TGI's and vLLM's users also send (issue 36's table), through the whole stack: TGI's
+``truncate`` and vLLM's ``truncate_prompt_tokens``, ``chat_template_kwargs``, ``priority`` with
+SCHEDULING_POLICY=priority, and the refusals they can earn.
+
+One stack: a tiny random Llama whose chat template is written in Qwen3's style (it reads
+``enable_thinking``), fp32, the priority policy.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from huggingface_hub import InferenceClient
+
+from support.reasoning_templates import REASONING_TEMPLATES, with_chat_template
+from tests.conftest import running_stack
+
+HI = [{"role": "user", "content": "Tell me about the railways of the valley, in detail."}]
+LONG_PROMPT = "the quick brown fox jumps over the lazy dog " * 20
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model_dir, tmp_path_factory):
+    folder = with_chat_template(
+        tiny_model_dir("llama"), REASONING_TEMPLATES["qwen3"], tmp_path_factory.mktemp("qwen3-style")
+    )
+    # A batch of 4, so that a burst queues and priority decides who runs.
+    env = {"MODEL_ID": str(folder), "MAX_TOTAL_TOKENS": "512", "SCHEDULING_POLICY": "priority", "MAX_BATCH_SIZE": "4"}
+    with running_stack(env) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack}/v1/", api_key="none", max_retries=0)
+
+
+def post(stack: str, path: str, body: Any) -> httpx.Response:
+    return httpx.post(f"{stack}{path}", json=body, timeout=120)
+
+
+def prompt_tokens(stack: str, text: str) -> int:
+    return int(post(stack, "/tokenize", {"prompt": text}).json()["count"])
+
+
+def test_truncate_keeps_the_last_prompt_tokens(stack, client):
+    full = prompt_tokens(stack, LONG_PROMPT)
+    assert full > 100
+    kept = client.completions.create(
+        model="tgi", prompt=LONG_PROMPT, max_tokens=4, temperature=0, extra_body={"truncate_prompt_tokens": 50}
+    )
+    assert kept.usage is not None and kept.usage.prompt_tokens == 50
+    # The same as sending those 50 tokens: the prompt really is the tail.
+    ids = post(stack, "/tokenize", {"prompt": LONG_PROMPT}).json()["tokens"]
+    tail = client.completions.create(model="tgi", prompt=ids[-50:], max_tokens=4, temperature=0)
+    assert kept.choices[0].text == tail.choices[0].text
+    # -1: the model's input limit (511 here) keeps the whole of this prompt.
+    whole = client.completions.create(
+        model="tgi", prompt=LONG_PROMPT, max_tokens=4, temperature=0, extra_body={"truncate_prompt_tokens": -1}
+    )
+    assert whole.usage is not None and whole.usage.prompt_tokens == full
+    chat = client.chat.completions.create(
+        model="tgi", messages=HI, max_tokens=2, extra_body={"truncate_prompt_tokens": 5}
+    )
+    assert chat.usage is not None and chat.usage.prompt_tokens == 5
+
+
+def test_tgi_truncate(stack):
+    answer = InferenceClient(base_url=stack).text_generation(
+        LONG_PROMPT, max_new_tokens=3, truncate=20, details=True, decoder_input_details=False
+    )
+    assert answer.details is not None and answer.details.generated_tokens == 3
+    r = post(stack, "/generate", {"inputs": LONG_PROMPT, "parameters": {"truncate": 20, "max_new_tokens": 2}})
+    assert r.status_code == 200
+    # Beyond the input limit, or not a positive count: a 400 naming the field.
+    for bad in (10_000, 0, -3):
+        r = post(stack, "/generate", {"inputs": "x", "parameters": {"truncate": bad}})
+        assert r.status_code == 400 and r.json()["error_type"] == "validation", r.text
+    r = post(stack, "/v1/completions", {"prompt": "x", "truncate_prompt_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens"
+
+
+def test_chat_template_kwargs_reach_the_template(stack, client):
+    def count(kwargs: dict | None) -> int:
+        body: dict[str, Any] = {"messages": HI}
+        if kwargs is not None:
+            body["chat_template_kwargs"] = kwargs
+        r = post(stack, "/tokenize", body)
+        assert r.status_code == 200, r.text
+        return int(r.json()["count"])
+
+    thinking, not_thinking = count(None), count({"enable_thinking": False})
+    assert not_thinking > thinking  # the empty think block is in the prompt
+    answer = client.chat.completions.create(
+        model="tgi", messages=HI, max_tokens=2, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
+    )
+    assert answer.usage is not None and answer.usage.prompt_tokens == not_thinking
+    for bad, why in (({"tokenize": True}, "may not set"), ("yes", "")):
+        r = post(stack, "/v1/chat/completions", {"messages": HI, "chat_template_kwargs": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs", r.text
+        assert why in r.json()["error"]["message"]
+
+
+def test_priority_serves_the_urgent_request_first(stack):
+    """A burst of low-priority requests fills the batch and the queue, then one urgent request
+    comes: under the priority policy it preempts a running one at once and finishes before
+    almost all of them, with exactly the tokens it gets alone (preemption is lossless)."""
+    urgent = {"prompt": LONG_PROMPT, "max_tokens": 16, "temperature": 0, "ignore_eos": True, "priority": -10}
+    alone = post(stack, "/v1/completions", urgent).json()["choices"][0]["text"]
+    finished: list[str] = []
+
+    def send(name: str, body: dict) -> str:
+        r = post(stack, "/v1/completions", body)
+        assert r.status_code == 200, r.text
+        finished.append(name)
+        return str(r.json()["choices"][0]["text"])
+
+    background = {"prompt": LONG_PROMPT, "max_tokens": 120, "ignore_eos": True, "priority": 5}
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        low = [pool.submit(send, f"low{i}", {**background, "seed": i}) for i in range(20)]
+        concurrent.futures.wait(low, timeout=0.5)
+        done_before = len(finished)
+        text = pool.submit(send, "urgent", urgent).result(timeout=300)
+        concurrent.futures.wait(low, timeout=300)
+    assert text == alone
+    assert done_before < 12  # a queue was still waiting when it came
+    # At most the batch that ran when it came finishes first (first come, first served: all 20).
+    assert finished.index("urgent") <= done_before + 4, (done_before, finished)
+    r = post(stack, "/v1/completions", {"prompt": "x", "priority": 2**40})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "priority"
