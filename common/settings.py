@@ -132,6 +132,10 @@ SETTINGS: tuple[Setting, ...] = (
     _s("--tool-call-format", "TOOL_CALL_FORMAT", ROUTER,
        "how the model writes tool calls; auto: from its chat template",
        default="auto", choices=("auto", "hermes", "llama3_json", "mistral")),
+    _s("--reasoning-parser", "REASONING_PARSER", ROUTER,
+       "how a reasoning model's thinking is returned apart from its answer (reasoning_content); auto: when "
+       "the chat template writes think tags", default="auto", choices=("auto", "none", "deepseek_r1", "qwen3",
+                                                                      "smollm3")),
     # --- the HTTP API (facade) ----------------------------------------------------------
     _s("--api-key", "API_KEY", (ROUTER, FACADE), "bearer key of the HTTP API and the router's gRPC API"),
     _s("--payload-limit", "PAYLOAD_LIMIT", FACADE, "largest body, bytes", kind=int, default=2_000_000),

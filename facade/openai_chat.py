@@ -205,11 +205,14 @@ class ChatResponder:
 
 
 def _assistant_message(a: pb.GenerateResponse) -> dict[str, Any]:
-    if not a.tool_calls:
-        return {"role": "assistant", "content": a.text, "refusal": None}
-    # Text the model wrote before its calls (a thought, "Let me check") stays as content.
-    calls = [_call(c) for c in a.tool_calls]
-    return {"role": "assistant", "content": a.text or None, "refusal": None, "tool_calls": calls}
+    message: dict[str, Any] = {"role": "assistant", "content": a.text, "refusal": None}
+    if a.reasoning:  # vLLM's field, which LangChain's ChatDeepSeek and LiteLLM read
+        message["reasoning_content"] = a.reasoning
+    if a.tool_calls:
+        # Text the model wrote before its calls (a thought, "Let me check") stays as content.
+        message["content"] = a.text or None
+        message["tool_calls"] = [_call(c) for c in a.tool_calls]
+    return message
 
 
 def _call(c: pb.ToolCall) -> dict[str, Any]:
@@ -256,6 +259,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         for i in range(len(chat.requests)):
             await sse.send(response, responder.chunk(i, {"role": "assistant", "content": ""}))
         async for i, message in streams.messages():
+            if message.reasoning:
+                await sse.send(response, responder.chunk(i, {"reasoning_content": message.reasoning}))
             if message.text or (chat.logprobs and message.tokens):
                 await sse.send(response, responder.chunk(i, {"content": message.text}, tokens=message.tokens))
             if message.finish_reason:

@@ -72,6 +72,12 @@ class ResponseBuilder:
                 "content": [_text_part(text)]}  # fmt: skip
 
     @staticmethod
+    def reasoning_item(text: str, status: str) -> dict[str, Any]:
+        """A reasoning model's thinking (REASONING_PARSER), ahead of its answer."""
+        return {"type": "reasoning", "id": _id("rs"), "status": status, "summary": [],
+                "content": [{"type": "reasoning_text", "text": text}]}  # fmt: skip
+
+    @staticmethod
     def call_item(call: pb.ToolCall) -> dict[str, Any]:
         return {"type": "function_call", "id": _id("fc"), "call_id": call.id, "name": call.name,
                 "arguments": call.arguments, "status": "completed"}  # fmt: skip
@@ -117,6 +123,8 @@ async def create(request: web.Request) -> web.StreamResponse:
     if parsed.chat.stream:
         return await _stream(request, parsed, builder)
     [answer] = await generate_all(request.app[ROUTER], parsed.chat.requests)
+    if answer.reasoning:
+        builder.body["output"].append(builder.reasoning_item(answer.reasoning, "completed"))
     if answer.text or not answer.tool_calls:
         status = "incomplete" if answer.finish_reason == pb.FINISH_REASON_LENGTH else "completed"
         builder.body["output"].append(builder.message_item(answer.text, status))
@@ -146,16 +154,20 @@ async def _stream(request: web.Request, parsed: ResponsesRequest, builder: Respo
     body = builder.body
     await events.send("response.created", response=body)
     await events.send("response.in_progress", response=body)
-    text, message = "", None
+    text, message, thinking = "", None, _Thinking(events, builder)
     try:
         async for _, m in streams.messages():
+            if m.reasoning:
+                await thinking.add(m.reasoning)
             if m.text:
                 if message is None:
+                    await thinking.close()
                     message = await _open_message(events, builder)
                 text += m.text
-                await events.send("response.output_text.delta", item_id=message["id"], output_index=0,
+                await events.send("response.output_text.delta", item_id=message["id"], output_index=message["index"],
                                   content_index=0, delta=m.text, logprobs=[])  # fmt: skip
             if m.finish_reason:
+                await thinking.close()
                 if message is not None:
                     status = "incomplete" if m.finish_reason == pb.FINISH_REASON_LENGTH else "completed"
                     await _close_message(events, message, text, status)
@@ -174,23 +186,59 @@ async def _stream(request: web.Request, parsed: ResponsesRequest, builder: Respo
     return events.response
 
 
+class _Thinking:
+    """The reasoning item of a streamed response: opened by the first thinking, closed when the
+    answer starts or the response ends."""
+
+    def __init__(self, events: _Events, builder: ResponseBuilder):
+        self.events, self.builder = events, builder
+        self.item: dict[str, Any] | None = None
+        self.index = 0
+        self.text = ""
+        self.closed = False
+
+    async def add(self, delta: str) -> None:
+        if self.item is None:
+            self.item = self.builder.reasoning_item("", "in_progress")
+            self.item["content"] = []
+            self.index = len(self.builder.body["output"])
+            self.builder.body["output"].append(self.item)
+            await self.events.send("response.output_item.added", output_index=self.index, item=self.item)
+        self.text += delta
+        await self.events.send("response.reasoning_text.delta", item_id=self.item["id"], output_index=self.index,
+                               content_index=0, delta=delta)  # fmt: skip
+
+    async def close(self) -> None:
+        if self.item is None or self.closed:
+            return
+        self.closed = True
+        self.item["content"] = [{"type": "reasoning_text", "text": self.text}]
+        self.item["status"] = "completed"
+        await self.events.send("response.reasoning_text.done", item_id=self.item["id"], output_index=self.index,
+                               content_index=0, text=self.text)  # fmt: skip
+        await self.events.send("response.output_item.done", output_index=self.index, item=self.item)
+
+
 async def _open_message(events: _Events, builder: ResponseBuilder) -> dict[str, Any]:
+    """The answer's message item; ``message["index"]`` is its place in the output while it streams."""
     message = builder.message_item("", "in_progress")
     message["content"] = []
+    index = len(builder.body["output"])
     builder.body["output"].append(message)
-    await events.send("response.output_item.added", output_index=0, item=message)
-    await events.send("response.content_part.added", item_id=message["id"], output_index=0, content_index=0,
+    await events.send("response.output_item.added", output_index=index, item=message)
+    await events.send("response.content_part.added", item_id=message["id"], output_index=index, content_index=0,
                       part=_text_part(""))  # fmt: skip
-    return message
+    return {**message, "index": index, "item": message}
 
 
 async def _close_message(events: _Events, message: dict[str, Any], text: str, status: str) -> None:
-    message["content"], message["status"] = [_text_part(text)], status
-    await events.send("response.output_text.done", item_id=message["id"], output_index=0, content_index=0,
+    item, index = message["item"], message["index"]
+    item["content"], item["status"] = [_text_part(text)], status
+    await events.send("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
                       text=text, logprobs=[])  # fmt: skip
-    await events.send("response.content_part.done", item_id=message["id"], output_index=0, content_index=0,
+    await events.send("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
                       part=_text_part(text))  # fmt: skip
-    await events.send("response.output_item.done", output_index=0, item=message)
+    await events.send("response.output_item.done", output_index=index, item=item)
 
 
 async def _send_call(events: _Events, builder: ResponseBuilder, call: pb.ToolCall) -> None:

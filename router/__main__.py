@@ -23,6 +23,7 @@ from router.config import Limits, RouterConfig, parse_config
 from router.discovery import CONNECT_ATTEMPT_S, Discovery, resolve
 from router.generation_defaults import load_defaults
 from router.metrics import RouterMetrics
+from router.reasoning import reasoning_format
 from router.recovery import ShardLink, WarmupPlan
 from router.replicas import Replica, ReplicaSet
 from router.scheduler import Scheduler
@@ -153,6 +154,7 @@ async def connect_and_warm(
         info.vocab_size,
         load_defaults(source),
         choose_format(config.tool_call_format, tokenizer.chat_template_text),
+        reasoning_format(config.reasoning_parser, tokenizer.chat_template_text),
     )
     model = ServedModel(source.display_name, info.dtype, info.device, links[0].shards.world_size, capacity)
     discovery = Discovery(config.shard_entries, lambda a: maker.join(replica_set, a), set(clients))

@@ -54,6 +54,8 @@ class RouterConfig:
     pipeline_steps: bool
     #: fcfs or priority (router.planner).
     scheduling_policy: str
+    #: How a reasoning model's thinking is told from its answer: auto, none or a router.reasoning format.
+    reasoning_parser: str
 
     @property
     def shard_entries(self) -> list[str]:

@@ -22,8 +22,10 @@ class Emitter:
         if finish is None and r.length >= self.max_total_tokens:
             finish = "length"
         if finish is None:
-            return StreamEvent(text, (token,)), None
-        return self._final_event(r, text, token, finish), finish
+            return StreamEvent(text, (token,), reasoning=r.stream.take_reasoning()), None
+        event = self._final_event(r, text, token, finish)
+        event.reasoning = r.stream.take_reasoning()
+        return event, finish
 
     def _final_event(self, r: Request, text: str, token: TokenInfo, finish: str) -> StreamEvent:
         counts = (len(r.prompt_ids), len(r.generated))

@@ -42,6 +42,8 @@ class StreamEvent:
     tool_calls: tuple[tuple[str, str], ...] = ()
     #: Prompt tokens served from the prefix cache, on the last event.
     cached_tokens: int = 0
+    #: Thinking this event adds (a reasoning model's; never part of ``text``).
+    reasoning: str = ""
 
 
 class Phase(enum.Enum):

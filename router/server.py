@@ -141,9 +141,11 @@ class RouterServicer(pb_grpc.RouterServicer):
 
     async def Generate(self, request, context):
         text: list[str] = []
+        reasoning: list[str] = []
         tokens: list[pb.Token] = []
         async for event in self._events(request):
             text.append(event.text)
+            reasoning.append(event.reasoning)
             tokens.extend(_token_pb(t) for t in event.tokens)
             if event.finish_reason:
                 return pb.GenerateResponse(
@@ -156,12 +158,15 @@ class RouterServicer(pb_grpc.RouterServicer):
                     ),
                     tokens=tokens,
                     tool_calls=tool_calls_pb(event.tool_calls),
+                    reasoning="".join(reasoning),
                 )
         raise ServiceError("generation ended without a finish event")
 
     async def GenerateStream(self, request, context):
         async for event in self._events(request):
-            message = pb.GenerateStreamResponse(text=event.text, tokens=[_token_pb(t) for t in event.tokens])
+            message = pb.GenerateStreamResponse(
+                text=event.text, tokens=[_token_pb(t) for t in event.tokens], reasoning=event.reasoning
+            )
             if event.finish_reason:
                 message.finish_reason = FINISH_REASONS[event.finish_reason]
                 message.usage.prompt_tokens = event.prompt_tokens
@@ -224,12 +229,14 @@ def _coalesce(first: StreamEvent, queue: asyncio.Queue[StreamEvent]) -> StreamEv
     if first.error is not None or first.finish_reason is not None or queue.empty():
         return first
     text, tokens, last = [first.text], list(first.tokens), first
+    reasoning = [first.reasoning]
     while not queue.empty():
         nxt = queue._queue[0]  # type: ignore[attr-defined]  # peek: errors must stay separate
         if nxt.error is not None:
             break
         last = queue.get_nowait()
         text.append(last.text)
+        reasoning.append(last.reasoning)
         tokens.extend(last.tokens)
         if last.finish_reason is not None:
             break
@@ -241,6 +248,7 @@ def _coalesce(first: StreamEvent, queue: asyncio.Queue[StreamEvent]) -> StreamEv
         last.completion_tokens,
         tool_calls=last.tool_calls,
         cached_tokens=last.cached_tokens,
+        reasoning="".join(reasoning),
     )
 
 

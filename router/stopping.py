@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from router.reasoning import ReasoningWatch
 from router.tokenization import Detokenizer, StreamingDetokenizer
 from router.tools import Call, CallWatch
 
@@ -32,6 +33,12 @@ class TextStream:
     finish: str | None = field(default=None)
     #: Set when the output may hold tool calls: they are held back, never streamed as text.
     calls: CallWatch | None = None
+    #: Set for a reasoning model: its thinking is released apart (``take_reasoning``), not as text.
+    reasoning: ReasoningWatch | None = None
+    #: How far ``text`` was released as thinking.
+    reasoning_emitted: int = 0
+    #: Thinking released and not yet taken.
+    reasoning_pending: str = ""
 
     def push(self, token_id: int) -> str:
         """Adds a token; returns the text it releases. Sets ``finish`` when done."""
@@ -47,10 +54,35 @@ class TextStream:
         elif self.generated >= self.condition.max_new_tokens:
             self.finish = "length"
         end = len(self.text) if self.finish else len(self.text) - self._held_back()
+        if self.reasoning is not None and not self._past_thinking(end):
+            return ""
         if self.calls is not None:
             end = self.calls.releasable(self.text, self.emitted, end, final=self.finish is not None)
         delta, self.emitted = self.text[self.emitted : end], max(self.emitted, end)
         return delta
+
+    def _past_thinking(self, end: int) -> bool:
+        """Releases the thinking up to ``end``; whether the answer has started (the text from
+        ``emitted`` on is then the answer's)."""
+        watch, final = self.reasoning, self.finish is not None
+        assert watch is not None
+        watch.follow(self.text, end, final)
+        upto = watch.reasoning_end(self.text, end, final)
+        since = max(self.reasoning_emitted, watch.start or 0)
+        if upto > since:
+            self.reasoning_pending += self.text[since:upto]
+            self.reasoning_emitted = upto
+        if watch.answer_start is None:
+            if final:  # cut short inside the thinking: there is no answer
+                self.emitted = len(self.text)
+            return False
+        self.emitted = max(self.emitted, watch.answer_start)
+        return True
+
+    def take_reasoning(self) -> str:
+        """The thinking released since the last call."""
+        taken, self.reasoning_pending = self.reasoning_pending, ""
+        return taken
 
     def tool_calls(self) -> tuple[str, list[Call]] | None:
         """Once finished: (the text after the calls, the calls) when the output made complete calls."""

@@ -16,6 +16,7 @@ from router.config import Limits
 from router.errors import NoChatTemplate, ValidationError
 from router.generation_defaults import GenerationDefaults
 from router.grammar import json_object_grammar, json_schema_grammar, regex_grammar
+from router.reasoning import ReasoningFormat, ReasoningWatch, after_thinking, starts_inside
 from router.request import Request
 from router.stopping import StopCondition, TextStream
 from router.tokenization import TEMPLATE_CALL_ARGUMENTS, Tokenizer
@@ -34,6 +35,8 @@ class Validator:
     defaults: GenerationDefaults = dataclasses.field(default_factory=GenerationDefaults)
     #: How this model writes tool calls (router.tools).
     tool_format: ToolCallFormat = HERMES
+    #: How this model writes its thinking (router.reasoning); None: it does not.
+    reasoning: ReasoningFormat | None = None
 
     def prompt_ids(self, request: pb.GenerateRequest | pb.TokenizeRequest) -> tuple[list[int], str]:
         """Token ids and text of the prompt (a rendered chat or raw text)."""
@@ -91,7 +94,7 @@ class Validator:
         return kwargs
 
     def request(self, request_id: int, message: pb.GenerateRequest) -> Request:
-        ids, _text = self.prompt_ids(message)
+        ids, text = self.prompt_ids(message)
         if not ids:  # e.g. only control characters, which the tokenizer drops
             param = "messages" if message.WhichOneof("input") == "chat" else "prompt"
             raise ValidationError("the prompt is empty once tokenized: it has no text the model can read", param)
@@ -107,13 +110,21 @@ class Validator:
             raise ValidationError("stop sequences must not be empty", param="stop")
         condition = StopCondition(self.tokenizer.eos_token_ids, max_new, tuple(stops), p.ignore_eos)
         grammar, may_call = self._grammar(message)
+        # A chat's thinking is told apart from its answer (a raw prompt's output is left as it is).
+        thinking = self.reasoning if message.WhichOneof("input") == "chat" else None
+        inside = thinking is not None and starts_inside(thinking, text)
+        if grammar and thinking is not None:
+            grammar = after_thinking(grammar, thinking, inside)
         if grammar:
             sampling = dataclasses.replace(sampling, grammar=grammar)
-        # A trigger that is a special token ([TOOL_CALLS]) must stay in the text to be found.
-        keep_special = may_call and self.tokenizer.is_special_text(self.tool_format.trigger)
+        # A trigger or think tag that is a special token ([TOOL_CALLS]) must stay in the text to be found.
+        marks = ([self.tool_format.trigger] if may_call else []) + ([thinking.end] if thinking else [])
+        keep_special = any(self.tokenizer.is_special_text(mark) for mark in marks)
         stream = TextStream(self.tokenizer.detokenizer(ids, keep_special), condition)
         if may_call:
             stream.calls = CallWatch(self.tool_format)
+        if thinking is not None:
+            stream.reasoning = ReasoningWatch(thinking, inside)
         return Request(
             id=request_id, prompt_ids=ids, sampling=sampling, stream=stream, want_logprobs=p.logprobs,
             priority=p.priority,
