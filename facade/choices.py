@@ -30,6 +30,49 @@ async def generate_all(router: pb_grpc.RouterStub, requests: list[pb.GenerateReq
         raise from_grpc(exc) from exc
 
 
+def cumulative_logprob(answer: pb.GenerateResponse) -> float:
+    """How likely the model finds an answer: the sum of its tokens' logprobs (best_of's score)."""
+    return sum(t.logprob for t in answer.tokens)
+
+
+async def best_of(
+    router: pb_grpc.RouterStub, candidates: list[pb.GenerateRequest]
+) -> list[tuple[int, pb.GenerateResponse]]:
+    """Runs ``candidates`` of one prompt; returns every answer with its candidate's index, the most
+    likely (``cumulative_logprob``) first, ties in candidate order.
+
+    The candidates share the prompt's KV blocks: the first runs alone until its first token
+    comes, by which time the router's prefix cache holds the prompt's full blocks, and the
+    others start then and are served those blocks instead of computing the prompt again."""
+    first = router.GenerateStream(candidates[0])
+    rest: list[Any] = []
+    try:
+        opening = await first.read()
+        rest = [router.Generate(r) for r in candidates[1:]]
+        answers = await asyncio.gather(_collect(opening, first), *rest)
+    except grpc.aio.AioRpcError as exc:
+        for call in [first, *rest]:
+            call.cancel()
+        raise from_grpc(exc) from exc
+    return sorted(enumerate(answers), key=lambda pair: -cumulative_logprob(pair[1]))
+
+
+async def _collect(opening: Any, call: Any) -> pb.GenerateResponse:
+    """A GenerateStream call's messages (its first already read) as one GenerateResponse."""
+    answer = pb.GenerateResponse()
+    message = opening
+    while message is not grpc.aio.EOF:
+        answer.text += message.text
+        answer.reasoning += message.reasoning
+        answer.tokens.extend(message.tokens)
+        if message.finish_reason:
+            answer.finish_reason = message.finish_reason
+            answer.usage.CopyFrom(message.usage)
+            answer.tool_calls.extend(message.tool_calls)
+        message = await call.read()
+    return answer
+
+
 class StreamSet:
     """Several GenerateStream calls read as one stream of (choice index, message).
 

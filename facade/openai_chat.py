@@ -51,6 +51,8 @@ def parse_chat(body: Any) -> ChatRequest:
     if isinstance(body, dict):  # unknown fields are named before anything else
         params.check_fields(body, _FIELDS)
     req = validate_body(ChatCompletionRequest, body)
+    if req.best_of not in (None, 1, req.n or 1):  # not in OpenAI's chat API (completions and /generate have it)
+        raise invalid("best_of is not supported for chat completions; use n, or /v1/completions", "best_of")
     chat = pb.Chat(messages=[_message(i, m) for i, m in enumerate(req.messages)])
     _tools(req, chat)
     if req.chat_template_kwargs:

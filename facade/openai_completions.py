@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from facade import params, sse
-from facade.choices import StreamSet, generate_all
+from facade.choices import StreamSet, best_of, generate_all
 from facade.errors import invalid
 from facade.json_body import json_response, read_json
 from facade.openai_chat import FINISH_REASON, SYSTEM_FINGERPRINT, usage_body
@@ -30,8 +31,10 @@ class CompletionRequest:
     echo: bool
     logprobs: int | None
     prompts: list[str | list[int]]
-    requests: list[pb.GenerateRequest]  # prompt-major: prompt k, choice i -> k * n + i
+    requests: list[pb.GenerateRequest]  # prompt-major: prompt k, candidate i -> k * best_of + i
     n: int
+    #: Candidates per prompt (n unless best_of asks for more): the n most likely are returned.
+    best_of: int
 
 
 def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -60,23 +63,25 @@ def parse_completion(body: Any) -> CompletionRequest:
             raise invalid("'logprobs' must be between 0 and 5", "logprobs")
         p.logprobs, p.top_n_tokens = True, req.logprobs
     n = req.n or 1
-    if len(prompts) * n > params.MAX_SEQUENCES:
+    candidates = params.best_of_count(req.best_of, n, bool(req.stream))
+    if len(prompts) * candidates > params.MAX_SEQUENCES:
         raise invalid(
-            f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} sequences; at most "
+            f"{len(prompts)} prompts x {candidates} choices asks for {len(prompts) * candidates} sequences; at most "
             f"{params.MAX_SEQUENCES} per request",
             "prompt",
         )
     requests = []
     for prompt in prompts:
-        for choice in params.per_choice(p, n):
+        for choice in params.per_choice(p, candidates):
             if isinstance(prompt, str):
                 requests.append(pb.GenerateRequest(prompt=prompt, parameters=choice))
             else:
                 requests.append(pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=prompt), parameters=choice))
     stream = bool(req.stream)
     return CompletionRequest(
-        req.model or "tgi", stream, params.include_usage(req), bool(req.echo), req.logprobs, prompts, requests, n
-    )
+        req.model or "tgi", stream, params.include_usage(req), bool(req.echo), req.logprobs, prompts, requests, n,
+        candidates,
+    )  # fmt: skip
 
 
 def _logprobs(tokens: Any, offset: int) -> dict[str, Any]:
@@ -116,18 +121,20 @@ class CompletionResponder:
         logprobs = _logprobs(tokens, len(prefix)) if self.parsed.logprobs is not None else None
         return {"index": index, "text": prefix + text, "logprobs": logprobs, "finish_reason": finish}
 
-    def completion(self, answers: list[pb.GenerateResponse]) -> dict[str, Any]:
+    def completion(self, answers: list[pb.GenerateResponse], unchosen: int = 0) -> dict[str, Any]:
+        """``unchosen``: completion tokens of best_of candidates not returned (they count in usage)."""
         body = self._envelope()
         body["choices"] = [
             self.choice(i, a.text, a.tokens, FINISH_REASON[a.finish_reason], True) for i, a in enumerate(answers)
         ]
-        body["usage"] = self.usage([a.usage for a in answers])
+        body["usage"] = self.usage([a.usage for a in answers], unchosen)
         return body
 
-    def usage(self, usages: list[pb.Usage]) -> dict[str, Any]:
-        """Usage over choices in request order: each prompt counted once, every completion counted."""
+    def usage(self, usages: list[pb.Usage], unchosen: int = 0) -> dict[str, Any]:
+        """Usage over choices in request order: each prompt counted once, every completion counted
+        (best_of's candidates too, as OpenAI bills them)."""
         firsts = [usages[k * self.parsed.n] for k in range(len(self.parsed.prompts))]
-        completion = sum(u.completion_tokens for u in usages)
+        completion = sum(u.completion_tokens for u in usages) + unchosen
         return usage_body(sum(u.prompt_tokens for u in firsts), completion, sum(u.cached_tokens for u in firsts))
 
     def chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
@@ -149,10 +156,21 @@ async def _prompt_texts(request: web.Request, parsed: CompletionRequest) -> list
     return texts
 
 
+async def _best_of_completion(router: Any, parsed: CompletionRequest, responder: CompletionResponder) -> dict:
+    """best_of > n: each prompt's candidates run sharing its KV blocks; its n most likely are the choices."""
+    groups = [parsed.requests[k * parsed.best_of : (k + 1) * parsed.best_of] for k in range(len(parsed.prompts))]
+    ranked = await asyncio.gather(*(best_of(router, group) for group in groups))
+    chosen = [answer for answers in ranked for _, answer in answers[: parsed.n]]
+    unchosen = sum(answer.usage.completion_tokens for answers in ranked for _, answer in answers[parsed.n :])
+    return responder.completion(chosen, unchosen)
+
+
 async def completions(request: web.Request) -> web.StreamResponse:
     parsed = parse_completion(await read_json(request))
     router = request.app[ROUTER]
     responder = CompletionResponder(parsed, await _prompt_texts(request, parsed))
+    if parsed.best_of > parsed.n:
+        return json_response(await _best_of_completion(router, parsed, responder))
     if not parsed.stream:
         return json_response(responder.completion(await generate_all(router, parsed.requests)))
     streams = StreamSet(router, parsed.requests)

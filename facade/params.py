@@ -17,6 +17,8 @@ from protos import router_pb2 as pb
 
 #: Most sequences one request may ask for (prompts x n): each is a router call.
 MAX_SEQUENCES = 256
+#: Most candidates best_of may ask for per prompt (TGI's /info reports it as max_best_of).
+MAX_BEST_OF = 16
 
 
 def token_ids(value: Any) -> bool:
@@ -35,14 +37,25 @@ NOT_SUPPORTED = frozenset(
 
 def check_fields(body: dict, allowed: frozenset[str]) -> None:
     """Names unknown and unsupported fields (``allowed``: a request model's fields)."""
-    for key, value in body.items():
-        if key == "best_of" and value not in (None, 1, body.get("n", 1)):
-            raise invalid(f"'{key}' is not supported yet", key)
+    for key in body:
         if key in allowed:
             continue
         if key in NOT_SUPPORTED or key == "response_format":
             raise invalid(f"'{key}' is not supported yet", key)
         raise invalid(f"Unrecognized request argument supplied: {key}", key)
+
+
+def best_of_count(best_of: int | None, n: int, stream: bool) -> int:
+    """Candidates per prompt: ``best_of`` (at least ``n``; not streamed when above it), else ``n``."""
+    if best_of is None or best_of == n:
+        return n
+    if best_of < n:
+        raise invalid(f"best_of must be at least n ({n}), got {best_of}", "best_of")
+    if best_of > MAX_BEST_OF:
+        raise invalid(f"best_of must be at most {MAX_BEST_OF}, got {best_of}", "best_of")
+    if stream:
+        raise invalid("best_of cannot be streamed: the best candidates are known only at the end", "best_of")
+    return best_of
 
 
 def include_usage(req: SamplingFields) -> bool:

@@ -146,7 +146,9 @@ class SamplingFields(RequestModel):
     typical_p: float | None = sampling_field("typical_p")
     ignore_eos: bool | None = None
     min_tokens: int | None = sampling_field("min_tokens")
-    best_of: int | None = Field(None, description="only 1 or n")
+    best_of: int | None = Field(
+        None, ge=1, le=UINT32_MAX, description="completions: candidates per prompt, the n most likely returned"
+    )
     truncate_prompt_tokens: int | None = Field(
         None, ge=-1, le=UINT32_MAX, description="keep the last N prompt tokens (vLLM's); -1: the last MAX_INPUT_TOKENS"
     )
@@ -242,7 +244,7 @@ class Grammar(RequestModel):
 class GenerateParameters(RequestModel):
     """TGI's parameters; those marked neutral-only are accepted at their neutral value."""
 
-    best_of: int | None = Field(None, description="neutral only: 1")
+    best_of: int | None = Field(None, ge=1, le=UINT32_MAX, description="candidates; the most likely returned")
     decoder_input_details: bool | None = Field(None, description="neutral only: false")
     details: bool | None = None
     do_sample: bool | None = None

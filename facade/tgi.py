@@ -5,6 +5,7 @@ So that TGI users, and ``huggingface_hub.InferenceClient.text_generation``, work
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import orjson
@@ -12,10 +13,10 @@ from aiohttp import web
 
 from common.sampling_fields import BY_NAME
 from facade import sse
-from facade.choices import StreamSet, generate_all, router_info
+from facade.choices import StreamSet, best_of, generate_all, router_info
 from facade.errors import invalid
 from facade.json_body import json_response, read_json
-from facade.params import response_format
+from facade.params import MAX_BEST_OF, response_format
 from facade.request_models import GenerateParameters, GenerateRequest, fields_of, validate_body
 from facade.state import ROUTER
 from protos import router_pb2 as pb
@@ -29,7 +30,7 @@ TGI_FINISH = {
 _ACCEPTED = fields_of(GenerateParameters)
 #: Accepted only at their neutral value: anything else would change the output and is not implemented.
 _NEUTRAL: dict[str, Any] = {
-    "best_of": 1, "decoder_input_details": False, "watermark": False, "adapter_id": None,
+    "decoder_input_details": False, "watermark": False, "adapter_id": None,
 }  # fmt: skip
 
 
@@ -69,7 +70,26 @@ def parse_generate(body: Any) -> tuple[pb.GenerateRequest, GenerateParameters]:
     p.logprobs = True  # TGI reports every token's text
     grammar = given.grammar.model_dump(exclude_none=True) if given.grammar is not None else None
     p.response_format.CopyFrom(response_format(grammar, "grammar"))
+    _check_best_of(given, sampling)
     return pb.GenerateRequest(prompt=req.inputs, parameters=p), given
+
+
+def _check_best_of(given: GenerateParameters, sampling: bool) -> None:
+    """TGI's rules for best_of > 1: sampling, no seed (each candidate has its own), at most
+    MAX_BEST_OF; not streamed (checked by the streaming routes)."""
+    if (given.best_of or 1) == 1:
+        return
+    if not sampling:
+        raise invalid("you must use sampling when best_of is > 1", "parameters.best_of")
+    if given.seed is not None:
+        raise invalid("seed must not be set when best_of > 1", "parameters.seed")
+    if given.best_of > MAX_BEST_OF:  # type: ignore[operator]
+        raise invalid(f"best_of must be at most {MAX_BEST_OF}, got {given.best_of}", "parameters.best_of")
+
+
+def _not_streamed(given: GenerateParameters) -> None:
+    if (given.best_of or 1) > 1:
+        raise invalid("best_of != 1 is not supported when streaming tokens", "parameters.best_of")
 
 
 def _token(t: Any) -> dict[str, Any]:
@@ -96,17 +116,42 @@ def _details(answer: Any, tokens: list, seed: int | None, top_n: int) -> dict[st
 
 async def generate(request: web.Request) -> web.Response:
     message, given = parse_generate(await read_json(request))
+    return json_response(await _generate(request, message, given))
+
+
+async def _generate(request: web.Request, message: pb.GenerateRequest, given: GenerateParameters) -> dict[str, Any]:
+    """/generate's body; best_of > 1: the most likely of that many candidates (each with a seed of
+    its own, reported), the others in ``details.best_of_sequences``."""
+    prefix = message.prompt if given.return_full_text else ""
+    top_n = message.parameters.top_n_tokens
+    if (given.best_of or 1) > 1:
+        candidates = []
+        for _ in range(given.best_of or 1):
+            candidate = pb.GenerateRequest()
+            candidate.CopyFrom(message)
+            candidate.parameters.seed = random.getrandbits(63)
+            candidates.append(candidate)
+        (i, best), *rest = await best_of(request.app[ROUTER], candidates)
+        body: dict[str, Any] = {"generated_text": prefix + best.text}
+        if given.details:
+            body["details"] = _details(best, list(best.tokens), candidates[i].parameters.seed, top_n)
+            body["details"]["best_of_sequences"] = [
+                {"generated_text": prefix + a.text} | _details(a, list(a.tokens), candidates[k].parameters.seed, top_n)
+                for k, a in rest
+            ]
+        return body
     [answer] = await generate_all(request.app[ROUTER], [message])
-    text = (message.prompt if given.return_full_text else "") + answer.text
-    body: dict[str, Any] = {"generated_text": text}
+    body = {"generated_text": prefix + answer.text}
     if given.details:
         seed = message.parameters.seed if message.parameters.temperature > 0 else None
-        body["details"] = _details(answer, list(answer.tokens), seed, message.parameters.top_n_tokens)
-    return json_response(body)
+        body["details"] = _details(answer, list(answer.tokens), seed, top_n)
+    return body
 
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
-    return await _stream(request, *parse_generate(await read_json(request)))
+    message, given = parse_generate(await read_json(request))
+    _not_streamed(given)
+    return await _stream(request, message, given)
 
 
 async def _stream(request: web.Request, message: pb.GenerateRequest, given: GenerateParameters) -> web.StreamResponse:
@@ -140,13 +185,11 @@ async def compat(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     message, given = parse_generate(body)
     if isinstance(body, dict) and body.get("stream"):
+        _not_streamed(given)
         return await _stream(request, message, given)
-    [answer] = await generate_all(request.app[ROUTER], [message])
-    text = (message.prompt if given.return_full_text else "") + answer.text
-    result: dict[str, Any] = {"generated_text": text}
-    if given.details:
-        result["details"] = _details(answer, list(answer.tokens), None, message.parameters.top_n_tokens)
-    return json_response([result])  # TGI's compat route answers a one-element list (its client reads [0])
+    return json_response(
+        [await _generate(request, message, given)]
+    )  # TGI's compat route answers a one-element list (its client reads [0])
 
 
 async def info(request: web.Request) -> web.Response:
@@ -159,7 +202,7 @@ async def info(request: web.Request) -> web.Response:
             "model_device_type": i.device.split(":")[0],
             "model_pipeline_tag": "text-generation",
             "max_concurrent_requests": i.max_concurrent_requests,
-            "max_best_of": 1,
+            "max_best_of": MAX_BEST_OF,
             "max_stop_sequences": i.max_stop_sequences,
             "max_input_tokens": i.max_input_tokens,
             "max_total_tokens": i.max_total_tokens,

@@ -91,6 +91,7 @@ SAMPLING = {
     "user": field(st.text(max_size=6)),
     "truncate_prompt_tokens": field(st.integers(-2, 2**33)),
     "priority": field(st.integers(-(2**33), 2**33)),
+    "best_of": field(st.integers(-1, 20)),
 }
 TEMPLATE_KWARGS = field(
     st.dictionaries(st.sampled_from(["enable_thinking", "tokenize", "x"]), st.booleans() | SMALL, max_size=2)
@@ -136,6 +137,7 @@ TGI_PARAMETERS = st.fixed_dictionaries(
         "top_n_tokens": field(st.integers(-1, 8)),
         "return_full_text": field(st.booleans()),
         "truncate": field(SMALL),
+        "best_of": field(st.integers(-1, 20)),
         "watermark": field(st.booleans()),
         "grammar": RESPONSE_FORMAT,
     },

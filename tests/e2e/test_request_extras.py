@@ -132,3 +132,40 @@ def test_priority_serves_the_urgent_request_first(stack):
     assert finished.index("urgent") <= done_before + 4, (done_before, finished)
     r = post(stack, "/v1/completions", {"prompt": "x", "priority": 2**40})
     assert r.status_code == 400 and r.json()["error"]["param"] == "priority"
+
+
+def prefix_hit_tokens(stack: str) -> float:
+    text = httpx.get(f"{stack}/metrics", timeout=30).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("vllm:prefix_cache_hits"))
+
+
+def test_best_of_returns_the_most_likely_candidates_sharing_the_prompt(stack, client):
+    """best_of=4, n=2, seed 7: the candidates are the requests seeded 7..10 (as n's choices are);
+    the two with the highest cumulative logprob come back, best first; usage counts all four;
+    the three that start after the first are served the prompt's blocks from the prefix cache."""
+    prompt = "A unique prompt about signal boxes and level crossings. " * 6
+    length = prompt_tokens(stack, prompt)
+    before = prefix_hit_tokens(stack)
+    ask = dict(model="tgi", prompt=prompt, max_tokens=12, temperature=1.0, seed=7)
+    best = client.completions.create(**ask, n=2, best_of=4)  # type: ignore[call-overload]
+    shared = prefix_hit_tokens(stack) - before
+    assert shared >= 3 * (length // 16) * 16  # every full block of the prompt, for each later candidate
+    alone = [client.completions.create(**{**ask, "seed": 7 + i}, logprobs=0) for i in range(4)]  # type: ignore[call-overload]
+    scores = [sum(c.choices[0].logprobs.token_logprobs) for c in alone]
+    ranked = sorted(range(4), key=lambda i: -scores[i])
+    assert [c.text for c in best.choices] == [alone[i].choices[0].text for i in ranked[:2]]
+    assert best.usage is not None
+    assert best.usage.completion_tokens == sum(c.usage.completion_tokens for c in alone)
+
+
+def test_tgi_best_of_reports_the_other_sequences(stack):
+    answer = InferenceClient(base_url=stack).text_generation(
+        "Signals and points", max_new_tokens=6, best_of=3, do_sample=True, details=True
+    )
+    assert answer.details is not None and len(answer.details.best_of_sequences or []) == 2
+    score = sum(t.logprob for t in answer.details.tokens)
+    for other in answer.details.best_of_sequences or []:
+        assert other.seed is not None and sum(t.logprob for t in other.tokens) <= score
+    r = post(stack, "/generate_stream", {"inputs": "x", "parameters": {"best_of": 2, "do_sample": True}})
+    assert r.status_code == 400 and "stream" in r.json()["error"]
+    assert httpx.get(f"{stack}/info").json()["max_best_of"] >= 2

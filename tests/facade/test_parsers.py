@@ -112,7 +112,6 @@ def test_wrong_sampling_fields_are_400s_naming_them(body, param):
 
 def test_fields_accepted_ignored_or_refused():
     params.check_fields({"user": "u", "metadata": {}, "best_of": 1}, fields_of(ChatCompletionRequest))
-    assert "not supported yet" in rejected(lambda b: params.check_fields(b, frozenset()), {"best_of": 3}).message
     assert "not supported yet" in rejected(lambda b: params.check_fields(b, frozenset()), {"audio": {}}).message
     assert "Unrecognized" in rejected(lambda b: params.check_fields(b, frozenset()), {"bogus": 1}).message
 
@@ -181,6 +180,25 @@ def test_wrong_or_too_many_prompts_are_400s(body):
 
 
 # --- TGI and tokenize -------------------------------------------------------------------------
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def test_best_of_rules():
+    """Completions: best_of >= n, at most MAX_BEST_OF, never streamed; chat has no best_of (as
+    OpenAI's); TGI: sampling, no seed."""
+    body = {"prompt": "x", "n": 2}
+    parsed = parse_completion({**body, "best_of": 3})
+    assert parsed.best_of == 3 and parsed.n == 2 and len(parsed.requests) == 3
+    for bad in ({"best_of": 1}, {"best_of": params.MAX_BEST_OF + 1}, {"best_of": 3, "stream": True}):
+        assert rejected(parse_completion, {**body, **bad}).param == "best_of"
+    assert rejected(parse_chat, {"messages": HI, "best_of": 3}).param == "best_of"
+    assert parse_chat({"messages": HI, "best_of": 2, "n": 2}).requests
+    assert rejected(parse_generate, {"inputs": "x", "parameters": {"best_of": 2}}).param == "parameters.best_of"
+    seeded = {"inputs": "x", "parameters": {"best_of": 2, "do_sample": True, "seed": 1}}
+    assert rejected(parse_generate, seeded).param == "parameters.seed"
+    assert parse_generate({"inputs": "x", "parameters": {"best_of": 2, "do_sample": True}})[1].best_of == 2
 
 
 def test_tgi_parameters():
