@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/shard.proto\x12\x13switchyard.shard.v1\"\r\n\x0bInfoRequest\"\xb2\x01\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x12\n\nworld_size\x18\x07 \x01(\r\x12\x14\n\x0c\x61rchitecture\x18\x08 \x01(\t\"\x0f\n\rHealthRequest\"3\n\x0eHealthResponse\x12\x0c\n\x04warm\x18\x01 \x01(\x08\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\"\x19\n\x17ServiceDiscoveryRequest\"(\n\x18ServiceDiscoveryResponse\x12\x0c\n\x04urls\x18\x01 \x03(\t\"i\n\rWarmupRequest\x12 \n\x18max_batch_prefill_tokens\x18\x01 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x02 \x01(\r\x12\x1e\n\x16max_batch_total_tokens\x18\x03 \x01(\x04\"\\\n\x0eWarmupResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\"\n\x1amax_supported_total_tokens\x18\x03 \x01(\x04\"\x98\x03\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\ttypical_p\x18\x06 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12J\n\nlogit_bias\x18\n \x03(\x0b\x32\x36.switchyard.shard.v1.SamplingParameters.LogitBiasEntry\x12\x14\n\x0ctop_n_tokens\x18\x0b \x01(\r\x12\x12\n\nmin_tokens\x18\x0c \x01(\r\x12\x15\n\reos_token_ids\x18\r \x03(\r\x12\x0f\n\x07grammar\x18\x0e \x01(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xb3\x01\n\x07Request\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\tinput_ids\x18\x02 \x03(\r\x12\x11\n\tcache_len\x18\x03 \x01(\r\x12\x11\n\tchunk_len\x18\x04 \x01(\r\x12\x0e\n\x06\x62locks\x18\x05 \x03(\r\x12;\n\nparameters\x18\x06 \x01(\x0b\x32\'.switchyard.shard.v1.SamplingParameters\x12\x16\n\x0esampled_before\x18\x07 \x01(\r\"C\n\x05\x42\x61tch\x12\n\n\x02id\x18\x01 \x01(\x04\x12.\n\x08requests\x18\x02 \x03(\x0b\x32\x1c.switchyard.shard.v1.Request\"T\n\x0b\x43\x61\x63hedBatch\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\x04\x12\x0c\n\x04size\x18\x03 \x01(\r\x12\x16\n\x0e\x63urrent_tokens\x18\x04 \x01(\x04\"v\n\nGeneration\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x31\n\ntop_tokens\x18\x04 \x03(\x0b\x32\x1d.switchyard.shard.v1.TopToken\"-\n\x08TopToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\";\n\x0ePrefillRequest\x12)\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1a.switchyard.shard.v1.Batch\"\xb1\x01\n\x0fPrefillResponse\x12\x34\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x1f.switchyard.shard.v1.Generation\x12/\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32 .switchyard.shard.v1.CachedBatch\x12\x12\n\nforward_ns\x18\x03 \x01(\x04\x12\x11\n\tdecode_ns\x18\x04 \x01(\x04\x12\x10\n\x08total_ns\x18\x05 \x01(\x04\"4\n\x0e\x42lockExtension\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x02 \x03(\r\"\xe0\x01\n\rDecodeRequest\x12\x31\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32 .switchyard.shard.v1.CachedBatch\x12\x37\n\nextensions\x18\x02 \x03(\x0b\x32#.switchyard.shard.v1.BlockExtension\x12-\n\x07prefill\x18\x03 \x03(\x0b\x32\x1c.switchyard.shard.v1.Request\x12\x0c\n\x04\x64rop\x18\x04 \x03(\x04\x12\x0f\n\x07step_id\x18\x05 \x01(\x04\x12\x15\n\rafter_step_id\x18\x06 \x01(\x04\"\xc3\x01\n\x0e\x44\x65\x63odeResponse\x12\x34\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x1f.switchyard.shard.v1.Generation\x12/\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32 .switchyard.shard.v1.CachedBatch\x12\x12\n\nforward_ns\x18\x03 \x01(\x04\x12\x11\n\tdecode_ns\x18\x04 \x01(\x04\x12\x10\n\x08total_ns\x18\x05 \x01(\x04\x12\x11\n\tconcat_ns\x18\x06 \x01(\x04\";\n\x12\x46ilterBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\x04\"F\n\x13\x46ilterBatchResponse\x12/\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32 .switchyard.shard.v1.CachedBatch\"+\n\x11\x43learCacheRequest\x12\x0f\n\x02id\x18\x01 \x01(\x04H\x00\x88\x01\x01\x42\x05\n\x03_id\"\x14\n\x12\x43learCacheResponse2\xdc\x05\n\x0cShardService\x12K\n\x04Info\x12 .switchyard.shard.v1.InfoRequest\x1a!.switchyard.shard.v1.InfoResponse\x12Q\n\x06Health\x12\".switchyard.shard.v1.HealthRequest\x1a#.switchyard.shard.v1.HealthResponse\x12o\n\x10ServiceDiscovery\x12,.switchyard.shard.v1.ServiceDiscoveryRequest\x1a-.switchyard.shard.v1.ServiceDiscoveryResponse\x12Q\n\x06Warmup\x12\".switchyard.shard.v1.WarmupRequest\x1a#.switchyard.shard.v1.WarmupResponse\x12T\n\x07Prefill\x12#.switchyard.shard.v1.PrefillRequest\x1a$.switchyard.shard.v1.PrefillResponse\x12Q\n\x06\x44\x65\x63ode\x12\".switchyard.shard.v1.DecodeRequest\x1a#.switchyard.shard.v1.DecodeResponse\x12`\n\x0b\x46ilterBatch\x12\'.switchyard.shard.v1.FilterBatchRequest\x1a(.switchyard.shard.v1.FilterBatchResponse\x12]\n\nClearCache\x12&.switchyard.shard.v1.ClearCacheRequest\x1a\'.switchyard.shard.v1.ClearCacheResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/shard.proto\x12\x13switchyard.shard.v1\"\r\n\x0bInfoRequest\"\xb2\x01\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x12\n\nworld_size\x18\x07 \x01(\r\x12\x14\n\x0c\x61rchitecture\x18\x08 \x01(\t\"\x0f\n\rHealthRequest\"3\n\x0eHealthResponse\x12\x0c\n\x04warm\x18\x01 \x01(\x08\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\"\x19\n\x17ServiceDiscoveryRequest\"(\n\x18ServiceDiscoveryResponse\x12\x0c\n\x04urls\x18\x01 \x03(\t\"i\n\rWarmupRequest\x12 \n\x18max_batch_prefill_tokens\x18\x01 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x02 \x01(\r\x12\x1e\n\x16max_batch_total_tokens\x18\x03 \x01(\x04\"\\\n\x0eWarmupResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\"\n\x1amax_supported_total_tokens\x18\x03 \x01(\x04\"\x98\x03\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\ttypical_p\x18\x06 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12J\n\nlogit_bias\x18\n \x03(\x0b\x32\x36.switchyard.shard.v1.SamplingParameters.LogitBiasEntry\x12\x14\n\x0ctop_n_tokens\x18\x0b \x01(\r\x12\x12\n\nmin_tokens\x18\x0c \x01(\r\x12\x15\n\reos_token_ids\x18\r \x03(\r\x12\x0f\n\x07grammar\x18\x0e \x01(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xc9\x01\n\x07Request\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\tinput_ids\x18\x02 \x03(\r\x12\x11\n\tcache_len\x18\x03 \x01(\r\x12\x11\n\tchunk_len\x18\x04 \x01(\r\x12\x0e\n\x06\x62locks\x18\x05 \x03(\r\x12;\n\nparameters\x18\x06 \x01(\x0b\x32\'.switchyard.shard.v1.SamplingParameters\x12\x16\n\x0esampled_before\x18\x07 \x01(\r\x12\x14\n\x0cscore_inputs\x18\x08 \x01(\x08\"C\n\x05\x42\x61tch\x12\n\n\x02id\x18\x01 \x01(\x04\x12.\n\x08requests\x18\x02 \x03(\x0b\x32\x1c.switchyard.shard.v1.Request\"T\n\x0b\x43\x61\x63hedBatch\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\x04\x12\x0c\n\x04size\x18\x03 \x01(\r\x12\x16\n\x0e\x63urrent_tokens\x18\x04 \x01(\x04\"v\n\nGeneration\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x31\n\ntop_tokens\x18\x04 \x03(\x0b\x32\x1d.switchyard.shard.v1.TopToken\"\x87\x01\n\x0bInputScores\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x16\n\x0e\x66irst_position\x18\x02 \x01(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\r\n\x05ranks\x18\x04 \x03(\r\x12+\n\x03top\x18\x05 \x03(\x0b\x32\x1e.switchyard.shard.v1.TopTokens\":\n\tTopTokens\x12-\n\x06tokens\x18\x01 \x03(\x0b\x32\x1d.switchyard.shard.v1.TopToken\"-\n\x08TopToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\";\n\x0ePrefillRequest\x12)\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1a.switchyard.shard.v1.Batch\"\xe9\x01\n\x0fPrefillResponse\x12\x34\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x1f.switchyard.shard.v1.Generation\x12\x36\n\x0cinput_scores\x18\x06 \x03(\x0b\x32 .switchyard.shard.v1.InputScores\x12/\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32 .switchyard.shard.v1.CachedBatch\x12\x12\n\nforward_ns\x18\x03 \x01(\x04\x12\x11\n\tdecode_ns\x18\x04 \x01(\x04\x12\x10\n\x08total_ns\x18\x05 \x01(\x04\"4\n\x0e\x42lockExtension\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x02 \x03(\r\"\xe0\x01\n\rDecodeRequest\x12\x31\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32 .switchyard.shard.v1.CachedBatch\x12\x37\n\nextensions\x18\x02 \x03(\x0b\x32#.switchyard.shard.v1.BlockExtension\x12-\n\x07prefill\x18\x03 \x03(\x0b\x32\x1c.switchyard.shard.v1.Request\x12\x0c\n\x04\x64rop\x18\x04 \x03(\x04\x12\x0f\n\x07step_id\x18\x05 \x01(\x04\x12\x15\n\rafter_step_id\x18\x06 \x01(\x04\"\xfb\x01\n\x0e\x44\x65\x63odeResponse\x12\x34\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x1f.switchyard.shard.v1.Generation\x12\x36\n\x0cinput_scores\x18\x07 \x03(\x0b\x32 .switchyard.shard.v1.InputScores\x12/\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32 .switchyard.shard.v1.CachedBatch\x12\x12\n\nforward_ns\x18\x03 \x01(\x04\x12\x11\n\tdecode_ns\x18\x04 \x01(\x04\x12\x10\n\x08total_ns\x18\x05 \x01(\x04\x12\x11\n\tconcat_ns\x18\x06 \x01(\x04\";\n\x12\x46ilterBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\x04\"F\n\x13\x46ilterBatchResponse\x12/\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32 .switchyard.shard.v1.CachedBatch\"+\n\x11\x43learCacheRequest\x12\x0f\n\x02id\x18\x01 \x01(\x04H\x00\x88\x01\x01\x42\x05\n\x03_id\"\x14\n\x12\x43learCacheResponse2\xdc\x05\n\x0cShardService\x12K\n\x04Info\x12 .switchyard.shard.v1.InfoRequest\x1a!.switchyard.shard.v1.InfoResponse\x12Q\n\x06Health\x12\".switchyard.shard.v1.HealthRequest\x1a#.switchyard.shard.v1.HealthResponse\x12o\n\x10ServiceDiscovery\x12,.switchyard.shard.v1.ServiceDiscoveryRequest\x1a-.switchyard.shard.v1.ServiceDiscoveryResponse\x12Q\n\x06Warmup\x12\".switchyard.shard.v1.WarmupRequest\x1a#.switchyard.shard.v1.WarmupResponse\x12T\n\x07Prefill\x12#.switchyard.shard.v1.PrefillRequest\x1a$.switchyard.shard.v1.PrefillResponse\x12Q\n\x06\x44\x65\x63ode\x12\".switchyard.shard.v1.DecodeRequest\x1a#.switchyard.shard.v1.DecodeResponse\x12`\n\x0b\x46ilterBatch\x12\'.switchyard.shard.v1.FilterBatchRequest\x1a(.switchyard.shard.v1.FilterBatchResponse\x12]\n\nClearCache\x12&.switchyard.shard.v1.ClearCacheRequest\x1a\'.switchyard.shard.v1.ClearCacheResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,33 +54,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_start=940
   _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_end=988
   _globals['_REQUEST']._serialized_start=991
-  _globals['_REQUEST']._serialized_end=1170
-  _globals['_BATCH']._serialized_start=1172
-  _globals['_BATCH']._serialized_end=1239
-  _globals['_CACHEDBATCH']._serialized_start=1241
-  _globals['_CACHEDBATCH']._serialized_end=1325
-  _globals['_GENERATION']._serialized_start=1327
-  _globals['_GENERATION']._serialized_end=1445
-  _globals['_TOPTOKEN']._serialized_start=1447
-  _globals['_TOPTOKEN']._serialized_end=1492
-  _globals['_PREFILLREQUEST']._serialized_start=1494
-  _globals['_PREFILLREQUEST']._serialized_end=1553
-  _globals['_PREFILLRESPONSE']._serialized_start=1556
-  _globals['_PREFILLRESPONSE']._serialized_end=1733
-  _globals['_BLOCKEXTENSION']._serialized_start=1735
-  _globals['_BLOCKEXTENSION']._serialized_end=1787
-  _globals['_DECODEREQUEST']._serialized_start=1790
-  _globals['_DECODEREQUEST']._serialized_end=2014
-  _globals['_DECODERESPONSE']._serialized_start=2017
-  _globals['_DECODERESPONSE']._serialized_end=2212
-  _globals['_FILTERBATCHREQUEST']._serialized_start=2214
-  _globals['_FILTERBATCHREQUEST']._serialized_end=2273
-  _globals['_FILTERBATCHRESPONSE']._serialized_start=2275
-  _globals['_FILTERBATCHRESPONSE']._serialized_end=2345
-  _globals['_CLEARCACHEREQUEST']._serialized_start=2347
-  _globals['_CLEARCACHEREQUEST']._serialized_end=2390
-  _globals['_CLEARCACHERESPONSE']._serialized_start=2392
-  _globals['_CLEARCACHERESPONSE']._serialized_end=2412
-  _globals['_SHARDSERVICE']._serialized_start=2415
-  _globals['_SHARDSERVICE']._serialized_end=3147
+  _globals['_REQUEST']._serialized_end=1192
+  _globals['_BATCH']._serialized_start=1194
+  _globals['_BATCH']._serialized_end=1261
+  _globals['_CACHEDBATCH']._serialized_start=1263
+  _globals['_CACHEDBATCH']._serialized_end=1347
+  _globals['_GENERATION']._serialized_start=1349
+  _globals['_GENERATION']._serialized_end=1467
+  _globals['_INPUTSCORES']._serialized_start=1470
+  _globals['_INPUTSCORES']._serialized_end=1605
+  _globals['_TOPTOKENS']._serialized_start=1607
+  _globals['_TOPTOKENS']._serialized_end=1665
+  _globals['_TOPTOKEN']._serialized_start=1667
+  _globals['_TOPTOKEN']._serialized_end=1712
+  _globals['_PREFILLREQUEST']._serialized_start=1714
+  _globals['_PREFILLREQUEST']._serialized_end=1773
+  _globals['_PREFILLRESPONSE']._serialized_start=1776
+  _globals['_PREFILLRESPONSE']._serialized_end=2009
+  _globals['_BLOCKEXTENSION']._serialized_start=2011
+  _globals['_BLOCKEXTENSION']._serialized_end=2063
+  _globals['_DECODEREQUEST']._serialized_start=2066
+  _globals['_DECODEREQUEST']._serialized_end=2290
+  _globals['_DECODERESPONSE']._serialized_start=2293
+  _globals['_DECODERESPONSE']._serialized_end=2544
+  _globals['_FILTERBATCHREQUEST']._serialized_start=2546
+  _globals['_FILTERBATCHREQUEST']._serialized_end=2605
+  _globals['_FILTERBATCHRESPONSE']._serialized_start=2607
+  _globals['_FILTERBATCHRESPONSE']._serialized_end=2677
+  _globals['_CLEARCACHEREQUEST']._serialized_start=2679
+  _globals['_CLEARCACHEREQUEST']._serialized_end=2722
+  _globals['_CLEARCACHERESPONSE']._serialized_start=2724
+  _globals['_CLEARCACHERESPONSE']._serialized_end=2744
+  _globals['_SHARDSERVICE']._serialized_start=2747
+  _globals['_SHARDSERVICE']._serialized_end=3479
 # @@protoc_insertion_point(module_scope)

@@ -57,6 +57,11 @@ class LogitStats:
     lse: torch.Tensor  # [B] logsumexp
     argmax: torch.Tensor  # [B] int64, where each row first holds its largest logit
 
+    def rows(self, start: int, count: int) -> LogitStats:
+        """The statistics of rows [start, start + count)."""
+        span = slice(start, start + count)
+        return LogitStats(self.best[span], self.lse[span], self.argmax[span])
+
 
 def logit_stats(logits: torch.Tensor) -> LogitStats:
     return LogitStats(*max_logsumexp(logits))
@@ -97,6 +102,17 @@ def sample(logits: torch.Tensor, rows: list[SequenceView], stats: LogitStats | N
             tokens = torch.where(is_greedy, _most_likely(scores, logits, stats), tokens)
     logprobs = logits.gather(1, tokens[:, None]).squeeze(1) - raw_lse
     return SampledTokens(tokens.tolist(), logprobs.tolist(), top)
+
+
+def score_tokens(
+    logits: torch.Tensor, stats: LogitStats, targets: list[int], top_n: list[int]
+) -> tuple[list[float], list[int], list[list[tuple[int, float]]]]:
+    """Per row, ``targets``' logprob under the raw distribution (as a sampled token's, ``sample``),
+    its 1-based rank (how many tokens score higher, plus one) and the ``top_n`` most likely."""
+    chosen = logits.gather(1, torch.tensor(targets, device=logits.device)[:, None])
+    logprobs = chosen.squeeze(1) - stats.lse
+    ranks = (logits > chosen).sum(dim=1) + 1
+    return logprobs.tolist(), ranks.tolist(), _top_logprobs(logits, stats.lse, top_n)
 
 
 def _most_likely(scores: torch.Tensor, logits: torch.Tensor, stats: LogitStats) -> torch.Tensor:

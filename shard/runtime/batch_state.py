@@ -32,6 +32,8 @@ class Sequence:
     decoding: bool = False
     #: xgrammar matcher when the output is constrained; advanced by every sampled token.
     matcher: Any = None
+    #: Score the input tokens the current chunk predicts (Request.score_inputs).
+    score_inputs: bool = False
 
 
 class BatchStore:

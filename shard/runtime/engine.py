@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from shard.numerics.attention import Backends, PagedStep, SequenceSpan, build_step
 from shard.numerics.model_forward import DirectForward
-from shard.numerics.sampling import LogitStats, SamplingParams, SequenceView, logit_stats, sample
+from shard.numerics.sampling import LogitStats, SamplingParams, SequenceView, logit_stats, sample, score_tokens
 from shard.runtime.batch_state import BatchStore, Sequence
 from shard.runtime.errors import CapacityError, InvalidRequest
 from shard.runtime.kv_cache import PagedKVCache, kv_layout_of
@@ -39,6 +39,8 @@ class NewRequest:
     blocks: list[int]
     params: SamplingParams
     sampled_before: int
+    #: Score the input tokens this chunk predicts (prompt logprobs).
+    score_inputs: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,19 @@ class Generation:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class InputScores:
+    """The input tokens one chunk predicts, scored: input_ids[first_position:][:len(logprobs)]."""
+
+    request_id: int
+    first_position: int
+    logprobs: list[float]
+    #: 1-based rank of each token among the vocabulary.
+    ranks: list[int]
+    #: (token id, logprob) of the most likely tokens at each position, when asked for.
+    top: list[list[tuple[int, float]]]
+
+
 @dataclass
 class StepResult:
     generations: list[Generation]
@@ -58,6 +73,7 @@ class StepResult:
     current_tokens: int
     forward_ns: int = 0
     decode_ns: int = 0
+    input_scores: list[InputScores] = field(default_factory=list)
 
 
 #: How long the engine must have been idle before the KV cache's memory is mapped ahead of use:
@@ -245,6 +261,7 @@ class Engine:
             request.cache_len,
             request.params,
             request.sampled_before,
+            score_inputs=request.score_inputs,
         )
         if existing is not None:
             seq.matcher = existing.matcher
@@ -267,9 +284,9 @@ class Engine:
             raise CapacityError("the shard is not warmed up: call Warmup first")
         return self.cache
 
-    def _timed_run(self, work: list[tuple[Sequence, int]]) -> tuple[list[Generation], int, int]:
+    def _timed_run(self, work: list[tuple[Sequence, int]]) -> tuple[list[Generation], int, int, list[InputScores]]:
         if not work:
-            return [], 0, 0
+            return [], 0, 0, []
         self._stepping = True
         try:
             return self._run(work)
@@ -282,8 +299,9 @@ class Engine:
         return 0.0 if self._stepping else time.monotonic() - self._last_step_end
 
     @torch.inference_mode()
-    def _run(self, work: list[tuple[Sequence, int]]) -> tuple[list[Generation], int, int]:
-        """Computes ``n`` tokens of each (sequence, n); samples where a sequence's known tokens run out."""
+    def _run(self, work: list[tuple[Sequence, int]]) -> tuple[list[Generation], int, int, list[InputScores]]:
+        """Computes ``n`` tokens of each (sequence, n); samples where a sequence's known tokens run
+        out, and scores the input tokens of chunks that asked for it."""
         cache = self._require_cache()
         started = time.perf_counter_ns()
         spans: list[SequenceSpan] = []
@@ -291,23 +309,46 @@ class Engine:
         positions: list[int] = []
         sample_rows: list[int] = []
         samplers: list[Sequence] = []
+        scored: list[tuple[Sequence, int, int]] = []  # (sequence, its first row, rows)
         for seq, n in work:
             start, end = seq.computed, seq.computed + n
             if len(seq.blocks) * cache.block_size < end:
                 raise CapacityError(f"request {seq.request_id}: block table too short for {end} tokens")
             spans.append(SequenceSpan(n, start, seq.blocks))
+            if seq.score_inputs and (rows := min(end, len(seq.token_ids) - 1) - start) > 0:
+                scored.append((seq, len(ids), rows))
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             if end == len(seq.token_ids):
                 sample_rows.append(len(ids) - 1)
                 samplers.append(seq)
+        score_rows = [first + k for _, first, rows in scored for k in range(rows)]
         step = build_step(cache, spans, self.device, self.attention.decode, self.attention.prefill)
-        logits, stats = self._forward(ids, positions, step, sample_rows)
+        logits, stats = self._forward(ids, positions, step, sample_rows + score_rows)
         forward_done = time.perf_counter_ns()
-        generations = self._sample(samplers, logits, stats)
+        picked = len(sample_rows)
+        generations = self._sample(samplers, logits[:picked], stats.rows(0, picked))
+        scores = self._score(scored, logits[picked:], stats.rows(picked, len(score_rows)))
         for seq, n in work:
             seq.computed += n
-        return generations, forward_done - started, time.perf_counter_ns() - forward_done
+            seq.score_inputs = False  # asked per chunk
+        return generations, forward_done - started, time.perf_counter_ns() - forward_done, scores
+
+    def _score(
+        self, scored: list[tuple[Sequence, int, int]], logits: torch.Tensor, stats: LogitStats
+    ) -> list[InputScores]:
+        """Each scored chunk's next input tokens, under the raw distribution of the rows before them."""
+        if not scored:
+            return []
+        targets = [t for seq, _, rows in scored for t in seq.token_ids[seq.computed + 1 : seq.computed + 1 + rows]]
+        top_n = [seq.params.top_n_tokens for seq, _, rows in scored for _ in range(rows)]
+        logprobs, ranks, top = score_tokens(logits, stats, targets, top_n)
+        result, at = [], 0
+        for seq, _, rows in scored:
+            span = slice(at, at + rows)
+            result.append(InputScores(seq.request_id, seq.computed + 1, logprobs[span], ranks[span], top[span]))
+            at += rows
+        return result
 
     def _forward(
         self, ids: list[int], positions: list[int], step: PagedStep, sample_rows: list[int]
@@ -344,7 +385,14 @@ class Engine:
             result.append(Generation(seq.request_id, out.tokens[i], out.logprobs[i], out.top[i]))
         return result
 
-    def _result(self, batch_id: int, generations: list[Generation], forward_ns: int, decode_ns: int) -> StepResult:
+    def _result(
+        self,
+        batch_id: int,
+        generations: list[Generation],
+        forward_ns: int,
+        decode_ns: int,
+        scores: list[InputScores] | None = None,
+    ) -> StepResult:
         members = self.store.batches.get(batch_id, [])
         tokens = sum(self.store.sequences[r].computed for r in members)
-        return StepResult(generations, batch_id, list(members), tokens, forward_ns, decode_ns)
+        return StepResult(generations, batch_id, list(members), tokens, forward_ns, decode_ns, scores or [])

@@ -38,6 +38,7 @@ def request_from_pb(r: pb.Request) -> NewRequest:
         blocks=list(r.blocks),
         params=params,
         sampled_before=r.sampled_before,
+        score_inputs=r.score_inputs,
     )
 
 
@@ -59,6 +60,19 @@ def generations_pb(result: StepResult) -> list[pb.Generation]:
             top_tokens=[pb.TopToken(token_id=t, logprob=lp) for t, lp in g.top],
         )
         for g in result.generations
+    ]
+
+
+def input_scores_pb(result: StepResult) -> list[pb.InputScores]:
+    return [
+        pb.InputScores(
+            request_id=x.request_id,
+            first_position=x.first_position,
+            logprobs=x.logprobs,
+            ranks=x.ranks,
+            top=[pb.TopTokens(tokens=[pb.TopToken(token_id=t, logprob=lp) for t, lp in top]) for top in x.top],
+        )
+        for x in result.input_scores
     ]
 
 
@@ -130,6 +144,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
             span.set_attribute("switchyard.forward_ns", result.forward_ns)
         return pb.PrefillResponse(
             generations=generations_pb(result),
+            input_scores=input_scores_pb(result),
             batch=cached_batch_pb(result),
             forward_ns=result.forward_ns,
             decode_ns=result.decode_ns,
@@ -155,6 +170,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
             span.set_attribute("switchyard.forward_ns", result.forward_ns)
         return pb.DecodeResponse(
             generations=generations_pb(result),
+            input_scores=input_scores_pb(result),
             batch=cached_batch_pb(result),
             forward_ns=result.forward_ns,
             decode_ns=result.decode_ns,
