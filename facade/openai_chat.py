@@ -45,6 +45,9 @@ class ChatRequest:
     include_usage: bool
     logprobs: bool
     requests: list[pb.GenerateRequest]  # one per choice
+    #: Alternatives per token: of the output (top_logprobs) and of the prompt (prompt_logprobs, None: off).
+    top_logprobs: int = 0
+    prompt_logprobs: int | None = None
 
 
 def parse_chat(body: Any) -> ChatRequest:
@@ -64,8 +67,12 @@ def parse_chat(body: Any) -> ChatRequest:
         if not req.logprobs:
             raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
         p.top_n_tokens = req.top_logprobs
+    params.ask_prompt_logprobs(p, req.prompt_logprobs, bool(req.stream))
     requests = [pb.GenerateRequest(chat=chat, parameters=choice) for choice in params.per_choice(p, req.n or 1)]
-    return ChatRequest(req.model or "tgi", bool(req.stream), params.include_usage(req), p.logprobs, requests)
+    return ChatRequest(
+        req.model or "tgi", bool(req.stream), params.include_usage(req), p.logprobs, requests,
+        req.top_logprobs or 0, req.prompt_logprobs,
+    )  # fmt: skip
 
 
 def _as_dict(model: RequestModel | None) -> dict[str, Any] | None:
@@ -145,14 +152,17 @@ def _content(i: int, content: str | list[ContentPart] | None) -> str:
     return "".join(parts)
 
 
-def token_logprobs(tokens: Any) -> list[dict[str, Any]]:
-    """OpenAI's ``logprobs.content`` entries for router tokens."""
+def token_logprobs(tokens: Any, alternatives: int | None = None) -> list[dict[str, Any]]:
+    """OpenAI's ``logprobs.content`` entries for router tokens (``alternatives``: how many of each
+    token's to show; all by default)."""
     return [
         {
             "token": t.text,
             "logprob": t.logprob,
             "bytes": list(t.text.encode()),
-            "top_logprobs": [{"token": a.text, "logprob": a.logprob, "bytes": list(a.text.encode())} for a in t.top],
+            "top_logprobs": [
+                {"token": a.text, "logprob": a.logprob, "bytes": list(a.text.encode())} for a in t.top[:alternatives]
+            ],
         }
         for t in tokens
     ]
@@ -161,11 +171,13 @@ def token_logprobs(tokens: Any) -> list[dict[str, Any]]:
 class ChatResponder:
     """Builds the response objects of one chat completion."""
 
-    def __init__(self, model: str, logprobs: bool):
+    def __init__(self, model: str, logprobs: bool, top_logprobs: int = 0, prompt_logprobs: int | None = None):
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
         self.logprobs = logprobs
+        self.top_logprobs = top_logprobs
+        self.prompt_logprobs = prompt_logprobs
 
     def _envelope(self, kind: str) -> dict[str, Any]:
         return {
@@ -177,7 +189,7 @@ class ChatResponder:
         }
 
     def _logprobs(self, tokens: Any) -> dict[str, Any] | None:
-        return {"content": token_logprobs(tokens), "refusal": None} if self.logprobs else None
+        return {"content": token_logprobs(tokens, self.top_logprobs), "refusal": None} if self.logprobs else None
 
     def completion(self, answers: list[pb.GenerateResponse]) -> dict[str, Any]:
         body = self._envelope("chat.completion")
@@ -191,6 +203,8 @@ class ChatResponder:
             for i, a in enumerate(answers)
         ]
         body["usage"] = usage([a.usage for a in answers])
+        if self.prompt_logprobs is not None:  # vLLM's place for them: the response, not a choice
+            body["prompt_logprobs"] = params.vllm_prompt_logprobs(answers[0].prompt_tokens, self.prompt_logprobs)
         return body
 
     def chunk(self, index: int, delta: dict[str, Any], finish_reason: str | None = None, tokens: Any = ()) -> dict:
@@ -250,7 +264,7 @@ def usage_body(prompt: int, completion: int, cached: int) -> dict[str, Any]:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     chat = parse_chat(await read_json(request))
     router = request.app[ROUTER]
-    responder = ChatResponder(chat.model, chat.logprobs)
+    responder = ChatResponder(chat.model, chat.logprobs, chat.top_logprobs, chat.prompt_logprobs)
     if not chat.stream:
         return json_response(responder.completion(await generate_all(router, chat.requests)))
     streams = StreamSet(router, chat.requests)

@@ -35,6 +35,8 @@ class CompletionRequest:
     n: int
     #: Candidates per prompt (n unless best_of asks for more): the n most likely are returned.
     best_of: int
+    #: vLLM's prompt_logprobs: alternatives per prompt token (None: off).
+    prompt_logprobs: int | None = None
 
 
 def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -62,6 +64,9 @@ def parse_completion(body: Any) -> CompletionRequest:
         if req.logprobs > 5:
             raise invalid("'logprobs' must be between 0 and 5", "logprobs")
         p.logprobs, p.top_n_tokens = True, req.logprobs
+        if req.echo:  # the echoed prompt's tokens come with their logprobs, as OpenAI's legacy API gives them
+            p.prompt_logprobs = True
+    params.ask_prompt_logprobs(p, req.prompt_logprobs, bool(req.stream))
     n = req.n or 1
     candidates = params.best_of_count(req.best_of, n, bool(req.stream))
     if len(prompts) * candidates > params.MAX_SEQUENCES:
@@ -80,19 +85,24 @@ def parse_completion(body: Any) -> CompletionRequest:
     stream = bool(req.stream)
     return CompletionRequest(
         req.model or "tgi", stream, params.include_usage(req), bool(req.echo), req.logprobs, prompts, requests, n,
-        candidates,
+        candidates, req.prompt_logprobs,
     )  # fmt: skip
 
 
-def _logprobs(tokens: Any, offset: int) -> dict[str, Any]:
-    text_offset, position = [], offset
-    for t in tokens:
+def _logprobs(tokens: Any, offset: int, alternatives: int, prompt: Any = ()) -> dict[str, Any]:
+    """OpenAI's legacy logprobs object; ``prompt``: the echoed prompt's tokens, ahead of the output's
+    (the first one's logprob and alternatives null, as nothing precedes it)."""
+    every = [*prompt, *tokens]
+    text_offset, position = [], offset - sum(len(t.text) for t in prompt)
+    for t in every:
         text_offset.append(position)
         position += len(t.text)
+    first = [None] if prompt else []
+    rest = every[1:] if prompt else every
     return {
-        "tokens": [t.text for t in tokens],
-        "token_logprobs": [t.logprob for t in tokens],
-        "top_logprobs": [{a.text: a.logprob for a in t.top} for t in tokens],
+        "tokens": [t.text for t in every],
+        "token_logprobs": first + [t.logprob for t in rest],
+        "top_logprobs": first + [{a.text: a.logprob for a in t.top[:alternatives]} for t in rest],
         "text_offset": text_offset,
     }
 
@@ -116,16 +126,26 @@ class CompletionResponder:
     def _prefix(self, index: int) -> str:
         return self.prompt_texts[index // self.parsed.n] if self.parsed.echo else ""
 
-    def choice(self, index: int, text: str, tokens: Any, finish: str | None, first: bool) -> dict[str, Any]:
+    def choice(
+        self, index: int, text: str, tokens: Any, finish: str | None, first: bool, prompt: Any = ()
+    ) -> dict[str, Any]:
+        """``prompt``: the prompt's scored tokens (the answer's ``prompt_tokens``), on its first part."""
         prefix = self._prefix(index) if first else ""
-        logprobs = _logprobs(tokens, len(prefix)) if self.parsed.logprobs is not None else None
-        return {"index": index, "text": prefix + text, "logprobs": logprobs, "finish_reason": finish}
+        logprobs = None
+        if self.parsed.logprobs is not None:
+            echoed = prompt if prefix else ()
+            logprobs = _logprobs(tokens, len(prefix), self.parsed.logprobs, echoed)
+        choice = {"index": index, "text": prefix + text, "logprobs": logprobs, "finish_reason": finish}
+        if self.parsed.prompt_logprobs is not None and first:
+            choice["prompt_logprobs"] = params.vllm_prompt_logprobs(prompt, self.parsed.prompt_logprobs)
+        return choice
 
     def completion(self, answers: list[pb.GenerateResponse], unchosen: int = 0) -> dict[str, Any]:
         """``unchosen``: completion tokens of best_of candidates not returned (they count in usage)."""
         body = self._envelope()
         body["choices"] = [
-            self.choice(i, a.text, a.tokens, FINISH_REASON[a.finish_reason], True) for i, a in enumerate(answers)
+            self.choice(i, a.text, a.tokens, FINISH_REASON[a.finish_reason], True, a.prompt_tokens)
+            for i, a in enumerate(answers)
         ]
         body["usage"] = self.usage([a.usage for a in answers], unchosen)
         return body
@@ -181,7 +201,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     try:
         async for i, m in streams.messages():
             finish = FINISH_REASON[m.finish_reason] if m.finish_reason else None
-            await sse.send(response, responder.chunk(responder.choice(i, m.text, m.tokens, finish, i not in started)))
+            choice = responder.choice(i, m.text, m.tokens, finish, i not in started, m.prompt_tokens)
+            await sse.send(response, responder.chunk(choice))
             started.add(i)
             if finish:
                 usages[i] = m.usage

@@ -58,6 +58,29 @@ def best_of_count(best_of: int | None, n: int, stream: bool) -> int:
     return best_of
 
 
+def ask_prompt_logprobs(p: pb.GenerationParameters, alternatives: int | None, stream: bool) -> None:
+    """vLLM's prompt_logprobs (``alternatives`` per prompt token); the router's top_n_tokens
+    serves both the prompt and the output, so it is the larger count, each trimmed on output."""
+    if alternatives is None:
+        return
+    if stream:
+        raise invalid("prompt_logprobs is not available when stream is true", "prompt_logprobs")
+    p.prompt_logprobs = True
+    p.top_n_tokens = max(p.top_n_tokens, alternatives)
+
+
+def vllm_prompt_logprobs(tokens: Any, alternatives: int) -> list[dict[str, Any] | None]:
+    """vLLM's prompt_logprobs list: None for the first token, then per token a map from token id
+    to logprob, rank and text, holding the token itself and its ``alternatives`` most likely."""
+    entries: list[dict[str, Any] | None] = [None]
+    for t in list(tokens)[1:]:
+        entry = {str(t.id): {"logprob": t.logprob, "rank": t.rank, "decoded_token": t.text}}
+        for rank, a in enumerate(t.top[:alternatives], 1):
+            entry.setdefault(str(a.id), {"logprob": a.logprob, "rank": rank, "decoded_token": a.text})
+        entries.append(entry)
+    return entries
+
+
 def include_usage(req: SamplingFields) -> bool:
     if req.stream_options is None:
         return False

@@ -155,6 +155,9 @@ class SamplingFields(RequestModel):
     priority: int | None = Field(
         None, ge=-(1 << 31), lt=1 << 31, description="lower is served sooner under SCHEDULING_POLICY=priority"
     )
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=20, description="vLLM's: each prompt token's logprob, with this many alternatives"
+    )
     # Informational: accepted, change nothing.
     user: str | None = None
     metadata: dict[str, Any] | None = None
@@ -245,7 +248,7 @@ class GenerateParameters(RequestModel):
     """TGI's parameters; those marked neutral-only are accepted at their neutral value."""
 
     best_of: int | None = Field(None, ge=1, le=UINT32_MAX, description="candidates; the most likely returned")
-    decoder_input_details: bool | None = Field(None, description="neutral only: false")
+    decoder_input_details: bool | None = Field(None, description="details.prefill: each prompt token's logprob")
     details: bool | None = None
     do_sample: bool | None = None
     frequency_penalty: float | None = sampling_field("frequency_penalty")

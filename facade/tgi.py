@@ -30,7 +30,7 @@ TGI_FINISH = {
 _ACCEPTED = fields_of(GenerateParameters)
 #: Accepted only at their neutral value: anything else would change the output and is not implemented.
 _NEUTRAL: dict[str, Any] = {
-    "decoder_input_details": False, "watermark": False, "adapter_id": None,
+    "watermark": False, "adapter_id": None,
 }  # fmt: skip
 
 
@@ -71,6 +71,7 @@ def parse_generate(body: Any) -> tuple[pb.GenerateRequest, GenerateParameters]:
     grammar = given.grammar.model_dump(exclude_none=True) if given.grammar is not None else None
     p.response_format.CopyFrom(response_format(grammar, "grammar"))
     _check_best_of(given, sampling)
+    p.prompt_logprobs = bool(given.decoder_input_details)
     return pb.GenerateRequest(prompt=req.inputs, parameters=p), given
 
 
@@ -90,6 +91,10 @@ def _check_best_of(given: GenerateParameters, sampling: bool) -> None:
 def _not_streamed(given: GenerateParameters) -> None:
     if (given.best_of or 1) > 1:
         raise invalid("best_of != 1 is not supported when streaming tokens", "parameters.best_of")
+    if given.decoder_input_details:
+        raise invalid(
+            "decoder_input_details == true is not supported when streaming tokens", "parameters.decoder_input_details"
+        )
 
 
 def _token(t: Any) -> dict[str, Any]:
@@ -106,7 +111,11 @@ def _details(answer: Any, tokens: list, seed: int | None, top_n: int) -> dict[st
         "finish_reason": TGI_FINISH[answer.finish_reason],
         "generated_tokens": answer.usage.completion_tokens,
         "seed": seed,
-        "prefill": [],
+        # decoder_input_details: each prompt token, its logprob given those before (none for the first).
+        "prefill": [
+            {"id": t.id, "text": t.text, "logprob": None if k == 0 else t.logprob}
+            for k, t in enumerate(answer.prompt_tokens)
+        ],
         "tokens": [_token(t) for t in tokens],
     }
     if top_n:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 from router.request import Request, StreamEvent, TokenInfo
-from router.shard_client import ShardGeneration
+from router.shard_client import ShardGeneration, ShardInputScores
 from router.tokenization import Tokenizer
 
 
@@ -22,10 +24,29 @@ class Emitter:
         if finish is None and r.length >= self.max_total_tokens:
             finish = "length"
         if finish is None:
-            return StreamEvent(text, (token,), reasoning=r.stream.take_reasoning()), None
-        event = self._final_event(r, text, token, finish)
-        event.reasoning = r.stream.take_reasoning()
+            event = StreamEvent(text, (token,), reasoning=r.stream.take_reasoning())
+        else:
+            event = self._final_event(r, text, token, finish)
+            event.reasoning = r.stream.take_reasoning()
+        if r.prompt_logprobs and len(r.generated) == 1:  # the first event carries the prompt's scores
+            first = TokenInfo(r.prompt_ids[0], math.nan, self.tokenizer.is_special(r.prompt_ids[0]))
+            first.text = self.tokenizer.token_text(r.prompt_ids[0])
+            event.prompt = (first, *r.prompt_scores)
         return event, finish
+
+    def prompt_scores(self, r: Request, scores: ShardInputScores) -> None:
+        """Takes in a chunk's prompt-token scores: each position once, in order (a recomputed
+        chunk's scores, the same bits, are not taken twice)."""
+        text = self.tokenizer.token_text
+        for k, logprob in enumerate(scores.logprobs):
+            position = scores.first_position + k
+            if position != len(r.prompt_scores) + 1 or position >= len(r.prompt_ids):
+                continue
+            token = r.prompt_ids[position]
+            top = tuple((t, lp, text(t)) for t, lp in scores.top[k])
+            r.prompt_scores.append(
+                TokenInfo(token, logprob, self.tokenizer.is_special(token), text(token), top, scores.ranks[k])
+            )
 
     def _final_event(self, r: Request, text: str, token: TokenInfo, finish: str) -> StreamEvent:
         counts = (len(r.prompt_ids), len(r.generated))

@@ -25,6 +25,8 @@ class TokenInfo:
     text: str = ""
     #: (id, logprob, text) of the most likely alternatives.
     top: tuple[tuple[int, float, str], ...] = ()
+    #: For prompt tokens: 1-based rank among the vocabulary; 0 otherwise.
+    rank: int = 0
 
 
 @dataclass(slots=True)
@@ -44,6 +46,8 @@ class StreamEvent:
     cached_tokens: int = 0
     #: Thinking this event adds (a reasoning model's; never part of ``text``).
     reasoning: str = ""
+    #: With prompt logprobs, on the first event: every prompt token (the first one's logprob NaN).
+    prompt: tuple[TokenInfo, ...] = ()
 
 
 class Phase(enum.Enum):
@@ -73,6 +77,9 @@ class Request:
     chain: Chain = NEW_CHAIN
     #: Off for requests that need every prompt position computed (prompt logprobs).
     use_prefix_cache: bool = True
+    #: Score every prompt token (prompt logprobs); ``prompt_scores`` holds those of positions 1.. so far.
+    prompt_logprobs: bool = False
+    prompt_scores: list[TokenInfo] = field(default_factory=list)
     #: Whether events carry each token's text and alternatives (OpenAI logprobs).
     want_logprobs: bool = False
     #: Lower is served sooner under SCHEDULING_POLICY=priority (router.planner).

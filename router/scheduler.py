@@ -34,7 +34,7 @@ from router.observer import SchedulerObserver
 from router.planner import Planner, StepPlan
 from router.recovery import ShardLink
 from router.request import Phase, Request, StreamEvent
-from router.shard_client import ShardGeneration
+from router.shard_client import ShardGeneration, ShardInputScores
 from router.step_pipeline import SentStep, StepPipeline
 from router.tokenization import Tokenizer
 
@@ -229,8 +229,16 @@ class Scheduler:
         answer = await self.steps.answer_of(sent)
         self.planner.chunks_computed(sent.chunks)
         started = time.perf_counter()
+        if answer.input_scores:
+            self._take_scores(answer.input_scores)
         self._deliver(answer.generations)
         self.observer.tokens_delivered(len(answer.generations), sent.method, started)
+
+    def _take_scores(self, scores: list[ShardInputScores]) -> None:
+        by_id = {r.id: r for r in self.active}
+        for x in scores:
+            if (r := by_id.get(x.request_id)) is not None and r.prompt_logprobs:
+                self.emitter.prompt_scores(r, x)
 
     def _deliver(self, generations: list[ShardGeneration]) -> None:
         """Each generated token to its request's stream; requests that are done finish."""

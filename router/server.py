@@ -143,9 +143,11 @@ class RouterServicer(pb_grpc.RouterServicer):
         text: list[str] = []
         reasoning: list[str] = []
         tokens: list[pb.Token] = []
+        prompt: list[pb.Token] = []
         async for event in self._events(request):
             text.append(event.text)
             reasoning.append(event.reasoning)
+            prompt.extend(_token_pb(t) for t in event.prompt)
             tokens.extend(_token_pb(t) for t in event.tokens)
             if event.finish_reason:
                 return pb.GenerateResponse(
@@ -159,13 +161,17 @@ class RouterServicer(pb_grpc.RouterServicer):
                     tokens=tokens,
                     tool_calls=tool_calls_pb(event.tool_calls),
                     reasoning="".join(reasoning),
+                    prompt_tokens=prompt,
                 )
         raise ServiceError("generation ended without a finish event")
 
     async def GenerateStream(self, request, context):
         async for event in self._events(request):
             message = pb.GenerateStreamResponse(
-                text=event.text, tokens=[_token_pb(t) for t in event.tokens], reasoning=event.reasoning
+                text=event.text,
+                tokens=[_token_pb(t) for t in event.tokens],
+                reasoning=event.reasoning,
+                prompt_tokens=[_token_pb(t) for t in event.prompt],
             )
             if event.finish_reason:
                 message.finish_reason = FINISH_REASONS[event.finish_reason]
@@ -249,6 +255,7 @@ def _coalesce(first: StreamEvent, queue: asyncio.Queue[StreamEvent]) -> StreamEv
         tool_calls=last.tool_calls,
         cached_tokens=last.cached_tokens,
         reasoning="".join(reasoning),
+        prompt=first.prompt,
     )
 
 
@@ -257,7 +264,7 @@ def _token_pb(t) -> pb.Token:  # type: ignore[no-untyped-def]
     if not t.text and not t.top:
         return pb.Token(id=t.id, logprob=t.logprob, special=t.special)
     top = [pb.TopToken(id=i, logprob=lp, text=text) for i, lp, text in t.top]
-    return pb.Token(id=t.id, logprob=t.logprob, special=t.special, text=t.text, top=top)
+    return pb.Token(id=t.id, logprob=t.logprob, special=t.special, text=t.text, top=top, rank=t.rank)
 
 
 def create_server(

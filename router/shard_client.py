@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -25,12 +25,24 @@ class ShardGeneration:
 
 
 @dataclass(frozen=True)
+class ShardInputScores:
+    """Scores of input tokens first_position, first_position + 1, ... of a request (prompt logprobs)."""
+
+    request_id: int
+    first_position: int
+    logprobs: list[float]
+    ranks: list[int]
+    top: list[tuple[tuple[int, float], ...]]
+
+
+@dataclass(frozen=True)
 class StepAnswer:
     generations: list[ShardGeneration]
     request_ids: list[int]
     forward_ns: int
     #: Shard time spent sampling (TGI's batch decode duration).
     decode_ns: int = 0
+    input_scores: list[ShardInputScores] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -153,6 +165,8 @@ def _request_pb(item: PrefillItem) -> pb.Request:
         blocks=r.blocks,
         parameters=sampling_params.to_pb(r.sampling),
         sampled_before=len(r.generated),
+        # Prompt tokens still unscored (a recomputation after they were all scored needs none).
+        score_inputs=r.prompt_logprobs and len(r.prompt_scores) < len(r.prompt_ids) - 1,
     )
 
 
@@ -166,4 +180,14 @@ def _step_answer(answer) -> StepAnswer:  # type: ignore[no-untyped-def]
         )
         for g in answer.generations
     ]
-    return StepAnswer(generations, list(answer.batch.request_ids), answer.forward_ns, answer.decode_ns)
+    scores = [
+        ShardInputScores(
+            x.request_id,
+            x.first_position,
+            list(x.logprobs),
+            list(x.ranks),
+            [tuple((t.token_id, t.logprob) for t in top.tokens) for top in x.top],
+        )
+        for x in answer.input_scores
+    ]
+    return StepAnswer(generations, list(answer.batch.request_ids), answer.forward_ns, answer.decode_ns, scores)

@@ -127,7 +127,9 @@ class Validator:
             stream.reasoning = ReasoningWatch(thinking, inside)
         return Request(
             id=request_id, prompt_ids=ids, sampling=sampling, stream=stream, want_logprobs=p.logprobs,
-            priority=p.priority,
+            priority=p.priority, prompt_logprobs=p.prompt_logprobs,
+            # Prompt logprobs need every prompt position computed: the cache would skip some.
+            use_prefix_cache=not p.prompt_logprobs,
         )  # fmt: skip
 
     def _truncated(self, ids: list[int], keep: int) -> list[int]:

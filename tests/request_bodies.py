@@ -92,6 +92,7 @@ SAMPLING = {
     "truncate_prompt_tokens": field(st.integers(-2, 2**33)),
     "priority": field(st.integers(-(2**33), 2**33)),
     "best_of": field(st.integers(-1, 20)),
+    "prompt_logprobs": field(st.integers(-1, 25)),
 }
 TEMPLATE_KWARGS = field(
     st.dictionaries(st.sampled_from(["enable_thinking", "tokenize", "x"]), st.booleans() | SMALL, max_size=2)

@@ -195,7 +195,9 @@ def test_completions_prompt_forms_echo_logprobs_and_stream(stack, client):
     )
     assert echo.choices[0].text.startswith("Once upon a time")
     lp = echo.choices[0].logprobs
-    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 3
+    # The echoed prompt's 4 tokens come first, the first without a logprob (nothing precedes it).
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4 + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and "".join(lp.tokens[:4]) == "Once upon a time"
     chunks = list(
         client.completions.create(model="tgi", prompt="Once upon a time", max_tokens=5, temperature=0, stream=True)
     )

@@ -169,3 +169,45 @@ def test_tgi_best_of_reports_the_other_sequences(stack):
     r = post(stack, "/generate_stream", {"inputs": "x", "parameters": {"best_of": 2, "do_sample": True}})
     assert r.status_code == 400 and "stream" in r.json()["error"]
     assert httpx.get(f"{stack}/info").json()["max_best_of"] >= 2
+
+
+def test_prompt_logprobs_agree_everywhere(stack, client):
+    """TGI's decoder_input_details, vLLM's prompt_logprobs and completions' echo with logprobs give
+    the same values; a prompt the prefix cache holds gives them too (it is computed in full); and
+    a prompt token scores exactly what the model gave it when it generated that token."""
+    prompt = "The night mail crosses the border, bringing the cheque and the postal order."
+    ids = post(stack, "/tokenize", {"prompt": prompt}).json()["tokens"]
+    client.completions.create(model="tgi", prompt=prompt, max_tokens=1)  # the prefix cache now holds it
+    tgi = InferenceClient(base_url=stack).text_generation(
+        prompt, max_new_tokens=1, details=True, decoder_input_details=True
+    )
+    assert tgi.details is not None
+    prefill = tgi.details.prefill
+    assert [t.id for t in prefill] == ids and prefill[0].logprob is None
+    values = [t.logprob for t in prefill[1:]]
+    assert all(v <= 0 for v in values)
+    vllm = post(stack, "/v1/completions", {"prompt": prompt, "max_tokens": 1, "prompt_logprobs": 2}).json()
+    entries = vllm["choices"][0]["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == len(ids)
+    assert [entries[k][str(ids[k])]["logprob"] for k in range(1, len(ids))] == values
+    for k in range(1, len(ids)):  # the token itself, and 2 alternatives ranked 1 and 2
+        ranks = sorted(e["rank"] for e in entries[k].values())
+        assert {1, 2} <= set(ranks) and entries[k][str(ids[k])]["rank"] >= 1
+    echoed = client.completions.create(model="tgi", prompt=prompt, max_tokens=2, echo=True, logprobs=1)
+    logprobs = echoed.choices[0].logprobs
+    assert logprobs is not None and logprobs.token_logprobs is not None and logprobs.tokens is not None
+    assert logprobs.token_logprobs[0] is None and logprobs.token_logprobs[1 : len(ids)] == values
+    assert len(logprobs.tokens) == len(ids) + 2 and echoed.choices[0].text.startswith(prompt)
+    chat = post(stack, "/v1/chat/completions", {"messages": HI, "max_tokens": 1, "prompt_logprobs": 0}).json()
+    assert chat["prompt_logprobs"][0] is None and len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+    # The next token, generated greedily, then scored as part of the prompt: the same logprob.
+    generated = InferenceClient(base_url=stack).text_generation(prompt, max_new_tokens=1, details=True)
+    assert generated.details is not None
+    token = generated.details.tokens[0]
+    again = post(stack, "/v1/completions", {"prompt": [*ids, token.id], "max_tokens": 1, "prompt_logprobs": 0}).json()
+    assert again["choices"][0]["prompt_logprobs"][-1][str(token.id)]["logprob"] == token.logprob
+    for bad in ({"stream": True, "prompt_logprobs": 1}, {"prompt_logprobs": 21}):
+        r = post(stack, "/v1/completions", {"prompt": "x", **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
+    r = post(stack, "/generate_stream", {"inputs": "x", "parameters": {"decoder_input_details": True}})
+    assert r.status_code == 400
