@@ -59,6 +59,23 @@ class DirectForward:
         h = self._layers(h, position_embeddings, step)
         return self.head(self.inner.norm(h[:, keep, :]))
 
+    def with_hidden(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        step: PagedStep,
+        keep: torch.Tensor,
+        hidden_rows: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits as ``__call__``, and the final hidden states (after the final norm) of
+        ``hidden_rows``, [len(hidden_rows), hidden], for embeddings (None when not asked)."""
+        h = self.inner.embed_tokens(input_ids)
+        position_embeddings = self.inner.rotary_emb(h, position_ids)
+        h = self._layers(h, position_embeddings, step)
+        logits = self.head(self.inner.norm(h[:, keep, :]))
+        hidden = self.inner.norm(h[:, hidden_rows, :])[0] if hidden_rows is not None else None
+        return logits, hidden
+
     def _layers(self, h: torch.Tensor, position_embeddings: Any, step: PagedStep) -> torch.Tensor:
         if self._stack is None:
             self._stack = NativeStack.of([layer.native_layer() for layer in self.layers]) or False

@@ -12,6 +12,7 @@ from typing import Any
 
 from shard.numerics.sampling import SamplingParams
 from shard.runtime.errors import InvalidRequest
+from shard.runtime.pooling import PooledRows
 
 
 @dataclass
@@ -34,6 +35,8 @@ class Sequence:
     matcher: Any = None
     #: Score the input tokens the current chunk predicts (Request.score_inputs).
     score_inputs: bool = False
+    #: For an embedding request: the final hidden states its pooling keeps (shard.runtime.pooling).
+    pooled: PooledRows | None = None
 
 
 class BatchStore:

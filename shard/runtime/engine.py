@@ -24,6 +24,7 @@ from shard.runtime.batch_state import BatchStore, Sequence
 from shard.runtime.errors import CapacityError, InvalidRequest
 from shard.runtime.kv_cache import PagedKVCache, kv_layout_of
 from shard.runtime.memory import kv_budget_bytes
+from shard.runtime.pooling import PooledRows, Pooling, captured_output, final_norm
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class NewRequest:
     sampled_before: int
     #: Score the input tokens this chunk predicts (prompt logprobs).
     score_inputs: bool = False
+    #: Embed rather than generate (shard.runtime.pooling).
+    pooling: Pooling = Pooling.NONE
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,40 @@ class StepResult:
     forward_ns: int = 0
     decode_ns: int = 0
     input_scores: list[InputScores] = field(default_factory=list)
+    #: (request id, pooled final hidden states) of embedding requests whose input completed.
+    embeddings: list[tuple[int, list[float]]] = field(default_factory=list)
+
+
+@dataclass
+class StepOutputs:
+    """What one forward produced, besides the KV it wrote."""
+
+    generations: list[Generation] = field(default_factory=list)
+    input_scores: list[InputScores] = field(default_factory=list)
+    embeddings: list[tuple[int, list[float]]] = field(default_factory=list)
+    forward_ns: int = 0
+    decode_ns: int = 0
+
+
+@dataclass
+class StepRows:
+    """Which rows of a packed step the forward must return, and for whom."""
+
+    #: Rows whose logits sample a token, and their sequences.
+    sample: list[int] = field(default_factory=list)
+    samplers: list[Sequence] = field(default_factory=list)
+    #: (sequence, its first row, rows) of chunks whose next input tokens are scored.
+    scored: list[tuple[Sequence, int, int]] = field(default_factory=list)
+    #: (sequence, rows, whether its input completes) whose final hidden states an embedding keeps.
+    pooled: list[tuple[Sequence, list[int], bool]] = field(default_factory=list)
+
+    @property
+    def score_rows(self) -> list[int]:
+        return [first + k for _, first, rows in self.scored for k in range(rows)]
+
+    @property
+    def hidden_rows(self) -> list[int]:
+        return [row for _, rows, _ in self.pooled for row in rows]
 
 
 #: How long the engine must have been idle before the KV cache's memory is mapped ahead of use:
@@ -199,7 +236,7 @@ class Engine:
 
     def prefill(self, batch_id: int, requests: list[NewRequest]) -> StepResult:
         work = [(self._admit(batch_id, r), r.chunk_len) for r in requests]
-        return self._result(batch_id, *self._timed_run(work))
+        return self._result(batch_id, self._timed_run(work))
 
     def decode(
         self,
@@ -219,11 +256,11 @@ class Engine:
         chunked = {seq.request_id for seq, _ in prompt_work}
         # Sequences still mid-prompt advance only through the chunks the router sends.
         work = [(seq, 1) for seq in members if seq.decoding and seq.request_id not in chunked]
-        return self._result(batch_id, *self._timed_run(work + prompt_work))
+        return self._result(batch_id, self._timed_run(work + prompt_work))
 
     def filter(self, batch_id: int, keep: list[int]) -> StepResult:
         self.store.filter(batch_id, keep)
-        return self._result(batch_id, [], 0, 0)
+        return self._result(batch_id, StepOutputs())
 
     def clear(self, batch_id: int | None) -> None:
         self.store.clear(batch_id)
@@ -263,6 +300,13 @@ class Engine:
             request.sampled_before,
             score_inputs=request.score_inputs,
         )
+        if request.pooling is not Pooling.NONE:
+            if existing is None and request.cache_len and request.pooling is not Pooling.LAST:
+                raise InvalidRequest(
+                    f"request {request.request_id}: {request.pooling.name} pooling reads every position "
+                    "from the first: it cannot start from cached tokens"
+                )
+            seq.pooled = existing.pooled if existing is not None and existing.pooled else PooledRows(request.pooling)
         if existing is not None:
             seq.matcher = existing.matcher
         elif request.params.grammar:
@@ -284,9 +328,9 @@ class Engine:
             raise CapacityError("the shard is not warmed up: call Warmup first")
         return self.cache
 
-    def _timed_run(self, work: list[tuple[Sequence, int]]) -> tuple[list[Generation], int, int, list[InputScores]]:
+    def _timed_run(self, work: list[tuple[Sequence, int]]) -> StepOutputs:
         if not work:
-            return [], 0, 0, []
+            return StepOutputs()
         self._stepping = True
         try:
             return self._run(work)
@@ -299,40 +343,67 @@ class Engine:
         return 0.0 if self._stepping else time.monotonic() - self._last_step_end
 
     @torch.inference_mode()
-    def _run(self, work: list[tuple[Sequence, int]]) -> tuple[list[Generation], int, int, list[InputScores]]:
+    def _run(self, work: list[tuple[Sequence, int]]) -> StepOutputs:
         """Computes ``n`` tokens of each (sequence, n); samples where a sequence's known tokens run
-        out, and scores the input tokens of chunks that asked for it."""
+        out (or pools its embedding), and scores the input tokens of chunks that asked for it."""
         cache = self._require_cache()
         started = time.perf_counter_ns()
         spans: list[SequenceSpan] = []
         ids: list[int] = []
         positions: list[int] = []
-        sample_rows: list[int] = []
-        samplers: list[Sequence] = []
-        scored: list[tuple[Sequence, int, int]] = []  # (sequence, its first row, rows)
+        rows = StepRows()
         for seq, n in work:
             start, end = seq.computed, seq.computed + n
             if len(seq.blocks) * cache.block_size < end:
                 raise CapacityError(f"request {seq.request_id}: block table too short for {end} tokens")
             spans.append(SequenceSpan(n, start, seq.blocks))
-            if seq.score_inputs and (rows := min(end, len(seq.token_ids) - 1) - start) > 0:
-                scored.append((seq, len(ids), rows))
+            self._rows_of(seq, start, end, len(ids), rows)
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
-            if end == len(seq.token_ids):
-                sample_rows.append(len(ids) - 1)
-                samplers.append(seq)
-        score_rows = [first + k for _, first, rows in scored for k in range(rows)]
+        score_rows = rows.score_rows
         step = build_step(cache, spans, self.device, self.attention.decode, self.attention.prefill)
-        logits, stats = self._forward(ids, positions, step, sample_rows + score_rows)
+        logits, stats, hidden = self._forward(ids, positions, step, rows.sample + score_rows, rows.hidden_rows)
         forward_done = time.perf_counter_ns()
-        picked = len(sample_rows)
-        generations = self._sample(samplers, logits[:picked], stats.rows(0, picked))
-        scores = self._score(scored, logits[picked:], stats.rows(picked, len(score_rows)))
+        picked = len(rows.sample)
+        out = StepOutputs(
+            generations=self._sample(rows.samplers, logits[:picked], stats.rows(0, picked)),
+            input_scores=self._score(rows.scored, logits[picked:], stats.rows(picked, len(score_rows))),
+            embeddings=self._pool(rows.pooled, hidden),
+        )
         for seq, n in work:
             seq.computed += n
             seq.score_inputs = False  # asked per chunk
-        return generations, forward_done - started, time.perf_counter_ns() - forward_done, scores
+        out.forward_ns, out.decode_ns = forward_done - started, time.perf_counter_ns() - forward_done
+        return out
+
+    @staticmethod
+    def _rows_of(seq: Sequence, start: int, end: int, first_row: int, rows: StepRows) -> None:
+        """Adds to ``rows`` what ``seq``'s chunk of positions [start, end), at ``first_row``, needs."""
+        total = len(seq.token_ids)
+        if seq.score_inputs and (count := min(end, total - 1) - start) > 0:
+            rows.scored.append((seq, first_row, count))
+        if seq.pooled is not None:
+            kept = [first_row + k for k in seq.pooled.wanted(start, end, total)]
+            rows.pooled.append((seq, kept, end == total))
+        elif end == total:
+            rows.sample.append(first_row + end - start - 1)
+            rows.samplers.append(seq)
+
+    @staticmethod
+    def _pool(
+        pooled: list[tuple[Sequence, list[int], bool]], hidden: torch.Tensor | None
+    ) -> list[tuple[int, list[float]]]:
+        """Keeps each embedding request's rows; answers those whose input this step completes."""
+        done, at = [], 0
+        for seq, kept, completes in pooled:
+            assert seq.pooled is not None
+            if kept:
+                assert hidden is not None
+                seq.pooled.rows.append(hidden[at : at + len(kept)].clone())
+                at += len(kept)
+            if completes:
+                done.append((seq.request_id, seq.pooled.vector()))
+        return done
 
     def _score(
         self, scored: list[tuple[Sequence, int, int]], logits: torch.Tensor, stats: LogitStats
@@ -351,24 +422,31 @@ class Engine:
         return result
 
     def _forward(
-        self, ids: list[int], positions: list[int], step: PagedStep, sample_rows: list[int]
-    ) -> tuple[torch.Tensor, LogitStats]:
-        """Float32 logits [len(sample_rows), vocab] of the sampling positions, and their statistics."""
+        self, ids: list[int], positions: list[int], step: PagedStep, sample_rows: list[int], hidden_rows: list[int]
+    ) -> tuple[torch.Tensor, LogitStats, torch.Tensor | None]:
+        """Float32 logits [len(sample_rows), vocab] of the sampling positions and their statistics,
+        and the final hidden states [len(hidden_rows), hidden] of ``hidden_rows`` (None if none)."""
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
-        keep = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        if not sample_rows:
-            keep = torch.tensor([len(ids) - 1], dtype=torch.long, device=self.device)
+        keep = torch.tensor(sample_rows or [len(ids) - 1], dtype=torch.long, device=self.device)
+        pooled = torch.tensor(hidden_rows, dtype=torch.long, device=self.device) if hidden_rows else None
         if self._direct is None:
             self._direct = DirectForward.of(self.model) or False
+        hidden = None
         if self._direct:
-            logits = self._direct(input_ids, position_ids, step, keep)[0].float()
+            logits, hidden = self._direct.with_hidden(input_ids, position_ids, step, keep, pooled)
+            logits = logits[0].float()
         else:
             inputs = dict(
                 input_ids=input_ids, position_ids=position_ids, use_cache=False, paged_step=step, logits_to_keep=keep
             )
-            logits = self.model(**inputs).logits[0].float()
-        return logits, logit_stats(logits)
+            if pooled is None:
+                logits = self.model(**inputs).logits[0].float()
+            else:
+                with captured_output(final_norm(self.model)) as normed:
+                    logits = self.model(**inputs).logits[0].float()
+                hidden = normed[-1][0, pooled]
+        return logits, logit_stats(logits), hidden
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, stats: LogitStats) -> list[Generation]:
         if not seqs:
@@ -385,14 +463,10 @@ class Engine:
             result.append(Generation(seq.request_id, out.tokens[i], out.logprobs[i], out.top[i]))
         return result
 
-    def _result(
-        self,
-        batch_id: int,
-        generations: list[Generation],
-        forward_ns: int,
-        decode_ns: int,
-        scores: list[InputScores] | None = None,
-    ) -> StepResult:
+    def _result(self, batch_id: int, out: StepOutputs) -> StepResult:
         members = self.store.batches.get(batch_id, [])
         tokens = sum(self.store.sequences[r].computed for r in members)
-        return StepResult(generations, batch_id, list(members), tokens, forward_ns, decode_ns, scores or [])
+        return StepResult(
+            out.generations, batch_id, list(members), tokens, out.forward_ns, out.decode_ns, out.input_scores,
+            out.embeddings,
+        )  # fmt: skip

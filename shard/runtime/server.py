@@ -20,6 +20,7 @@ from protos import shard_pb2_grpc as pb_grpc
 from shard.config import ShardConfig
 from shard.runtime.engine import Engine, NewRequest, StepResult
 from shard.runtime.errors import InvalidRequest
+from shard.runtime.pooling import Pooling
 from shard.runtime.step_order import StepOrder
 
 T = TypeVar("T")
@@ -39,6 +40,7 @@ def request_from_pb(r: pb.Request) -> NewRequest:
         params=params,
         sampled_before=r.sampled_before,
         score_inputs=r.score_inputs,
+        pooling=Pooling(r.pooling),
     )
 
 
@@ -145,6 +147,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         return pb.PrefillResponse(
             generations=generations_pb(result),
             input_scores=input_scores_pb(result),
+            embeddings=[pb.Embedding(request_id=r, values=v) for r, v in result.embeddings],
             batch=cached_batch_pb(result),
             forward_ns=result.forward_ns,
             decode_ns=result.decode_ns,
@@ -171,6 +174,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         return pb.DecodeResponse(
             generations=generations_pb(result),
             input_scores=input_scores_pb(result),
+            embeddings=[pb.Embedding(request_id=r, values=v) for r, v in result.embeddings],
             batch=cached_batch_pb(result),
             forward_ns=result.forward_ns,
             decode_ns=result.decode_ns,
