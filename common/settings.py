@@ -136,6 +136,9 @@ SETTINGS: tuple[Setting, ...] = (
        "how a reasoning model's thinking is returned apart from its answer (reasoning_content); auto: when "
        "the chat template writes think tags", default="auto", choices=("auto", "none", "deepseek_r1", "qwen3",
                                                                       "smollm3")),
+    _s("--pooling", "POOLING", ROUTER,
+       "how /v1/embeddings pools the final hidden states when the model has no sentence-transformers config",
+       default="last", choices=("last", "mean", "cls")),
     # --- the HTTP API (facade) ----------------------------------------------------------
     _s("--api-key", "API_KEY", (ROUTER, FACADE), "bearer key of the HTTP API and the router's gRPC API"),
     _s("--payload-limit", "PAYLOAD_LIMIT", FACADE, "largest body, bytes", kind=int, default=2_000_000),

@@ -36,6 +36,12 @@ _ROUTES: list[tuple[str, str, str, type[BaseModel] | None]] = [
     ("post", "/v1/chat/completions", "OpenAI chat completion (SSE when stream is true)", rm.ChatCompletionRequest),
     ("post", "/v1/completions", "OpenAI text completion (SSE when stream is true)", rm.CompletionRequest),
     ("post", "/v1/responses", "OpenAI Responses API (typed SSE events when stream is true)", rm.CreateResponse),
+    (
+        "post",
+        "/v1/embeddings",
+        "OpenAI embeddings of texts or token ids (the model's pooled final hidden states)",
+        rm.EmbeddingRequest,
+    ),
     ("get", "/v1/responses/{response_id}", "A stored response (kept in memory, RESPONSES_STORE_SIZE)", None),
     ("delete", "/v1/responses/{response_id}", "Forget a stored response", None),
     ("get", "/v1/models", "The served model, as OpenAI and vLLM list it", None),

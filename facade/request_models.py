@@ -236,6 +236,20 @@ class CreateResponse(RequestModel):
     conversation: str | dict[str, Any] | None = Field(None, description="neutral only: null")
 
 
+# --- embeddings ------------------------------------------------------------------------
+
+
+class EmbeddingRequest(RequestModel):
+    input: str | list[str] | list[int] | list[list[int]] = Field(description="text(s) or token ids, not empty")
+    model: str | None = Field(None, description='the served model\'s id, or "tgi"')
+    encoding_format: Literal["float", "base64"] | None = Field(None, description="base64: little-endian float32")
+    dimensions: int | None = Field(None, ge=1, le=UINT32_MAX, description="Matryoshka models only")
+    user: str | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, le=UINT32_MAX, description="keep the last N tokens")
+    normalize: bool | None = Field(None, description="scale to unit length; default: the model's")
+    priority: int | None = Field(None, ge=-(1 << 31), lt=1 << 31)
+
+
 # --- TGI and vLLM routes ------------------------------------------------------------
 
 

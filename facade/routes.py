@@ -6,7 +6,7 @@ import grpc
 from aiohttp import web
 
 from common.grpc_errors import written_for_users
-from facade import openai_chat, openai_completions, openai_responses, openapi, pages, tgi, tokenize
+from facade import embeddings, openai_chat, openai_completions, openai_responses, openapi, pages, tgi, tokenize
 from facade.choices import router_info
 from facade.errors import ApiError, from_grpc
 from facade.json_body import json_response
@@ -65,6 +65,7 @@ ROUTES = [
     web.post("/v1/chat/completions", openai_chat.chat_completions),
     web.post("/v1/completions", openai_completions.completions),
     web.post("/v1/responses", openai_responses.create),
+    web.post("/v1/embeddings", embeddings.embeddings),
     web.get("/v1/responses/{response_id}", openai_responses.retrieve),
     web.delete("/v1/responses/{response_id}", openai_responses.delete),
     web.get("/v1/models", models),

@@ -44,6 +44,11 @@ class RouterStub:
                 request_serializer=protos_dot_router__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=protos_dot_router__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/switchyard.router.v1.Router/Embed',
+                request_serializer=protos_dot_router__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=protos_dot_router__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/switchyard.router.v1.Router/Tokenize',
                 request_serializer=protos_dot_router__pb2.TokenizeRequest.SerializeToString,
@@ -83,6 +88,13 @@ class RouterServicer:
 
     def GenerateStream(self, request, context):
         """/ Generates an answer token by token; the last message carries the finish details.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
+        """/ The embedding of a text (the served model's final hidden states, pooled).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -135,6 +147,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=protos_dot_router__pb2.GenerateRequest.FromString,
                     response_serializer=protos_dot_router__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=protos_dot_router__pb2.EmbedRequest.FromString,
+                    response_serializer=protos_dot_router__pb2.EmbedResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
@@ -216,6 +233,33 @@ class Router:
             '/switchyard.router.v1.Router/GenerateStream',
             protos_dot_router__pb2.GenerateRequest.SerializeToString,
             protos_dot_router__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.router.v1.Router/Embed',
+            protos_dot_router__pb2.EmbedRequest.SerializeToString,
+            protos_dot_router__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

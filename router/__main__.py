@@ -21,6 +21,7 @@ from protos import shard_pb2 as pb
 from router.blocks import BlockAllocator
 from router.config import Limits, RouterConfig, parse_config
 from router.discovery import CONNECT_ATTEMPT_S, Discovery, resolve
+from router.embeddings import load_embedding_config
 from router.generation_defaults import load_defaults
 from router.metrics import RouterMetrics
 from router.reasoning import reasoning_format
@@ -155,6 +156,7 @@ async def connect_and_warm(
         load_defaults(source),
         choose_format(config.tool_call_format, tokenizer.chat_template_text),
         reasoning_format(config.reasoning_parser, tokenizer.chat_template_text),
+        await asyncio.to_thread(load_embedding_config, source, config.pooling),
     )
     model = ServedModel(source.display_name, info.dtype, info.device, links[0].shards.world_size, capacity)
     discovery = Discovery(config.shard_entries, lambda a: maker.join(replica_set, a), set(clients))

@@ -56,6 +56,8 @@ class RouterConfig:
     scheduling_policy: str
     #: How a reasoning model's thinking is told from its answer: auto, none or a router.reasoning format.
     reasoning_parser: str
+    #: Embeddings' pooling when the model does not say (router.embeddings).
+    pooling: str
 
     @property
     def shard_entries(self) -> list[str]:

@@ -206,7 +206,8 @@ class Planner:
         budget = self.limits.max_batch_prefill_tokens
         items: list[PrefillItem] = []
         for r in self.active:  # prompts part-way through chunked prefill go first: they are older
-            if r.phase is Phase.PREFILLING and budget > 0:
+            # (An embedding request whose input is all computed waits only for its vector.)
+            if r.phase is Phase.PREFILLING and budget > 0 and r.computed < r.length:
                 item = self._next_chunk(r, budget)
                 if item is None:
                     return items

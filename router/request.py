@@ -48,6 +48,8 @@ class StreamEvent:
     reasoning: str = ""
     #: With prompt logprobs, on the first event: every prompt token (the first one's logprob NaN).
     prompt: tuple[TokenInfo, ...] = ()
+    #: An embedding request's pooled vector, on its only event.
+    embedding: list[float] | None = None
 
 
 class Phase(enum.Enum):
@@ -84,6 +86,8 @@ class Request:
     want_logprobs: bool = False
     #: Lower is served sooner under SCHEDULING_POLICY=priority (router.planner).
     priority: int = 0
+    #: Embed rather than generate: shard.proto's Pooling (0: generate).
+    pooling: int = 0
     arrived_at: float = field(default_factory=time.monotonic)
     #: The caller's trace context (the public RPC's span): batch steps it joins are traced under it.
     trace_context: Context | None = None

@@ -231,6 +231,8 @@ class Scheduler:
         started = time.perf_counter()
         if answer.input_scores:
             self._take_scores(answer.input_scores)
+        if answer.embeddings:
+            self._deliver_embeddings(answer.embeddings)
         self._deliver(answer.generations)
         self.observer.tokens_delivered(len(answer.generations), sent.method, started)
 
@@ -239,6 +241,17 @@ class Scheduler:
         for x in scores:
             if (r := by_id.get(x.request_id)) is not None and r.prompt_logprobs:
                 self.emitter.prompt_scores(r, x)
+
+    def _deliver_embeddings(self, embeddings: list[tuple[int, list[float]]]) -> None:
+        """An embedding request is done when its vector comes: one event, and it leaves the batch."""
+        by_id = {r.id: r for r in self.active}
+        for request_id, vector in embeddings:
+            r = by_id.get(request_id)
+            if r is None or r.phase is Phase.FINISHED:
+                continue
+            counts = (len(r.prompt_ids), 0)
+            r.events.put_nowait(StreamEvent("", (), "stop", *counts, cached_tokens=r.cached_tokens, embedding=vector))
+            self._finish(r, "stop")
 
     def _deliver(self, generations: list[ShardGeneration]) -> None:
         """Each generated token to its request's stream; requests that are done finish."""

@@ -89,8 +89,11 @@ class RouterServicer(pb_grpc.RouterServicer):
             raise ShardsUnavailable(f"starting: {self.phase}")
         return self.serving
 
-    async def _events(self, message: pb.GenerateRequest) -> AsyncIterator[StreamEvent]:
-        """Admits a request and yields its events; a caller that goes away cancels it."""
+    async def _events(
+        self, message: pb.GenerateRequest | pb.EmbedRequest, embed: bool = False
+    ) -> AsyncIterator[StreamEvent]:
+        """Admits a request (generation, or an embedding when ``embed``) and yields its events; a
+        caller that goes away cancels it."""
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry on another replica or after the restart")
         serving = self._ready()
@@ -103,7 +106,10 @@ class RouterServicer(pb_grpc.RouterServicer):
         started = time.perf_counter()
         try:
             with self.tracer.start_as_current_span("validate"):
-                request: Request = serving.validator.request(next(self._ids), message)
+                if embed:
+                    request: Request = serving.validator.embed_request(next(self._ids), message)  # type: ignore[arg-type]
+                else:
+                    request = serving.validator.request(next(self._ids), message)  # type: ignore[arg-type]
         except ValidationError:
             metrics.request_refused("validation")
             raise
@@ -181,6 +187,17 @@ class RouterServicer(pb_grpc.RouterServicer):
                 message.tool_calls.extend(tool_calls_pb(event.tool_calls))
             yield message
 
+    async def Embed(self, request, context):
+        config = self._ready().validator.embedding
+        normalize = request.normalize if request.HasField("normalize") else None
+        async for event in self._events(request, embed=True):
+            if event.embedding is not None:
+                vector = config.finish(event.embedding, request.dimensions, normalize)
+                return pb.EmbedResponse(
+                    embedding=vector, prompt_tokens=event.prompt_tokens, cached_tokens=event.cached_tokens
+                )
+        raise ServiceError("the embedding ended without its vector")
+
     async def Tokenize(self, request, context):
         validator = self._ready().validator
         ids, text = validator.prompt_ids(request)
@@ -256,6 +273,7 @@ def _coalesce(first: StreamEvent, queue: asyncio.Queue[StreamEvent]) -> StreamEv
         cached_tokens=last.cached_tokens,
         reasoning="".join(reasoning),
         prompt=first.prompt,
+        embedding=last.embedding,
     )
 
 

@@ -43,6 +43,8 @@ class StepAnswer:
     #: Shard time spent sampling (TGI's batch decode duration).
     decode_ns: int = 0
     input_scores: list[ShardInputScores] = field(default_factory=list)
+    #: (request id, pooled vector) of embedding requests whose input completed.
+    embeddings: list[tuple[int, list[float]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,7 @@ def _request_pb(item: PrefillItem) -> pb.Request:
         sampled_before=len(r.generated),
         # Prompt tokens still unscored (a recomputation after they were all scored needs none).
         score_inputs=r.prompt_logprobs and len(r.prompt_scores) < len(r.prompt_ids) - 1,
+        pooling=r.pooling,  # type: ignore[arg-type]
     )
 
 
@@ -190,4 +193,7 @@ def _step_answer(answer) -> StepAnswer:  # type: ignore[no-untyped-def]
         )
         for x in answer.input_scores
     ]
-    return StepAnswer(generations, list(answer.batch.request_ids), answer.forward_ns, answer.decode_ns, scores)
+    embeddings = [(e.request_id, list(e.values)) for e in answer.embeddings]
+    return StepAnswer(
+        generations, list(answer.batch.request_ids), answer.forward_ns, answer.decode_ns, scores, embeddings
+    )

@@ -13,6 +13,7 @@ from common.sampling_fields import BY_NAME, SAMPLING_FIELDS
 from common.sampling_params import SamplingParams
 from protos import router_pb2 as pb
 from router.config import Limits
+from router.embeddings import EmbeddingConfig
 from router.errors import NoChatTemplate, ValidationError
 from router.generation_defaults import GenerationDefaults
 from router.grammar import json_object_grammar, json_schema_grammar, regex_grammar
@@ -37,6 +38,8 @@ class Validator:
     tool_format: ToolCallFormat = HERMES
     #: How this model writes its thinking (router.reasoning); None: it does not.
     reasoning: ReasoningFormat | None = None
+    #: How this model embeds (router.embeddings).
+    embedding: EmbeddingConfig = dataclasses.field(default_factory=EmbeddingConfig)
 
     def prompt_ids(self, request: pb.GenerateRequest | pb.TokenizeRequest) -> tuple[list[int], str]:
         """Token ids and text of the prompt (a rendered chat or raw text)."""
@@ -130,6 +133,39 @@ class Validator:
             priority=p.priority, prompt_logprobs=p.prompt_logprobs,
             # Prompt logprobs need every prompt position computed: the cache would skip some.
             use_prefix_cache=not p.prompt_logprobs,
+        )  # fmt: skip
+
+    def embed_request(self, request_id: int, message: pb.EmbedRequest) -> Request:
+        """An embedding request: its input tokens, pooled by the model's pooling, nothing generated."""
+        kind = message.WhichOneof("input")
+        if kind == "ids" and message.ids.ids:
+            ids = list(message.ids.ids)
+            if max(ids) >= self.vocab_size:
+                raise ValidationError(f"token ids must be below the vocabulary size {self.vocab_size}", "input")
+        elif kind == "text" and message.text:
+            ids = self.tokenizer.encode(message.text, add_special_tokens=True)
+        else:
+            raise ValidationError("the input to embed must be a non-empty text or list of token ids", "input")
+        if not ids:
+            raise ValidationError("the input is empty once tokenized: it has no text the model can read", "input")
+        if message.HasField("truncate"):
+            ids = self._truncated(ids, message.truncate)
+        if len(ids) > self.limits.max_input_tokens:
+            raise ValidationError(
+                f"This model's maximum input length is {self.limits.max_input_tokens} tokens. However, you "
+                f"requested {len(ids)} tokens in the input. Please reduce the length of the input.",
+                "input",
+            )
+        self.embedding.check_dimensions(message.dimensions)
+        condition = StopCondition(frozenset(), 1, (), ignore_eos=True)  # nothing is generated
+        stream = TextStream(self.tokenizer.detokenizer(ids), condition)
+        sampling = SamplingParams(seed=0, eos_token_ids=tuple(sorted(self.tokenizer.eos_token_ids)))
+        pooling = self.embedding.shard_pooling
+        return Request(
+            id=request_id, prompt_ids=ids, sampling=sampling, stream=stream, priority=message.priority,
+            pooling=pooling,
+            # Mean and first-token pooling read every position: the cache would skip some.
+            use_prefix_cache=self.embedding.pooling == "last",
         )  # fmt: skip
 
     def _truncated(self, ids: list[int], keep: int) -> list[int]:

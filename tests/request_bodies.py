@@ -156,6 +156,17 @@ TOKENIZE = st.fixed_dictionaries(
         "chat_template_kwargs": TEMPLATE_KWARGS,
     },
 )
+EMBEDDINGS = st.fixed_dictionaries(
+    {"input": field(st.text(max_size=20) | st.lists(st.text(max_size=8), max_size=3) | st.lists(SMALL, max_size=5))},
+    optional={
+        "model": field(st.text(max_size=6)),
+        "encoding_format": field(st.sampled_from(["float", "base64", "hex"])),
+        "dimensions": field(st.integers(-1, 80)),
+        "normalize": field(st.booleans()),
+        "truncate_prompt_tokens": field(st.integers(-2, 2**33)),
+        "priority": field(st.integers(-(2**33), 2**33)),
+    },
+)
 DETOKENIZE = st.fixed_dictionaries({"tokens": field(st.lists(SMALL, max_size=5))})
 
 RESPONSE_ITEM = st.one_of(
@@ -196,6 +207,7 @@ ROUTES = {
     "/v1/chat/completions": CHAT,
     "/v1/completions": COMPLETION,
     "/v1/responses": RESPONSES,
+    "/v1/embeddings": EMBEDDINGS,
     "/generate": GENERATE,
     "/generate_stream": GENERATE,
     "/": GENERATE,

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 
 from facade import params
+from facade.embeddings import parse_embeddings
 from facade.errors import ApiError
 from facade.openai_chat import parse_chat
 from facade.openai_completions import parse_completion
@@ -16,7 +17,7 @@ from facade.responses_request import ResponseStore, parse_responses
 from facade.tgi import parse_generate
 from facade.tokenize import parse_detokenize, parse_tokenize
 from protos import router_pb2 as pb
-from tests.request_bodies import CHAT, COMPLETION, DETOKENIZE, GENERATE, RESPONSES, TOKENIZE
+from tests.request_bodies import CHAT, COMPLETION, DETOKENIZE, EMBEDDINGS, GENERATE, RESPONSES, TOKENIZE
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -62,6 +63,12 @@ def test_any_tokenize_body_parses_or_is_a_400(tokenize, detokenize):
     _parses_or_400(parse_detokenize, detokenize)
 
 
+@settings(max_examples=300, deadline=None)
+@given(body=EMBEDDINGS)
+def test_any_embeddings_body_parses_or_is_a_400(body):
+    _parses_or_400(lambda b: parse_embeddings(b)[1], body)
+
+
 def _parses_or_400(parse, body: dict) -> None:  # type: ignore[no-untyped-def]
     try:
         parsed = parse(body)
@@ -76,6 +83,8 @@ def _parses_or_400(parse, body: dict) -> None:  # type: ignore[no-untyped-def]
 def _messages(parsed: Any) -> list[Any]:
     if isinstance(parsed, tuple):  # parse_generate
         return [parsed[0]]
+    if isinstance(parsed, list):  # parse_embeddings' router requests
+        return parsed
     return list(getattr(parsed, "requests", [parsed]))
 
 
