@@ -248,7 +248,10 @@ def tool_call_deltas(calls: Any) -> list[dict[str, Any]]:
 def usage(usages: list[pb.Usage]) -> dict[str, Any]:
     # Every choice saw the same prompt: count it once, as OpenAI does.
     first = usages[0] if usages else pb.Usage()
-    return usage_body(first.prompt_tokens, sum(u.completion_tokens for u in usages), first.cached_tokens)
+    body = usage_body(first.prompt_tokens, sum(u.completion_tokens for u in usages), first.cached_tokens)
+    if reasoning := sum(u.reasoning_tokens for u in usages):
+        body["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return body
 
 
 def usage_body(prompt: int, completion: int, cached: int) -> dict[str, Any]:

@@ -28,6 +28,7 @@ class Emitter:
         else:
             event = self._final_event(r, text, token, finish)
             event.reasoning = r.stream.take_reasoning()
+            event.reasoning_tokens = r.stream.reasoning_tokens
         if r.prompt_logprobs and len(r.generated) == 1:  # the first event carries the prompt's scores
             first = TokenInfo(r.prompt_ids[0], math.nan, self.tokenizer.is_special(r.prompt_ids[0]))
             first.text = self.tokenizer.token_text(r.prompt_ids[0])

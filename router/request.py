@@ -50,6 +50,8 @@ class StreamEvent:
     prompt: tuple[TokenInfo, ...] = ()
     #: An embedding request's pooled vector, on its only event.
     embedding: list[float] | None = None
+    #: Of completion_tokens, those of a reasoning model's thinking, on the last event.
+    reasoning_tokens: int = 0
 
 
 class Phase(enum.Enum):

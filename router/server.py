@@ -163,6 +163,7 @@ class RouterServicer(pb_grpc.RouterServicer):
                         prompt_tokens=event.prompt_tokens,
                         completion_tokens=event.completion_tokens,
                         cached_tokens=event.cached_tokens,
+                        reasoning_tokens=event.reasoning_tokens,
                     ),
                     tokens=tokens,
                     tool_calls=tool_calls_pb(event.tool_calls),
@@ -184,6 +185,7 @@ class RouterServicer(pb_grpc.RouterServicer):
                 message.usage.prompt_tokens = event.prompt_tokens
                 message.usage.completion_tokens = event.completion_tokens
                 message.usage.cached_tokens = event.cached_tokens
+                message.usage.reasoning_tokens = event.reasoning_tokens
                 message.tool_calls.extend(tool_calls_pb(event.tool_calls))
             yield message
 
@@ -274,6 +276,7 @@ def _coalesce(first: StreamEvent, queue: asyncio.Queue[StreamEvent]) -> StreamEv
         reasoning="".join(reasoning),
         prompt=first.prompt,
         embedding=last.embedding,
+        reasoning_tokens=last.reasoning_tokens,
     )
 
 

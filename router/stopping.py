@@ -39,10 +39,14 @@ class TextStream:
     reasoning_emitted: int = 0
     #: Thinking released and not yet taken.
     reasoning_pending: str = ""
+    #: Tokens generated before the answer started (a reasoning model's thinking, its end tag included).
+    reasoning_tokens: int = 0
 
     def push(self, token_id: int) -> str:
         """Adds a token; returns the text it releases. Sets ``finish`` when done."""
         self.generated += 1
+        if self.reasoning is not None and self.reasoning.answer_start is None:
+            self.reasoning_tokens += 1
         is_eos = token_id in self.condition.eos_token_ids and not self.condition.ignore_eos
         if not is_eos:
             self.text += self.detokenizer.push(token_id)

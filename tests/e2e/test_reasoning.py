@@ -88,8 +88,10 @@ def test_thinking_opened_by_the_prompt_is_split_from_the_answer(r1):
 def test_cut_short_while_thinking(r1, monkeypatch):
     """max_tokens inside the thinking: finish_reason length, empty content, the thinking apart;
     as the OpenAI client, LangChain's ChatDeepSeek and LiteLLM read it."""
-    answer = post(r1, "/v1/chat/completions", {"messages": HI, "max_tokens": 6, "temperature": 0}).json()["choices"][0]
+    whole = post(r1, "/v1/chat/completions", {"messages": HI, "max_tokens": 6, "temperature": 0}).json()
+    answer = whole["choices"][0]
     assert answer["finish_reason"] == "length" and answer["message"]["content"] == ""
+    assert whole["usage"]["completion_tokens_details"]["reasoning_tokens"] == 6  # every token was thinking
     thinking = answer["message"]["reasoning_content"]
     assert thinking and END not in thinking
     chat = ChatDeepSeek(model="tgi", api_base=f"{r1}/v1", api_key="none", max_tokens=6, temperature=0)
@@ -107,7 +109,9 @@ def test_cut_short_while_thinking(r1, monkeypatch):
 
 def test_responses_api_gives_a_reasoning_item(r1):
     body = {"input": "Which train should I take?", "max_output_tokens": 6, "temperature": 0}
-    output = post(r1, "/v1/responses", body).json()["output"]
+    response = post(r1, "/v1/responses", body).json()
+    output = response["output"]
+    assert response["usage"]["output_tokens_details"]["reasoning_tokens"] == 6
     assert output[0]["type"] == "reasoning" and output[0]["content"][0]["text"]
     stream = httpx.post(f"{r1}/v1/responses", json={**body, "stream": True}, timeout=120).text
     events = [json.loads(line[5:]) for line in stream.splitlines() if line.startswith("data:")]
