@@ -246,20 +246,30 @@ class BlockExtension(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., blocks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("batches", "extensions", "prefill", "drop", "step_id", "after_step_id")
+    __slots__ = ("batches", "extensions", "prefill", "drop", "step_id", "after_step_id", "guesses")
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     EXTENSIONS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DROP_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     AFTER_STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    GUESSES_FIELD_NUMBER: _ClassVar[int]
     batches: _containers.RepeatedCompositeFieldContainer[CachedBatch]
     extensions: _containers.RepeatedCompositeFieldContainer[BlockExtension]
     prefill: _containers.RepeatedCompositeFieldContainer[Request]
     drop: _containers.RepeatedScalarFieldContainer[int]
     step_id: int
     after_step_id: int
-    def __init__(self, batches: _Optional[_Iterable[_Union[CachedBatch, _Mapping]]] = ..., extensions: _Optional[_Iterable[_Union[BlockExtension, _Mapping]]] = ..., prefill: _Optional[_Iterable[_Union[Request, _Mapping]]] = ..., drop: _Optional[_Iterable[int]] = ..., step_id: _Optional[int] = ..., after_step_id: _Optional[int] = ...) -> None: ...
+    guesses: _containers.RepeatedCompositeFieldContainer[Guesses]
+    def __init__(self, batches: _Optional[_Iterable[_Union[CachedBatch, _Mapping]]] = ..., extensions: _Optional[_Iterable[_Union[BlockExtension, _Mapping]]] = ..., prefill: _Optional[_Iterable[_Union[Request, _Mapping]]] = ..., drop: _Optional[_Iterable[int]] = ..., step_id: _Optional[int] = ..., after_step_id: _Optional[int] = ..., guesses: _Optional[_Iterable[_Union[Guesses, _Mapping]]] = ...) -> None: ...
+
+class Guesses(_message.Message):
+    __slots__ = ("request_id", "tokens")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("generations", "input_scores", "embeddings", "batch", "forward_ns", "decode_ns", "total_ns", "concat_ns")

@@ -7,7 +7,7 @@ shard checks what it is told and refuses what it cannot honour.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from shard.numerics.sampling import SamplingParams
@@ -37,6 +37,17 @@ class Sequence:
     score_inputs: bool = False
     #: For an embedding request: the final hidden states its pooling keeps (shard.runtime.pooling).
     pooled: PooledRows | None = None
+    #: Speculative guesses for the tokens after the pending one, this step only (DecodeRequest.guesses),
+    #: and how many of them verification kept.
+    guesses: list[int] = field(default_factory=list)
+    accepted: int = 0
+
+    def inputs(self, start: int, end: int) -> list[int]:
+        """Input tokens of positions [start, end): known tokens, then this step's guesses."""
+        known = self.token_ids[start:end]
+        if end <= len(self.token_ids):
+            return known
+        return known + self.guesses[: end - max(start, len(self.token_ids))]
 
 
 class BatchStore:

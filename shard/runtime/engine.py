@@ -96,7 +96,7 @@ class StepOutputs:
 class StepRows:
     """Which rows of a packed step the forward must return, and for whom."""
 
-    #: Rows whose logits sample a token, and their sequences.
+    #: Rows whose logits sample a token: a sequence's last known position, then one per guess.
     sample: list[int] = field(default_factory=list)
     samplers: list[Sequence] = field(default_factory=list)
     #: (sequence, its first row, rows) of chunks whose next input tokens are scored.
@@ -244,9 +244,11 @@ class Engine:
         extensions: dict[int, list[int]],
         chunks: list[NewRequest] | None = None,
         drop: list[int] | None = None,
+        guesses: dict[int, list[int]] | None = None,
     ) -> StepResult:
-        """Drops the ``drop`` requests, advances every other decoding sequence by one token
-        and computes ``chunks`` (prompt chunks joining the first batch) in the same forward pass."""
+        """Drops the ``drop`` requests, advances every other decoding sequence by one token (or,
+        with ``guesses`` for it, by the guesses verification keeps plus one) and computes
+        ``chunks`` (prompt chunks joining the first batch) in the same forward pass."""
         batch_id = self.store.merge(batch_ids)
         members = self.store.drop(batch_id, drop or [])
         for seq in members:
@@ -256,7 +258,23 @@ class Engine:
         chunked = {seq.request_id for seq, _ in prompt_work}
         # Sequences still mid-prompt advance only through the chunks the router sends.
         work = [(seq, 1) for seq in members if seq.decoding and seq.request_id not in chunked]
+        for seq, _ in work:
+            seq.guesses = self._checked_guesses(seq, (guesses or {}).get(seq.request_id, []))
+        work = [(seq, 1 + len(seq.guesses)) for seq, _ in work]
         return self._result(batch_id, self._timed_run(work + prompt_work))
+
+    def _checked_guesses(self, seq: Sequence, guesses: list[int]) -> list[int]:
+        if not guesses:
+            return []
+        if seq.matcher is not None:
+            raise InvalidRequest(f"request {seq.request_id}: guesses for a constrained request are not verified")
+        if any(not 0 <= t < self.vocab_size for t in guesses):
+            raise InvalidRequest(f"request {seq.request_id}: guessed token ids must be in [0, {self.vocab_size})")
+        if len(seq.token_ids) + len(guesses) > self.max_positions:
+            raise CapacityError(
+                f"request {seq.request_id}: its guesses pass the model's {self.max_positions} positions"
+            )
+        return list(guesses)
 
     def filter(self, batch_id: int, keep: list[int]) -> StepResult:
         self.store.filter(batch_id, keep)
@@ -358,7 +376,7 @@ class Engine:
                 raise CapacityError(f"request {seq.request_id}: block table too short for {end} tokens")
             spans.append(SequenceSpan(n, start, seq.blocks))
             self._rows_of(seq, start, end, len(ids), rows)
-            ids.extend(seq.token_ids[start:end])
+            ids.extend(seq.inputs(start, end))
             positions.extend(range(start, end))
         score_rows = rows.score_rows
         step = build_step(cache, spans, self.device, self.attention.decode, self.attention.prefill)
@@ -371,8 +389,10 @@ class Engine:
             embeddings=self._pool(rows.pooled, hidden),
         )
         for seq, n in work:
-            seq.computed += n
-            seq.score_inputs = False  # asked per chunk
+            # A rejected guess's position holds KV beyond the sequence's computed tokens: it is
+            # overwritten as the sequence grows (``_verify``).
+            seq.computed += n - len(seq.guesses) + seq.accepted
+            seq.score_inputs, seq.guesses, seq.accepted = False, [], 0  # asked per step
         out.forward_ns, out.decode_ns = forward_done - started, time.perf_counter_ns() - forward_done
         return out
 
@@ -385,8 +405,8 @@ class Engine:
         if seq.pooled is not None:
             kept = [first_row + k for k in seq.pooled.wanted(start, end, total)]
             rows.pooled.append((seq, kept, end == total))
-        elif end == total:
-            rows.sample.append(first_row + end - start - 1)
+        elif end >= total:  # the pending token, then each guess (verification samples every one)
+            rows.sample.extend(first_row + total - 1 - start + k for k in range(1 + len(seq.guesses)))
             rows.samplers.append(seq)
 
     @staticmethod
@@ -449,19 +469,44 @@ class Engine:
         return logits, logit_stats(logits), hidden
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, stats: LogitStats) -> list[Generation]:
+        """Samples each sequence's next token, or verifies its guesses (``_verify``)."""
         if not seqs:
             return []
-        rows = [SequenceView(s.params, s.sampled, s.token_ids, s.sampled, s.matcher) for s in seqs]
+        rows = [
+            # Row k of a sequence: what decoding would see after its first k guesses (its random
+            # counter k further, its history k guesses longer): sampling without guesses there.
+            SequenceView(s.params, s.sampled + k, s.token_ids + s.guesses[:k], s.sampled + k, s.matcher)
+            for s in seqs
+            for k in range(1 + len(s.guesses))
+        ]
         out = sample(logits, rows, stats)
-        result = []
-        for i, seq in enumerate(seqs):
-            seq.token_ids.append(out.tokens[i])
-            seq.sampled += 1
+        result: list[Generation] = []
+        at = 0
+        for seq in seqs:
+            drawn = range(at, at + 1 + len(seq.guesses))
+            at = drawn.stop
+            for i in self._verify(seq, [out.tokens[i] for i in drawn]):
+                row = drawn[i]
+                token = out.tokens[row]
+                seq.token_ids.append(token)
+                seq.sampled += 1
+                if seq.matcher is not None and not seq.matcher.is_terminated():
+                    seq.matcher.accept_token(token)
+                result.append(Generation(seq.request_id, token, out.logprobs[row], out.top[row]))
             seq.decoding = True
-            if seq.matcher is not None and not seq.matcher.is_terminated():
-                seq.matcher.accept_token(out.tokens[i])
-            result.append(Generation(seq.request_id, out.tokens[i], out.logprobs[i], out.top[i]))
         return result
+
+    @staticmethod
+    def _verify(seq: Sequence, drawn: list[int]) -> range:
+        """Which draws a sequence keeps: "sample, then compare". Draw k is what decoding would
+        have drawn after the first k guesses; a guess is accepted while it equals the draw before
+        it, and the first draw that differs (or the one after the last guess) is kept too. So the
+        kept tokens are exactly decoding's, and ``seq.accepted`` counts the guesses kept."""
+        kept = 1
+        while kept <= len(seq.guesses) and drawn[kept - 1] == seq.guesses[kept - 1]:
+            kept += 1
+        seq.accepted = kept - 1
+        return range(kept)
 
     def _result(self, batch_id: int, out: StepOutputs) -> StepResult:
         members = self.store.batches.get(batch_id, [])

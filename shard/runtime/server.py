@@ -162,8 +162,9 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
             extensions = {x.request_id: list(x.blocks) for x in request.extensions}
             chunks = [request_from_pb(r) for r in request.prefill]
             drop = list(request.drop)
+            guesses = {g.request_id: list(g.tokens) for g in request.guesses}
             # Handed to the model thread before anything awaits: the order gate's invariant.
-            step = self._on_model_thread(lambda: self.engine.decode(batch_ids, extensions, chunks, drop))
+            step = self._on_model_thread(lambda: self.engine.decode(batch_ids, extensions, chunks, drop, guesses))
         finally:
             self._order.handed(request.step_id)  # a call that failed here must not hold up its follower
         with self.tracer.start_as_current_span("shard.decode") as span:

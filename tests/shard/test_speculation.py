@@ -1,0 +1,68 @@
+"""Speculative decoding's verification in the shard (DecodeRequest.guesses): whatever the guesses
+(all right, all wrong, half right) and whatever shares the step, the tokens, logprobs and
+alternatives a request gets are decoding's own, bit for bit, greedy and seeded sampling alike."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from common.model_source import resolve_model
+from shard.numerics.sampling import SamplingParams
+from shard.runtime.engine import Engine, Generation, NewRequest
+from tests.shard.engine_driver import make_engine
+
+PROMPT = [(i * 41 + 3) % 3000 + 5 for i in range(12)]
+NEW = 24
+BLOCK = 4
+
+PARAMS = {
+    "greedy": SamplingParams(temperature=0.0, top_n_tokens=2),
+    "seeded": SamplingParams(temperature=0.9, top_p=0.9, seed=1234, repetition_penalty=1.1, top_n_tokens=2),
+}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir) -> Engine:
+    return make_engine(resolve_model(str(tiny_model_dir("llama"))), block_size=BLOCK)
+
+
+def run(engine: Engine, params: SamplingParams, guess, companion: bool = False) -> tuple[list[Generation], int]:
+    """NEW tokens of PROMPT, each step's guesses from ``guess(tokens so far)``; (generations, steps)."""
+    rid, batch = 7, 70
+    blocks = list(range(0, 12))  # 48 token slots: prompt, output and guesses
+    requests = [NewRequest(rid, PROMPT, 0, len(PROMPT), blocks, params, 0)]
+    if companion:
+        requests.append(NewRequest(rid + 1, [5, 6, 7, 8], 0, 4, list(range(20, 40)), PARAMS["seeded"], 0))
+    out = [g for g in engine.prefill(batch, requests).generations if g.request_id == rid]
+    steps = 0
+    while len(out) < NEW:
+        tokens = [g.token_id for g in out]
+        guesses = guess(tokens)[: NEW - len(out) - 1]
+        result = engine.decode([batch], {}, guesses={rid: guesses} if guesses else None)
+        out += [g for g in result.generations if g.request_id == rid]
+        steps += 1
+    engine.clear(batch)
+    return out[:NEW], steps
+
+
+@pytest.mark.parametrize("kind", sorted(PARAMS))
+def test_verification_equals_decoding(engine, kind):
+    params = PARAMS[kind]
+    reference, plain_steps = run(engine, params, lambda tokens: [])
+    truth = [g.token_id for g in reference]
+    rng = random.Random(5)
+    strategies = {
+        "right": lambda tokens: truth[len(tokens) : len(tokens) + 4],
+        "wrong": lambda tokens: [rng.randrange(5, 3000) for _ in range(3)],
+        "half": lambda tokens: [*truth[len(tokens) : len(tokens) + 2], 1, 2],
+    }
+    for name, guess in strategies.items():
+        for companion in (False, True):
+            got, steps = run(engine, params, guess, companion)
+            assert [(g.token_id, g.logprob, g.top) for g in got] == [
+                (g.token_id, g.logprob, g.top) for g in reference
+            ], (name, companion)
+            if name == "right":
+                assert steps <= plain_steps // 4 + 1  # 4 guesses and a draw per step
