@@ -30,6 +30,7 @@ from router.replicas import Replica, ReplicaSet
 from router.scheduler import Scheduler
 from router.server import RouterServicer, ServedModel, Serving, create_server
 from router.shard_client import ShardClient
+from router.speculation import SpeculationPolicy
 from router.tokenization import Tokenizer
 from router.tools import choose_format
 from router.validation import Validator
@@ -94,6 +95,7 @@ class ReplicaMaker:
             self.tracer,
             self.config.shard_recovery_timeout,
             pipeline=self.config.pipeline_steps,
+            speculation=speculation_policy(self.config),
         )
         return Replica(name, scheduler)
 
@@ -112,6 +114,13 @@ class ReplicaMaker:
             await shards.close()
             raise
         replicas.add(self.make(str(len(replicas.replicas)), link, warm))
+
+
+def speculation_policy(config: RouterConfig) -> SpeculationPolicy | None:
+    """SPECULATE's policy (its only method so far: ngram), or None when off."""
+    if config.speculate <= 0:
+        return None
+    return SpeculationPolicy(config.speculate, config.speculation_max_batch)
 
 
 async def connect_and_warm(

@@ -58,6 +58,10 @@ class RouterConfig:
     reasoning_parser: str
     #: Embeddings' pooling when the model does not say (router.embeddings).
     pooling: str
+    #: Speculative decoding (router.speculation): guesses per step (0: off), how, up to which batch.
+    speculate: int
+    speculative_method: str
+    speculation_max_batch: int
 
     @property
     def shard_entries(self) -> list[str]:

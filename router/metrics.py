@@ -101,7 +101,7 @@ class RouterMetrics:
         self.generated_tokens = request_histogram("tgi_request_generated_tokens", "Generated tokens", _TOKEN_BUCKETS)
         self.max_new_tokens = request_histogram("tgi_request_max_new_tokens", "max_new_tokens asked", _TOKEN_BUCKETS)
         self.skipped_tokens = request_histogram(
-            "tgi_request_skipped_tokens", "Speculated tokens (always 0: no speculation)", _TOKEN_BUCKETS
+            "tgi_request_skipped_tokens", "Guessed tokens verification kept, per request (SPECULATE)", _TOKEN_BUCKETS
         )
 
     def _vllm_series(self) -> None:
@@ -128,6 +128,8 @@ class RouterMetrics:
         self.generation_tokens = counter("vllm:generation_tokens", "Generation tokens processed")
         self.prefix_queries = counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
         self.prefix_hits = counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache")
+        self.spec_draft_tokens = counter("vllm:spec_decode_num_draft_tokens", "Speculative tokens guessed")
+        self.spec_accepted_tokens = counter("vllm:spec_decode_num_accepted_tokens", "Speculative tokens kept")
         self.request_success = Counter(
             "vllm:request_success", "Finished requests by reason", [*label, "finished_reason"], registry=r
         )
@@ -163,7 +165,9 @@ class RouterMetrics:
         self.counters.inc("tgi_request_count")
         self.counters.inc("tgi_request_failure", err)
 
-    def request_finished(self, outcome: str, generated: int, e2e_s: float, inference_s: float | None) -> None:
+    def request_finished(
+        self, outcome: str, generated: int, e2e_s: float, inference_s: float | None, skipped: int = 0
+    ) -> None:
         self.outcomes.labels(outcome).inc()
         self.generated_tokens.observe(generated)
         reason = {"cancelled": "abort", "error": "abort", "stop_sequence": "stop", "tool_calls": "stop"}
@@ -174,7 +178,7 @@ class RouterMetrics:
         self.counters.inc("tgi_request_success")
         self.request_duration.observe(e2e_s)
         self.e2e_latency.observe(e2e_s)
-        self.skipped_tokens.observe(0)
+        self.skipped_tokens.observe(skipped)
         if inference_s is not None:
             self.inference_duration.observe(inference_s)
             self.time_per_token.observe(inference_s / max(1, generated))

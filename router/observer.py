@@ -70,7 +70,16 @@ class SchedulerObserver:
             r.queue_span.end()
         now = time.monotonic()
         inference_s = now - r.admitted_at if r.admitted_at is not None else None
-        self.metrics.request_finished(outcome, len(r.generated), now - r.arrived_at, inference_s)
+        self.metrics.request_finished(outcome, len(r.generated), now - r.arrived_at, inference_s, r.spec_accepted)
+        if r.spec_proposed and r.trace_context is not None:
+            span = trace.get_current_span(r.trace_context)
+            span.set_attribute("switchyard.speculation.proposed", r.spec_proposed)
+            span.set_attribute("switchyard.speculation.accepted", r.spec_accepted)
+
+    def speculated(self, proposed: int, accepted: int) -> None:
+        """One request's guesses in one step, and how many verification kept."""
+        self.metrics.spec_draft_tokens.inc(proposed)
+        self.metrics.spec_accepted_tokens.inc(accepted)
 
     # --- steps ------------------------------------------------------------------------
 

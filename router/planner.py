@@ -41,6 +41,7 @@ from router.config import Limits
 from router.errors import OutOfBlocks
 from router.request import Phase, Request
 from router.shard_client import PrefillItem
+from router.speculation import SpeculationPolicy
 
 #: A decoding request that needs a block takes up to this many at once (no more than its length
 #: limit can fill, and only while the cache keeps as many for every active request), so that its
@@ -93,6 +94,8 @@ class StepPlan:
     preempted: list[Request] = field(default_factory=list)
     #: Running requests whose caller went away, retired by this plan.
     cancelled: list[Request] = field(default_factory=list)
+    #: Speculative guesses per decoding request id (router.speculation); their KV slots are allocated.
+    guesses: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def requests(self) -> list[Request]:
@@ -100,9 +103,11 @@ class StepPlan:
 
 
 class Planner:
-    def __init__(self, allocator: BlockAllocator, limits: Limits):
+    def __init__(self, allocator: BlockAllocator, limits: Limits, speculation: SpeculationPolicy | None = None):
         self.allocator = allocator
         self.limits = limits
+        #: Guesses for decoding requests (SPECULATE); None: no speculation.
+        self.speculation = speculation
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []  # in the shard batch, in admission order
         #: Decode steps since arrivals were last admitted (TGI's ``max_waiting_tokens``).
@@ -172,12 +177,37 @@ class Planner:
         # Admitting or growing blocks may have preempted requests, just-admitted ones included.
         chunks = [item for item in chunks if item.request.phase is Phase.PREFILLING]
         decoding = [r for r in decoding if r.phase is Phase.DECODING]
+        # A step planned ahead cannot guess: its requests' next token is still being computed.
+        guesses = self._guesses(decoding, extensions) if not ahead else {}
+        if self.speculation is not None:
+            self.speculation.planned(ahead)
         method = "decode" if decoding else "prefill" if chunks and not ahead else None
         if method == "decode":
             self.decodes_since_admission += 1
-        return StepPlan(method, chunks, decoding, extensions, admitted, preempted, cancelled)
+        return StepPlan(method, chunks, decoding, extensions, admitted, preempted, cancelled, guesses)
 
-    def can_plan_ahead(self, last_method: str, last_had_chunks: bool) -> bool:
+    def _guesses(self, decoding: list[Request], extensions: dict[int, list[int]]) -> dict[int, list[int]]:
+        """Each decoding request's guesses, with blocks for their KV slots where the cache has them
+        free (never by preempting: a guess is not worth a recomputation)."""
+        if self.speculation is None:
+            return {}
+        found = {}
+        for r in decoding:
+            guesses = self.speculation.guesses(r, len(decoding), self.limits.max_total_tokens)
+            if not guesses:
+                continue
+            needed = self.allocator.blocks_for(r.computed + 1 + len(guesses)) - len(r.blocks)
+            if needed > 0:
+                needed = min(needed, self.allocator.free_blocks)
+                new = self.allocator.allocate(needed)
+                r.blocks += new
+                extensions[r.id] = extensions.get(r.id, []) + new
+            room = len(r.blocks) * self.allocator.block_size - (r.computed + 1)
+            if guesses := guesses[:room]:
+                found[r.id] = guesses
+        return found
+
+    def can_plan_ahead(self, last_method: str, last_had_chunks: bool, last_had_guesses: bool = False) -> bool:
         """Whether the next step can be planned before the answer of the step in flight is in.
 
         After a step without prompt chunks, every planning input is known without
@@ -188,11 +218,14 @@ class Planner:
         order sent, so blocks freed (or preempted) now are written by the step in
         flight before the next step reuses them. After a step with prompt chunks the
         next waits for the answer: which prompts it completed decides who decodes.
-        No preemption may be needed ahead.
+        No preemption may be needed ahead. After a step with guesses the next waits too: how
+        many tokens it adds is known only from its answer.
         """
-        if last_method != "decode" or last_had_chunks:
+        if last_method != "decode" or last_had_chunks or last_had_guesses:
             return False
         continuing = [r for r in self.active if r.phase is Phase.DECODING and not self.ends_with_step_in_flight(r)]
+        if self.speculation is not None and self.speculation.wait_for_answer(continuing):
+            return False
         needed = sum(max(0, self.allocator.blocks_for(r.computed + 2) - len(r.blocks)) for r in continuing)
         return bool(continuing) and needed <= self.allocator.free_blocks
 

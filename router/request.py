@@ -90,6 +90,12 @@ class Request:
     priority: int = 0
     #: Embed rather than generate: shard.proto's Pooling (0: generate).
     pooling: int = 0
+    #: Speculation (router.speculation): guesses per step now (0: the most), whether its last
+    #: guesses paid, and the totals.
+    speculation_width: int = 0
+    speculation_hot: bool = False
+    spec_proposed: int = 0
+    spec_accepted: int = 0
     arrived_at: float = field(default_factory=time.monotonic)
     #: The caller's trace context (the public RPC's span): batch steps it joins are traced under it.
     trace_context: Context | None = None

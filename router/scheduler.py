@@ -35,6 +35,7 @@ from router.planner import Planner, StepPlan
 from router.recovery import ShardLink
 from router.request import Phase, Request, StreamEvent
 from router.shard_client import ShardGeneration, ShardInputScores
+from router.speculation import SpeculationPolicy
 from router.step_pipeline import SentStep, StepPipeline
 from router.tokenization import Tokenizer
 
@@ -55,12 +56,13 @@ class Scheduler:
         tracer: trace.Tracer | None = None,
         recovery_timeout_s: float = default_of(ROUTER, "shard_recovery_timeout"),
         pipeline: bool = True,
+        speculation: SpeculationPolicy | None = None,
     ):
         self.link = link
         self.shards = link.shards
         self.limits = limits
         self.observer = SchedulerObserver(metrics or RouterMetrics(), tracer or trace.NoOpTracer())
-        self.planner = Planner(allocator, limits)
+        self.planner = Planner(allocator, limits, speculation)
         self.steps = StepPipeline(link.shards, self.observer)
         self.emitter = Emitter(tokenizer, limits.max_total_tokens)
         #: Send step N+1 before step N's answer is in where possible (PIPELINE_STEPS).
@@ -217,7 +219,7 @@ class Scheduler:
         self.observer.planned(plan, len(self.active))
 
     def _can_send_ahead_of(self, sent: SentStep) -> bool:
-        return self.planner.can_plan_ahead(sent.method, bool(sent.chunks))
+        return self.planner.can_plan_ahead(sent.method, bool(sent.chunks), bool(sent.guesses))
 
     async def _still_computing(self, sent: SentStep) -> bool:
         """Whether, shortly before ``sent`` is expected to end, it still computes and the next
@@ -233,6 +235,8 @@ class Scheduler:
             self._take_scores(answer.input_scores)
         if answer.embeddings:
             self._deliver_embeddings(answer.embeddings)
+        if sent.guesses:
+            self._count_guesses(sent.guesses, answer.generations)
         self._deliver(answer.generations)
         self.observer.tokens_delivered(len(answer.generations), sent.method, started)
 
@@ -241,6 +245,18 @@ class Scheduler:
         for x in scores:
             if (r := by_id.get(x.request_id)) is not None and r.prompt_logprobs:
                 self.emitter.prompt_scores(r, x)
+
+    def _count_guesses(self, guesses: dict[int, list[int]], generations: list[ShardGeneration]) -> None:
+        """How many of each request's guesses the shards kept: its tokens in the answer, less the draw."""
+        kept: dict[int, int] = {}
+        for g in generations:
+            kept[g.request_id] = kept.get(g.request_id, 0) + 1
+        by_id = {r.id: r for r in self.active}
+        for request_id, proposed in guesses.items():
+            accepted = max(0, kept.get(request_id, 1) - 1)
+            if (r := by_id.get(request_id)) is not None and self.planner.speculation is not None:
+                self.planner.speculation.verified(r, len(proposed), accepted)
+            self.observer.speculated(len(proposed), accepted)
 
     def _deliver_embeddings(self, embeddings: list[tuple[int, list[float]]]) -> None:
         """An embedding request is done when its vector comes: one event, and it leaves the batch."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -67,6 +67,8 @@ class DecodeOrder:
     step_id: int = 0
     #: The call this one must run after (a pipelined step); 0 for none.
     after_step_id: int = 0
+    #: Speculative guesses per decoding request id.
+    guesses: Mapping[int, list[int]] = field(default_factory=dict)
 
 
 class ShardClient:
@@ -139,6 +141,7 @@ class ShardClient:
             drop=order.drop,
             step_id=order.step_id,
             after_step_id=order.after_step_id,
+            guesses=[pb.Guesses(request_id=r, tokens=g) for r, g in order.guesses.items()],
         )
         return _step_answer(await self._all("Decode", message))
 

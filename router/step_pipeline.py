@@ -16,7 +16,7 @@ import contextlib
 import itertools
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from opentelemetry import trace
 from opentelemetry.trace import Span
@@ -46,6 +46,8 @@ class SentStep:
     span: Span
     sent_at: float
     step_id: int
+    #: Speculative guesses it carries, per request id.
+    guesses: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def is_pure_decode(self) -> bool:
@@ -77,7 +79,7 @@ class StepPipeline:
         if plan.method == "decode":
             stay = {r.id for r in plan.requests}
             drop = [rid for rid in self.members if rid not in stay]
-            order = DecodeOrder(plan.chunks, drop, step_id, after.step_id if after is not None else 0)
+            order = DecodeOrder(plan.chunks, drop, step_id, after.step_id if after is not None else 0, plan.guesses)
             call = self.shards.decode([self.batch_id], plan.extensions, order)
         else:
             assert after is None, "a Prefill may not overtake the step in flight"
@@ -92,7 +94,7 @@ class StepPipeline:
         # The span is current while the call's task starts, so the shards' spans join its trace.
         with trace.use_span(span, end_on_exit=False):
             answer = asyncio.ensure_future(call)
-        self.sent = SentStep(plan.method, answer, plan.chunks, span, time.perf_counter(), step_id)
+        self.sent = SentStep(plan.method, answer, plan.chunks, span, time.perf_counter(), step_id, plan.guesses)
 
     async def answer_of(self, step: SentStep) -> StepAnswer:
         """Waits for ``step``'s answer; the step is no longer in flight after this, answered or failed."""

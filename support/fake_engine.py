@@ -66,7 +66,9 @@ class FakeEngine:
         extensions: dict[int, list[int]],
         chunks: list[NewRequest] | None = None,
         drop: list[int] | None = None,
+        guesses: dict[int, list[int]] | None = None,
     ) -> StepResult:
+        """``guesses`` are not verified here: each request gets one token, as if every guess failed."""
         self.calls.append("decode")
         batch_id = self.store.merge(batch_ids)
         members = self.store.drop(batch_id, drop or [])

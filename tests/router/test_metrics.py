@@ -30,6 +30,7 @@ VLLM = {
     "vllm:inter_token_latency_seconds": "histogram", "vllm:request_queue_time_seconds": "histogram",
     "vllm:prompt_tokens": "counter", "vllm:generation_tokens": "counter", "vllm:prefix_cache_queries": "counter",
     "vllm:prefix_cache_hits": "counter", "vllm:request_success": "counter",
+    "vllm:spec_decode_num_draft_tokens": "counter", "vllm:spec_decode_num_accepted_tokens": "counter",
 }  # fmt: skip
 
 

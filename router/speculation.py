@@ -1,0 +1,95 @@
+"""Speculative decoding's guesses (SPECULATE, SPECULATIVE_METHOD=ngram) and when to make them.
+
+The n-gram proposer (prompt lookup) guesses that the tokens after the sequence's
+last n tokens are those that followed the same n tokens the last time they
+occurred, in the prompt or the output: free to compute, and right wherever an
+answer copies its input (rewriting, extraction, code edits, RAG answers, tool
+arguments). The shards verify guesses so that the output is decoding's own, bit
+for bit (shard.proto, Guesses), so speculation changes speed only.
+
+It pays when a step has spare compute: a step's cost is reading the weights, and
+a few more rows per sequence ride along while the batch is small. A large batch
+already uses the compute, so guesses are made only while at most ``max_batch``
+requests decode, and a request whose guesses keep failing guesses fewer.
+
+Guessing has a cost of its own: the guesses for a step need the token the step
+before it draws, so that step's answer must be in before the next is planned,
+where otherwise the router sends each step ahead of the previous one's answer
+(router.step_pipeline). So the router waits for answers only while guessing
+pays: while some decoding request's last guesses were found and at least one of
+them kept ("hot"); otherwise it keeps sending steps ahead, and every
+``PROBE_EVERY`` steps waits once to look for guesses again.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass
+
+from router.request import Request
+
+#: Longest and shortest n-gram looked up (the longest match found is used).
+MAX_NGRAM, MIN_NGRAM = 3, 1
+#: While no request's guesses pay, one step in this many waits for its answer to look for guesses.
+PROBE_EVERY = 8
+
+
+def ngram_guesses(tokens: list[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> list[int]:
+    """Up to ``k`` tokens that followed the last earlier occurrence of the sequence's last n tokens."""
+    if k <= 0:
+        return []
+    data = array("I", tokens).tobytes()  # bytes.rfind searches in C
+    for n in range(min(max_ngram, len(tokens) - 1), min_ngram - 1, -1):
+        suffix = data[-4 * n :]
+        end = len(data) - 4  # an occurrence must end before the last token
+        while (at := data.rfind(suffix, 0, end)) >= 0:
+            if at % 4 == 0:  # aligned on a token, not inside two
+                start = at // 4 + n
+                return tokens[start : start + k]
+            end = at + len(suffix) - 1
+    return []
+
+
+@dataclass
+class SpeculationPolicy:
+    """How many guesses each decoding request gets in a step."""
+
+    #: SPECULATE: most guesses per request and step (0: off).
+    most: int
+    #: Guesses are made only while at most this many requests decode.
+    max_batch: int = 4
+    #: Steps sent ahead since the last one that waited to look for guesses.
+    since_probe: int = 0
+
+    def guesses(self, r: Request, decoding: int, max_total_tokens: int) -> list[int]:
+        if self.most <= 0 or decoding > self.max_batch or r.sampling.grammar or r.pooling:
+            return []
+        # A step keeps at most its guesses plus one draw: never past the request's limits.
+        room = min(r.max_new_tokens - len(r.generated), max_total_tokens - r.length) - 1
+        k = min(r.speculation_width or self.most, self.most, room)
+        found = ngram_guesses(r.token_ids, k)
+        if not found:
+            r.speculation_hot = False
+        return found
+
+    def wait_for_answer(self, decoding: list[Request]) -> bool:
+        """Whether the next step should wait for the answer of the one in flight, to guess."""
+        if not decoding or len(decoding) > self.max_batch:
+            return False
+        return any(r.speculation_hot for r in decoding) or self.since_probe >= PROBE_EVERY
+
+    def planned(self, ahead: bool) -> None:
+        """A step was planned: ahead of its predecessor's answer, or after it (a chance to guess)."""
+        self.since_probe = self.since_probe + 1 if ahead else 0
+
+    def verified(self, r: Request, proposed: int, accepted: int) -> None:
+        """Adapts the request's width: halved after a step whose guesses all failed, back up
+        (doubled) after one that kept them all."""
+        r.spec_proposed += proposed
+        r.spec_accepted += accepted
+        r.speculation_hot = accepted > 0
+        width = r.speculation_width or self.most
+        if accepted == 0:
+            r.speculation_width = max(1, width // 2)
+        elif accepted == proposed:
+            r.speculation_width = min(self.most, width * 2)

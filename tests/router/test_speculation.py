@@ -1,0 +1,106 @@
+"""Speculation in the router: n-gram guesses, the width policy, and the planner with guesses
+driven against a shard that verifies them as the real one does: every request still ends with
+exactly the tokens it gets without speculation, blocks balance, and guesses never preempt."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router.blocks import BlockAllocator
+from router.config import Limits
+from router.planner import Planner, StepPlan
+from router.request import Phase, Request
+from router.speculation import SpeculationPolicy, ngram_guesses
+from tests.router.test_planner import BLOCK, Shard, check, expected, make_request, next_token
+
+
+def test_ngram_guesses():
+    tokens = [1, 2, 3, 4, 5, 9, 2, 3]
+    assert ngram_guesses(tokens, 2) == [4, 5]  # "2 3" occurred before, followed by 4 5
+    assert ngram_guesses([7, 8, 9], 3) == []
+    assert ngram_guesses([5, 1, 5, 1, 5], 4) == [1, 5]  # the longest suffix found earlier: "5 1 5", at 0
+    assert ngram_guesses([1, 2, 1], 0) == []
+    big = [0x01000000, 0x00000001]  # byte patterns that straddle tokens do not count as matches
+    assert ngram_guesses([*big, 7, 0x00010000], 2) == []
+
+
+def test_width_halves_on_misses_and_grows_back():
+    policy = SpeculationPolicy(most=4)
+    r = make_request(1, 6, 10)
+    policy.verified(r, 4, 0)
+    assert r.speculation_width == 2
+    policy.verified(r, 2, 0)
+    assert r.speculation_width == 1
+    policy.verified(r, 1, 1)
+    assert r.speculation_width == 2 and (r.spec_proposed, r.spec_accepted) == (7, 1)
+
+
+class VerifyingShard(Shard):
+    """Takes guesses as the shard does: draws at each position with the history guesses give,
+    keeps guesses while they equal the draw before them, and the first differing draw."""
+
+    def run(self, plan: StepPlan) -> None:
+        p = self.planner
+        p.chunks_computed(plan.chunks)
+        sampled = [i.request for i in plan.chunks if i.request.computed == i.request.length]
+        for r in plan.decoding + sampled:
+            guesses = plan.guesses.get(r.id, [])
+            if r in plan.decoding:  # KV slots for the pending token and every guess
+                assert len(r.blocks) * p.allocator.block_size >= r.computed + 1 + len(guesses)
+            else:
+                assert not guesses
+            for k in itertools.count():
+                token = next_token(r)
+                p.token_computed(r, token)
+                if len(r.generated) >= r.max_new_tokens or r.length >= p.limits.max_total_tokens:
+                    p.retire(r)
+                    self.finished.append(r)
+                    break
+                if k >= len(guesses) or token != guesses[k]:
+                    break
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    arrivals=st.lists(st.tuples(st.integers(1, 30), st.integers(1, 16)), min_size=1, max_size=8),
+    num_blocks=st.integers(13, 40),
+    most=st.integers(1, 5),
+)
+def test_guesses_keep_every_token_and_balance_blocks(arrivals, num_blocks, most):
+    limits = Limits(47, 48, 16, 4, 0.0, 0)
+    planner = Planner(BlockAllocator(num_blocks, BLOCK), limits, SpeculationPolicy(most, max_batch=4))
+    shard = VerifyingShard(planner)
+    requests = [make_request(i + 1, p, n) for i, (p, n) in enumerate(arrivals)]
+    for r in requests:
+        planner.enqueue(r)
+    guessed = 0
+    for _ in range(3000):
+        if not planner.waiting and not planner.active:
+            break
+        plan = planner.plan()
+        check(planner, plan)
+        guessed += sum(len(g) for g in plan.guesses.values())
+        assert not plan.preempted or not plan.guesses or all(r.id not in plan.guesses for r in plan.preempted)
+        shard.run(plan)
+        check(planner)
+    assert planner.allocator.used_blocks == 0
+    for r in requests:
+        assert r.phase is Phase.FINISHED
+        assert r.generated == expected(r), "speculation changed a token"
+
+
+def test_repetitive_output_is_guessed():
+    """The model of these tests repeats itself (5 token values): n-gram guesses find it."""
+    planner = Planner(BlockAllocator(64, BLOCK), Limits(47, 48, 64, 4, 0.0, 0), SpeculationPolicy(4))
+    shard = VerifyingShard(planner)
+    r: Request = make_request(1, 10, 30)
+    planner.enqueue(r)
+    steps = 0
+    while r.phase is not Phase.FINISHED:
+        plan = planner.plan()
+        shard.run(plan)
+        steps += 1
+    assert r.generated == expected(r) and steps < 30
