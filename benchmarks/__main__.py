@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from benchmarks import activation_accuracy, constrained, engine, engine_workload, placement, router_overhead, served
+from benchmarks import (
+    activation_accuracy,
+    constrained,
+    engine,
+    engine_workload,
+    placement,
+    router_overhead,
+    served,
+    speculation,
+)
 
 
 def main() -> None:
@@ -22,6 +31,7 @@ def main() -> None:
     alone = engine_workload.run()
     stack = served.run()
     print(served.report(stack, engines["after"], engines["cpu"], alone), flush=True)  # type: ignore[arg-type]
+    print(speculation.report(speculation.run(), str(engines["cpu"])), flush=True)
 
 
 if __name__ == "__main__":

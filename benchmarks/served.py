@@ -46,20 +46,29 @@ class Figures:
     duration_s: float
 
 
-def loadgen(url: str, concurrency: int, seed: int) -> Figures:
-    """One run of the shared workload; a fresh seed per run so no prefix cache is flattered."""
+def loadgen(
+    url: str, concurrency: int, seed: int, prompt_set: str = "medium", max_tokens: int = 128,
+    requests: int | None = None, texts: list[str] | None = None,
+) -> Figures:  # fmt: skip
+    """One run of the shared workload (``prompt_set``: medium, or grounded for speculation); a
+    fresh seed per run so no prefix cache is flattered. ``texts``, when given, receives each
+    request's generated text, in request order."""
     if not LOADGEN.exists():
         raise SystemExit(f"the shared load generator is not at {LOADGEN}: set LOADGEN=/path/to/loadgen.py")
+    count = requests or PLAN.get(concurrency, 3 * concurrency)
+    keep = ["--save-requests", "--save-text"] if texts is not None else []
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cpu_before = _children_cpu()
         subprocess.run(
-            [sys.executable, str(LOADGEN), "--base-url", url, "--model", "tgi", "--max-tokens", "128",
-             "--ignore-eos", "--prompt-set", "medium", "--warmup", "2", "--concurrency", str(concurrency),
-             "--num-requests", str(PLAN.get(concurrency, 3 * concurrency)), "--seed", str(seed),
-             "--json-out", out.name],
+            [sys.executable, str(LOADGEN), "--base-url", url, "--model", "tgi", "--max-tokens", str(max_tokens),
+             "--ignore-eos", "--prompt-set", prompt_set, "--warmup", "2", "--concurrency", str(concurrency),
+             "--num-requests", str(count), "--seed", str(seed), "--json-out", out.name, *keep],
             check=True, capture_output=True,
         )  # fmt: skip
-        m = json.loads(Path(out.name).read_text())["metrics"]
+        result = json.loads(Path(out.name).read_text())
+        m = result["metrics"]
+        if texts is not None:
+            texts += [r["generated_text"] for r in sorted(result["requests"], key=lambda r: r["index"])]
     return Figures(
         concurrency,
         int(m["completed"]),

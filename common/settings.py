@@ -131,13 +131,13 @@ SETTINGS: tuple[Setting, ...] = (
        "send a decode step before the previous one's answer is in (hides the round trip)", kind=bool, default=True),
     _s("--speculate", "SPECULATE", ROUTER,
        "speculative decoding: tokens guessed per step and request, verified by the model so that the output "
-       "is unchanged (0: off)", kind=int, default=0),
+       "is unchanged (0: off; docs/performance.md, \"Speculative decoding\")", kind=int, default=3),
     _s("--speculative-method", "SPECULATIVE_METHOD", ROUTER,
        "how guesses are made: ngram (prompt lookup: what followed the last tokens earlier in the prompt or output)",
        default="ngram", choices=("ngram",)),
-    _s("--speculation-max-batch", "SPECULATION_MAX_BATCH", ROUTER,
-       "guess only while at most this many requests decode (a larger batch already uses the compute)",
-       kind=int, default=4),
+    _s("--speculation-step-rows", "SPECULATION_STEP_ROWS", ROUTER,
+       "most decode rows (pending tokens and guesses) a step with guesses carries: what the CPU kernels "
+       "compute at about the cost of one row; a larger batch makes no guesses", kind=int, default=4),
     _s("--tool-call-format", "TOOL_CALL_FORMAT", ROUTER,
        "how the model writes tool calls; auto: from its chat template",
        default="auto", choices=("auto", "hermes", "llama3_json", "mistral")),

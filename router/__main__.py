@@ -120,7 +120,7 @@ def speculation_policy(config: RouterConfig) -> SpeculationPolicy | None:
     """SPECULATE's policy (its only method so far: ngram), or None when off."""
     if config.speculate <= 0:
         return None
-    return SpeculationPolicy(config.speculate, config.speculation_max_batch)
+    return SpeculationPolicy(config.speculate, config.speculation_step_rows)
 
 
 async def connect_and_warm(

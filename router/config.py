@@ -58,10 +58,10 @@ class RouterConfig:
     reasoning_parser: str
     #: Embeddings' pooling when the model does not say (router.embeddings).
     pooling: str
-    #: Speculative decoding (router.speculation): guesses per step (0: off), how, up to which batch.
+    #: Speculative decoding (router.speculation): guesses per step (0: off), how, within how many rows.
     speculate: int
     speculative_method: str
-    speculation_max_batch: int
+    speculation_step_rows: int
 
     @property
     def shard_entries(self) -> list[str]:

@@ -7,10 +7,13 @@ answer copies its input (rewriting, extraction, code edits, RAG answers, tool
 arguments). The shards verify guesses so that the output is decoding's own, bit
 for bit (shard.proto, Guesses), so speculation changes speed only.
 
-It pays when a step has spare compute: a step's cost is reading the weights, and
-a few more rows per sequence ride along while the batch is small. A large batch
-already uses the compute, so guesses are made only while at most ``max_batch``
-requests decode, and a request whose guesses keep failing guesses fewer.
+It pays when a step has spare compute: a decode step's cost is reading the
+weights, and a few more rows ride along at about the cost of one, up to what the
+CPU kernels compute in one tile (4 rows: a fifth costs a tile of its own; see
+docs/performance.md, "Speculative decoding"). So a step's decode rows, guesses
+included, stay within ``step_rows``: one stream guesses 3 tokens, two guess 1
+each, a larger batch none (it already uses the compute). A request whose guesses
+keep failing guesses fewer.
 
 Guessing has a cost of its own: the guesses for a step need the token the step
 before it draws, so that step's answer must be in before the next is planned,
@@ -56,17 +59,23 @@ class SpeculationPolicy:
 
     #: SPECULATE: most guesses per request and step (0: off).
     most: int
-    #: Guesses are made only while at most this many requests decode.
-    max_batch: int = 4
+    #: Most decode rows a step with guesses carries (SPECULATION_STEP_ROWS): the decoding
+    #: requests' pending tokens and their guesses together.
+    step_rows: int = 4
     #: Steps sent ahead since the last one that waited to look for guesses.
     since_probe: int = 0
 
+    def share(self, decoding: int) -> int:
+        """Guesses each of ``decoding`` requests may make within the step's rows."""
+        return max(0, min(self.most, (self.step_rows - decoding) // decoding)) if decoding else 0
+
     def guesses(self, r: Request, decoding: int, max_total_tokens: int) -> list[int]:
-        if self.most <= 0 or decoding > self.max_batch or r.sampling.grammar or r.pooling:
+        share = self.share(decoding)
+        if share <= 0 or r.sampling.grammar or r.pooling:
             return []
         # A step keeps at most its guesses plus one draw: never past the request's limits.
         room = min(r.max_new_tokens - len(r.generated), max_total_tokens - r.length) - 1
-        k = min(r.speculation_width or self.most, self.most, room)
+        k = min(r.speculation_width or share, share, room)
         found = ngram_guesses(r.token_ids, k)
         if not found:
             r.speculation_hot = False
@@ -74,7 +83,7 @@ class SpeculationPolicy:
 
     def wait_for_answer(self, decoding: list[Request]) -> bool:
         """Whether the next step should wait for the answer of the one in flight, to guess."""
-        if not decoding or len(decoding) > self.max_batch:
+        if self.share(len(decoding)) <= 0:
             return False
         return any(r.speculation_hot for r in decoding) or self.since_probe >= PROBE_EVERY
 

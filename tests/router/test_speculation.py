@@ -27,6 +27,11 @@ def test_ngram_guesses():
     assert ngram_guesses([*big, 7, 0x00010000], 2) == []
 
 
+def test_guesses_share_the_step_rows():
+    policy = SpeculationPolicy(most=3, step_rows=4)
+    assert [policy.share(n) for n in (0, 1, 2, 3, 4, 16)] == [0, 3, 1, 0, 0, 0]
+
+
 def test_width_halves_on_misses_and_grows_back():
     policy = SpeculationPolicy(most=4)
     r = make_request(1, 6, 10)
@@ -71,7 +76,7 @@ class VerifyingShard(Shard):
 )
 def test_guesses_keep_every_token_and_balance_blocks(arrivals, num_blocks, most):
     limits = Limits(47, 48, 16, 4, 0.0, 0)
-    planner = Planner(BlockAllocator(num_blocks, BLOCK), limits, SpeculationPolicy(most, max_batch=4))
+    planner = Planner(BlockAllocator(num_blocks, BLOCK), limits, SpeculationPolicy(most, step_rows=8))
     shard = VerifyingShard(planner)
     requests = [make_request(i + 1, p, n) for i, (p, n) in enumerate(arrivals)]
     for r in requests:
