@@ -1,5 +1,5 @@
 """Speculative decoding through the whole stack (issue 34): with SPECULATE=4 (n-gram guesses) the
-answers are exactly those of a stack without it, greedy and seeded, streamed or not, with
+answers are exactly those of a stack with SPECULATE=0, greedy and seeded, streamed or not, with
 logprobs, stop sequences and several choices; and the guesses are counted in TGI's and vLLM's
 metrics. Two stacks on the tiny random Llama, fp32. Random weights rarely repeat a token, so
 the requests favour their prompt's tokens (logit_bias): their output then copies its input, as a
@@ -30,7 +30,7 @@ BODIES: list[dict[str, Any]] = [
 @pytest.fixture(scope="module")
 def stacks(tiny_model_dir):
     base = {"MODEL_ID": str(tiny_model_dir("llama")), "MAX_TOTAL_TOKENS": "512"}
-    with running_stack({**base, "SPECULATE": "4"}) as speculating, running_stack(base) as plain:
+    with running_stack({**base, "SPECULATE": "4"}) as speculating, running_stack({**base, "SPECULATE": "0"}) as plain:
         yield speculating, plain
 
 
