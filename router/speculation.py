@@ -71,7 +71,7 @@ class SpeculationPolicy:
 
     def guesses(self, r: Request, decoding: int, max_total_tokens: int) -> list[int]:
         share = self.share(decoding)
-        if share <= 0 or r.sampling.grammar or r.pooling:
+        if share <= 0 or r.pooling:
             return []
         # A step keeps at most its guesses plus one draw: never past the request's limits.
         room = min(r.max_new_tokens - len(r.generated), max_total_tokens - r.length) - 1

@@ -41,6 +41,8 @@ class Sequence:
     #: and how many of them verification kept.
     guesses: list[int] = field(default_factory=list)
     accepted: int = 0
+    #: For a constrained request with guesses: the grammar state of each verification row.
+    row_matchers: list[Any] = field(default_factory=list)
 
     def inputs(self, start: int, end: int) -> list[int]:
         """Input tokens of positions [start, end): known tokens, then this step's guesses."""

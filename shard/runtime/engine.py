@@ -181,9 +181,12 @@ class Engine:
             log.warning(
                 "MAX_BATCH_TOTAL_TOKENS=%d needs %.2f GiB of KV cache but the budget is %.2f GiB "
                 "(%.0f%% of free memory): allocating %d tokens",
-                max_total_tokens, wanted * per_block / 2**30, budget / 2**30, self.kv_fraction * 100,
+                max_total_tokens,
+                wanted * per_block / 2**30,
+                budget / 2**30,
+                self.kv_fraction * 100,
                 affordable * self.block_size,
-            )  # fmt: skip
+            )
             wanted = affordable
         if wanted < 2:
             raise CapacityError(
@@ -218,8 +221,11 @@ class Engine:
         if done:
             log.info(
                 "KV cache: %.2f GiB mapped in %.1f s before ready (blocks 0-%d of %d)",
-                done / 2**30, time.monotonic() - started, cache.resident_blocks - 1, cache.num_blocks,
-            )  # fmt: skip
+                done / 2**30,
+                time.monotonic() - started,
+                cache.resident_blocks - 1,
+                cache.num_blocks,
+            )
 
     def _warmup_step(self, tokens: int) -> None:
         # On CUDA the worst-case prefill reveals an out-of-memory now rather than
@@ -264,16 +270,29 @@ class Engine:
         return self._result(batch_id, self._timed_run(work + prompt_work))
 
     def _checked_guesses(self, seq: Sequence, guesses: list[int]) -> list[int]:
+        """The guesses to verify: valid ids within the model's positions and, for a constrained
+        request, the longest run its grammar allows (each row then gets the matcher state after
+        the guesses before it, ``Sequence.row_matchers``)."""
+        seq.row_matchers = []
         if not guesses:
             return []
-        if seq.matcher is not None:
-            raise InvalidRequest(f"request {seq.request_id}: guesses for a constrained request are not verified")
         if any(not 0 <= t < self.vocab_size for t in guesses):
             raise InvalidRequest(f"request {seq.request_id}: guessed token ids must be in [0, {self.vocab_size})")
         if len(seq.token_ids) + len(guesses) > self.max_positions:
             raise CapacityError(
                 f"request {seq.request_id}: its guesses pass the model's {self.max_positions} positions"
             )
+        if seq.matcher is None:
+            return list(guesses)
+        # Row k's mask is the grammar's after the first k guesses: a fork advanced over them.
+        # A guess the grammar refuses ends the run (no draw there could equal it).
+        rows, state = [seq.matcher], seq.matcher.fork()
+        for k, token in enumerate(guesses):
+            if state.is_terminated() or not state.accept_token(token):
+                guesses = guesses[:k]
+                break
+            rows.append(state.fork())
+        seq.row_matchers = rows
         return list(guesses)
 
     def filter(self, batch_id: int, keep: list[int]) -> StepResult:
@@ -392,7 +411,7 @@ class Engine:
             # A rejected guess's position holds KV beyond the sequence's computed tokens: it is
             # overwritten as the sequence grows (``_verify``).
             seq.computed += n - len(seq.guesses) + seq.accepted
-            seq.score_inputs, seq.guesses, seq.accepted = False, [], 0  # asked per step
+            seq.score_inputs, seq.guesses, seq.accepted, seq.row_matchers = False, [], 0, []  # asked per step
         out.forward_ns, out.decode_ns = forward_done - started, time.perf_counter_ns() - forward_done
         return out
 
@@ -475,7 +494,13 @@ class Engine:
         rows = [
             # Row k of a sequence: what decoding would see after its first k guesses (its random
             # counter k further, its history k guesses longer): sampling without guesses there.
-            SequenceView(s.params, s.sampled + k, s.token_ids + s.guesses[:k], s.sampled + k, s.matcher)
+            SequenceView(
+                s.params,
+                s.sampled + k,
+                s.token_ids + s.guesses[:k],
+                s.sampled + k,
+                s.row_matchers[k] if s.row_matchers else s.matcher,
+            )
             for s in seqs
             for k in range(1 + len(s.guesses))
         ]

@@ -4,13 +4,16 @@ alternatives a request gets are decoding's own, bit for bit, greedy and seeded s
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 
 from common.model_source import resolve_model
+from router.grammar import json_schema_grammar
 from shard.numerics.sampling import SamplingParams
 from shard.runtime.engine import Engine, Generation, NewRequest
+from shard.runtime.grammar import GrammarCompiler
 from tests.shard.engine_driver import make_engine
 
 PROMPT = [(i * 41 + 3) % 3000 + 5 for i in range(12)]
@@ -66,3 +69,28 @@ def test_verification_equals_decoding(engine, kind):
             ], (name, companion)
             if name == "right":
                 assert steps <= plain_steps // 4 + 1  # 4 guesses and a draw per step
+
+
+def test_constrained_verification_equals_decoding(tiny_model_dir):
+    """With a JSON schema: each verification row gets the grammar state after the guesses before
+    it, a guess the grammar refuses ends the run, and the tokens are decoding's own."""
+    source = resolve_model(str(tiny_model_dir("llama")))
+    engine = make_engine(source, block_size=BLOCK)
+    engine.grammar_compiler = GrammarCompiler(source, engine.vocab_size)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 30}}, "required": ["name"]}
+    params = SamplingParams(temperature=0.8, seed=77, grammar=json_schema_grammar(json.dumps(schema)), top_n_tokens=2)
+    reference, plain_steps = run(engine, params, lambda tokens: [])
+    truth = [g.token_id for g in reference]
+    rng = random.Random(9)
+    strategies = {
+        "right": lambda tokens: truth[len(tokens) : len(tokens) + 3],
+        "refused": lambda tokens: [rng.randrange(5, 3000) for _ in range(3)],
+        "half": lambda tokens: [*truth[len(tokens) : len(tokens) + 1], 1, 2],
+    }
+    for name, guess in strategies.items():
+        got, steps = run(engine, params, guess)
+        assert [(g.token_id, g.logprob, g.top) for g in got] == [(g.token_id, g.logprob, g.top) for g in reference], (
+            name
+        )
+        if name == "right":
+            assert steps < plain_steps
