@@ -8,9 +8,15 @@ import itertools
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from opentelemetry import context as otel_context
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from router.blocks import BlockAllocator
 from router.config import Limits
+from router.metrics import RouterMetrics
+from router.observer import SchedulerObserver
 from router.planner import Planner, StepPlan
 from router.request import Phase, Request
 from router.speculation import SpeculationPolicy, ngram_guesses
@@ -109,3 +115,32 @@ def test_repetitive_output_is_guessed():
         shard.run(plan)
         steps += 1
     assert r.generated == expected(r) and steps < 30
+
+
+def test_a_request_reports_its_guesses_in_its_span_and_the_metrics():
+    """The request's own span (the public RPC's) gets proposed/accepted when it finishes, and
+    tgi_request_skipped_tokens observes the guesses it kept."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    metrics = RouterMetrics()
+    observer = SchedulerObserver(metrics, tracer)
+    r = make_request(1, 6, 10)
+    with tracer.start_as_current_span("Generate"):
+        r.trace_context = otel_context.get_current()
+        observer.arrived(r)
+        for proposed, accepted in ((3, 3), (3, 1)):
+            SpeculationPolicy(3).verified(r, proposed, accepted)
+            observer.speculated(proposed, accepted)
+        observer.finished(r, "length")
+    [span] = [s for s in exporter.get_finished_spans() if s.name == "Generate"]
+    assert span.attributes is not None
+    assert (span.attributes["switchyard.speculation.proposed"], span.attributes["switchyard.speculation.accepted"]) == (
+        6,
+        4,
+    )
+    text = metrics.exposition().decode()
+    assert 'vllm:spec_decode_num_draft_tokens_total{model_name="' in text
+    assert metrics.spec_draft_tokens._value.get() == 6 and metrics.spec_accepted_tokens._value.get() == 4
+    assert "tgi_request_skipped_tokens_sum 4.0" in text
