@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -164,7 +165,7 @@ async def _stream(request: web.Request, parsed: ResponsesRequest, builder: Respo
                     await thinking.close()
                     message = await _open_message(events, builder)
                 text += m.text
-                await events.send("response.output_text.delta", item_id=message["id"], output_index=message["index"],
+                await events.send("response.output_text.delta", item_id=message.item["id"], output_index=message.index,
                                   content_index=0, delta=m.text, logprobs=[])  # fmt: skip
             if m.finish_reason:
                 await thinking.close()
@@ -219,8 +220,16 @@ class _Thinking:
         await self.events.send("response.output_item.done", output_index=self.index, item=self.item)
 
 
-async def _open_message(events: _Events, builder: ResponseBuilder) -> dict[str, Any]:
-    """The answer's message item; ``message["index"]`` is its place in the output while it streams."""
+@dataclass
+class _StreamedItem:
+    """An output item being streamed, and its place in the response's output."""
+
+    item: dict[str, Any]
+    index: int
+
+
+async def _open_message(events: _Events, builder: ResponseBuilder) -> _StreamedItem:
+    """The answer's message item, opened after any reasoning item."""
     message = builder.message_item("", "in_progress")
     message["content"] = []
     index = len(builder.body["output"])
@@ -228,11 +237,11 @@ async def _open_message(events: _Events, builder: ResponseBuilder) -> dict[str, 
     await events.send("response.output_item.added", output_index=index, item=message)
     await events.send("response.content_part.added", item_id=message["id"], output_index=index, content_index=0,
                       part=_text_part(""))  # fmt: skip
-    return {**message, "index": index, "item": message}
+    return _StreamedItem(message, index)
 
 
-async def _close_message(events: _Events, message: dict[str, Any], text: str, status: str) -> None:
-    item, index = message["item"], message["index"]
+async def _close_message(events: _Events, message: _StreamedItem, text: str, status: str) -> None:
+    item, index = message.item, message.index
     item["content"], item["status"] = [_text_part(text)], status
     await events.send("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
                       text=text, logprobs=[])  # fmt: skip
