@@ -12,7 +12,7 @@ from aiohttp import web
 
 from facade.errors import from_grpc, invalid
 from facade.json_body import json_response, read_json
-from facade.params import MAX_SEQUENCES, token_ids
+from facade.params import MAX_SEQUENCES, token_ids, truncation
 from facade.request_models import EmbeddingRequest, fields_of, validate_body
 from facade.state import ROUTER
 from protos import router_pb2 as pb
@@ -36,9 +36,7 @@ def parse_embeddings(body: Any) -> tuple[EmbeddingRequest, list[pb.EmbedRequest]
         if req.normalize is not None:
             message.normalize = req.normalize
         if req.truncate_prompt_tokens is not None:
-            if req.truncate_prompt_tokens == 0:
-                raise invalid("truncate_prompt_tokens must be at least 1, or -1", "truncate_prompt_tokens")
-            message.truncate = max(0, req.truncate_prompt_tokens)
+            message.truncate = truncation(req.truncate_prompt_tokens)
         message.priority = req.priority or 0
         requests.append(message)
     return req, requests

@@ -113,12 +113,19 @@ def parameters(req: SamplingFields, max_tokens: int | None) -> pb.GenerationPara
     for token, bias in _logit_bias(req.logit_bias or {}).items():
         p.logit_bias[token] = bias
     if req.truncate_prompt_tokens is not None:
-        if req.truncate_prompt_tokens == 0:
-            why = "truncate_prompt_tokens must be at least 1, or -1 for the model's limit"
-            raise invalid(why, "truncate_prompt_tokens")
-        p.truncate = max(0, req.truncate_prompt_tokens)  # the router reads 0 as MAX_INPUT_TOKENS
+        p.truncate = truncation(req.truncate_prompt_tokens)
     p.priority = req.priority or 0
     return p
+
+
+def truncation(truncate_prompt_tokens: int) -> int:
+    """vLLM's truncate_prompt_tokens as the router's truncate: N keeps the last N tokens, -1 (as 0
+    for the router) the last MAX_INPUT_TOKENS."""
+    if truncate_prompt_tokens == 0:
+        raise invalid(
+            "truncate_prompt_tokens must be at least 1, or -1 for the model's limit", "truncate_prompt_tokens"
+        )
+    return max(0, truncate_prompt_tokens)
 
 
 def _logit_bias(bias: dict[str, float]) -> dict[int, float]:

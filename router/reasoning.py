@@ -24,6 +24,7 @@ from functools import lru_cache
 import xgrammar as xgr
 
 from router.grammar import unicode_scalars_only
+from router.text_marks import partial_mark
 
 
 #: REASONING_PARSER's named formats; each names the tags its models write.
@@ -108,8 +109,4 @@ class ReasoningWatch:
             return self.answer_start - len(self.format.end)
         if final:
             return len(text)
-        tag = self.format.end
-        for n in range(min(len(tag) - 1, end - self.start), 0, -1):
-            if text[:end].endswith(tag[:n]):
-                return end - n
-        return end
+        return end - partial_mark(text, self.format.end, self.start, end)

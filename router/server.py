@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from opentelemetry import context as otel_context
@@ -89,11 +90,9 @@ class RouterServicer(pb_grpc.RouterServicer):
             raise ShardsUnavailable(f"starting: {self.phase}")
         return self.serving
 
-    async def _events(
-        self, message: pb.GenerateRequest | pb.EmbedRequest, embed: bool = False
-    ) -> AsyncIterator[StreamEvent]:
-        """Admits a request (generation, or an embedding when ``embed``) and yields its events; a
-        caller that goes away cancels it."""
+    async def _events(self, message: Any, embed: bool = False) -> AsyncIterator[StreamEvent]:
+        """Admits a request (a GenerateRequest, or an EmbedRequest when ``embed``) and yields its
+        events; a caller that goes away cancels it."""
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry on another replica or after the restart")
         serving = self._ready()
@@ -106,10 +105,8 @@ class RouterServicer(pb_grpc.RouterServicer):
         started = time.perf_counter()
         try:
             with self.tracer.start_as_current_span("validate"):
-                if embed:
-                    request: Request = serving.validator.embed_request(next(self._ids), message)  # type: ignore[arg-type]
-                else:
-                    request = serving.validator.request(next(self._ids), message)  # type: ignore[arg-type]
+                admit = serving.validator.embed_request if embed else serving.validator.request
+                request: Request = admit(next(self._ids), message)
         except ValidationError:
             metrics.request_refused("validation")
             raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from router.reasoning import ReasoningWatch
+from router.text_marks import partial_mark
 from router.tokenization import Detokenizer, StreamingDetokenizer
 from router.tools import Call, CallWatch
 
@@ -105,10 +106,4 @@ class TextStream:
 
     def _held_back(self) -> int:
         """Length of the longest text suffix that is a proper prefix of a stop sequence."""
-        longest = 0
-        for stop in self.condition.stop_sequences:
-            for n in range(min(len(stop) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(stop[:n]):
-                    longest = n
-                    break
-        return longest
+        return max((partial_mark(self.text, stop) for stop in self.condition.stop_sequences), default=0)

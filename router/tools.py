@@ -29,6 +29,7 @@ import xgrammar as xgr
 from protos import router_pb2 as pb
 from router.errors import ValidationError
 from router.grammar import json_schema_grammar, json_strings_only
+from router.text_marks import partial_mark
 
 #: (function name, arguments as a JSON text), as a finished output holds them.
 Call = tuple[str, str]
@@ -288,11 +289,7 @@ class CallWatch:
             return min(end, self.start)
         if final:
             return end
-        trigger = self.format.trigger
-        for n in range(min(len(trigger) - 1, len(text)), 0, -1):
-            if text.endswith(trigger[:n]):
-                return min(end, len(text) - n)
-        return end
+        return min(end, len(text) - partial_mark(text, self.format.trigger))
 
     def split(self, text: str) -> tuple[str, list[Call]] | None:
         """(text after the calls, the calls) of a finished output; None if a call was cut short."""

@@ -497,7 +497,7 @@ class Engine:
             SequenceView(
                 s.params,
                 s.sampled + k,
-                s.token_ids + s.guesses[:k],
+                s.token_ids + s.guesses[:k] if k else s.token_ids,  # no copy per step without guesses
                 s.sampled + k,
                 s.row_matchers[k] if s.row_matchers else s.matcher,
             )

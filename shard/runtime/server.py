@@ -53,13 +53,17 @@ def cached_batch_pb(result: StepResult) -> pb.CachedBatch:
     )
 
 
+def _top_pb(top: list[tuple[int, float]]) -> list[pb.TopToken]:
+    return [pb.TopToken(token_id=t, logprob=lp) for t, lp in top]
+
+
 def generations_pb(result: StepResult) -> list[pb.Generation]:
     return [
         pb.Generation(
             request_id=g.request_id,
             token_id=g.token_id,
             logprob=g.logprob,
-            top_tokens=[pb.TopToken(token_id=t, logprob=lp) for t, lp in g.top],
+            top_tokens=_top_pb(g.top),
         )
         for g in result.generations
     ]
@@ -72,7 +76,7 @@ def input_scores_pb(result: StepResult) -> list[pb.InputScores]:
             first_position=x.first_position,
             logprobs=x.logprobs,
             ranks=x.ranks,
-            top=[pb.TopTokens(tokens=[pb.TopToken(token_id=t, logprob=lp) for t, lp in top]) for top in x.top],
+            top=[pb.TopTokens(tokens=_top_pb(top)) for top in x.top],
         )
         for x in result.input_scores
     ]

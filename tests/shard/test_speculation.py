@@ -50,25 +50,36 @@ def run(engine: Engine, params: SamplingParams, guess, companion: bool = False) 
     return out[:NEW], steps
 
 
-@pytest.mark.parametrize("kind", sorted(PARAMS))
-def test_verification_equals_decoding(engine, kind):
-    params = PARAMS[kind]
+def check_against_decoding(
+    engine: Engine, params: SamplingParams, width: int, companions: tuple[bool, ...], seed: int
+) -> tuple[int, list[int]]:
+    """Runs ``params`` with right guesses (``width`` of them), wrong or grammar-refused ones, and
+    half-right ones, each with and without the ``companions``; asserts every run's tokens,
+    logprobs and alternatives are decoding's. Returns decoding's steps and the right runs' steps."""
     reference, plain_steps = run(engine, params, lambda tokens: [])
     truth = [g.token_id for g in reference]
-    rng = random.Random(5)
+    rng = random.Random(seed)
     strategies = {
-        "right": lambda tokens: truth[len(tokens) : len(tokens) + 4],
+        "right": lambda tokens: truth[len(tokens) : len(tokens) + width],
         "wrong": lambda tokens: [rng.randrange(5, 3000) for _ in range(3)],
-        "half": lambda tokens: [*truth[len(tokens) : len(tokens) + 2], 1, 2],
+        "half": lambda tokens: [*truth[len(tokens) : len(tokens) + width // 2], 1, 2],
     }
+    right_steps = []
     for name, guess in strategies.items():
-        for companion in (False, True):
+        for companion in companions:
             got, steps = run(engine, params, guess, companion)
             assert [(g.token_id, g.logprob, g.top) for g in got] == [
                 (g.token_id, g.logprob, g.top) for g in reference
             ], (name, companion)
             if name == "right":
-                assert steps <= plain_steps // 4 + 1  # 4 guesses and a draw per step
+                right_steps.append(steps)
+    return plain_steps, right_steps
+
+
+@pytest.mark.parametrize("kind", sorted(PARAMS))
+def test_verification_equals_decoding(engine, kind):
+    plain_steps, right_steps = check_against_decoding(engine, PARAMS[kind], 4, (False, True), seed=5)
+    assert all(steps <= plain_steps // 4 + 1 for steps in right_steps)  # 4 guesses and a draw per step
 
 
 def test_constrained_verification_equals_decoding(tiny_model_dir):
@@ -79,18 +90,5 @@ def test_constrained_verification_equals_decoding(tiny_model_dir):
     engine.grammar_compiler = GrammarCompiler(source, engine.vocab_size)
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 30}}, "required": ["name"]}
     params = SamplingParams(temperature=0.8, seed=77, grammar=json_schema_grammar(json.dumps(schema)), top_n_tokens=2)
-    reference, plain_steps = run(engine, params, lambda tokens: [])
-    truth = [g.token_id for g in reference]
-    rng = random.Random(9)
-    strategies = {
-        "right": lambda tokens: truth[len(tokens) : len(tokens) + 3],
-        "refused": lambda tokens: [rng.randrange(5, 3000) for _ in range(3)],
-        "half": lambda tokens: [*truth[len(tokens) : len(tokens) + 1], 1, 2],
-    }
-    for name, guess in strategies.items():
-        got, steps = run(engine, params, guess)
-        assert [(g.token_id, g.logprob, g.top) for g in got] == [(g.token_id, g.logprob, g.top) for g in reference], (
-            name
-        )
-        if name == "right":
-            assert steps < plain_steps
+    plain_steps, right_steps = check_against_decoding(engine, params, 3, (False,), seed=9)
+    assert all(steps < plain_steps for steps in right_steps)
