@@ -133,8 +133,12 @@ SETTINGS: tuple[Setting, ...] = (
        "speculative decoding: tokens guessed per step and request, verified by the model so that the output "
        "is unchanged (0: off; docs/performance.md, \"Speculative decoding\")", kind=int, default=3),
     _s("--speculative-method", "SPECULATIVE_METHOD", ROUTER,
-       "how guesses are made: ngram (prompt lookup: what followed the last tokens earlier in the prompt or output)",
-       default="ngram", choices=("ngram",)),
+       "how guesses are made: ngram (prompt lookup: what followed the last tokens earlier in the prompt or output)"
+       "; draft: a smaller model with the same tokenizer (DRAFT_MODEL_ID) continues each request greedily",
+       default="ngram", choices=("ngram", "draft")),
+    _s("--draft-model-id", "DRAFT_MODEL_ID", SHARD,
+       "the draft model of SPECULATIVE_METHOD=draft: folder, .gguf file or hub id, with the served model's "
+       "vocabulary; a quantized file keeps its blocks (QUANTIZE=auto) whatever QUANTIZE says for the model"),
     _s("--speculation-step-rows", "SPECULATION_STEP_ROWS", ROUTER,
        "most decode rows (pending tokens and guesses) a step with guesses carries: what the CPU kernels "
        "compute at about the cost of one row; a larger batch makes no guesses", kind=int, default=4),

@@ -23,7 +23,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "dtype", "device", "vocab_size", "max_position_embeddings", "block_size", "world_size", "architecture")
+    __slots__ = ("model_id", "dtype", "device", "vocab_size", "max_position_embeddings", "block_size", "world_size", "architecture", "draft_model_id")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class InfoResponse(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     dtype: str
     device: str
@@ -40,7 +41,8 @@ class InfoResponse(_message.Message):
     block_size: int
     world_size: int
     architecture: str
-    def __init__(self, model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., block_size: _Optional[int] = ..., world_size: _Optional[int] = ..., architecture: _Optional[str] = ...) -> None: ...
+    draft_model_id: str
+    def __init__(self, model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., block_size: _Optional[int] = ..., world_size: _Optional[int] = ..., architecture: _Optional[str] = ..., draft_model_id: _Optional[str] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
@@ -264,12 +266,14 @@ class DecodeRequest(_message.Message):
     def __init__(self, batches: _Optional[_Iterable[_Union[CachedBatch, _Mapping]]] = ..., extensions: _Optional[_Iterable[_Union[BlockExtension, _Mapping]]] = ..., prefill: _Optional[_Iterable[_Union[Request, _Mapping]]] = ..., drop: _Optional[_Iterable[int]] = ..., step_id: _Optional[int] = ..., after_step_id: _Optional[int] = ..., guesses: _Optional[_Iterable[_Union[Guesses, _Mapping]]] = ...) -> None: ...
 
 class Guesses(_message.Message):
-    __slots__ = ("request_id", "tokens")
+    __slots__ = ("request_id", "tokens", "draft")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    draft: int
+    def __init__(self, request_id: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., draft: _Optional[int] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("generations", "input_scores", "embeddings", "batch", "forward_ns", "decode_ns", "total_ns", "concat_ns")

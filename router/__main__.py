@@ -106,6 +106,8 @@ class ReplicaMaker:
             info = await shards.info()
             if info.vocab_size != self.vocab_size:
                 raise RuntimeError(f"it serves a different model ({info.model_id})")
+            if missing := missing_draft(self.config, info):
+                raise RuntimeError(missing)
             link = ShardLink(shards, self.plan)
             warm = await link.warm_up()
             if warm.max_supported_total_tokens < self.limits.max_total_tokens:
@@ -117,10 +119,17 @@ class ReplicaMaker:
 
 
 def speculation_policy(config: RouterConfig) -> SpeculationPolicy | None:
-    """SPECULATE's policy (its only method so far: ngram), or None when off."""
+    """SPECULATE's policy (SPECULATIVE_METHOD's guesses), or None when off."""
     if config.speculate <= 0:
         return None
-    return SpeculationPolicy(config.speculate, config.speculation_step_rows)
+    return SpeculationPolicy(config.speculate, config.speculation_step_rows, config.speculative_method)
+
+
+def missing_draft(config: RouterConfig, info: pb.InfoResponse) -> str | None:
+    """Why shards described by ``info`` cannot serve SPECULATIVE_METHOD=draft, if they cannot."""
+    if config.speculate > 0 and config.speculative_method == "draft" and not info.draft_model_id:
+        return f"SPECULATIVE_METHOD=draft, but the shards of {info.model_id} have no draft model: set DRAFT_MODEL_ID"
+    return None
 
 
 async def connect_and_warm(
@@ -142,6 +151,8 @@ async def connect_and_warm(
 
     clients = await _first_replicas(config.shard_entries, connect, config.replica_start_wait)
     info = await next(iter(clients.values())).info()
+    if missing := missing_draft(config, info):
+        raise SystemExit(missing)
     limits = Limits.resolve(config, info.max_position_embeddings, info.device)
     plan = WarmupPlan(limits.max_batch_prefill_tokens, limits.max_batch_size, config.max_batch_total_tokens or 0)
     links = [ShardLink(shards, plan) for shards in clients.values()]

@@ -41,7 +41,7 @@ from router.config import Limits
 from router.errors import OutOfBlocks
 from router.request import Phase, Request
 from router.shard_client import PrefillItem
-from router.speculation import SpeculationPolicy
+from router.speculation import Guesses, SpeculationPolicy
 
 #: A decoding request that needs a block takes up to this many at once (no more than its length
 #: limit can fill, and only while the cache keeps as many for every active request), so that its
@@ -95,7 +95,7 @@ class StepPlan:
     #: Running requests whose caller went away, retired by this plan.
     cancelled: list[Request] = field(default_factory=list)
     #: Speculative guesses per decoding request id (router.speculation); their KV slots are allocated.
-    guesses: dict[int, list[int]] = field(default_factory=dict)
+    guesses: dict[int, Guesses] = field(default_factory=dict)
 
     @property
     def requests(self) -> list[Request]:
@@ -186,7 +186,7 @@ class Planner:
             self.decodes_since_admission += 1
         return StepPlan(method, chunks, decoding, extensions, admitted, preempted, cancelled, guesses)
 
-    def _guesses(self, decoding: list[Request], extensions: dict[int, list[int]]) -> dict[int, list[int]]:
+    def _guesses(self, decoding: list[Request], extensions: dict[int, list[int]]) -> dict[int, Guesses]:
         """Each decoding request's guesses, with blocks for their KV slots where the cache has them
         free (never by preempting: a guess is not worth a recomputation)."""
         if self.speculation is None:
@@ -203,7 +203,7 @@ class Planner:
                 r.blocks += new
                 extensions[r.id] = extensions.get(r.id, []) + new
             room = len(r.blocks) * self.allocator.block_size - (r.computed + 1)
-            if guesses := guesses[:room]:
+            if guesses := guesses.cut(room):
                 found[r.id] = guesses
         return found
 

@@ -35,7 +35,7 @@ from router.planner import Planner, StepPlan
 from router.recovery import ShardLink
 from router.request import Phase, Request, StreamEvent
 from router.shard_client import ShardGeneration, ShardInputScores
-from router.speculation import SpeculationPolicy
+from router.speculation import Guesses, SpeculationPolicy
 from router.step_pipeline import SentStep, StepPipeline
 from router.tokenization import Tokenizer
 
@@ -246,7 +246,7 @@ class Scheduler:
             if (r := by_id.get(x.request_id)) is not None and r.prompt_logprobs:
                 self.emitter.prompt_scores(r, x)
 
-    def _count_guesses(self, guesses: dict[int, list[int]], generations: list[ShardGeneration]) -> None:
+    def _count_guesses(self, guesses: dict[int, Guesses], generations: list[ShardGeneration]) -> None:
         """How many of each request's guesses the shards kept: its tokens in the answer, less the draw."""
         kept: dict[int, int] = {}
         for g in generations:

@@ -14,6 +14,7 @@ from common.grpc_security import TlsConfig
 from protos import shard_pb2 as pb
 from protos import shard_pb2_grpc as pb_grpc
 from router.request import Request
+from router.speculation import Guesses
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class DecodeOrder:
     #: The call this one must run after (a pipelined step); 0 for none.
     after_step_id: int = 0
     #: Speculative guesses per decoding request id.
-    guesses: Mapping[int, list[int]] = field(default_factory=dict)
+    guesses: Mapping[int, Guesses] = field(default_factory=dict)
 
 
 class ShardClient:
@@ -141,7 +142,7 @@ class ShardClient:
             drop=order.drop,
             step_id=order.step_id,
             after_step_id=order.after_step_id,
-            guesses=[pb.Guesses(request_id=r, tokens=g) for r, g in order.guesses.items()],
+            guesses=[pb.Guesses(request_id=r, tokens=g.tokens, draft=g.drafted) for r, g in order.guesses.items()],
         )
         return _step_answer(await self._all("Decode", message))
 

@@ -1,4 +1,8 @@
-"""Speculative decoding's guesses (SPECULATE, SPECULATIVE_METHOD=ngram) and when to make them.
+"""Speculative decoding's guesses (SPECULATE, SPECULATIVE_METHOD) and when to make them.
+
+Two methods. ``draft``: the shards' draft model (DRAFT_MODEL_ID) continues each
+request greedily; the router only says how many guesses it wants (shard.proto,
+Guesses.draft) and grows blocks for them. ``ngram``: the router's own guesses.
 
 The n-gram proposer (prompt lookup) guesses that the tokens after the sequence's
 last n tokens are those that followed the same n tokens the last time they
@@ -27,7 +31,7 @@ them kept ("hot"); otherwise it keeps sending steps ahead, and every
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from router.request import Request
 
@@ -53,6 +57,22 @@ def ngram_guesses(tokens: list[int], k: int, max_ngram: int = MAX_NGRAM, min_ngr
     return []
 
 
+@dataclass(frozen=True)
+class Guesses:
+    """One request's guesses for one step: the router's own tokens, or a number for the draft model."""
+
+    tokens: list[int] = field(default_factory=list)
+    #: Guesses the shards' draft model makes (SPECULATIVE_METHOD=draft).
+    drafted: int = 0
+
+    def __len__(self) -> int:
+        return len(self.tokens) + self.drafted
+
+    def cut(self, most: int) -> Guesses:
+        """At most ``most`` of them (the KV slots the cache had for them)."""
+        return Guesses(self.tokens[:most], min(self.drafted, most))
+
+
 @dataclass
 class SpeculationPolicy:
     """How many guesses each decoding request gets in a step."""
@@ -62,6 +82,8 @@ class SpeculationPolicy:
     #: Most decode rows a step with guesses carries (SPECULATION_STEP_ROWS): the decoding
     #: requests' pending tokens and their guesses together.
     step_rows: int = 4
+    #: SPECULATIVE_METHOD: "ngram" or "draft".
+    method: str = "ngram"
     #: Steps sent ahead since the last one that waited to look for guesses.
     since_probe: int = 0
 
@@ -69,17 +91,19 @@ class SpeculationPolicy:
         """Guesses each of ``decoding`` requests may make within the step's rows."""
         return max(0, min(self.most, (self.step_rows - decoding) // decoding)) if decoding else 0
 
-    def guesses(self, r: Request, decoding: int, max_total_tokens: int) -> list[int]:
+    def guesses(self, r: Request, decoding: int, max_total_tokens: int) -> Guesses:
         share = self.share(decoding)
         if share <= 0 or r.pooling:
-            return []
+            return Guesses()
         # A step keeps at most its guesses plus one draw: never past the request's limits.
         room = min(r.max_new_tokens - len(r.generated), max_total_tokens - r.length) - 1
         k = min(r.speculation_width or share, share, room)
+        if self.method == "draft":
+            return Guesses(drafted=max(0, k))
         found = ngram_guesses(r.token_ids, k)
         if not found:
             r.speculation_hot = False
-        return found
+        return Guesses(found)
 
     def wait_for_answer(self, decoding: list[Request]) -> bool:
         """Whether the next step should wait for the answer of the one in flight, to guess."""

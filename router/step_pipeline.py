@@ -24,6 +24,7 @@ from opentelemetry.trace import Span
 from router.observer import SchedulerObserver
 from router.planner import StepPlan
 from router.shard_client import DecodeOrder, PrefillItem, ShardClient, StepAnswer
+from router.speculation import Guesses
 
 #: How long before the step in flight is expected to end the step after it is sent: the time
 #: to plan it and for the call to reach the shard's model thread, and a share of the step for
@@ -47,7 +48,7 @@ class SentStep:
     sent_at: float
     step_id: int
     #: Speculative guesses it carries, per request id.
-    guesses: dict[int, list[int]] = field(default_factory=dict)
+    guesses: dict[int, Guesses] = field(default_factory=dict)
 
     @property
     def is_pure_decode(self) -> bool:

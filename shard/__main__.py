@@ -77,8 +77,24 @@ def prepare_engine(config: ShardConfig, source: ModelSource, device: torch.devic
         config.kv_prefault,
         config.kv_prefault_ready_s,
     )
+    if config.draft_model_id:
+        add_draft_model(engine, config, dtype, device)
     engine.grammar_compiler = GrammarCompiler(source, engine.vocab_size)
     return engine, (model.config.architectures or [type(model).__name__])[0]
+
+
+def add_draft_model(engine: Engine, config: ShardConfig, dtype: torch.dtype, device: torch.device) -> None:
+    """DRAFT_MODEL_ID, loaded as the model is (its quantized blocks kept), serving Guesses.draft."""
+    try:
+        source = resolve_model(config.draft_model_id)
+    except ModelNotFound as exc:
+        raise SystemExit(f"DRAFT_MODEL_ID: {exc}") from exc
+    draft = load_prepared_model(source, dtype, device, 1, "auto", config.prepared_cache)
+    try:
+        engine.add_drafter(draft, config.attention_backend)
+    except ValueError as exc:
+        raise SystemExit(f"DRAFT_MODEL_ID={config.draft_model_id}: {exc}") from exc
+    log.info("draft model %s: guesses on request (SPECULATIVE_METHOD=draft)", source.display_name)
 
 
 async def serve(config: ShardConfig) -> None:

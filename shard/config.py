@@ -42,6 +42,8 @@ class ShardConfig:
     kv_prefault_ready_s: float = default_of(SHARD, "kv_prefault_ready_s")
     #: Save the prepared model under SWITCHYARD_CACHE and map it on later starts (shard.loading.prepared_model).
     prepared_cache: bool = default_of(SHARD, "prepared_cache")
+    #: A smaller model with the same vocabulary that makes speculative guesses (shard.runtime.drafter).
+    draft_model_id: str | None = None
     otlp_endpoint: str | None = None
     otlp_service_name: str = "switchyard-shard"
 

@@ -67,8 +67,10 @@ class FakeEngine:
         chunks: list[NewRequest] | None = None,
         drop: list[int] | None = None,
         guesses: dict[int, list[int]] | None = None,
+        drafts: dict[int, int] | None = None,
     ) -> StepResult:
-        """``guesses`` are not verified here: each request gets one token, as if every guess failed."""
+        """``guesses`` and ``drafts`` are not verified here: each request gets one token, as if every
+        guess failed."""
         self.calls.append("decode")
         batch_id = self.store.merge(batch_ids)
         members = self.store.drop(batch_id, drop or [])

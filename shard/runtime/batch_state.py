@@ -43,6 +43,10 @@ class Sequence:
     accepted: int = 0
     #: For a constrained request with guesses: the grammar state of each verification row.
     row_matchers: list[Any] = field(default_factory=list)
+    #: Leading positions whose draft-model KV is in the draft cache (shard.runtime.drafter), and the
+    #: end of the positions the draft wrote this step (0: it did not run for this sequence).
+    drafted: int = 0
+    draft_end: int = 0
 
     def inputs(self, start: int, end: int) -> list[int]:
         """Input tokens of positions [start, end): known tokens, then this step's guesses."""

@@ -12,19 +12,20 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
-from shard.numerics.attention import Backends, PagedStep, SequenceSpan, build_step
-from shard.numerics.model_forward import DirectForward
-from shard.numerics.sampling import LogitStats, SamplingParams, SequenceView, logit_stats, sample, score_tokens
+from shard.numerics.attention import SequenceSpan
+from shard.numerics.sampling import LogitStats, SamplingParams, SequenceView, sample, score_tokens
 from shard.runtime.batch_state import BatchStore, Sequence
+from shard.runtime.drafter import Drafter
 from shard.runtime.errors import CapacityError, InvalidRequest
 from shard.runtime.kv_cache import PagedKVCache, kv_layout_of
 from shard.runtime.memory import kv_budget_bytes
-from shard.runtime.pooling import PooledRows, Pooling, captured_output, final_norm
+from shard.runtime.model_runner import ModelRunner
+from shard.runtime.pooling import PooledRows, Pooling
 
 log = logging.getLogger(__name__)
 
@@ -143,20 +144,30 @@ class Engine:
         self._stop_prefault: threading.Event | None = None
         self._stepping = False
         self._last_step_end = time.monotonic()
-        self.dtype = next(model.parameters()).dtype
-        self.attention = Backends(attention_backend, device, self.dtype)
+        self.runner = ModelRunner(model, device, attention_backend)
+        self.dtype = self.runner.dtype
         text_config = model.config.get_text_config()
         self.max_positions = int(getattr(text_config, "max_position_embeddings", 0) or 1 << 20)
-        self.vocab_size = int(text_config.vocab_size)
+        self.vocab_size = self.runner.vocab_size
+        #: The draft model's guesses (SPECULATIVE_METHOD=draft), when the shard has one.
+        self.drafter: Drafter | None = None
         self.store = BatchStore()
         self.cache: PagedKVCache | None = None
         #: Warmup completed: steps can run (Health reports it).
         self.warm = False
         #: Set by the server when constrained decoding is available (it needs the tokenizer).
         self.grammar_compiler: Any = None
-        #: The model's forward without transformers' wrapper where that is the same (shard.numerics.model_forward);
-        #: decided at the first step, once the decoder layers are in place.
-        self._direct: DirectForward | Literal[False] | None = None
+
+    def add_drafter(self, draft: PreTrainedModel, attention_backend: str = "auto") -> None:
+        """Serves guesses from ``draft``, a smaller model with the same vocabulary (before warmup)."""
+        runner = ModelRunner(draft, self.device, attention_backend)
+        if runner.vocab_size != self.vocab_size:
+            raise ValueError(
+                f"the draft model's vocabulary has {runner.vocab_size} tokens, the model's {self.vocab_size}"
+            )
+        if self.world_size > 1:
+            raise ValueError("a draft model needs NUM_SHARD=1")
+        self.drafter = Drafter(runner)
 
     def _grammars(self) -> Any:
         if self.grammar_compiler is None:
@@ -172,7 +183,8 @@ class Engine:
         runs the same code whatever its batch (no per-size compiled graphs to prepare)."""
         layout = kv_layout_of(self.model.config, self.dtype, self.world_size)
         budget = kv_budget_bytes(self.device, self.kv_fraction)
-        per_block = layout.bytes_per_token() * self.block_size
+        per_token = layout.bytes_per_token() + (self.drafter.layout.bytes_per_token() if self.drafter else 0)
+        per_block = per_token * self.block_size
         affordable = budget // per_block
         wanted = -(-max_total_tokens // self.block_size) if max_total_tokens else affordable
         if wanted > affordable:
@@ -198,6 +210,8 @@ class Engine:
         if self._stop_prefault is not None:
             self._stop_prefault.set()
         self.cache = PagedKVCache(layout, int(wanted), self.block_size, self.device)
+        if self.drafter is not None:
+            self.drafter.allocate(int(wanted), self.block_size)
         self._warmup_step(min(max_prefill_tokens, self.cache.num_slots, self.max_positions))
         if self.kv_prefault and self.device.type == "cpu":
             self._map_before_ready(self.cache)
@@ -251,10 +265,12 @@ class Engine:
         chunks: list[NewRequest] | None = None,
         drop: list[int] | None = None,
         guesses: dict[int, list[int]] | None = None,
+        drafts: dict[int, int] | None = None,
     ) -> StepResult:
         """Drops the ``drop`` requests, advances every other decoding sequence by one token (or,
-        with ``guesses`` for it, by the guesses verification keeps plus one) and computes
-        ``chunks`` (prompt chunks joining the first batch) in the same forward pass."""
+        with ``guesses`` for it, or ``drafts`` guesses of the draft model, by the guesses
+        verification keeps plus one) and computes ``chunks`` (prompt chunks joining the first
+        batch) in the same forward pass."""
         batch_id = self.store.merge(batch_ids)
         members = self.store.drop(batch_id, drop or [])
         for seq in members:
@@ -263,11 +279,31 @@ class Engine:
         prompt_work = [(self._admit(batch_id, r), r.chunk_len) for r in chunks or []]
         chunked = {seq.request_id for seq, _ in prompt_work}
         # Sequences still mid-prompt advance only through the chunks the router sends.
-        work = [(seq, 1) for seq in members if seq.decoding and seq.request_id not in chunked]
-        for seq, _ in work:
-            seq.guesses = self._checked_guesses(seq, (guesses or {}).get(seq.request_id, []))
-        work = [(seq, 1 + len(seq.guesses)) for seq, _ in work]
+        decoding = [seq for seq in members if seq.decoding and seq.request_id not in chunked]
+        self._draft(decoding, guesses or {}, drafts or {})
+        for seq in decoding:
+            seq.guesses = self._checked_guesses(seq, (guesses or {}).get(seq.request_id, seq.guesses))
+        work = [(seq, 1 + len(seq.guesses)) for seq in decoding]
         return self._result(batch_id, self._timed_run(work + prompt_work))
+
+    def _draft(self, decoding: list[Sequence], guesses: dict[int, list[int]], drafts: dict[int, int]) -> None:
+        """The draft model's guesses for the sequences asked (``Sequence.guesses``)."""
+        for seq in decoding:
+            seq.guesses = []
+        if not drafts:
+            return
+        if self.drafter is None:
+            raise InvalidRequest("this shard has no draft model (DRAFT_MODEL_ID): send guessed tokens instead")
+        asks = []
+        for seq in decoding:
+            wanted = drafts.get(seq.request_id, 0)
+            if wanted and seq.request_id in guesses:
+                raise InvalidRequest(f"request {seq.request_id}: guessed tokens and a draft are exclusive")
+            # Never past the model's positions or the blocks the router grew for the guesses.
+            room = min(self.max_positions, len(seq.blocks) * self.block_size) - len(seq.token_ids)
+            if (k := min(wanted, room)) > 0:
+                asks.append((seq, k))
+        self.drafter.propose(asks)
 
     def _checked_guesses(self, seq: Sequence, guesses: list[int]) -> list[int]:
         """The guesses to verify: valid ids within the model's positions and, for a constrained
@@ -344,6 +380,8 @@ class Engine:
                     "from the first: it cannot start from cached tokens"
                 )
             seq.pooled = existing.pooled if existing is not None and existing.pooled else PooledRows(request.pooling)
+        if self.drafter is not None:
+            self.drafter.admitted(seq, existing)
         if existing is not None:
             seq.matcher = existing.matcher
         elif request.params.grammar:
@@ -398,8 +436,8 @@ class Engine:
             ids.extend(seq.inputs(start, end))
             positions.extend(range(start, end))
         score_rows = rows.score_rows
-        step = build_step(cache, spans, self.device, self.attention.decode, self.attention.prefill)
-        logits, stats, hidden = self._forward(ids, positions, step, rows.sample + score_rows, rows.hidden_rows)
+        step = self.runner.step(cache, spans)
+        logits, stats, hidden = self.runner.forward(ids, positions, step, rows.sample + score_rows, rows.hidden_rows)
         forward_done = time.perf_counter_ns()
         picked = len(rows.sample)
         out = StepOutputs(
@@ -410,7 +448,10 @@ class Engine:
         for seq, n in work:
             # A rejected guess's position holds KV beyond the sequence's computed tokens: it is
             # overwritten as the sequence grows (``_verify``).
+            start = seq.computed
             seq.computed += n - len(seq.guesses) + seq.accepted
+            if self.drafter is not None:
+                self.drafter.settle(seq, start)
             seq.score_inputs, seq.guesses, seq.accepted, seq.row_matchers = False, [], 0, []  # asked per step
         out.forward_ns, out.decode_ns = forward_done - started, time.perf_counter_ns() - forward_done
         return out
@@ -459,33 +500,6 @@ class Engine:
             result.append(InputScores(seq.request_id, seq.computed + 1, logprobs[span], ranks[span], top[span]))
             at += rows
         return result
-
-    def _forward(
-        self, ids: list[int], positions: list[int], step: PagedStep, sample_rows: list[int], hidden_rows: list[int]
-    ) -> tuple[torch.Tensor, LogitStats, torch.Tensor | None]:
-        """Float32 logits [len(sample_rows), vocab] of the sampling positions and their statistics,
-        and the final hidden states [len(hidden_rows), hidden] of ``hidden_rows`` (None if none)."""
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
-        keep = torch.tensor(sample_rows or [len(ids) - 1], dtype=torch.long, device=self.device)
-        pooled = torch.tensor(hidden_rows, dtype=torch.long, device=self.device) if hidden_rows else None
-        if self._direct is None:
-            self._direct = DirectForward.of(self.model) or False
-        hidden = None
-        if self._direct:
-            logits, hidden = self._direct.with_hidden(input_ids, position_ids, step, keep, pooled)
-            logits = logits[0].float()
-        else:
-            inputs = dict(
-                input_ids=input_ids, position_ids=position_ids, use_cache=False, paged_step=step, logits_to_keep=keep
-            )
-            if pooled is None:
-                logits = self.model(**inputs).logits[0].float()
-            else:
-                with captured_output(final_norm(self.model)) as normed:
-                    logits = self.model(**inputs).logits[0].float()
-                hidden = normed[-1][0, pooled]
-        return logits, logit_stats(logits), hidden
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, stats: LogitStats) -> list[Generation]:
         """Samples each sequence's next token, or verifies its guesses (``_verify``)."""

@@ -97,6 +97,8 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         self.config = config
         self.model_name = model_name
         self.architecture = architecture
+        #: The draft model serving Guesses.draft, as DRAFT_MODEL_ID named it ("" for none).
+        self.draft_model_name = (config.draft_model_id or "") if getattr(engine, "drafter", None) else ""
         #: Tells the router this process from the one before it at the same address.
         self.instance_id = uuid.uuid4().hex
         # torch work runs on one thread so the event loop keeps answering Health; one thread
@@ -120,6 +122,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
             block_size=e.block_size,
             world_size=self.config.world_size,
             architecture=self.architecture,
+            draft_model_id=self.draft_model_name,
         )
 
     async def Health(self, request, context):
@@ -166,9 +169,12 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
             extensions = {x.request_id: list(x.blocks) for x in request.extensions}
             chunks = [request_from_pb(r) for r in request.prefill]
             drop = list(request.drop)
-            guesses = {g.request_id: list(g.tokens) for g in request.guesses}
+            guesses = {g.request_id: list(g.tokens) for g in request.guesses if g.tokens}
+            drafts = {g.request_id: g.draft for g in request.guesses if g.draft}
             # Handed to the model thread before anything awaits: the order gate's invariant.
-            step = self._on_model_thread(lambda: self.engine.decode(batch_ids, extensions, chunks, drop, guesses))
+            step = self._on_model_thread(
+                lambda: self.engine.decode(batch_ids, extensions, chunks, drop, guesses, drafts)
+            )
         finally:
             self._order.handed(request.step_id)  # a call that failed here must not hold up its follower
         with self.tracer.start_as_current_span("shard.decode") as span:

@@ -3,7 +3,11 @@ answers are exactly those of a stack with SPECULATE=0, greedy and seeded, stream
 logprobs, stop sequences and several choices; and the guesses are counted in TGI's and vLLM's
 metrics. Two stacks on the tiny random Llama, fp32. Random weights rarely repeat a token, so
 the requests favour their prompt's tokens (logit_bias): their output then copies its input, as a
-grounded answer does, and the n-gram guesses are often right."""
+grounded answer does, and the n-gram guesses are often right.
+
+SPECULATIVE_METHOD=draft runs a third stack whose shard has the same tiny model as its draft
+(DRAFT_MODEL_ID): its greedy guesses are the model's own, and every answer is again the plain
+stack's."""
 
 from __future__ import annotations
 
@@ -88,3 +92,30 @@ def test_speculation_never_changes_an_answer(stacks):
     assert drafted > 0 and 0 < accepted <= drafted
     assert counter(plain, "vllm:spec_decode_num_draft_tokens_total") == 0
     assert counter(speculating, "tgi_request_skipped_tokens_sum") == accepted
+
+
+@pytest.fixture(scope="module")
+def drafting(tiny_model_dir):
+    model = str(tiny_model_dir("llama"))
+    env = {"MODEL_ID": model, "MAX_TOTAL_TOKENS": "512", "SPECULATE": "3", "SPECULATIVE_METHOD": "draft",
+           "DRAFT_MODEL_ID": model}  # fmt: skip
+    with running_stack(env) as url:
+        yield url
+
+
+def test_draft_model_guesses_never_change_an_answer(stacks, drafting):
+    _, plain = stacks
+    greedy = [b for b in BODIES if b["temperature"] == 0]
+    for body in greedy + [b for b in BODIES if b not in greedy] + [copying(plain, BODIES[1])]:
+        ours, theirs = completion(drafting, body), completion(plain, body)
+        for answer in (ours, theirs):  # the plain stack has these prompts cached from the test above
+            del answer["usage"]["prompt_tokens_details"]
+        assert ours == theirs, body
+        assert streamed(drafting, body) == streamed(plain, body), body
+        if body is greedy[-1]:
+            # Greedy guesses of the model itself: every one is kept.
+            drafted = counter(drafting, "vllm:spec_decode_num_draft_tokens_total")
+            assert drafted > 0 and counter(drafting, "vllm:spec_decode_num_accepted_tokens_total") == drafted
+    assert counter(drafting, "vllm:spec_decode_num_accepted_tokens_total") <= counter(
+        drafting, "vllm:spec_decode_num_draft_tokens_total"
+    )

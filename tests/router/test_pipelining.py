@@ -47,9 +47,9 @@ class ChunkLog(FakeEngine):
         super().__init__(*args, **kwargs)
         self.chunks: list[list[int]] = []
 
-    def decode(self, batch_ids, extensions, chunks=None, drop=None, guesses=None):
+    def decode(self, batch_ids, extensions, chunks=None, drop=None, guesses=None, drafts=None):
         self.chunks.append([c.request_id for c in chunks or []])
-        return super().decode(batch_ids, extensions, chunks, drop, guesses)
+        return super().decode(batch_ids, extensions, chunks, drop, guesses, drafts)
 
 
 async def test_an_arrival_joins_the_step_after_the_one_computing(tokenizer, tmp_path):

@@ -19,7 +19,7 @@ from router.metrics import RouterMetrics
 from router.observer import SchedulerObserver
 from router.planner import Planner, StepPlan
 from router.request import Phase, Request
-from router.speculation import SpeculationPolicy, ngram_guesses
+from router.speculation import Guesses, SpeculationPolicy, ngram_guesses
 from tests.router.test_planner import BLOCK, Shard, check, expected, make_request, next_token
 
 
@@ -51,14 +51,22 @@ def test_width_halves_on_misses_and_grows_back():
 
 class VerifyingShard(Shard):
     """Takes guesses as the shard does: draws at each position with the history guesses give,
-    keeps guesses while they equal the draw before them, and the first differing draw."""
+    keeps guesses while they equal the draw before them, and the first differing draw. Its
+    "draft model" guesses right for even request ids and wrong for odd ones."""
+
+    @staticmethod
+    def drafted(r: Request, k: int) -> list[int]:
+        if r.id % 2:
+            return [999] * k
+        return expected(r)[len(r.generated) : len(r.generated) + k]
 
     def run(self, plan: StepPlan) -> None:
         p = self.planner
         p.chunks_computed(plan.chunks)
         sampled = [i.request for i in plan.chunks if i.request.computed == i.request.length]
         for r in plan.decoding + sampled:
-            guesses = plan.guesses.get(r.id, [])
+            asked = plan.guesses.get(r.id, Guesses())
+            guesses = asked.tokens or self.drafted(r, asked.drafted)
             if r in plan.decoding:  # KV slots for the pending token and every guess
                 assert len(r.blocks) * p.allocator.block_size >= r.computed + 1 + len(guesses)
             else:
@@ -79,10 +87,11 @@ class VerifyingShard(Shard):
     arrivals=st.lists(st.tuples(st.integers(1, 30), st.integers(1, 16)), min_size=1, max_size=8),
     num_blocks=st.integers(13, 40),
     most=st.integers(1, 5),
+    method=st.sampled_from(["ngram", "draft"]),
 )
-def test_guesses_keep_every_token_and_balance_blocks(arrivals, num_blocks, most):
+def test_guesses_keep_every_token_and_balance_blocks(arrivals, num_blocks, most, method):
     limits = Limits(47, 48, 16, 4, 0.0, 0)
-    planner = Planner(BlockAllocator(num_blocks, BLOCK), limits, SpeculationPolicy(most, step_rows=8))
+    planner = Planner(BlockAllocator(num_blocks, BLOCK), limits, SpeculationPolicy(most, step_rows=8, method=method))
     shard = VerifyingShard(planner)
     requests = [make_request(i + 1, p, n) for i, (p, n) in enumerate(arrivals)]
     for r in requests:
@@ -101,6 +110,25 @@ def test_guesses_keep_every_token_and_balance_blocks(arrivals, num_blocks, most)
     for r in requests:
         assert r.phase is Phase.FINISHED
         assert r.generated == expected(r), "speculation changed a token"
+
+
+def test_draft_method_asks_the_shards_for_guesses():
+    """With SPECULATIVE_METHOD=draft the router sends a number of guesses, within the step's rows
+    and the request's limits, and grows blocks for them."""
+    planner = Planner(BlockAllocator(64, BLOCK), Limits(47, 48, 64, 4, 0.0, 0), SpeculationPolicy(3, method="draft"))
+    shard = VerifyingShard(planner)
+    r: Request = make_request(2, 10, 5)
+    planner.enqueue(r)
+    asked = []
+    while r.phase is not Phase.FINISHED:
+        plan = planner.plan()
+        if r.id in plan.guesses:
+            asked.append(plan.guesses[r.id])
+            assert len(r.blocks) * BLOCK >= r.computed + 1 + len(plan.guesses[r.id])
+        shard.run(plan)
+    assert asked and all(not g.tokens for g in asked)
+    assert asked[0].drafted == 3 and all(len(r.generated[:1]) + len(g) < 5 for g in asked[1:])
+    assert r.generated == expected(r) and planner.allocator.used_blocks == 0
 
 
 def test_repetitive_output_is_guessed():
@@ -144,3 +172,14 @@ def test_a_request_reports_its_guesses_in_its_span_and_the_metrics():
     assert 'vllm:spec_decode_num_draft_tokens_total{model_name="' in text
     assert metrics.spec_draft_tokens._value.get() == 6 and metrics.spec_accepted_tokens._value.get() == 4
     assert "tgi_request_skipped_tokens_sum 4.0" in text
+
+
+def test_draft_method_needs_a_draft_model_on_the_shards():
+    from protos import shard_pb2 as pb
+    from router.__main__ import missing_draft
+    from router.config import parse_config
+
+    config = parse_config(["--speculative-method", "draft"], {})
+    assert "set DRAFT_MODEL_ID" in (missing_draft(config, pb.InfoResponse(model_id="m")) or "")
+    assert missing_draft(config, pb.InfoResponse(model_id="m", draft_model_id="d")) is None
+    assert missing_draft(parse_config([], {}), pb.InfoResponse(model_id="m")) is None

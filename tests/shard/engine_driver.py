@@ -106,7 +106,9 @@ def make_engine(
     dtype: torch.dtype = torch.float32,
     quantize: str = "none",
     int8_activations: bool = False,
+    draft: ModelSource | None = None,
 ) -> Engine:
+    """A warmed-up engine on ``source``, with ``draft`` as its draft model if given."""
     model = load_model(source, dtype, torch.device("cpu"), quantize=quantize)
     if int8_activations:  # before the first step, as the shard does: native layers read the layers then
         quantize_activations(model)
@@ -117,6 +119,8 @@ def make_engine(
         kv_fraction=0.5,
         attention_backend=attention_backend,
     )
+    if draft is not None:
+        engine.add_drafter(load_model(draft, dtype, torch.device("cpu"), quantize="auto"), attention_backend)
     engine.warmup(256, max_batch_size, num_blocks_tokens)
     return engine
 

@@ -61,9 +61,9 @@ def test_one_call_layer_is_the_python_path_bit_for_bit(case, tiny_model_dir):
         mock.patch.object(native_layer.NativeStep, "forward", counted_layer),
     ):
         stack = _schedule(engine)
-        assert engine._direct and engine._direct._stack, "the stack was not built"
+        assert engine.runner._direct and engine.runner._direct._stack, "the stack was not built"
         assert stack_calls == [30, 1, 18, 25, 2, 2, 2, 2, 2, 2] and not layer_calls  # every step took it
-        engine._direct._stack = False  # layer by layer
+        engine.runner._direct._stack = False  # layer by layer
         by_layer = _schedule(engine)
     layers = engine.model.config.num_hidden_layers
     assert len(layer_calls) == 10 * layers and set(layer_calls) == {30, 1, 18, 25, 2}
@@ -79,8 +79,8 @@ def test_the_direct_model_forward_is_transformers_forward_bit_for_bit(case, tiny
     kind, dtype_name, quantize = case.split("-")
     engine = make_engine(resolve_model(str(tiny_model_dir(kind))), dtype=getattr(torch, dtype_name), quantize=quantize)
     direct = ours = _schedule(engine)
-    assert engine._direct, "the direct path was not taken"
-    engine._direct = False
+    assert engine.runner._direct, "the direct path was not taken"
+    engine.runner._direct = False
     transformers_forward = _schedule(engine)
     assert direct == transformers_forward
     assert [len(tokens) for tokens, _ in ours] == [10, 7]
