@@ -5,6 +5,7 @@ from __future__ import annotations
 from benchmarks import (
     activation_accuracy,
     constrained,
+    draft,
     engine,
     engine_workload,
     placement,
@@ -32,6 +33,7 @@ def main() -> None:
     stack = served.run()
     print(served.report(stack, engines["after"], engines["cpu"], alone), flush=True)  # type: ignore[arg-type]
     print(speculation.report(speculation.run(), str(engines["cpu"])), flush=True)
+    print(draft.report(draft.run(), str(engines["cpu"])), flush=True)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,10 @@ class SpeculationPolicy:
         room = min(r.max_new_tokens - len(r.generated), max_total_tokens - r.length) - 1
         k = min(r.speculation_width or share, share, room)
         if self.method == "draft":
+            # A draft always has guesses, so a request whose last ones all failed guesses again
+            # only on a probe step: otherwise every step would wait for its predecessor's answer.
+            if r.spec_proposed and not r.speculation_hot and self.since_probe < PROBE_EVERY:
+                return Guesses()
             return Guesses(drafted=max(0, k))
         found = ngram_guesses(r.token_ids, k)
         if not found:

@@ -19,7 +19,7 @@ from router.metrics import RouterMetrics
 from router.observer import SchedulerObserver
 from router.planner import Planner, StepPlan
 from router.request import Phase, Request
-from router.speculation import Guesses, SpeculationPolicy, ngram_guesses
+from router.speculation import PROBE_EVERY, Guesses, SpeculationPolicy, ngram_guesses
 from tests.router.test_planner import BLOCK, Shard, check, expected, make_request, next_token
 
 
@@ -183,3 +183,16 @@ def test_draft_method_needs_a_draft_model_on_the_shards():
     assert "set DRAFT_MODEL_ID" in (missing_draft(config, pb.InfoResponse(model_id="m")) or "")
     assert missing_draft(config, pb.InfoResponse(model_id="m", draft_model_id="d")) is None
     assert missing_draft(parse_config([], {}), pb.InfoResponse(model_id="m")) is None
+
+
+def test_a_failing_draft_steps_aside_until_a_probe():
+    """Draft guesses that all fail: the request stops guessing, its steps go ahead of their
+    predecessors' answers again, and it guesses once more on a probe step."""
+    policy = SpeculationPolicy(3, method="draft")
+    r: Request = make_request(1, 10, 200)
+    assert policy.guesses(r, 1, 1000).drafted == 3
+    policy.verified(r, 3, 0)
+    assert not policy.wait_for_answer([r]) and not policy.guesses(r, 1, 1000)
+    for _ in range(PROBE_EVERY):
+        policy.planned(ahead=True)
+    assert policy.wait_for_answer([r]) and policy.guesses(r, 1, 1000).drafted == 1
