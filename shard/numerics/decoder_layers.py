@@ -33,6 +33,8 @@ from shard.numerics.attention import paged_attention_forward
 from shard.numerics.invariant_linear import ACTIVATION_CODES as _TYPES
 from shard.numerics.invariant_linear import InvariantLinear
 from shard.numerics.kernels import load_library
+from shard.numerics.lora import StepAdapters
+from shard.numerics.lora import active as active_adapters
 from shard.numerics.native_layer import NativeLayer, NativeStep, build
 from shard.numerics.shared_input import SharedInputSlice
 
@@ -144,17 +146,28 @@ class FastDecoderLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: Any = None, **kwargs: Any) -> torch.Tensor:
         x = hidden_states[0]  # [tokens, hidden]: the engine packs a step into one row
-        native = self.native_layer()
+        lora = active_adapters()  # rows with adapters take the Python path (shard.numerics.lora)
+        native = None if lora else self.native_layer()
         step = native and NativeStep.of(kwargs.get("paged_step"), x, position_embeddings, native)
         if step:
             return step.forward(native, x).unsqueeze(0)  # type: ignore[arg-type]
         ops = layer_ops()
         assert ops is not None  # checked when the layer was installed
-        attention = self.attention(ops, x, position_embeddings, kwargs)
+        attention = self.attention(ops, x, position_embeddings, kwargs, lora)
         x = _plus(self.self_attn.o_proj, attention, x)
+        if lora:
+            lora.add(self.index, "self_attn.o_proj", attention, x)
         h = self._norm(ops, self.post_attention_layernorm, x)
-        x = _plus(self.mlp.down_proj, self.activated(ops, h), x)
+        activated = self.activated(ops, h, lora)
+        x = _plus(self.mlp.down_proj, activated, x)
+        if lora:
+            lora.add(self.index, "mlp.down_proj", activated, x)
         return x.unsqueeze(0)
+
+    @property
+    def index(self) -> int:
+        """This layer's index in the model: adapters' weights are keyed by it."""
+        return int(getattr(self.self_attn, "layer_idx", 0) or 0)
 
     def native_layer(self) -> NativeLayer | None:
         """This layer for the one-call path (shard.numerics.native_layer), described on first use: the
@@ -167,19 +180,47 @@ class FastDecoderLayer(nn.Module):
         state = super().__getstate__()
         return {**state, "_native": None}
 
-    def activated(self, ops: LayerOps, h: torch.Tensor) -> torch.Tensor:
+    def activated(self, ops: LayerOps, h: torch.Tensor, lora: StepAdapters | None = None) -> torch.Tensor:
         """act_fn(gate_proj(h)) * up_proj(h): the down projection's input."""
         mlp = self.mlp
+        names = ("mlp.gate_proj", "mlp.up_proj")
         if self.gate_up and self.silu_width:
-            return ops.silu_mul(self.gate_up[0](h), self.silu_width)
-        gate, up = _split(self.gate_up, h) if self.gate_up else (mlp.gate_proj(h), mlp.up_proj(h))
+            return ops.silu_mul(self._product(self.gate_up, names, h, lora), self.silu_width)
+        if self.gate_up:
+            gate, up = _split(self.gate_up, h, self._product(self.gate_up, names, h, lora))
+        else:
+            gate, up = (self._projected(name, h, lora) for name in names)
         return mlp.act_fn(gate) * up
 
-    def attention(self, ops: LayerOps, x: torch.Tensor, position_embeddings: Any, kwargs: dict) -> torch.Tensor:
+    def _product(
+        self, fused: tuple[nn.Module, list[tuple[int, int]]], names: tuple[str, ...], h: torch.Tensor,
+        lora: StepAdapters | None,
+    ) -> torch.Tensor:  # fmt: skip
+        """A fused product, each slice with the step's adapter deltas of its projection."""
+        product = fused[0](h)
+        if lora:
+            for name, columns in zip(names, fused[1], strict=True):
+                lora.add(self.index, name, h, product, columns)
+        return product
+
+    def _projected(self, name: str, h: torch.Tensor, lora: StepAdapters | None) -> torch.Tensor:
+        """A projection called on its own (not fused), with the step's adapter deltas."""
+        out = self.get_submodule(name)(h)
+        if lora:
+            lora.add(self.index, name, h, out)
+        return out
+
+    def attention(
+        self, ops: LayerOps, x: torch.Tensor, position_embeddings: Any, kwargs: dict, lora: StepAdapters | None = None
+    ) -> torch.Tensor:
         """The attention block's output before o_proj: [tokens, heads * head_dim]."""
         attn, tokens, dim = self.self_attn, x.shape[0], self.head_dim
         h = self._norm(ops, self.input_layernorm, x)
-        q, k, v = _split(self.qkv, h) if self.qkv else (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
+        names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+        if self.qkv:
+            q, k, v = _split(self.qkv, h, self._product(self.qkv, names, h, lora))
+        else:
+            q, k, v = (self._projected(name, h, lora) for name in names)
         cos, sin = (t[0].contiguous() for t in position_embeddings)  # [tokens, head_dim]
         ops.rotary(q, self.heads, dim, cos, sin)
         ops.rotary(k, self.kv_heads, dim, cos, sin)
@@ -220,8 +261,10 @@ def _plus(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Te
     return residual + layer(x)
 
 
-def _split(fused: tuple[nn.Module, list[tuple[int, int]]], h: torch.Tensor) -> list[torch.Tensor]:
-    product = fused[0](h)
+def _split(
+    fused: tuple[nn.Module, list[tuple[int, int]]], h: torch.Tensor, product: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    product = fused[0](h) if product is None else product
     return [product[:, start:end] for start, end in fused[1]]
 
 

@@ -47,6 +47,8 @@ class Sequence:
     #: end of the positions the draft wrote this step (0: it did not run for this sequence).
     drafted: int = 0
     draft_end: int = 0
+    #: The LoRA adapter its rows use (shard.numerics.lora.Adapter); None: the base model.
+    adapter: Any = None
 
     def inputs(self, start: int, end: int) -> list[int]:
         """Input tokens of positions [start, end): known tokens, then this step's guesses."""

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from shard.loading.lora import load_adapter
 from shard.numerics.attention import SequenceSpan
+from shard.numerics.lora import Adapter, StepAdapters, adapting, hook_projections
 from shard.numerics.sampling import LogitStats, SamplingParams, SequenceView, sample, score_tokens
 from shard.runtime.batch_state import BatchStore, Sequence
 from shard.runtime.drafter import Drafter
@@ -45,6 +47,8 @@ class NewRequest:
     score_inputs: bool = False
     #: Embed rather than generate (shard.runtime.pooling).
     pooling: Pooling = Pooling.NONE
+    #: The LoRA adapter to apply, by name ("": the base model).
+    adapter: str = ""
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,9 @@ class Engine:
         self.warm = False
         #: Set by the server when constrained decoding is available (it needs the tokenizer).
         self.grammar_compiler: Any = None
+        #: LoRA adapters by name (LoadAdapter), and whether layers not in the fused form have hooks.
+        self.adapters: dict[str, Adapter] = {}
+        self._hooked = False
 
     def add_drafter(self, draft: PreTrainedModel, attention_backend: str = "auto") -> None:
         """Serves guesses from ``draft``, a smaller model with the same vocabulary (before warmup)."""
@@ -173,6 +180,36 @@ class Engine:
         if self.grammar_compiler is None:
             raise InvalidRequest("this shard was started without constrained decoding")
         return self.grammar_compiler
+
+    # --- LoRA adapters --------------------------------------------------------------
+
+    def load_adapter(self, name: str, path: str) -> Adapter:
+        """Loads (or replaces) adapter ``name`` from a PEFT folder; AdapterError if it does not fit."""
+        if self.world_size > 1:
+            raise InvalidRequest("LoRA adapters need NUM_SHARD=1")
+        if name in self.adapters and self._users_of(name):
+            raise InvalidRequest(f"adapter {name} is in use: unload it when its requests are done")
+        adapter = load_adapter(name, path, self.model)
+        if not self._hooked:
+            layers = getattr(getattr(self.model, "model", None), "layers", [])
+            for index, layer in enumerate(layers):
+                if not hasattr(layer, "native_layer"):  # the fused form adds deltas itself
+                    hook_projections(layer, index)
+            self._hooked = True
+        self.adapters[name] = adapter
+        log.info("LoRA adapter %s: %d projections, rank %d, %.1f MiB", name, len(adapter.modules), adapter.rank,
+                 adapter.nbytes / 2**20)  # fmt: skip
+        return adapter
+
+    def unload_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise InvalidRequest(f"adapter {name} is not loaded", not_found=True)
+        if users := self._users_of(name):
+            raise InvalidRequest(f"adapter {name} is in use by requests {users[:5]}")
+        del self.adapters[name]
+
+    def _users_of(self, name: str) -> list[int]:
+        return [r for r, seq in self.store.sequences.items() if seq.adapter is not None and seq.adapter.name == name]
 
     # --- warmup -----------------------------------------------------------------
 
@@ -380,6 +417,11 @@ class Engine:
                     "from the first: it cannot start from cached tokens"
                 )
             seq.pooled = existing.pooled if existing is not None and existing.pooled else PooledRows(request.pooling)
+        if request.adapter:
+            if request.adapter not in self.adapters:
+                raise InvalidRequest(f"request {request.request_id}: adapter {request.adapter} is not loaded",
+                                     not_found=True)  # fmt: skip
+            seq.adapter = self.adapters[request.adapter]
         if self.drafter is not None:
             self.drafter.admitted(seq, existing)
         if existing is not None:
@@ -437,7 +479,10 @@ class Engine:
             positions.extend(range(start, end))
         score_rows = rows.score_rows
         step = self.runner.step(cache, spans)
-        logits, stats, hidden = self.runner.forward(ids, positions, step, rows.sample + score_rows, rows.hidden_rows)
+        with adapting(self._step_adapters(work)):
+            logits, stats, hidden = self.runner.forward(
+                ids, positions, step, rows.sample + score_rows, rows.hidden_rows
+            )
         forward_done = time.perf_counter_ns()
         picked = len(rows.sample)
         out = StepOutputs(
@@ -455,6 +500,18 @@ class Engine:
             seq.score_inputs, seq.guesses, seq.accepted, seq.row_matchers = False, [], 0, []  # asked per step
         out.forward_ns, out.decode_ns = forward_done - started, time.perf_counter_ns() - forward_done
         return out
+
+    def _step_adapters(self, work: list[tuple[Sequence, int]]) -> StepAdapters | None:
+        """The packed step's rows of each adapter its sequences use (None when none does)."""
+        rows: dict[int, tuple[Adapter, list[int]]] = {}
+        at = 0
+        for seq, n in work:
+            if seq.adapter is not None:
+                rows.setdefault(id(seq.adapter), (seq.adapter, []))[1].extend(range(at, at + n))
+            at += n
+        if not rows:
+            return None
+        return StepAdapters([(a, torch.tensor(r, dtype=torch.long, device=self.device)) for a, r in rows.values()])
 
     @staticmethod
     def _rows_of(seq: Sequence, start: int, end: int, first_row: int, rows: StepRows) -> None:

@@ -25,6 +25,8 @@ class Tracked:
     computed: int = 0
     #: Tokens generated before a (simulated) preemption; they are the end of ``prompt``.
     sampled_before: int = 0
+    #: The LoRA adapter it uses ("": the base model).
+    adapter: str = ""
 
 
 class Driver:
@@ -58,6 +60,7 @@ class Driver:
                     list(t.blocks),
                     t.params,
                     t.sampled_before + len(t.tokens),
+                    adapter=t.adapter,
                 )
             )
         return requests
