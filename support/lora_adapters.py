@@ -30,7 +30,7 @@ def build_adapter(
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
                 p.normal_(0.0, 0.1)
-    peft_model.save_pretrained(folder)
+    peft_model.save_pretrained(str(folder))
     return folder
 
 
