@@ -129,6 +129,9 @@ SETTINGS: tuple[Setting, ...] = (
        "seconds a request waits for a restarted shard before it fails", kind=float, default=60.0),
     _s("--pipeline-steps", "PIPELINE_STEPS", ROUTER,
        "send a decode step before the previous one's answer is in (hides the round trip)", kind=bool, default=True),
+    _s("--lora-adapters", "LORA_ADAPTERS", ROUTER,
+       "LoRA adapters served beside the model: name=path,name2=path2 (PEFT folders; a bare path takes the "
+       "folder's name); clients pick one with model=\"<name>\" or TGI's adapter_id"),
     _s("--speculate", "SPECULATE", ROUTER,
        "speculative decoding: tokens guessed per step and request, verified by the model so that the output "
        "is unchanged (0: off; docs/performance.md, \"Speculative decoding\")", kind=int, default=3),

@@ -14,7 +14,7 @@ from common.grpc_errors import param_of, written_for_users
 log = logging.getLogger(__name__)
 
 #: Router field names that OpenAI clients know under another name.
-_OPENAI_PARAM = {"max_new_tokens": "max_tokens"}
+_OPENAI_PARAM = {"max_new_tokens": "max_tokens", "adapter": "parameters.adapter_id"}
 
 _GRPC_TO_HTTP = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
@@ -104,7 +104,10 @@ def from_grpc(error: grpc.aio.AioRpcError) -> ApiError:
         log.warning("fault %s: router call ended by gRPC: %s %s", fault_id, error.code().name, error.details())
         generic = _TRANSPORT_MESSAGE.get(error.code(), "internal error")
         message = f"{generic} (fault id {fault_id})"
-    api_error = ApiError(status, message, type_, _OPENAI_PARAM.get(param or "", param), error.code().name.lower())
+    code = error.code().name.lower()
+    if error.code() == grpc.StatusCode.NOT_FOUND and param in ("model", "adapter", "lora_name"):
+        code = "model_not_found"  # OpenAI's code for a model (here: an adapter) that is not served
+    api_error = ApiError(status, message, type_, _OPENAI_PARAM.get(param or "", param), code)
     api_error.from_router = True
     return api_error
 

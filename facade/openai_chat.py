@@ -68,7 +68,10 @@ def parse_chat(body: Any) -> ChatRequest:
             raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
         p.top_n_tokens = req.top_logprobs
     params.ask_prompt_logprobs(p, req.prompt_logprobs, bool(req.stream))
-    requests = [pb.GenerateRequest(chat=chat, parameters=choice) for choice in params.per_choice(p, req.n or 1)]
+    model = req.model or ""  # an adapter's name selects it (router.proto, GenerateRequest.model)
+    requests = [
+        pb.GenerateRequest(chat=chat, parameters=choice, model=model) for choice in params.per_choice(p, req.n or 1)
+    ]
     return ChatRequest(
         req.model or "tgi", bool(req.stream), params.include_usage(req), p.logprobs, requests,
         req.top_logprobs or 0, req.prompt_logprobs,

@@ -78,10 +78,11 @@ def parse_completion(body: Any) -> CompletionRequest:
     requests = []
     for prompt in prompts:
         for choice in params.per_choice(p, candidates):
+            model = req.model or ""  # an adapter's name selects it (router.proto, GenerateRequest.model)
             if isinstance(prompt, str):
-                requests.append(pb.GenerateRequest(prompt=prompt, parameters=choice))
+                requests.append(pb.GenerateRequest(prompt=prompt, parameters=choice, model=model))
             else:
-                requests.append(pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=prompt), parameters=choice))
+                requests.append(pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=prompt), parameters=choice, model=model))
     stream = bool(req.stream)
     return CompletionRequest(
         req.model or "tgi", stream, params.include_usage(req), bool(req.echo), req.logprobs, prompts, requests, n,

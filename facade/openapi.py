@@ -44,8 +44,20 @@ _ROUTES: list[tuple[str, str, str, type[BaseModel] | None]] = [
     ),
     ("get", "/v1/responses/{response_id}", "A stored response (kept in memory, RESPONSES_STORE_SIZE)", None),
     ("delete", "/v1/responses/{response_id}", "Forget a stored response", None),
-    ("get", "/v1/models", "The served model, as OpenAI and vLLM list it", None),
-    ("get", "/v1/models/{model}", 'The served model by name (its id, or "tgi")', None),
+    ("get", "/v1/models", "The served model and its LoRA adapters (parent: the model), as vLLM lists them", None),
+    ("get", "/v1/models/{model}", 'The served model by name (its id, or "tgi"), or a LoRA adapter', None),
+    (
+        "post",
+        "/v1/load_lora_adapter",
+        "vLLM's: load a LoRA adapter (PEFT folder) at run time",
+        rm.LoadLoraAdapterRequest,
+    ),
+    (
+        "post",
+        "/v1/unload_lora_adapter",
+        "vLLM's: unload a LoRA adapter once its running requests are done",
+        rm.UnloadLoraAdapterRequest,
+    ),
     (
         "post",
         "/tokenize",

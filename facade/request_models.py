@@ -279,7 +279,7 @@ class GenerateParameters(RequestModel):
     truncate: int | None = Field(None, ge=1, le=UINT32_MAX, description="keep the last N prompt tokens")
     watermark: bool | None = Field(None, description="neutral only: false")
     grammar: Grammar | None = None
-    adapter_id: str | None = Field(None, description="neutral only: null")
+    adapter_id: str | None = Field(None, description="a LoRA adapter's name (LORA_ADAPTERS, /v1/load_lora_adapter)")
 
 
 class GenerateRequest(RequestModel):
@@ -354,3 +354,17 @@ def _param(loc: tuple[int | str, ...]) -> str:
 
 def _is_union_tag(item: str) -> bool:
     return not item.isidentifier() or item[0].isupper() or item in ("str", "int", "float", "bool", "dict", "list")
+
+
+class LoadLoraAdapterRequest(RequestModel):
+    """vLLM's /v1/load_lora_adapter body."""
+
+    lora_name: str = Field(description="the name clients select it by (model or adapter_id)")
+    lora_path: str = Field(description="a PEFT adapter folder on the shards' disk")
+
+
+class UnloadLoraAdapterRequest(RequestModel):
+    """vLLM's /v1/unload_lora_adapter body."""
+
+    lora_name: str
+    lora_int_id: int | None = Field(None, description="accepted for vLLM's clients; the name decides")

@@ -6,7 +6,7 @@ import grpc
 from aiohttp import web
 
 from common.grpc_errors import written_for_users
-from facade import embeddings, openai_chat, openai_completions, openai_responses, openapi, pages, tgi, tokenize
+from facade import embeddings, lora, openai_chat, openai_completions, openai_responses, openapi, pages, tgi, tokenize
 from facade.choices import router_info
 from facade.errors import ApiError, from_grpc
 from facade.json_body import json_response
@@ -27,17 +27,24 @@ def _card(info: pb.InfoResponse, created: int) -> dict:
 
 
 async def models(request: web.Request) -> web.Response:
+    """The served model, then each LoRA adapter with the model as its ``parent`` (vLLM's listing)."""
     card = _card(await router_info(request.app[ROUTER]), request.app[STARTED_AT])
-    return json_response({"object": "list", "data": [card]})
+    adapters = [lora.adapter_card(a, card) for a in await lora.served_adapters(request)]
+    return json_response({"object": "list", "data": [card, *adapters]})
 
 
 async def model(request: web.Request) -> web.Response:
-    """``GET /v1/models/{model}``: the served model under its own name or "tgi" (TGI's convention)."""
+    """``GET /v1/models/{model}``: the served model under its own name or "tgi" (TGI's convention),
+    or a LoRA adapter."""
     info = await router_info(request.app[ROUTER])
     name = request.match_info["model"]
-    if name not in (info.model_id, "tgi"):
-        raise ApiError(404, f"The model '{name}' does not exist", "invalid_request_error", "model", "model_not_found")
-    return json_response(_card(info, request.app[STARTED_AT]) | {"id": name})
+    card = _card(info, request.app[STARTED_AT])
+    if name in (info.model_id, "tgi"):
+        return json_response(card | {"id": name})
+    for adapter in await lora.served_adapters(request):
+        if adapter.name == name:
+            return json_response(lora.adapter_card(adapter, card))
+    raise ApiError(404, f"The model '{name}' does not exist", "invalid_request_error", "model", "model_not_found")
 
 
 async def health(request: web.Request) -> web.Response:
@@ -69,6 +76,8 @@ ROUTES = [
     web.get("/v1/responses/{response_id}", openai_responses.retrieve),
     web.delete("/v1/responses/{response_id}", openai_responses.delete),
     web.get("/v1/models", models),
+    web.post("/v1/load_lora_adapter", lora.load),
+    web.post("/v1/unload_lora_adapter", lora.unload),
     web.get("/v1/models/{model:.+}", model),
     web.post("/tokenize", tokenize.tokenize),
     web.post("/detokenize", tokenize.detokenize),

@@ -29,9 +29,7 @@ TGI_FINISH = {
 }
 _ACCEPTED = fields_of(GenerateParameters)
 #: Accepted only at their neutral value: anything else would change the output and is not implemented.
-_NEUTRAL: dict[str, Any] = {
-    "watermark": False, "adapter_id": None,
-}  # fmt: skip
+_NEUTRAL: dict[str, Any] = {"watermark": False}
 
 
 def parse_generate(body: Any) -> tuple[pb.GenerateRequest, GenerateParameters]:
@@ -72,7 +70,7 @@ def parse_generate(body: Any) -> tuple[pb.GenerateRequest, GenerateParameters]:
     p.response_format.CopyFrom(response_format(grammar, "grammar"))
     _check_best_of(given, sampling)
     p.prompt_logprobs = bool(given.decoder_input_details)
-    return pb.GenerateRequest(prompt=req.inputs, parameters=p), given
+    return pb.GenerateRequest(prompt=req.inputs, parameters=p, adapter=given.adapter_id or ""), given
 
 
 def _check_best_of(given: GenerateParameters, sampling: bool) -> None:

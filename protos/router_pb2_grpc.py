@@ -74,6 +74,21 @@ class RouterStub:
                 request_serializer=protos_dot_router__pb2.MetricsRequest.SerializeToString,
                 response_deserializer=protos_dot_router__pb2.MetricsResponse.FromString,
                 _registered_method=True)
+        self.ListAdapters = channel.unary_unary(
+                '/switchyard.router.v1.Router/ListAdapters',
+                request_serializer=protos_dot_router__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=protos_dot_router__pb2.ListAdaptersResponse.FromString,
+                _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/switchyard.router.v1.Router/LoadAdapter',
+                request_serializer=protos_dot_router__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=protos_dot_router__pb2.Adapter.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/switchyard.router.v1.Router/UnloadAdapter',
+                request_serializer=protos_dot_router__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=protos_dot_router__pb2.UnloadAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -135,6 +150,28 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAdapters(self, request, context):
+        """/ The LoRA adapters served beside the base model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadAdapter(self, request, context):
+        """/ Loads (or replaces) a LoRA adapter on every shard; INVALID_ARGUMENT naming the
+        / adapter and the module when it does not fit the model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """/ Stops admitting requests for an adapter, waits for those it runs, then unloads it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -177,6 +214,21 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Metrics,
                     request_deserializer=protos_dot_router__pb2.MetricsRequest.FromString,
                     response_serializer=protos_dot_router__pb2.MetricsResponse.SerializeToString,
+            ),
+            'ListAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapters,
+                    request_deserializer=protos_dot_router__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=protos_dot_router__pb2.ListAdaptersResponse.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=protos_dot_router__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=protos_dot_router__pb2.Adapter.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=protos_dot_router__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=protos_dot_router__pb2.UnloadAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,6 +447,87 @@ class Router:
             '/switchyard.router.v1.Router/Metrics',
             protos_dot_router__pb2.MetricsRequest.SerializeToString,
             protos_dot_router__pb2.MetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.router.v1.Router/ListAdapters',
+            protos_dot_router__pb2.ListAdaptersRequest.SerializeToString,
+            protos_dot_router__pb2.ListAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.router.v1.Router/LoadAdapter',
+            protos_dot_router__pb2.LoadAdapterRequest.SerializeToString,
+            protos_dot_router__pb2.Adapter.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.router.v1.Router/UnloadAdapter',
+            protos_dot_router__pb2.UnloadAdapterRequest.SerializeToString,
+            protos_dot_router__pb2.UnloadAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

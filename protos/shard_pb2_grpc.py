@@ -74,6 +74,16 @@ class ShardServiceStub:
                 request_serializer=protos_dot_shard__pb2.ClearCacheRequest.SerializeToString,
                 response_deserializer=protos_dot_shard__pb2.ClearCacheResponse.FromString,
                 _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/switchyard.shard.v1.ShardService/LoadAdapter',
+                request_serializer=protos_dot_shard__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=protos_dot_shard__pb2.LoadAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/switchyard.shard.v1.ShardService/UnloadAdapter',
+                request_serializer=protos_dot_shard__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=protos_dot_shard__pb2.UnloadAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class ShardServiceServicer:
@@ -139,6 +149,23 @@ class ShardServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadAdapter(self, request, context):
+        """/ Loads (or replaces) a LoRA adapter from a PEFT folder on the shard's disk.
+        / INVALID_ARGUMENT, naming the adapter and the module, when it does not fit the
+        / model. The router loads every adapter before Warmup, so their memory is
+        / counted before the KV cache is sized, and again on a restarted shard.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """/ Forgets an adapter. FAILED_PRECONDITION while a sequence of the shard uses it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +208,16 @@ def add_ShardServiceServicer_to_server(servicer, server):
                     servicer.ClearCache,
                     request_deserializer=protos_dot_shard__pb2.ClearCacheRequest.FromString,
                     response_serializer=protos_dot_shard__pb2.ClearCacheResponse.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=protos_dot_shard__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=protos_dot_shard__pb2.LoadAdapterResponse.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=protos_dot_shard__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=protos_dot_shard__pb2.UnloadAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -399,6 +436,60 @@ class ShardService:
             '/switchyard.shard.v1.ShardService/ClearCache',
             protos_dot_shard__pb2.ClearCacheRequest.SerializeToString,
             protos_dot_shard__pb2.ClearCacheResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.shard.v1.ShardService/LoadAdapter',
+            protos_dot_shard__pb2.LoadAdapterRequest.SerializeToString,
+            protos_dot_shard__pb2.LoadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.shard.v1.ShardService/UnloadAdapter',
+            protos_dot_shard__pb2.UnloadAdapterRequest.SerializeToString,
+            protos_dot_shard__pb2.UnloadAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

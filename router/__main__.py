@@ -13,11 +13,13 @@ from typing import Any
 
 from opentelemetry import trace
 
+from common.grpc_errors import ServiceError
 from common.grpc_security import TlsConfig
 from common.model_source import ModelNotFound, resolve_model, tokenizer_source
 from common.settings import process_env
 from common.tracing import Tracing, setup_tracing
 from protos import shard_pb2 as pb
+from router.adapters import AdapterRegistry, parse_adapters
 from router.blocks import BlockAllocator
 from router.config import Limits, RouterConfig, parse_config
 from router.discovery import CONNECT_ATTEMPT_S, Discovery, resolve
@@ -81,6 +83,7 @@ class ReplicaMaker:
     plan: WarmupPlan
     tracer: trace.Tracer
     connect: Callable[[str, float], Coroutine[Any, Any, ShardClient]]
+    adapters: AdapterRegistry
 
     def make(self, name: str, link: ShardLink, warm: pb.WarmupResponse) -> Replica:
         log.info("replica %s warm: %d KV blocks of %d tokens", name, warm.num_blocks, warm.block_size)
@@ -108,7 +111,7 @@ class ReplicaMaker:
                 raise RuntimeError(f"it serves a different model ({info.model_id})")
             if missing := missing_draft(self.config, info):
                 raise RuntimeError(missing)
-            link = ShardLink(shards, self.plan)
+            link = ShardLink(shards, self.plan, self.adapters)
             warm = await link.warm_up()
             if warm.max_supported_total_tokens < self.limits.max_total_tokens:
                 raise RuntimeError(f"its KV cache holds {warm.max_supported_total_tokens} tokens, below the limits")
@@ -155,14 +158,23 @@ async def connect_and_warm(
         raise SystemExit(missing)
     limits = Limits.resolve(config, info.max_position_embeddings, info.device)
     plan = WarmupPlan(limits.max_batch_prefill_tokens, limits.max_batch_size, config.max_batch_total_tokens or 0)
-    links = [ShardLink(shards, plan) for shards in clients.values()]
-    servicer.phase = "warming up the shards"
-    warms = await asyncio.gather(*(link.warm_up() for link in links))
+    try:
+        adapters = AdapterRegistry(parse_adapters(config.lora_adapters))
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+    links = [ShardLink(shards, plan, adapters) for shards in clients.values()]
+    servicer.phase = "loading the LoRA adapters and warming up the shards"
+    try:
+        warms = await asyncio.gather(*(link.warm_up() for link in links))
+    except ServiceError as exc:  # an adapter that does not fit: its message names it and the module
+        raise SystemExit(f"LORA_ADAPTERS: {exc}") from exc
     capacity = min(w.max_supported_total_tokens for w in warms)
     limits = _fit_to_cache(config, limits, capacity)
     log.info("limits %s", limits)
     tracer = tracing.tracer("switchyard.router")
-    maker = ReplicaMaker(config, tokenizer, source.display_name, info.vocab_size, limits, plan, tracer, connect)
+    maker = ReplicaMaker(
+        config, tokenizer, source.display_name, info.vocab_size, limits, plan, tracer, connect, adapters
+    )
     replicas = [maker.make(str(i), link, warm) for i, (link, warm) in enumerate(zip(links, warms, strict=True))]
     replica_set = ReplicaSet(
         replicas, config.placement_load_margin, config.placement_policy, config.max_concurrent_requests
@@ -177,6 +189,8 @@ async def connect_and_warm(
         choose_format(config.tool_call_format, tokenizer.chat_template_text),
         reasoning_format(config.reasoning_parser, tokenizer.chat_template_text),
         await asyncio.to_thread(load_embedding_config, source, config.pooling),
+        adapters,
+        (source.display_name, info.model_id),
     )
     model = ServedModel(source.display_name, info.dtype, info.device, links[0].shards.world_size, capacity)
     discovery = Discovery(config.shard_entries, lambda a: maker.join(replica_set, a), set(clients))

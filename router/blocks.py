@@ -33,21 +33,31 @@ class Block:
     hash: int | None = None
     #: Token ids whose KV it holds, once registered (checked on every hit).
     tokens: tuple[int, ...] = ()
+    #: The chain hash it extends, or for a first block the chain's root (checked on every hit):
+    #: None for the base model, the adapter's name for a LoRA adapter's KV.
+    previous: int | str | None = None
 
 
-#: Registration progress of one sequence: (full blocks registered, hash of the last one).
-Chain = tuple[int, int | None]
+#: Registration progress of one sequence: (full blocks registered, hash of the last one, or
+#: the chain's root before the first).
+Chain = tuple[int, int | str | None]
 NEW_CHAIN: Chain = (0, None)
 
 
-def chain_hash(previous: int | None, tokens: Sequence[int]) -> int:
+def chain_root(adapter: str) -> str | None:
+    """Where a sequence's chain starts: two adapters (or an adapter and the base model) compute
+    different KV for the same tokens, so their blocks are never shared."""
+    return adapter or None
+
+
+def chain_hash(previous: int | str | None, tokens: Sequence[int]) -> int:
     return hash((previous, tuple(tokens)))
 
 
-def prefix_chain(token_ids: Sequence[int], block_size: int) -> list[int]:
+def prefix_chain(token_ids: Sequence[int], block_size: int, adapter: str = "") -> list[int]:
     """The chain hashes of the full blocks ``match_prefix`` would look up (the last token excluded)."""
     hashes: list[int] = []
-    previous: int | None = None
+    previous: int | str | None = chain_root(adapter)
     for index in range((len(token_ids) - 1) // block_size):
         previous = chain_hash(previous, token_ids[index * block_size : (index + 1) * block_size])
         hashes.append(previous)
@@ -107,14 +117,14 @@ class BlockAllocator:
 
     # --- prefix cache -----------------------------------------------------------
 
-    def match_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], Chain]:
+    def match_prefix(self, token_ids: Sequence[int], adapter: str = "") -> tuple[list[int], Chain]:
         """Takes a reference on the cached blocks that hold a prefix of ``token_ids``.
 
         At least one token is always left uncached: the step that computes it
         produces the logits of the next token. Returns the blocks and the
         registration chain they amount to.
         """
-        hits, previous = self._cached_prefix(token_ids)
+        hits, previous = self._cached_prefix(token_ids, chain_root(adapter))
         for block_id in hits:
             self._hold(block_id)
         return hits, (len(hits), previous)
@@ -129,15 +139,16 @@ class BlockAllocator:
             count += 1
         return count
 
-    def _cached_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], int | None]:
+    def _cached_prefix(
+        self, token_ids: Sequence[int], previous: int | str | None
+    ) -> tuple[list[int], int | str | None]:
         size = self.block_size
         hits: list[int] = []
-        previous: int | None = None
         for index in range((len(token_ids) - 1) // size):
             tokens = tuple(token_ids[index * size : (index + 1) * size])
             h = chain_hash(previous, tokens)
             block_id = self._by_hash.get(h)
-            if block_id is None or self.blocks[block_id].tokens != tokens:
+            if block_id is None or self.blocks[block_id].tokens != tokens or self.blocks[block_id].previous != previous:
                 break
             hits.append(block_id)
             previous = h
@@ -156,7 +167,7 @@ class BlockAllocator:
             tokens = tuple(token_ids[index * size : (index + 1) * size])
             h = chain_hash(previous, tokens)
             if block.hash is None and h not in self._by_hash:
-                block.hash, block.tokens = h, tokens
+                block.hash, block.tokens, block.previous = h, tokens, previous
                 self._by_hash[h] = block.id
             previous = h
         return max(done, computed // size), previous
@@ -170,7 +181,7 @@ class BlockAllocator:
     def _forget(self, block: Block) -> None:
         if block.hash is not None and self._by_hash.get(block.hash) == block.id:
             del self._by_hash[block.hash]
-        block.hash, block.tokens = None, ()
+        block.hash, block.tokens, block.previous = None, (), None
 
     # --- invariants -------------------------------------------------------------
 

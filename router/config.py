@@ -62,6 +62,8 @@ class RouterConfig:
     speculate: int
     speculative_method: str
     speculation_step_rows: int
+    #: LORA_ADAPTERS as given (router.adapters.parse_adapters).
+    lora_adapters: str | None = None
 
     @property
     def shard_entries(self) -> list[str]:

@@ -11,6 +11,7 @@ carry vLLM's ``model_name`` label. The router owns the figures; the facade's
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -133,6 +134,11 @@ class RouterMetrics:
         self.request_success = Counter(
             "vllm:request_success", "Finished requests by reason", [*label, "finished_reason"], registry=r
         )
+        # vLLM's LoRA gauge: the adapters of running and waiting requests, in its labels; the value is
+        # when they last changed. max_lora is 0: a step mixes any number of adapters.
+        self.lora_info = Gauge("vllm:lora_requests_info", "Running stats on LoRA requests",
+                               ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r)  # fmt: skip
+        self._lora_state: tuple[frozenset[str], frozenset[str]] | None = None
 
     def _switchyard_series(self) -> None:
         r = self.registry
@@ -150,6 +156,10 @@ class RouterMetrics:
             "switchyard_shard_recoveries", "Shard restarts the router recovered from (re-warm, recompute)", registry=r
         )
         self.outcomes = Counter("switchyard_request_outcome", "Finished requests by outcome", ["outcome"], registry=r)
+        self.adapter_outcomes = Counter(
+            "switchyard_adapter_requests", "Finished LoRA adapter requests by adapter and outcome",
+            ["adapter", "outcome"], registry=r,
+        )  # fmt: skip
         self.shards_up = Gauge("switchyard_shards_up", "1 while the shards serve, 0 while being recovered", registry=r)
         self.shards_up.set(1)
 
@@ -182,6 +192,15 @@ class RouterMetrics:
         if inference_s is not None:
             self.inference_duration.observe(inference_s)
             self.time_per_token.observe(inference_s / max(1, generated))
+
+    def lora_requests(self, running: frozenset[str], waiting: frozenset[str]) -> None:
+        """The adapters of the running and waiting requests (from the first adapter request on)."""
+        state = (running, waiting)
+        if state == self._lora_state or (self._lora_state is None and not running and not waiting):
+            return
+        self._lora_state = state
+        self.lora_info.clear()
+        self.lora_info.labels("0", ",".join(sorted(running)), ",".join(sorted(waiting))).set(time.time())
 
     def step_finished(self, method: str, ok: bool) -> None:
         self.counters.inc("tgi_batch_inference_count", method)

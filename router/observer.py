@@ -71,6 +71,10 @@ class SchedulerObserver:
         now = time.monotonic()
         inference_s = now - r.admitted_at if r.admitted_at is not None else None
         self.metrics.request_finished(outcome, len(r.generated), now - r.arrived_at, inference_s, r.spec_accepted)
+        if r.adapter:
+            self.metrics.adapter_outcomes.labels(r.adapter, outcome).inc()
+            if r.trace_context is not None:
+                trace.get_current_span(r.trace_context).set_attribute("switchyard.adapter", r.adapter)
         if r.spec_proposed and r.trace_context is not None:
             span = trace.get_current_span(r.trace_context)
             span.set_attribute("switchyard.speculation.proposed", r.spec_proposed)

@@ -283,7 +283,7 @@ class Planner:
     def _admit(self, r: Request, budget: int) -> PrefillItem | None:
         """The first chunk of a queued request, after taking what the prefix cache holds."""
         if r.use_prefix_cache:
-            r.blocks, r.chain = self.allocator.match_prefix(r.token_ids)
+            r.blocks, r.chain = self.allocator.match_prefix(r.token_ids, r.adapter)
             r.computed = len(r.blocks) * self.allocator.block_size
         item = self._next_chunk(r, budget)
         if item is None:  # all or nothing: give the cache hits back

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import grpc
 
 from protos import shard_pb2 as pb
+from router.adapters import AdapterRegistry
 from router.shard_client import ShardClient
 
 log = logging.getLogger(__name__)
@@ -39,14 +40,18 @@ class WarmupPlan:
 
 
 class ShardLink:
-    def __init__(self, shards: ShardClient, plan: WarmupPlan):
+    def __init__(self, shards: ShardClient, plan: WarmupPlan, adapters: AdapterRegistry | None = None):
         self.shards = shards
         self.plan = plan
+        #: The LoRA adapters every warm-up loads first (router.adapters).
+        self.adapters = adapters
         #: Instance id of every rank as of the last Warmup.
         self.instances: list[str] = []
 
     async def warm_up(self) -> pb.WarmupResponse:
-        """Warms every rank and remembers which processes hold the cache."""
+        """Loads the served adapters, warms every rank and remembers which processes hold the cache."""
+        if self.adapters is not None:
+            await self.adapters.load_onto(self.shards)
         answer = await self.shards.warmup(self.plan.prefill_tokens, self.plan.batch_size, self.plan.total_tokens)
         # A rank that restarted between the two calls reports warm=False at the next check.
         self.instances = [h.instance_id for h in await self.shards.health(HEALTH_TIMEOUT_S)]

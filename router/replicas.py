@@ -28,6 +28,7 @@ from router.errors import Overloaded, ShardsUnavailable
 from router.metrics import RouterMetrics
 from router.request import Request
 from router.scheduler import Scheduler
+from router.shard_client import ShardClient
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,15 @@ class ReplicaSet:
         return self.replicas[0].scheduler.metrics if len(self.replicas) == 1 else self._router_metrics
 
     # --- the API's calls ------------------------------------------------------------
+
+    @property
+    def shard_clients(self) -> list[ShardClient]:
+        return [r.scheduler.shards for r in self.replicas]
+
+    def uses_adapter(self, name: str) -> bool:
+        """Whether a request of any replica, running or waiting, generates with adapter ``name``."""
+        planners = [r.scheduler.planner for r in self.replicas]
+        return any(req.adapter == name for p in planners for req in (*p.active, *p.waiting))
 
     def submit(self, request: Request) -> None:
         if len(self.replicas) == 1:  # nothing to choose: no hashing on the common path
@@ -179,7 +189,7 @@ class ReplicaSet:
 
     def _chain(self, request: Request) -> list[int]:
         """The prompt's block hashes (replicas share one block size: they serve the same model)."""
-        return prefix_chain(request.prompt_ids, self.replicas[0].scheduler.allocator.block_size)
+        return prefix_chain(request.prompt_ids, self.replicas[0].scheduler.allocator.block_size, request.adapter)
 
     def _remember(self, replica: Replica, chain: list[int]) -> None:
         placed, allocator = self._placed[replica.name], replica.scheduler.allocator

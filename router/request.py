@@ -88,6 +88,8 @@ class Request:
     want_logprobs: bool = False
     #: Lower is served sooner under SCHEDULING_POLICY=priority (router.planner).
     priority: int = 0
+    #: The LoRA adapter it generates with ("": the base model; router.adapters).
+    adapter: str = ""
     #: Embed rather than generate: shard.proto's Pooling (0: generate).
     pooling: int = 0
     #: Speculation (router.speculation): guesses per step now (0: the most), whether its last

@@ -216,6 +216,10 @@ class Scheduler:
     def _observe_plan(self, plan: StepPlan) -> None:
         for r in plan.cancelled:
             self.observer.finished(r, "cancelled")
+        p = self.planner
+        self.metrics.lora_requests(
+            frozenset(r.adapter for r in p.active if r.adapter), frozenset(r.adapter for r in p.waiting if r.adapter)
+        )
         self.observer.planned(plan, len(self.active))
 
     def _can_send_ahead_of(self, sent: SentStep) -> bool:

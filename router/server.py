@@ -19,6 +19,7 @@ from common.grpc_security import ApiKeyInterceptor, TlsConfig
 from common.tracing import Tracing
 from protos import router_pb2 as pb
 from protos import router_pb2_grpc as pb_grpc
+from router.adapters import ServedAdapter
 from router.errors import Overloaded, ShardsUnavailable, ShuttingDown, ValidationError
 from router.replicas import Replica, ReplicaSet
 from router.request import Request, StreamEvent
@@ -29,6 +30,8 @@ from router.validation import Validator
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+#: How long an unload waits for the adapter's running requests to finish.
+ADAPTER_UNLOAD_TIMEOUT_S = 600.0
 
 FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,
@@ -241,6 +244,24 @@ class RouterServicer(pb_grpc.RouterServicer):
     async def Metrics(self, request, context):
         return pb.MetricsResponse(text=self._ready().replicas.exposition().decode())
 
+    async def ListAdapters(self, request, context):
+        served = self._ready().validator.adapters
+        adapters = [a for name, a in served.adapters.items() if name not in served.unloading]
+        return pb.ListAdaptersResponse(adapters=[_adapter_pb(a) for a in adapters])
+
+    async def LoadAdapter(self, request, context):
+        serving = self._ready()
+        served = await serving.validator.adapters.load(request.name, request.path, serving.replicas.shard_clients)
+        return _adapter_pb(served)
+
+    async def UnloadAdapter(self, request, context):
+        serving = self._ready()
+        replicas = serving.replicas
+        await serving.validator.adapters.unload(
+            request.name, replicas.shard_clients, replicas.uses_adapter, ADAPTER_UNLOAD_TIMEOUT_S
+        )
+        return pb.UnloadAdapterResponse()
+
 
 def _coalesce(first: StreamEvent, queue: asyncio.Queue[StreamEvent]) -> StreamEvent:
     """Merges events already queued behind ``first`` into one.
@@ -275,6 +296,10 @@ def _coalesce(first: StreamEvent, queue: asyncio.Queue[StreamEvent]) -> StreamEv
         embedding=last.embedding,
         reasoning_tokens=last.reasoning_tokens,
     )
+
+
+def _adapter_pb(a: ServedAdapter) -> pb.Adapter:
+    return pb.Adapter(name=a.name, path=a.path, rank=a.rank)
 
 
 def _token_pb(t) -> pb.Token:  # type: ignore[no-untyped-def]

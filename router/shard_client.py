@@ -110,6 +110,13 @@ class ShardClient:
         answers = await asyncio.gather(*(getattr(stub, method)(message) for stub in self._stubs))
         return answers[0]
 
+    async def load_adapter(self, name: str, path: str) -> pb.LoadAdapterResponse:
+        """Loads a LoRA adapter onto every rank (AioRpcError INVALID_ARGUMENT when it does not fit)."""
+        return await self._all("LoadAdapter", pb.LoadAdapterRequest(name=name, path=path))
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._all("UnloadAdapter", pb.UnloadAdapterRequest(name=name))
+
     async def info(self) -> pb.InfoResponse:
         return await self._stubs[0].Info(pb.InfoRequest())
 
@@ -174,6 +181,7 @@ def _request_pb(item: PrefillItem) -> pb.Request:
         # Prompt tokens still unscored (a recomputation after they were all scored needs none).
         score_inputs=r.prompt_logprobs and len(r.prompt_scores) < len(r.prompt_ids) - 1,
         pooling=r.pooling,  # type: ignore[arg-type]
+        adapter=r.adapter,
     )
 
 

@@ -12,6 +12,7 @@ from common.chat_roles import ROLES
 from common.sampling_fields import BY_NAME, SAMPLING_FIELDS
 from common.sampling_params import SamplingParams
 from protos import router_pb2 as pb
+from router.adapters import AdapterRegistry
 from router.config import Limits
 from router.embeddings import EmbeddingConfig
 from router.errors import NoChatTemplate, ValidationError
@@ -40,6 +41,9 @@ class Validator:
     reasoning: ReasoningFormat | None = None
     #: How this model embeds (router.embeddings).
     embedding: EmbeddingConfig = dataclasses.field(default_factory=EmbeddingConfig)
+    #: The LoRA adapters served (router.adapters), and the names of the base model itself.
+    adapters: AdapterRegistry = dataclasses.field(default_factory=AdapterRegistry)
+    model_names: tuple[str, ...] = ()
 
     def prompt_ids(self, request: pb.GenerateRequest | pb.TokenizeRequest) -> tuple[list[int], str]:
         """Token ids and text of the prompt (a rendered chat or raw text)."""
@@ -97,6 +101,8 @@ class Validator:
         return kwargs
 
     def request(self, request_id: int, message: pb.GenerateRequest) -> Request:
+        # First: an unknown adapter is a 404 whatever else is wrong.
+        adapter = self.adapters.resolve(message.adapter, message.model, self.model_names)
         ids, text = self.prompt_ids(message)
         if not ids:  # e.g. only control characters, which the tokenizer drops
             param = "messages" if message.WhichOneof("input") == "chat" else "prompt"
@@ -130,7 +136,7 @@ class Validator:
             stream.reasoning = ReasoningWatch(thinking, inside)
         return Request(
             id=request_id, prompt_ids=ids, sampling=sampling, stream=stream, want_logprobs=p.logprobs,
-            priority=p.priority, prompt_logprobs=p.prompt_logprobs,
+            priority=p.priority, prompt_logprobs=p.prompt_logprobs, adapter=adapter,
             # Prompt logprobs need every prompt position computed: the cache would skip some.
             use_prefix_cache=not p.prompt_logprobs,
         )  # fmt: skip

@@ -9,18 +9,22 @@ import re
 from pathlib import Path
 from typing import Any
 
+import grpc
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from common.grpc_errors import ServiceError
 from shard.numerics.lora import PROJECTIONS, Adapter, LoraPair
 
 #: A LoRA weight's key: ...layers.<i>.<self_attn|mlp>.<proj>.lora_<A|B>[.<adapter name>].weight
 KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.((?:self_attn|mlp)\.\w+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 
 
-class AdapterError(ValueError):
-    """An adapter that does not fit the served model."""
+class AdapterError(ServiceError):
+    """An adapter that does not fit the served model: INVALID_ARGUMENT."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
 
 
 def load_adapter(name: str, folder: str, model: nn.Module) -> Adapter:

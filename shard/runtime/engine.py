@@ -188,7 +188,7 @@ class Engine:
         if self.world_size > 1:
             raise InvalidRequest("LoRA adapters need NUM_SHARD=1")
         if name in self.adapters and self._users_of(name):
-            raise InvalidRequest(f"adapter {name} is in use: unload it when its requests are done")
+            raise CapacityError(f"adapter {name} is in use: replace it when its requests are done")
         adapter = load_adapter(name, path, self.model)
         if not self._hooked:
             layers = getattr(getattr(self.model, "model", None), "layers", [])
@@ -205,7 +205,7 @@ class Engine:
         if name not in self.adapters:
             raise InvalidRequest(f"adapter {name} is not loaded", not_found=True)
         if users := self._users_of(name):
-            raise InvalidRequest(f"adapter {name} is in use by requests {users[:5]}")
+            raise CapacityError(f"adapter {name} is in use by requests {users[:5]}")
         del self.adapters[name]
 
     def _users_of(self, name: str) -> list[int]:

@@ -41,6 +41,7 @@ def request_from_pb(r: pb.Request) -> NewRequest:
         sampled_before=r.sampled_before,
         score_inputs=r.score_inputs,
         pooling=Pooling(r.pooling),
+        adapter=r.adapter,
     )
 
 
@@ -201,6 +202,17 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         batch_id = request.id if request.HasField("id") else None
         await self._on_model_thread(lambda: self.engine.clear(batch_id))
         return pb.ClearCacheResponse()
+
+    async def LoadAdapter(self, request, context):
+        name, path = request.name, request.path
+        if not name or not path:
+            raise InvalidRequest("LoadAdapter needs a name and a path")
+        adapter = await self._on_model_thread(lambda: self.engine.load_adapter(name, path))
+        return pb.LoadAdapterResponse(bytes=adapter.nbytes, rank=adapter.rank)
+
+    async def UnloadAdapter(self, request, context):
+        await self._on_model_thread(lambda: self.engine.unload_adapter(request.name))
+        return pb.UnloadAdapterResponse()
 
 
 def create_server(
