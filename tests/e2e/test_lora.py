@@ -42,7 +42,7 @@ def stack(made):
 
 
 def tgi_tokens(stack: str, adapter: str | None) -> list[int]:
-    parameters = {"max_new_tokens": NEW, "details": True, "decoder_input_details": False}
+    parameters: dict[str, object] = {"max_new_tokens": NEW, "details": True, "decoder_input_details": False}
     if adapter:
         parameters["adapter_id"] = adapter
     r = httpx.post(f"{stack}/generate", json={"inputs": PROMPT, "parameters": parameters}, timeout=60)
