@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from common.grpc_errors import ServiceError
-from shard.numerics.lora import PROJECTIONS, Adapter, LoraPair
+from shard.numerics.lora import DTYPES, MAX_RANK, PROJECTIONS, Adapter, LoraWeights
 
 #: A LoRA weight's key: ...layers.<i>.<self_attn|mlp>.<proj>.lora_<A|B>[.<adapter name>].weight
 KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.((?:self_attn|mlp)\.\w+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
@@ -33,7 +33,9 @@ def load_adapter(name: str, folder: str, model: nn.Module) -> Adapter:
     config = _config(name, path)
     weights = _weights(name, path)
     layers = _decoder_layers(model)
-    dtype = next(model.parameters()).dtype
+    parameter = next(model.parameters())
+    if parameter.device.type != "cpu" or parameter.dtype not in DTYPES:
+        raise AdapterError(f"adapter {name}: LoRA adapters are served on CPU shards in float32 or bfloat16 for now")
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in weights.items():
         match = KEY.search(key)
@@ -45,7 +47,7 @@ def load_adapter(name: str, folder: str, model: nn.Module) -> Adapter:
     for (layer, projection), ab in sorted(pairs.items()):
         a, b = _checked(name, layer, projection, ab, layers)
         scale = _scale(config, projection, a.shape[0])
-        adapter.modules[(layer, projection)] = LoraPair.of(a, b, scale, dtype)
+        adapter.modules[(layer, projection)] = LoraWeights.of(a, b, scale)
         adapter.rank = max(adapter.rank, a.shape[0])
     if not adapter.modules:
         raise AdapterError(f"adapter {name}: no LoRA weights in {path / 'adapter_model.safetensors'}")
@@ -109,6 +111,8 @@ def _checked(
     except AttributeError as error:
         raise AdapterError(f"{where}: the model has no such module") from error
     a, b = ab["A"], ab["B"]
+    if a.shape[0] > MAX_RANK:
+        raise AdapterError(f"{where}: rank {a.shape[0]} is above the largest served, {MAX_RANK}")
     in_features, out_features = int(module.in_features), int(module.out_features)  # type: ignore[arg-type]
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
         raise AdapterError(f"{where}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not chain")

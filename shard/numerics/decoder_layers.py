@@ -156,12 +156,12 @@ class FastDecoderLayer(nn.Module):
         attention = self.attention(ops, x, position_embeddings, kwargs, lora)
         x = _plus(self.self_attn.o_proj, attention, x)
         if lora:
-            lora.add(self.index, "self_attn.o_proj", attention, x)
+            lora.add(self.index, ("self_attn.o_proj",), attention, x)
         h = self._norm(ops, self.post_attention_layernorm, x)
         activated = self.activated(ops, h, lora)
         x = _plus(self.mlp.down_proj, activated, x)
         if lora:
-            lora.add(self.index, "mlp.down_proj", activated, x)
+            lora.add(self.index, ("mlp.down_proj",), activated, x)
         return x.unsqueeze(0)
 
     @property
@@ -199,15 +199,14 @@ class FastDecoderLayer(nn.Module):
         """A fused product, each slice with the step's adapter deltas of its projection."""
         product = fused[0](h)
         if lora:
-            for name, columns in zip(names, fused[1], strict=True):
-                lora.add(self.index, name, h, product, columns)
+            lora.add(self.index, names, h, product, fused[1])
         return product
 
     def _projected(self, name: str, h: torch.Tensor, lora: StepAdapters | None) -> torch.Tensor:
         """A projection called on its own (not fused), with the step's adapter deltas."""
         out = self.get_submodule(name)(h)
         if lora:
-            lora.add(self.index, name, h, out)
+            lora.add(self.index, (name,), h, out)
         return out
 
     def attention(

@@ -2,11 +2,12 @@
 
 A LoRA adapter changes a linear layer ``y = W x`` into ``y = W x + scale * B (A x)``. A step
 mixes requests of several adapters and of the base model, so the base product is computed
-for every row as it is without adapters (the same calls, the same bits), and each adapter
-then adds its delta to its own rows only: ``out[rows] += B' (A x[rows])``, with the scale
-folded into ``B'``. Both products run on the step-invariant linear kernel, so a row's delta
-does not depend on how many rows share the product. A request's tokens are then the same
-whatever adapters, if any, its companions use (tests/shard/test_lora.py).
+for every row as it is without adapters (the same calls, the same bits), and then each row
+gets its own adapter's delta, nothing for a base row (``kernels/lora.c``). One kernel call
+covers a group of projections that share an input (q/k/v, gate/up) for every adapter of
+the step. A row's delta is computed from that row and its adapter alone, in a fixed order,
+so a request's tokens are the same whatever adapters its companions use
+(tests/shard/test_lora.py).
 
 The engine says which rows use which adapter for the step in flight (``adapting``). Layers
 in the fused form (shard.numerics.decoder_layers) add the deltas where they compute each
@@ -17,6 +18,9 @@ forward hooks on their projections (``hook_projections``).
 
 from __future__ import annotations
 
+import ctypes
+import functools
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,69 +28,144 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from shard.numerics.invariant_linear import InvariantLinear, linear_kernel
+from shard.numerics.kernels import load_library
 
 #: The projections an adapter may target, by their names inside a decoder layer.
 PROJECTIONS = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
 )  # fmt: skip
+#: The kernel's largest rank (kernels/lora.c, MAX_RANK).
+MAX_RANK = 512
+DTYPES = (torch.float32, torch.bfloat16)
 
 
 @dataclass
-class LoraPair:
-    """One adapted projection: ``down`` is A (in -> rank), ``up`` is B times the scale (rank -> out)."""
+class LoraWeights:
+    """One adapted projection, in float32: A [rank, in], and B [out, rank] times the scale,
+    stored transposed ([rank, out]: the kernel runs along the output columns)."""
 
-    down: InvariantLinear
-    up: InvariantLinear
+    a: torch.Tensor
+    b: torch.Tensor
 
     @classmethod
-    def of(cls, a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype) -> LoraPair:
-        kernel = linear_kernel()
-        return cls(_invariant(a, dtype, kernel), _invariant(b.float() * scale, dtype, kernel))
+    def of(cls, a: torch.Tensor, b: torch.Tensor, scale: float) -> LoraWeights:
+        return cls(a.float().contiguous(), (b.float() * scale).t().contiguous())
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for m in (self.down, self.up) for t in m.buffers())
+        return (self.a.numel() + self.b.numel()) * 4
 
 
-def _invariant(weight: torch.Tensor, dtype: torch.dtype, kernel) -> InvariantLinear:  # type: ignore[no-untyped-def]
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight.to(dtype))
-    return InvariantLinear(linear, kernel)
-
-
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: a step's tables are cached per adapter object
 class Adapter:
     name: str
-    #: (layer index, projection name) -> its pair.
-    modules: dict[tuple[int, str], LoraPair] = field(default_factory=dict)
+    #: (layer index, projection name) -> its weights.
+    modules: dict[tuple[int, str], LoraWeights] = field(default_factory=dict)
     rank: int = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(pair.nbytes for pair in self.modules.values())
+        return sum(w.nbytes for w in self.modules.values())
+
+
+class _Kernel:
+    def __init__(self, library: ctypes.CDLL):
+        self.functions = {torch.float32: library.lora_add_f32, torch.bfloat16: library.lora_add_bf16}
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        for function in self.functions.values():
+            function.restype = ctypes.c_int
+            function.argtypes = [p, i64, p, i64, i64, i64, p, ctypes.c_int32, ctypes.c_int32, p, p, p, p, ctypes.c_int]
+
+
+@functools.cache
+def _kernel() -> _Kernel:
+    library = load_library("lora")
+    if library is None:
+        raise RuntimeError("the LoRA kernel could not be built (a C compiler is needed)")
+    return _Kernel(library)
 
 
 @dataclass
+class _Tables:
+    """The kernel's per-(adapter, projection) tables for one group of one layer."""
+
+    a: ctypes.Array
+    b: ctypes.Array
+    rank: ctypes.Array
+    #: Kept alive while the tables point at them.
+    weights: list[LoraWeights]
+
+
+#: Tables of recent (adapters of a step, layer, group): a steady load reuses them every step.
+_TABLES: OrderedDict[tuple, _Tables | None] = OrderedDict()
+_TABLES_KEPT = 4096
+
+
+def _tables(adapters: tuple[Adapter, ...], layer: int, names: tuple[str, ...]) -> _Tables | None:
+    key = (adapters, layer, names)
+    if key in _TABLES:
+        _TABLES.move_to_end(key)
+        return _TABLES[key]
+    entries = [adapter.modules.get((layer, name)) for adapter in adapters for name in names]
+    found = [w for w in entries if w is not None]
+    tables = None
+    if found:
+        count = len(entries)
+        tables = _Tables(
+            (ctypes.c_void_p * count)(*[w.a.data_ptr() if w else None for w in entries]),
+            (ctypes.c_void_p * count)(*[w.b.data_ptr() if w else None for w in entries]),
+            (ctypes.c_int32 * count)(*[w.rank if w else 0 for w in entries]),
+            found,
+        )
+    _TABLES[key] = tables
+    if len(_TABLES) > _TABLES_KEPT:
+        _TABLES.popitem(last=False)
+    return tables
+
+
 class StepAdapters:
     """Which rows of the step in flight use which adapter."""
 
-    groups: list[tuple[Adapter, torch.Tensor]]
+    def __init__(self, adapters: list[Adapter], slot_of_row: torch.Tensor):
+        self.adapters = tuple(adapters)
+        #: Per row of the packed step: its adapter's index in ``adapters``, -1 for none (int32).
+        self.slot_of_row = slot_of_row.to(torch.int32).contiguous()
 
     def add(
-        self, layer: int, projection: str, x: torch.Tensor, out: torch.Tensor, columns: tuple[int, int] | None = None
+        self,
+        layer: int,
+        names: tuple[str, ...],
+        x: torch.Tensor,
+        out: torch.Tensor,
+        columns: list[tuple[int, int]] | None = None,
     ) -> None:
-        """``out[rows, columns] += delta(x[rows])`` for each adapter of the step that adapts
-        ``projection`` of ``layer``; x and out are [tokens, features] (columns: all by default)."""
-        for adapter, rows in self.groups:
-            pair = adapter.modules.get((layer, projection))
-            if pair is None:
-                continue
-            start, end = columns or (0, out.shape[1])
-            target = out[rows, start:end]
-            out[rows, start:end] = pair.up.plus(pair.down(x[rows]), target.contiguous())
+        """``out[r, columns of p] += delta_p(x[r])`` in place, for each projection p of ``names``
+        (of ``layer``) that row r's adapter adapts; x [tokens, in] and out [tokens, *] have
+        unit column stride (columns: p's (start, end) in out; one projection: all of out)."""
+        tables = _tables(self.adapters, layer, names)
+        if tables is None:
+            return
+        if x.stride(1) != 1 or out.stride(1) != 1 or x.dtype != out.dtype or x.dtype not in DTYPES:
+            raise ValueError("LoRA deltas need float32 or bfloat16 rows of unit column stride")
+        flat = _columns(tuple(columns) if columns else ((0, out.shape[1]),))
+        status = _kernel().functions[x.dtype](
+            x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), x.shape[0], x.shape[1],
+            self.slot_of_row.data_ptr(), len(self.adapters), len(names), flat, tables.a, tables.b, tables.rank,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise RuntimeError(f"the LoRA kernel refused a rank above {MAX_RANK}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _columns(spans: tuple[tuple[int, int], ...]) -> ctypes.Array:
+    """The kernel's (start, width) pairs of a group's projections (a layer's are the same every step)."""
+    return (ctypes.c_int64 * (2 * len(spans)))(*[v for start, end in spans for v in (start, end - start)])
 
 
 _active: StepAdapters | None = None
@@ -112,27 +191,20 @@ def hook_projections(layer: nn.Module, index: int) -> int:
     fused form; returns how many projections were hooked."""
     hooked = 0
     for name in PROJECTIONS:
-        module = layer.get_submodule(name) if _has(layer, name) else None
-        if module is None:
+        try:
+            module = layer.get_submodule(name)
+        except AttributeError:
             continue
 
         def hook(module: nn.Module, args: tuple, out: torch.Tensor, name: str = name) -> torch.Tensor:
             step = _active
             if step is None:
                 return out
-            x = args[0]
-            flat_out = out.reshape(-1, out.shape[-1]).clone()
-            step.add(index, name, x.reshape(-1, x.shape[-1]), flat_out)
+            x = args[0].reshape(-1, args[0].shape[-1]).contiguous()
+            flat_out = out.reshape(-1, out.shape[-1]).clone()  # a slice of a shared product stays untouched
+            step.add(index, (name,), x, flat_out)
             return flat_out.reshape(out.shape)
 
         module.register_forward_hook(hook)
         hooked += 1
     return hooked
-
-
-def _has(layer: nn.Module, name: str) -> bool:
-    try:
-        layer.get_submodule(name)
-    except AttributeError:
-        return False
-    return True

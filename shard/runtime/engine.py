@@ -503,15 +503,14 @@ class Engine:
 
     def _step_adapters(self, work: list[tuple[Sequence, int]]) -> StepAdapters | None:
         """The packed step's rows of each adapter its sequences use (None when none does)."""
-        rows: dict[int, tuple[Adapter, list[int]]] = {}
-        at = 0
-        for seq, n in work:
-            if seq.adapter is not None:
-                rows.setdefault(id(seq.adapter), (seq.adapter, []))[1].extend(range(at, at + n))
-            at += n
-        if not rows:
+        if all(seq.adapter is None for seq, _ in work):
             return None
-        return StepAdapters([(a, torch.tensor(r, dtype=torch.long, device=self.device)) for a, r in rows.values()])
+        slots: dict[Adapter, int] = {}
+        slot_of_row: list[int] = []
+        for seq, n in work:
+            slot = -1 if seq.adapter is None else slots.setdefault(seq.adapter, len(slots))
+            slot_of_row.extend([slot] * n)
+        return StepAdapters(list(slots), torch.tensor(slot_of_row, dtype=torch.int32))
 
     @staticmethod
     def _rows_of(seq: Sequence, start: int, end: int, first_row: int, rows: StepRows) -> None:

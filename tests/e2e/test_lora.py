@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from huggingface_hub import InferenceClient
 
 from support.lora_adapters import build_adapter, peft_generate
 from tests.conftest import running_stack
@@ -68,6 +69,9 @@ def test_each_client_gets_peft_tokens_for_its_adapter(stack, made):
         answers[adapter] = text.choices[0].text
         assert text.model == (adapter or "tgi")
     assert len(set(answers.values())) == 3, answers  # each adapter changes the answer
+    # TGI's clients: huggingface_hub's InferenceClient and text_generation send parameters.adapter_id.
+    hub = InferenceClient(stack).text_generation(PROMPT, adapter_id="y", max_new_tokens=NEW, details=True)
+    assert [t.id for t in hub.details.tokens] == tgi_tokens(stack, "y")
     models = client.models.list().data
     assert [m.id for m in models][1:] == ["x", "y"]
     assert all(getattr(m, "parent", None) == models[0].id for m in models[1:])

@@ -20,6 +20,7 @@ static inline v16 v_load(const float *p) { return _mm512_loadu_ps(p); }
 static inline void v_store(float *p, v16 v) { _mm512_storeu_ps(p, v); }
 static inline vb v_broadcast(float x) { return _mm512_set1_ps(x); }
 static inline v16 v_fma(vb x, v16 w, v16 acc) { return _mm512_fmadd_ps(x, w, acc); }
+static inline v16 v_fma_vv(v16 a, v16 b, v16 acc) { return _mm512_fmadd_ps(a, b, acc); }
 static inline v16 v_mul(v16 a, v16 b) { return _mm512_mul_ps(a, b); }
 static inline v16 v_mul_b(vb x, v16 w) { return _mm512_mul_ps(x, w); }
 static inline v16 v_add(v16 a, v16 b) { return _mm512_add_ps(a, b); }
@@ -34,6 +35,10 @@ static inline v16 v_fma(vb x, v16 w, v16 acc) {
     v16 r = { _mm256_fmadd_ps(x, w.lo, acc.lo), _mm256_fmadd_ps(x, w.hi, acc.hi) };
     return r;
 }
+static inline v16 v_fma_vv(v16 a, v16 b, v16 acc) {
+    v16 r = { _mm256_fmadd_ps(a.lo, b.lo, acc.lo), _mm256_fmadd_ps(a.hi, b.hi, acc.hi) };
+    return r;
+}
 static inline v16 v_mul(v16 a, v16 b) { v16 r = { _mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi) }; return r; }
 static inline v16 v_mul_b(vb x, v16 w) { v16 r = { _mm256_mul_ps(x, w.lo), _mm256_mul_ps(x, w.hi) }; return r; }
 static inline v16 v_add(v16 a, v16 b) { v16 r = { _mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi) }; return r; }
@@ -46,6 +51,10 @@ static inline void v_store(float *p, v16 v) { memcpy(p, v.v, sizeof v.v); }
 static inline vb v_broadcast(float x) { return x; }
 static inline v16 v_fma(vb x, v16 w, v16 acc) {
     for (int i = 0; i < 16; i++) acc.v[i] = fmaf(x, w.v[i], acc.v[i]);
+    return acc;
+}
+static inline v16 v_fma_vv(v16 a, v16 b, v16 acc) {
+    for (int i = 0; i < 16; i++) acc.v[i] = fmaf(a.v[i], b.v[i], acc.v[i]);
     return acc;
 }
 static inline v16 v_mul(v16 a, v16 b) { for (int i = 0; i < 16; i++) a.v[i] *= b.v[i]; return a; }
