@@ -146,8 +146,8 @@ class FastDecoderLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: Any = None, **kwargs: Any) -> torch.Tensor:
         x = hidden_states[0]  # [tokens, hidden]: the engine packs a step into one row
-        lora = active_adapters()  # rows with adapters take the Python path (shard.numerics.lora)
-        native = None if lora else self.native_layer()
+        lora = active_adapters()  # each product gets its rows' adapter deltas (shard.numerics.lora)
+        native = self.native_layer()
         step = native and NativeStep.of(kwargs.get("paged_step"), x, position_embeddings, native)
         if step:
             return step.forward(native, x).unsqueeze(0)  # type: ignore[arg-type]

@@ -128,6 +128,20 @@ def _tables(adapters: tuple[Adapter, ...], layer: int, names: tuple[str, ...]) -
     return tables
 
 
+#: The groups of projections that share an input, in the order decoder_layer.c adds them.
+GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",),
+)  # fmt: skip
+
+
+class NativeGroup(ctypes.Structure):
+    """decoder_layer.c's LoraGroup."""
+
+    _fields_ = [("a", ctypes.c_void_p), ("bt", ctypes.c_void_p), ("rank", ctypes.c_void_p),
+                ("columns", ctypes.c_void_p), ("projections", ctypes.c_int32)]  # fmt: skip
+
+
 class StepAdapters:
     """Which rows of the step in flight use which adapter."""
 
@@ -160,6 +174,25 @@ class StepAdapters:
         )  # fmt: skip
         if status != 0:
             raise RuntimeError(f"the LoRA kernel refused a rank above {MAX_RANK}")
+
+    def native_groups(self, spans: list[tuple[tuple[int, int], ...]]) -> tuple[int, ctypes.Array, list]:
+        """decoder_layer.c's table: for each layer an adapter of the step adapts, its four
+        ``GROUPS`` (``spans``: each group's columns in its product, the same in every layer).
+        Returns (layers covered, the table, what it points into, to keep alive)."""
+        layers = 1 + max((layer for a in self.adapters for layer, _ in a.modules), default=-1)
+        table = (NativeGroup * (4 * layers))()
+        keep: list = []
+        for layer in range(layers):
+            for g, (names, columns) in enumerate(zip(GROUPS, spans, strict=True)):
+                tables = _tables(self.adapters, layer, names)
+                if tables is not None:
+                    flat = _columns(columns)
+                    table[4 * layer + g] = NativeGroup(
+                        ctypes.addressof(tables.a), ctypes.addressof(tables.b), ctypes.addressof(tables.rank),
+                        ctypes.addressof(flat), len(names),
+                    )  # fmt: skip
+                    keep += [tables, flat]
+        return layers, table, keep
 
 
 @functools.lru_cache(maxsize=1024)

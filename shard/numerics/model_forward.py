@@ -22,7 +22,6 @@ from torch import nn
 
 from shard.numerics.attention.step import PagedStep
 from shard.numerics.decoder_layers import FastDecoderLayer
-from shard.numerics.lora import active as active_adapters
 from shard.numerics.native_layer import NativeStack, NativeStep
 
 #: Causal LMs whose model forward is the plain chain above (transformers' own code, checked).
@@ -81,10 +80,7 @@ class DirectForward:
         if self._stack is None:
             self._stack = NativeStack.of([layer.native_layer() for layer in self.layers]) or False
         x = h[0]  # [tokens, hidden]: the engine packs a step into one row
-        # A step with adapter rows runs layer by layer: each adds its deltas (shard.numerics.lora).
-        native = (
-            self._stack and active_adapters() is None and NativeStep.of(step, x, position_embeddings, self._stack.first)
-        )
+        native = self._stack and NativeStep.of(step, x, position_embeddings, self._stack.first)
         if native:
             return self._stack.forward(native, x).unsqueeze(0)  # type: ignore[union-attr]
         for layer in self.layers:

@@ -28,13 +28,14 @@ from shard.numerics.attention import PagedStep, cpu_paged
 from shard.numerics.invariant_linear import ACTIVATION_CODES as TYPES
 from shard.numerics.invariant_linear import InvariantLinear
 from shard.numerics.kernels import load_library
+from shard.numerics.lora import active as active_adapters
 
 _pointer, _int, _int64, _float = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 
 
 class _Kernels(ctypes.Structure):
     _fields_ = [("linear", _pointer), ("rms_norm", _pointer), ("rotary", _pointer), ("silu_mul", _pointer),
-                ("attention", _pointer)]  # fmt: skip
+                ("attention", _pointer), ("lora", _pointer)]  # fmt: skip
 
 
 class _Linear(ctypes.Structure):
@@ -57,14 +58,17 @@ class _Step(ctypes.Structure):
         ("slots", _pointer), ("tables", _pointer), ("context_len", _pointer), ("max_blocks", _int),
         ("block_size", _int), ("keys", _pointer), ("values", _pointer), ("cos", _pointer), ("sin", _pointer),
         ("normed", _pointer), ("qkv", _pointer), ("q", _pointer), ("attention", _pointer), ("gate_up", _pointer),
-        ("activated", _pointer),
+        ("activated", _pointer), ("lora_slot", _pointer), ("lora_slots", ctypes.c_int32),
+        ("lora_layers", ctypes.c_int32), ("lora", _pointer),
     ]  # fmt: skip
 
 
 class _Library:
     """The driver and the kernels it calls, one ``Kernels`` table per activation type."""
 
-    def __init__(self, driver: ctypes.CDLL, linear: ctypes.CDLL, ops: ctypes.CDLL, attention: ctypes.CDLL):
+    def __init__(
+        self, driver: ctypes.CDLL, linear: ctypes.CDLL, ops: ctypes.CDLL, attention: ctypes.CDLL, lora: ctypes.CDLL
+    ):
         self.run = driver.decoder_layer
         self.run.restype = ctypes.c_int
         self.run.argtypes = [ctypes.POINTER(_Layer), ctypes.POINTER(_Step), _pointer, _pointer]
@@ -84,14 +88,14 @@ class _Library:
 
         shared = [address(f) for f in (linear.invariant_linear, ops.rms_norm, ops.rotary, ops.silu_mul)]
         self.kernels = {
-            torch.float32: _Kernels(*shared, address(attention.paged_decode_f32)),
-            torch.bfloat16: _Kernels(*shared, address(attention.paged_decode_bf16)),
+            torch.float32: _Kernels(*shared, address(attention.paged_decode_f32), address(lora.lora_add)),
+            torch.bfloat16: _Kernels(*shared, address(attention.paged_decode_bf16), address(lora.lora_add)),
         }
 
 
 @functools.cache
 def _library() -> _Library | None:
-    libraries = [load_library(name) for name in ("decoder_layer", "linear", "layer_ops", "paged_decode")]
+    libraries = [load_library(name) for name in ("decoder_layer", "linear", "layer_ops", "paged_decode", "lora")]
     if any(library is None for library in libraries):
         return None
     return _Library(*libraries)  # type: ignore[arg-type]
@@ -173,7 +177,27 @@ class NativeStep:
             cache.block_size, keys.data_ptr(), values.data_ptr(), cos.data_ptr(), sin.data_ptr(),
             *(t.data_ptr() for t in scratch),
         )  # fmt: skip
+        self._adapt(widths)
         self.run = library.run
+
+    def _adapt(self, widths: tuple) -> None:
+        """The step's LoRA adapters (shard.numerics.lora), if any, into the struct: each product
+        gets its rows' deltas as on the Python path."""
+        adapters = active_adapters()
+        if adapters is None:
+            return
+        hidden, qkv_width, heads_width, intermediate = widths
+        kv = (qkv_width - heads_width) // 2
+        spans = [
+            ((0, heads_width), (heads_width, heads_width + kv), (heads_width + kv, qkv_width)), ((0, hidden),),
+            ((0, intermediate), (intermediate, 2 * intermediate)), ((0, hidden),),
+        ]  # fmt: skip
+        layers, table, keep = adapters.native_groups(spans)
+        self._keep += [adapters.slot_of_row, table, keep]
+        self.struct.lora_slot = adapters.slot_of_row.data_ptr()
+        self.struct.lora_slots = len(adapters.adapters)
+        self.struct.lora_layers = layers
+        self.struct.lora = ctypes.addressof(table)
 
     @staticmethod
     def of(paged_step: PagedStep | None, x: torch.Tensor, rotary: Any, layer: NativeLayer) -> NativeStep | None:

@@ -18,16 +18,17 @@ from common.model_source import resolve_model
 from shard.numerics import model_forward, native_layer
 from shard.numerics.decoder_layers import FastDecoderLayer
 from shard.numerics.sampling import SamplingParams
+from support.lora_adapters import ATTENTION, build_adapter
 from tests.shard.engine_driver import Driver, Tracked, make_engine
 
 PARAMS = SamplingParams(temperature=0.0, top_n_tokens=3)
 
 
-def _schedule(engine) -> list[tuple[list[int], list[float]]]:
+def _schedule(engine, adapters: tuple[str, str] = ("", "")) -> list[tuple[list[int], list[float]]]:
     engine.clear(None)
     driver = Driver(engine)
-    first = Tracked(1, [(37 * i + 11) % 4000 + 100 for i in range(30)], PARAMS)
-    second = Tracked(2, [(13 * i + 5) % 4000 + 100 for i in range(41)], PARAMS)
+    first = Tracked(1, [(37 * i + 11) % 4000 + 100 for i in range(30)], PARAMS, adapter=adapters[0])
+    second = Tracked(2, [(13 * i + 5) % 4000 + 100 for i in range(41)], PARAMS, adapter=adapters[1])
     driver.prefill([(first, 30)])
     driver.decode()
     driver.decode([(second, 17)])  # mixed: first decodes, second's first chunk
@@ -71,6 +72,28 @@ def test_one_call_layer_is_the_python_path_bit_for_bit(case, tiny_model_dir):
         python = _schedule(engine)
     assert stack == by_layer == python
     assert [len(tokens) for tokens, _ in stack] == [10, 7]
+
+
+@pytest.mark.parametrize("case", ["llama-bfloat16-int4", "qwen2-float32-none"])
+def test_lora_deltas_in_one_call_are_the_python_path_bit_for_bit(case, tiny_model_dir, tmp_path):
+    """With LoRA adapters in the step (one request on an adapter, the other on another or on
+    the base model), decoder_layer.c adds each product's deltas as FastDecoderLayer does."""
+    kind, dtype_name, quantize = case.split("-")
+    base = tiny_model_dir(kind)
+    engine = make_engine(resolve_model(str(base)), dtype=getattr(torch, dtype_name), quantize=quantize)
+    engine.load_adapter("x", str(build_adapter(base, tmp_path / "x", seed=4, rank=8)))
+    engine.load_adapter("y", str(build_adapter(base, tmp_path / "y", seed=5, rank=4, targets=ATTENTION)))
+    plain = _schedule(engine)
+    for adapters in (("x", "y"), ("x", "")):
+        stack = _schedule(engine, adapters)
+        assert engine.runner._direct and engine.runner._direct._stack, "the stack was not built"
+        engine.runner._direct._stack = False  # layer by layer
+        by_layer = _schedule(engine, adapters)
+        engine.runner._direct._stack = None  # built again at the next step
+        with mock.patch.object(native_layer.NativeStep, "of", staticmethod(lambda *args: None)):
+            python = _schedule(engine, adapters)
+        assert stack == by_layer == python, adapters
+        assert stack[0] != plain[0] and (stack[1] == plain[1]) == (adapters[1] == "")
 
 
 @pytest.mark.parametrize("case", ["llama-bfloat16-int4", "qwen2-float32-none", "mistral-bfloat16-none"])

@@ -14,6 +14,9 @@
  *   gu   = h @ Wgate_up;  a = silu(gate) * up
  *   out  = out + a @ Wdown                   (in place: each element reads its residual once)
  *
+ * With LoRA adapters in the step (shard/numerics/lora.py), each product gets its rows' adapter
+ * deltas right after it (lora.c), as FastDecoderLayer adds them on its Python path.
+ *
  * decoder_layers runs a model's whole stack of layers in one call, each layer reading the
  * previous one's output: the same per-layer calls without the Python between the layers.
  *
@@ -38,13 +41,27 @@ typedef int (*attention_fn)(const void *q, const void *k_cache, const void *v_ca
                             const int64_t *context_len, void *out, int batch, int heads, int kv_heads,
                             int head_dim, int max_blocks, int block_size, float scale, int window, int threads);
 
+typedef int (*lora_fn)(int type, const void *x, int64_t x_stride, void *y, int64_t y_stride, int64_t rows,
+                       int64_t in, const int32_t *slot, int32_t slots, int32_t projections, const int64_t *columns,
+                       const float *const *a, const float *const *bt, const int32_t *rank, int threads);
+
 typedef struct {
     linear_fn linear;
     norm_fn rms_norm;
     rotary_fn rotary;
     silu_mul_fn silu_mul;
     attention_fn attention;
+    lora_fn lora;
 } Kernels;
+
+/* One group of projections sharing an input (lora.c's tables); a == NULL: no adapter of the
+ * step adapts any of them in this layer. */
+typedef struct {
+    const float *const *a, *const *bt;
+    const int32_t *rank;
+    const int64_t *columns;
+    int32_t projections;
+} LoraGroup;
 
 /* One packed weight of linear.c: values, per-group scales and offsets (4-/8-bit), bias (fp32). */
 typedef struct {
@@ -75,7 +92,21 @@ typedef struct {
     const int64_t *keys, *values;            /* [layers] addresses of each layer's K and V cache */
     const void *cos, *sin;                   /* [tokens, head_dim] */
     void *normed, *qkv, *q, *attention, *gate_up, *activated;
+    const int32_t *lora_slot;                /* [tokens] each row's adapter among the step's, -1: none */
+    int32_t lora_slots, lora_layers;         /* adapters of the step; layers lora covers */
+    const LoraGroup *lora;                   /* [lora_layers * 4]: qkv, o, gate_up, down; NULL: none */
 } Step;
+
+enum { LORA_QKV, LORA_O, LORA_GATE_UP, LORA_DOWN };
+
+/* y [tokens, y_width] += the step's adapter deltas of the layer's group from x [tokens, in]. */
+static int adapt(const Step *s, const Layer *l, int group, const void *x, int64_t in, void *y, int64_t y_width) {
+    if (s->lora == NULL || l->layer >= s->lora_layers) return 0;
+    const LoraGroup *g = &s->lora[(int64_t)l->layer * 4 + group];
+    if (g->a == NULL) return 0;
+    return s->kernels->lora(s->type, x, in, y, y_width, s->tokens, in, s->lora_slot, s->lora_slots, g->projections,
+                            g->columns, g->a, g->bt, g->rank, s->threads);
+}
 
 static int project(const Step *s, const Linear *w, const void *x, const void *residual, void *y) {
     return s->kernels->linear(x, s->type, w->packed, w->wtype, w->scales, w->offsets, w->bias, residual, y, s->type,
@@ -105,6 +136,7 @@ int decoder_layer(const Layer *l, const Step *s, const void *x, void *out) {
     int status;
     k->rms_norm(x, l->hidden, l->input_norm, l->input_eps, s->normed, l->hidden, T, l->hidden, s->type, s->threads);
     if ((status = project(s, &l->qkv, s->normed, NULL, s->qkv))) return status;
+    if ((status = adapt(s, l, LORA_QKV, s->normed, l->hidden, s->qkv, qkv_width))) return status;
     const size_t element = s->type == 0 ? 4 : 2;
     char *k_heads = (char *)s->qkv + (size_t)l->heads * l->head_dim * element;
     k->rotary(s->qkv, qkv_width, T, l->heads, l->head_dim, s->cos, s->sin, s->type, s->threads);
@@ -115,10 +147,13 @@ int decoder_layer(const Layer *l, const Step *s, const void *x, void *out) {
                           s->max_blocks, s->block_size, l->scale, l->window, s->threads);
     if (status) return status;
     if ((status = project(s, &l->o, s->attention, x, out))) return status;
+    if ((status = adapt(s, l, LORA_O, s->attention, l->o.in, out, l->hidden))) return status;
     k->rms_norm(out, l->hidden, l->post_norm, l->post_eps, s->normed, l->hidden, T, l->hidden, s->type, s->threads);
     if ((status = project(s, &l->gate_up, s->normed, NULL, s->gate_up))) return status;
+    if ((status = adapt(s, l, LORA_GATE_UP, s->normed, l->hidden, s->gate_up, 2 * l->intermediate))) return status;
     k->silu_mul(s->gate_up, 2 * l->intermediate, T, l->intermediate, s->activated, s->type, s->threads);
-    return project(s, &l->down, s->activated, out, out);
+    if ((status = project(s, &l->down, s->activated, out, out))) return status;
+    return adapt(s, l, LORA_DOWN, s->activated, l->intermediate, out, l->hidden);
 }
 
 /* layers[0..count) in order, x the first one's input (only read). The outputs alternate between

@@ -141,3 +141,12 @@ static inline float narrow_f32(float v) { return v; }
 
 LORA_ADD(lora_add_f32, float, widen_f32, narrow_f32)
 LORA_ADD(lora_add_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+
+/* Either of the two by activation type (0 fp32, 1 bf16), for the decoder layer driver. */
+int lora_add(int type, const void *x, int64_t x_stride, void *y, int64_t y_stride, int64_t rows, int64_t in,
+             const int32_t *slot, int32_t slots, int32_t projections, const int64_t *columns, const float *const *a,
+             const float *const *bt, const int32_t *rank, int threads) {
+    if (type == 0)
+        return lora_add_f32(x, x_stride, y, y_stride, rows, in, slot, slots, projections, columns, a, bt, rank, threads);
+    return lora_add_bf16(x, x_stride, y, y_stride, rows, in, slot, slots, projections, columns, a, bt, rank, threads);
+}
