@@ -8,6 +8,7 @@ from benchmarks import (
     draft,
     engine,
     engine_workload,
+    lora,
     placement,
     router_overhead,
     served,
@@ -34,6 +35,8 @@ def main() -> None:
     print(served.report(stack, engines["after"], engines["cpu"], alone), flush=True)  # type: ignore[arg-type]
     print(speculation.report(speculation.run(), str(engines["cpu"])), flush=True)
     print(draft.report(draft.run(), str(engines["cpu"])), flush=True)
+    print(lora.rank_report(lora.rank_cost(), str(engines["cpu"])), flush=True)
+    print(lora.report(lora.run(), str(engines["cpu"])), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,17 +11,26 @@ the default model (all seven projections of every layer), built once and cached.
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from benchmarks.engine import cpu_name
+import torch
+
+from benchmarks.engine import _engine, cpu_name
 from benchmarks.served import LOADGEN, serving, switchyard_argv
 from common.disk_cache import cache_root
 from common.model_source import default_model_dir, resolve_model
 from common.ports import free_port
+from shard.loading.model_loader import choose_dtype
+from shard.numerics.lora import PROJECTIONS, Adapter, LoraWeights
+from shard.numerics.sampling import SamplingParams
+from shard.runtime.engine import NewRequest
 from support.lora_adapters import build_adapter
 
 ADAPTERS = 8
@@ -83,6 +92,39 @@ def run(seed: int = 7000, rank: int = 16) -> dict[str, dict[int, Load]]:
     return sides
 
 
+def _random_adapter(model: Any, rank: int) -> Adapter:
+    """An adapter of ``rank`` on every projection of every layer, random, built in memory."""
+    adapter, dtype = Adapter(f"r{rank}", rank=rank), next(model.parameters()).dtype
+    for index, layer in enumerate(model.model.layers):
+        for name in PROJECTIONS:
+            module = layer.get_submodule(name)
+            a, b = torch.randn(rank, module.in_features) * 0.01, torch.randn(module.out_features, rank) * 0.01
+            adapter.modules[(index, name)] = LoraWeights.of(a, b, 1.0, dtype)
+    return adapter
+
+
+def rank_cost(rows: int = 16, ranks: tuple[int, ...] = (8, 16, 32, 64), steps: int = 30) -> dict[int, float]:
+    """Median decode step (ms) of the engine alone on the default model, ``rows`` sequences all on
+    one adapter of each rank (0: the base model), side by side in one process."""
+    engine = _engine(resolve_model(None), choose_dtype(None, torch.device("cpu")), 16384)
+    for rank in ranks:
+        engine.adapters[f"r{rank}"] = _random_adapter(engine.model, rank)
+    medians = {}
+    for rank in (0, *ranks):
+        prompts = [[5 + (i * 7 + j) % 3000 for j in range(64)] for i in range(rows)]
+        requests = [NewRequest(i + 1, p, 0, len(p), list(range(8 * i, 8 * i + 8)), SamplingParams(), 0,
+                               adapter=f"r{rank}" if rank else "") for i, p in enumerate(prompts)]  # fmt: skip
+        engine.prefill(1, requests)
+        times = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            engine.decode([1], {})
+            times.append(time.perf_counter() - started)
+        engine.clear(None)
+        medians[rank] = statistics.median(times) * 1000
+    return medians
+
+
 def report(sides: dict[str, dict[int, Load]], cpu: str, rank: int = 16) -> str:
     lines = [f"multi-LoRA: the shared workload, {ADAPTERS} adapters of rank {rank} over the requests, on {cpu}:"]
     for streams, base in sides["base"].items():
@@ -95,5 +137,17 @@ def report(sides: dict[str, dict[int, Load]], cpu: str, rank: int = 16) -> str:
     return "\n".join(lines)
 
 
+def rank_report(medians: dict[int, float], cpu: str, rows: int = 16) -> str:
+    base = medians[0]
+    costs = ", ".join(
+        f"rank {r}: {ms:.1f} ms (+{ms - base:.1f} ms, {(ms - base) / r * 1000:.0f} us per rank)"
+        for r, ms in medians.items() if r
+    )  # fmt: skip
+    return (
+        f"LoRA cost per rank, engine decode step of {rows} rows on one adapter, on {cpu}: base {base:.1f} ms; {costs}"
+    )
+
+
 if __name__ == "__main__":
+    print(rank_report(rank_cost(), cpu_name()), flush=True)
     print(report(run(), cpu_name()), flush=True)

@@ -47,7 +47,7 @@ def load_adapter(name: str, folder: str, model: nn.Module) -> Adapter:
     for (layer, projection), ab in sorted(pairs.items()):
         a, b = _checked(name, layer, projection, ab, layers)
         scale = _scale(config, projection, a.shape[0])
-        adapter.modules[(layer, projection)] = LoraWeights.of(a, b, scale)
+        adapter.modules[(layer, projection)] = LoraWeights.of(a, b, scale, parameter.dtype)
         adapter.rank = max(adapter.rank, a.shape[0])
     if not adapter.modules:
         raise AdapterError(f"adapter {name}: no LoRA weights in {path / 'adapter_model.safetensors'}")

@@ -42,15 +42,16 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 @dataclass
 class LoraWeights:
-    """One adapted projection, in float32: A [rank, in], and B [out, rank] times the scale,
-    stored transposed ([rank, out]: the kernel runs along the output columns)."""
+    """One adapted projection in the model's dtype (the kernel reads the weights in the type of
+    the activations): A [rank, in], and B [out, rank] times the scale, stored transposed
+    ([rank, out]: the kernel runs along the output columns). bf16 halves what a step reads."""
 
     a: torch.Tensor
     b: torch.Tensor
 
     @classmethod
-    def of(cls, a: torch.Tensor, b: torch.Tensor, scale: float) -> LoraWeights:
-        return cls(a.float().contiguous(), (b.float() * scale).t().contiguous())
+    def of(cls, a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype = torch.float32) -> LoraWeights:
+        return cls(a.to(dtype).contiguous(), (b.float() * scale).t().to(dtype).contiguous())
 
     @property
     def rank(self) -> int:
@@ -58,7 +59,7 @@ class LoraWeights:
 
     @property
     def nbytes(self) -> int:
-        return (self.a.numel() + self.b.numel()) * 4
+        return (self.a.numel() + self.b.numel()) * self.a.element_size()
 
 
 @dataclass(eq=False)  # compared and hashed by identity: a step's tables are cached per adapter object
@@ -164,8 +165,8 @@ class StepAdapters:
         tables = _tables(self.adapters, layer, names)
         if tables is None:
             return
-        if x.stride(1) != 1 or out.stride(1) != 1 or x.dtype != out.dtype or x.dtype not in DTYPES:
-            raise ValueError("LoRA deltas need float32 or bfloat16 rows of unit column stride")
+        if x.stride(1) != 1 or out.stride(1) != 1 or x.dtype != out.dtype or x.dtype != tables.weights[0].a.dtype:
+            raise ValueError("LoRA deltas need rows of unit column stride in the adapters' dtype")
         flat = _columns(tuple(columns) if columns else ((0, out.shape[1]),))
         status = _kernel().functions[x.dtype](
             x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), x.shape[0], x.shape[1],

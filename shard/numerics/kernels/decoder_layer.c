@@ -43,7 +43,7 @@ typedef int (*attention_fn)(const void *q, const void *k_cache, const void *v_ca
 
 typedef int (*lora_fn)(int type, const void *x, int64_t x_stride, void *y, int64_t y_stride, int64_t rows,
                        int64_t in, const int32_t *slot, int32_t slots, int32_t projections, const int64_t *columns,
-                       const float *const *a, const float *const *bt, const int32_t *rank, int threads);
+                       const void *const *a, const void *const *bt, const int32_t *rank, int threads);
 
 typedef struct {
     linear_fn linear;
@@ -57,7 +57,7 @@ typedef struct {
 /* One group of projections sharing an input (lora.c's tables); a == NULL: no adapter of the
  * step adapts any of them in this layer. */
 typedef struct {
-    const float *const *a, *const *bt;
+    const void *const *a, *const *bt;           /* weights in the activation type */
     const int32_t *rank;
     const int64_t *columns;
     int32_t projections;
