@@ -12,6 +12,7 @@ from aiohttp import web
 
 from facade.errors import from_grpc, invalid
 from facade.json_body import json_response, read_json
+from facade.lora import served_adapters
 from facade.params import MAX_SEQUENCES, token_ids, truncation
 from facade.request_models import EmbeddingRequest, fields_of, validate_body
 from facade.state import ROUTER
@@ -68,6 +69,9 @@ def _encoded(vector: Any, encoding: str | None) -> list[float] | str:
 
 async def embeddings(request: web.Request) -> web.Response:
     req, messages = parse_embeddings(await read_json(request))
+    if req.model and req.model != "tgi" and req.model in {a.name for a in await served_adapters(request)}:
+        # Never answered by the base model in the adapter's name.
+        raise invalid(f"'{req.model}' is a LoRA adapter: embeddings are the base model's only", "model")
     router = request.app[ROUTER]
     calls = [router.Embed(m) for m in messages]
     try:

@@ -99,6 +99,8 @@ def test_unknown_adapters_are_404_and_bad_folders_400(stack, made, tmp_path):
     assert r.status_code == 400 and "adapter bad" in r.json()["error"]["message"], r.text
     r = httpx.post(f"{stack}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(made["w"])}, timeout=60)
     assert r.status_code == 400 and "already loaded" in r.text
+    r = httpx.post(f"{stack}/v1/embeddings", json={"model": "x", "input": "hi"}, timeout=30)
+    assert r.status_code == 400 and "LoRA adapter" in r.json()["error"]["message"]
     assert tgi_tokens(stack, "x")  # still serving
 
 
