@@ -34,9 +34,13 @@ def build_adapter(
     return folder
 
 
-def peft_generate(base: str | Path, adapter: Path | None, prompt: list[int], new_tokens: int) -> list[int]:
+def peft_generate(
+    base: str | Path, adapter: Path | None, prompt: list[int], new_tokens: int, gguf_file: str | None = None
+) -> list[int]:
     """transformers + PEFT's own greedy generate, float32: the oracle."""
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="sdpa").eval()
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="sdpa", **kwargs)
+    model.eval()
     if adapter is not None:
         from peft import PeftModel
 

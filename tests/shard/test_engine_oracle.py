@@ -63,7 +63,7 @@ def test_tiny_models_match_transformers(kind, backend, tiny_model_dir):
     tok = smollm_tokenizer()
     prompts = [tok.encode(p) for p in PROMPTS]
     engine = make_engine(source, attention_backend=backend)
-    assert engine.attention.name == backend
+    assert engine.runner.attention.name == backend
     tracked = _run_mixed_batch(Driver(engine), prompts)
     for t in tracked:
         want_tokens, want_logprobs = reference(source, t.prompt, NEW_TOKENS)

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from common.model_source import resolve_model
+from common.model_source import default_model_dir, resolve_model
 from shard.loading.lora import AdapterError
 from shard.numerics.sampling import SamplingParams
 from shard.runtime.engine import Engine
@@ -129,3 +129,18 @@ def test_adapters_that_do_not_fit_are_refused(llama_engine, tmp_path):
     assert set(engine.adapters) == {"x", "y"}
     with pytest.raises(InvalidRequest, match="not loaded"):
         engine.unload_adapter("nope")
+
+
+def test_the_default_model_with_an_adapter_equals_peft(tmp_path):
+    """The default model as served (its Q4_1 blocks, float32 activations) with a rank-8 adapter on
+    every projection, beside a base request: transformers + PEFT on the file's de-quantized
+    weights (the very values the blocks hold) gives the same greedy tokens."""
+    source = resolve_model(None)
+    folder, gguf = default_model_dir(), source.gguf_file
+    adapter = build_adapter(folder, tmp_path / "a", seed=21, rank=8, gguf_file=gguf)
+    engine = make_engine(source, quantize="auto")
+    engine.load_adapter("a", str(adapter))
+    requests = [Tracked(1, PROMPTS[1], GREEDY, adapter="a"), Tracked(2, PROMPTS[2], GREEDY)]
+    generate_all(engine, requests)
+    for t, path in zip(requests, (adapter, None), strict=True):
+        assert t.tokens[:NEW] == peft_generate(folder, path, t.prompt, NEW, gguf_file=gguf), t.adapter or "base"
