@@ -4,9 +4,10 @@ what the LoRA tests and the benchmark serve (no adapter can be downloaded here).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 #: Every projection of a Llama-family decoder layer; Mixtral's experts are not adapted.
@@ -39,11 +40,9 @@ def peft_generate(
 ) -> list[int]:
     """transformers + PEFT's own greedy generate, float32: the oracle."""
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="sdpa", **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="sdpa", **kwargs)
     model.eval()
     if adapter is not None:
-        from peft import PeftModel
-
         model = PeftModel.from_pretrained(model, str(adapter)).eval()
     out = model.generate(
         torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
