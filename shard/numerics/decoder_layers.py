@@ -187,7 +187,7 @@ class FastDecoderLayer(nn.Module):
         if self.gate_up and self.silu_width:
             return ops.silu_mul(self._product(self.gate_up, names, h, lora), self.silu_width)
         if self.gate_up:
-            gate, up = _split(self.gate_up, h, self._product(self.gate_up, names, h, lora))
+            gate, up = _split(self.gate_up, self._product(self.gate_up, names, h, lora))
         else:
             gate, up = (self._projected(name, h, lora) for name in names)
         return mlp.act_fn(gate) * up
@@ -217,7 +217,7 @@ class FastDecoderLayer(nn.Module):
         h = self._norm(ops, self.input_layernorm, x)
         names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
         if self.qkv:
-            q, k, v = _split(self.qkv, h, self._product(self.qkv, names, h, lora))
+            q, k, v = _split(self.qkv, self._product(self.qkv, names, h, lora))
         else:
             q, k, v = (self._projected(name, h, lora) for name in names)
         cos, sin = (t[0].contiguous() for t in position_embeddings)  # [tokens, head_dim]
@@ -260,10 +260,8 @@ def _plus(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Te
     return residual + layer(x)
 
 
-def _split(
-    fused: tuple[nn.Module, list[tuple[int, int]]], h: torch.Tensor, product: torch.Tensor | None = None
-) -> list[torch.Tensor]:
-    product = fused[0](h) if product is None else product
+def _split(fused: tuple[nn.Module, list[tuple[int, int]]], product: torch.Tensor) -> list[torch.Tensor]:
+    """A fused product's slices, one per projection."""
     return [product[:, start:end] for start, end in fused[1]]
 
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 import ctypes
 import functools
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -102,31 +103,55 @@ class _Tables:
     weights: list[LoraWeights]
 
 
-#: Tables of recent (adapters of a step, layer, group): a steady load reuses them every step.
-_TABLES: OrderedDict[tuple, _Tables | None] = OrderedDict()
-_TABLES_KEPT = 4096
+class _Recent:
+    """What was built for recent sets of a step's adapters (the key starts with the set): a steady
+    load reuses it every step. The entries of an adapter go when it is unloaded (``forget``), so
+    the cache never keeps an unloaded adapter's weights alive."""
+
+    def __init__(self, kept: int):
+        self.kept = kept
+        self.entries: OrderedDict[tuple, Any] = OrderedDict()
+
+    def get(self, key: tuple, make: Callable[[], Any]) -> Any:
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        value = self.entries[key] = make()
+        if len(self.entries) > self.kept:
+            self.entries.popitem(last=False)
+        return value
+
+    def forget(self, adapter: Adapter) -> None:
+        for key in [k for k in self.entries if adapter in k[0]]:
+            del self.entries[key]
+
+
+#: Per (adapters of a step, layer, group); per (adapters of a step, the groups' columns).
+_TABLES, _NATIVE = _Recent(4096), _Recent(64)
+
+
+def forget(adapter: Adapter) -> None:
+    """Drops what was built for steps with ``adapter`` (it is being unloaded or replaced)."""
+    _TABLES.forget(adapter)
+    _NATIVE.forget(adapter)
 
 
 def _tables(adapters: tuple[Adapter, ...], layer: int, names: tuple[str, ...]) -> _Tables | None:
-    key = (adapters, layer, names)
-    if key in _TABLES:
-        _TABLES.move_to_end(key)
-        return _TABLES[key]
+    return _TABLES.get((adapters, layer, names), lambda: _build_tables(adapters, layer, names))
+
+
+def _build_tables(adapters: tuple[Adapter, ...], layer: int, names: tuple[str, ...]) -> _Tables | None:
     entries = [adapter.modules.get((layer, name)) for adapter in adapters for name in names]
     found = [w for w in entries if w is not None]
-    tables = None
-    if found:
-        count = len(entries)
-        tables = _Tables(
-            (ctypes.c_void_p * count)(*[w.a.data_ptr() if w else None for w in entries]),
-            (ctypes.c_void_p * count)(*[w.b.data_ptr() if w else None for w in entries]),
-            (ctypes.c_int32 * count)(*[w.rank if w else 0 for w in entries]),
-            found,
-        )
-    _TABLES[key] = tables
-    if len(_TABLES) > _TABLES_KEPT:
-        _TABLES.popitem(last=False)
-    return tables
+    if not found:
+        return None
+    count = len(entries)
+    return _Tables(
+        (ctypes.c_void_p * count)(*[w.a.data_ptr() if w else None for w in entries]),
+        (ctypes.c_void_p * count)(*[w.b.data_ptr() if w else None for w in entries]),
+        (ctypes.c_int32 * count)(*[w.rank if w else 0 for w in entries]),
+        found,
+    )
 
 
 #: The groups of projections that share an input, in the order decoder_layer.c adds them.
@@ -176,10 +201,13 @@ class StepAdapters:
         if status != 0:
             raise RuntimeError(f"the LoRA kernel refused a rank above {MAX_RANK}")
 
-    def native_groups(self, spans: list[tuple[tuple[int, int], ...]]) -> tuple[int, ctypes.Array, list]:
+    def native_groups(self, spans: tuple[tuple[tuple[int, int], ...], ...]) -> tuple[int, ctypes.Array, list]:
         """decoder_layer.c's table: for each layer an adapter of the step adapts, its four
         ``GROUPS`` (``spans``: each group's columns in its product, the same in every layer).
         Returns (layers covered, the table, what it points into, to keep alive)."""
+        return _NATIVE.get((self.adapters, spans), lambda: self._build_native_groups(spans))
+
+    def _build_native_groups(self, spans: tuple[tuple[tuple[int, int], ...], ...]) -> tuple[int, ctypes.Array, list]:
         layers = 1 + max((layer for a in self.adapters for layer, _ in a.modules), default=-1)
         table = (NativeGroup * (4 * layers))()
         keep: list = []

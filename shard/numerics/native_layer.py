@@ -188,10 +188,10 @@ class NativeStep:
             return
         hidden, qkv_width, heads_width, intermediate = widths
         kv = (qkv_width - heads_width) // 2
-        spans = [
+        spans = (
             ((0, heads_width), (heads_width, heads_width + kv), (heads_width + kv, qkv_width)), ((0, hidden),),
             ((0, intermediate), (intermediate, 2 * intermediate)), ((0, hidden),),
-        ]  # fmt: skip
+        )  # fmt: skip
         layers, table, keep = adapters.native_groups(spans)
         self._keep += [adapters.slot_of_row, table, keep]
         self.struct.lora_slot = adapters.slot_of_row.data_ptr()

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from shard.loading.lora import load_adapter
 from shard.numerics.attention import SequenceSpan
 from shard.numerics.lora import Adapter, StepAdapters, adapting, hook_projections
+from shard.numerics.lora import forget as forget_adapter
 from shard.numerics.sampling import LogitStats, SamplingParams, SequenceView, sample, score_tokens
 from shard.runtime.batch_state import BatchStore, Sequence
 from shard.runtime.drafter import Drafter
@@ -190,6 +191,8 @@ class Engine:
         if name in self.adapters and self._users_of(name):
             raise CapacityError(f"adapter {name} is in use: replace it when its requests are done")
         adapter = load_adapter(name, path, self.model)
+        if (replaced := self.adapters.get(name)) is not None:
+            forget_adapter(replaced)
         if not self._hooked:
             layers = getattr(getattr(self.model, "model", None), "layers", [])
             for index, layer in enumerate(layers):
@@ -206,7 +209,7 @@ class Engine:
             raise InvalidRequest(f"adapter {name} is not loaded", not_found=True)
         if users := self._users_of(name):
             raise CapacityError(f"adapter {name} is in use by requests {users[:5]}")
-        del self.adapters[name]
+        forget_adapter(self.adapters.pop(name))
 
     def _users_of(self, name: str) -> list[int]:
         return [r for r, seq in self.store.sequences.items() if seq.adapter is not None and seq.adapter.name == name]

@@ -11,16 +11,10 @@ from shard.numerics.sampling import SamplingParams
 from shard.runtime.engine import Engine, Generation, NewRequest
 from shard.runtime.errors import InvalidRequest
 from tests.shard.engine_driver import make_engine
+from tests.shard.test_speculation import BLOCK, NEW, PARAMS
 
 PROMPT = [(i * 41 + 3) % 3000 + 5 for i in range(14)]
-NEW = 24
-BLOCK = 4
 WIDTH = 3
-
-PARAMS = {
-    "greedy": SamplingParams(temperature=0.0, top_n_tokens=2),
-    "seeded": SamplingParams(temperature=0.9, top_p=0.9, seed=1234, repetition_penalty=1.1, top_n_tokens=2),
-}
 
 
 @pytest.fixture(scope="module")

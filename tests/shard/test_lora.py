@@ -144,3 +144,16 @@ def test_the_default_model_with_an_adapter_equals_peft(tmp_path):
     generate_all(engine, requests)
     for t, path in zip(requests, (adapter, None), strict=True):
         assert t.tokens[:NEW] == peft_generate(folder, path, t.prompt, NEW, gguf_file=gguf), t.adapter or "base"
+
+
+def test_an_unloaded_adapter_leaves_no_step_tables(llama_engine, tiny_model_dir, tmp_path):
+    """What steps built for an adapter goes with it: the cache keeps no unloaded weights alive."""
+    from shard.numerics import lora
+
+    engine = llama_engine
+    engine.load_adapter("z", str(build_adapter(tiny_model_dir("llama"), tmp_path / "z", seed=7, rank=4)))
+    generate_all(engine, [Tracked(1, PROMPTS[0], GREEDY, adapter="z")])
+    adapter = engine.adapters["z"]
+    assert any(adapter in key[0] for key in lora._TABLES.entries)
+    engine.unload_adapter("z")
+    assert not any(adapter in key[0] for cache in (lora._TABLES, lora._NATIVE) for key in cache.entries)
